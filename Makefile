@@ -1,0 +1,49 @@
+# nbdmirror — `make help` lists the targets.
+SHELL := /bin/bash
+GO ?= go
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo devel)
+BIN := bin/nbdmirror
+FUZZTIME ?= 10s
+# package:target pairs; `go test -fuzz` takes one target of one package at a time.
+FUZZ_TARGETS := ./nbd:FuzzRequest ./nbd:FuzzNegotiation ./nbd:FuzzTransmission
+
+.DEFAULT_GOAL := help
+.PHONY: help build deps test unit integration fuzz lint bench demo clean
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+build: ## build bin/nbdmirror
+	$(GO) build -trimpath -ldflags "-X main.Version=$(VERSION)" -o $(BIN) ./cmd/nbdmirror
+
+deps: ## install the Debian packages (apt-get) and Go modules the tests need
+	@./scripts/deps.sh
+
+test: deps lint unit fuzz integration ## everything: lint, unit tests with -race, short fuzzing, integration
+
+unit: ## unit tests with the race detector
+	$(GO) test -race -count=1 -timeout 10m ./...
+
+integration: ## end-to-end tests: real processes, real NBD clients, ext4 (root)
+	$(GO) test -race -count=1 -tags integration -timeout 30m ./integration/
+
+fuzz: ## run every fuzz target for FUZZTIME (default 10s)
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		pkg=$${t%%:*}; fn=$${t##*:}; echo "fuzz $$pkg $$fn ($(FUZZTIME))"; \
+		$(GO) test -run '^$$' -fuzz "^$$fn$$" -fuzztime $(FUZZTIME) $$pkg; \
+	done
+
+lint: ## gofmt and go vet (with and without the integration tag)
+	@out=$$(gofmt -l $$(find . -name '*.go' -not -path './.git/*')); \
+		if [ -n "$$out" ]; then echo "gofmt would change: $$out"; exit 1; fi
+	$(GO) vet ./...
+	$(GO) vet -tags integration ./...
+
+bench: deps build ## benchmarks against qemu-nbd, nbdkit and nbd-server; updates BENCHMARKS.md
+	./scripts/bench.sh
+
+demo: deps build ## serve a file and put ext4 on it through a real NBD client (root)
+	./scripts/demo.sh
+
+clean: ## remove build output
+	rm -rf bin

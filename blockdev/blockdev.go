@@ -1,0 +1,236 @@
+// Package blockdev gives random access to a local disk: a regular file or a
+// block device, read and written with pread/pwrite through the page cache,
+// made durable with fdatasync, discarded and zeroed with fallocate.
+//
+// A Device never reads or writes outside [0, Size): a request that would is
+// refused with ErrOutOfRange before any I/O, so a regular file never grows.
+// A Device is safe for concurrent use; overlapping requests are not ordered.
+//
+// It is the lower disk of both `nbdmirror serve` and a replicated resource,
+// and it satisfies nbd.Backend without importing the nbd package.
+package blockdev
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"sync/atomic"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// Errors.
+var (
+	// ErrOutOfRange is returned for a request that reaches past the end of
+	// the device; it wraps EINVAL.
+	ErrOutOfRange = fmt.Errorf("blockdev: request outside the device: %w", syscall.EINVAL)
+	// ErrReadOnly is returned for a write to a device opened read-only;
+	// it wraps EROFS.
+	ErrReadOnly = fmt.Errorf("blockdev: device is read-only: %w", syscall.EROFS)
+)
+
+// zeroChunk is the largest write used to zero a range when fallocate cannot.
+const zeroChunk = 1 << 20
+
+// Device is an open file or block device.
+type Device struct {
+	f        *os.File
+	path     string
+	size     atomic.Int64
+	block    bool
+	readOnly bool
+	noPunch  atomic.Bool // FALLOC_FL_PUNCH_HOLE is not supported
+	noZero   atomic.Bool // FALLOC_FL_ZERO_RANGE is not supported
+}
+
+// Open opens path, which must be a regular file or a block device.
+func Open(path string, readOnly bool) (*Device, error) {
+	flag := os.O_RDWR
+	if readOnly {
+		flag = os.O_RDONLY
+	}
+	f, err := os.OpenFile(path, flag, 0)
+	if err != nil {
+		return nil, err // an *fs.PathError naming the operation and the path
+	}
+	d := &Device{f: f, path: path, readOnly: readOnly}
+	if err := d.stat(); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return d, nil
+}
+
+func (d *Device) stat() error {
+	fi, err := d.f.Stat()
+	if err != nil {
+		return fmt.Errorf("stat disk %s: %w", d.path, err)
+	}
+	switch {
+	case fi.Mode().IsRegular():
+		d.size.Store(fi.Size())
+	case fi.Mode()&os.ModeDevice != 0 && fi.Mode()&os.ModeCharDevice == 0:
+		d.block = true
+		end, err := d.f.Seek(0, io.SeekEnd)
+		if err != nil {
+			return fmt.Errorf("size of block device %s: %w", d.path, err)
+		}
+		d.size.Store(end)
+	default:
+		return fmt.Errorf("disk %s is neither a regular file nor a block device", d.path)
+	}
+	return nil
+}
+
+// Path returns the path the device was opened with.
+func (d *Device) Path() string { return d.path }
+
+// Size returns the device size in bytes.
+func (d *Device) Size() int64 { return d.size.Load() }
+
+// IsBlockDevice reports whether the device is a block device.
+func (d *Device) IsBlockDevice() bool { return d.block }
+
+// Refresh re-reads the size, after the file or device was grown.
+func (d *Device) Refresh() error { return d.stat() }
+
+func (d *Device) check(off, n int64, write bool) error {
+	if write && d.readOnly {
+		return ErrReadOnly
+	}
+	if off < 0 || n < 0 || off > d.Size() || n > d.Size()-off {
+		return fmt.Errorf("%w: %d bytes at %d, size %d", ErrOutOfRange, n, off, d.Size())
+	}
+	return nil
+}
+
+// ReadAt reads len(p) bytes at off.
+func (d *Device) ReadAt(p []byte, off int64) (int, error) {
+	if err := d.check(off, int64(len(p)), false); err != nil {
+		return 0, err
+	}
+	n, err := d.f.ReadAt(p, off)
+	if err == io.EOF && n < len(p) {
+		err = io.ErrUnexpectedEOF // the file shrank under us
+	}
+	return n, err
+}
+
+// WriteAt writes p at off; with fua it returns only once the data is durable.
+func (d *Device) WriteAt(p []byte, off int64, fua bool) error {
+	if err := d.check(off, int64(len(p)), true); err != nil {
+		return err
+	}
+	if _, err := d.f.WriteAt(p, off); err != nil {
+		return err
+	}
+	if fua {
+		return d.Flush()
+	}
+	return nil
+}
+
+// Flush makes every completed write durable (fdatasync).
+func (d *Device) Flush() error {
+	for {
+		err := unix.Fdatasync(int(d.f.Fd()))
+		if err != unix.EINTR {
+			if err != nil {
+				return fmt.Errorf("fdatasync %s: %w", d.path, err)
+			}
+			return nil
+		}
+	}
+}
+
+// Trim discards the range (punches a hole); where the file system or device
+// cannot, it does nothing, as TRIM is advisory.
+func (d *Device) Trim(off, length int64, fua bool) error {
+	if err := d.check(off, length, true); err != nil {
+		return err
+	}
+	if length == 0 || d.noPunch.Load() {
+		return d.maybeFlush(fua)
+	}
+	err := d.fallocate(unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
+	if unsupported(err) {
+		d.noPunch.Store(true)
+		err = nil
+	}
+	if err != nil {
+		return fmt.Errorf("trim %s: %w", d.path, err)
+	}
+	return d.maybeFlush(fua)
+}
+
+// WriteZeroes makes the range read as zeroes: by punching a hole unless
+// noHole is set, else by FALLOC_FL_ZERO_RANGE, else by writing zeroes.
+func (d *Device) WriteZeroes(off, length int64, noHole, fua bool) error {
+	if err := d.check(off, length, true); err != nil {
+		return err
+	}
+	if length == 0 {
+		return d.maybeFlush(fua)
+	}
+	if err := d.zero(off, length, noHole); err != nil {
+		return fmt.Errorf("write zeroes %s: %w", d.path, err)
+	}
+	return d.maybeFlush(fua)
+}
+
+func (d *Device) zero(off, length int64, noHole bool) error {
+	if !noHole && !d.noPunch.Load() {
+		err := d.fallocate(unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
+		if !unsupported(err) {
+			return err
+		}
+		d.noPunch.Store(true)
+	}
+	if !d.noZero.Load() {
+		err := d.fallocate(unix.FALLOC_FL_ZERO_RANGE|unix.FALLOC_FL_KEEP_SIZE, off, length)
+		if !unsupported(err) {
+			return err
+		}
+		d.noZero.Store(true)
+	}
+	zeroes := make([]byte, min(length, zeroChunk))
+	for length > 0 {
+		n := min(length, int64(len(zeroes)))
+		if _, err := d.f.WriteAt(zeroes[:n], off); err != nil {
+			return err
+		}
+		off += n
+		length -= n
+	}
+	return nil
+}
+
+func (d *Device) fallocate(mode uint32, off, length int64) error {
+	for {
+		err := unix.Fallocate(int(d.f.Fd()), mode, off, length)
+		if err != unix.EINTR {
+			return err
+		}
+	}
+}
+
+func (d *Device) maybeFlush(fua bool) error {
+	if fua {
+		return d.Flush()
+	}
+	return nil
+}
+
+// unsupported reports a fallocate error meaning "this mode is not available
+// here", after which the next method is tried.
+func unsupported(err error) bool {
+	return errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.ENOSYS) ||
+		errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENODEV)
+}
+
+// Close closes the device without flushing it.
+func (d *Device) Close() error {
+	return d.f.Close()
+}

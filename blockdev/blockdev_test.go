@@ -1,0 +1,167 @@
+package blockdev
+
+import (
+	"bytes"
+	"errors"
+	"os"
+	"path/filepath"
+	"syscall"
+	"testing"
+)
+
+func newFile(t *testing.T, size int64) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "disk.img")
+	if err := os.WriteFile(path, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(path, size); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+func allocated(t *testing.T, path string) int64 {
+	t.Helper()
+	var st syscall.Stat_t
+	if err := syscall.Stat(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Blocks * 512
+}
+
+func TestDevice_ReadWrite(t *testing.T) {
+	path := newFile(t, 1<<20)
+	d, err := Open(path, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	if d.Size() != 1<<20 || d.IsBlockDevice() {
+		t.Fatalf("size %d block %v", d.Size(), d.IsBlockDevice())
+	}
+	data := bytes.Repeat([]byte{0xab}, 8192)
+	for _, fua := range []bool{false, true} {
+		if err := d.WriteAt(data, 4096, fua); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got := make([]byte, 8192)
+	if n, err := d.ReadAt(got, 4096); err != nil || n != 8192 || !bytes.Equal(got, data) {
+		t.Fatalf("read back: %d %v", n, err)
+	}
+	if err := d.Flush(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestDevice_NeverLeavesTheDevice(t *testing.T) {
+	path := newFile(t, 1<<20)
+	d, err := Open(path, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	end := d.Size()
+	tests := []struct {
+		name string
+		op   func() error
+	}{
+		{"write past the end", func() error { return d.WriteAt(make([]byte, 2), end-1, false) }},
+		{"write at the end", func() error { return d.WriteAt(make([]byte, 1), end, false) }},
+		{"negative offset", func() error { return d.WriteAt(make([]byte, 1), -1, false) }},
+		{"read past the end", func() error { _, err := d.ReadAt(make([]byte, 2), end-1); return err }},
+		{"trim past the end", func() error { return d.Trim(end-4096, 8192, false) }},
+		{"zeroes past the end", func() error { return d.WriteZeroes(end, 1, true, false) }},
+		{"huge length", func() error { return d.WriteZeroes(4096, 1<<62, false, false) }},
+	}
+	for _, tc := range tests {
+		err := tc.op()
+		if !errors.Is(err, ErrOutOfRange) || !errors.Is(err, syscall.EINVAL) {
+			t.Errorf("%s: %v, want ErrOutOfRange", tc.name, err)
+		}
+	}
+	if fi, _ := os.Stat(path); fi.Size() != end {
+		t.Fatalf("file grew to %d", fi.Size())
+	}
+}
+
+func TestDevice_TrimAndZeroes(t *testing.T) {
+	path := newFile(t, 4<<20)
+	d, err := Open(path, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	if err := d.WriteAt(bytes.Repeat([]byte{1}, 4<<20), 0, true); err != nil {
+		t.Fatal(err)
+	}
+	full := allocated(t, path)
+	if err := d.Trim(0, 1<<19, true); err != nil {
+		t.Fatal(err)
+	}
+	if a := allocated(t, path); a > full-1<<19 {
+		t.Errorf("trim freed nothing: %d of %d bytes still allocated", a, full)
+	}
+	tests := []struct {
+		name    string
+		off, n  int64
+		noHole  bool
+		wantLen int64 // bytes that must read as zero from off
+	}{
+		{"punch aligned", 1 << 20, 64 << 10, false, 64 << 10},
+		{"punch unaligned", 2<<20 + 100, 5000, false, 5000},
+		{"no hole", 3 << 20, 128 << 10, true, 128 << 10},
+		{"no hole unaligned", 3<<20 + 200<<10 + 7, 10, true, 10},
+	}
+	for _, tc := range tests {
+		before := allocated(t, path)
+		if err := d.WriteZeroes(tc.off, tc.n, tc.noHole, false); err != nil {
+			t.Fatalf("%s: %v", tc.name, err)
+		}
+		buf := make([]byte, tc.n+2)
+		if _, err := d.ReadAt(buf, tc.off-1); err != nil {
+			t.Fatal(err)
+		}
+		if buf[0] != 1 || buf[len(buf)-1] != 1 || !bytes.Equal(buf[1:len(buf)-1], make([]byte, tc.n)) {
+			t.Errorf("%s: range not zeroed exactly", tc.name)
+		}
+		if tc.noHole && allocated(t, path) < before {
+			t.Errorf("%s: NO_HOLE deallocated blocks", tc.name)
+		}
+	}
+}
+
+func TestDevice_ReadOnly(t *testing.T) {
+	path := newFile(t, 1<<20)
+	d, err := Open(path, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	for name, err := range map[string]error{
+		"write":  d.WriteAt([]byte{1}, 0, false),
+		"trim":   d.Trim(0, 4096, false),
+		"zeroes": d.WriteZeroes(0, 4096, false, false),
+	} {
+		if !errors.Is(err, ErrReadOnly) || !errors.Is(err, syscall.EROFS) {
+			t.Errorf("%s on a read-only device: %v", name, err)
+		}
+	}
+	if _, err := d.ReadAt(make([]byte, 10), 0); err != nil {
+		t.Error(err)
+	}
+}
+
+func TestOpen_Refuses(t *testing.T) {
+	dir := t.TempDir()
+	if _, err := Open(dir, false); err == nil {
+		t.Error("opened a directory")
+	}
+	if _, err := Open(filepath.Join(dir, "missing"), false); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("missing file: %v", err)
+	}
+	if _, err := Open("/dev/null", false); err == nil {
+		t.Error("opened a character device")
+	}
+}

@@ -1,0 +1,342 @@
+package nbd
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// readBufSize is the read-ahead of a connection in transmission: large
+// enough to pick up a dozen pipelined 4 KiB writes per system call.
+const readBufSize = 64 << 10
+
+// errStopped ends the request loop of a connection whose server is shutting down.
+var errStopped = errors.New("nbd: connection stopped by server shutdown")
+
+// conn is one client connection. The serve goroutine negotiates, then reads
+// requests and starts one handler goroutine per request; replies are written
+// by whichever goroutine holds the replyWriter (see reply.go).
+type conn struct {
+	srv    *Server
+	nc     net.Conn
+	log    *slog.Logger
+	remote string
+	since  time.Time
+	export *Export // set before transmission starts
+
+	mu       sync.Mutex
+	inXmit   bool // transmission phase reached
+	stopping bool // Shutdown asked the connection to end
+	killed   bool // Close ended the connection
+
+	lim      budget         // this connection's in-flight requests and bytes
+	work     chan work      // validated requests for the workers
+	workers  int            // workers started (owned by the reader)
+	idle     atomic.Int32   // workers waiting for work
+	handlers sync.WaitGroup // running workers
+	out      replyWriter
+	dirty    atomic.Bool // a write completed since the last flush
+	failures atomic.Int64
+}
+
+func newConn(s *Server, nc net.Conn, exp *Export) *conn {
+	c := &conn{srv: s, nc: nc, remote: remoteAddr(nc), since: time.Now(), export: exp}
+	c.log = s.log.With("remote", c.remote)
+	c.lim.init(s.MaxInFlight, s.MaxInFlightBytes)
+	c.work = make(chan work, s.MaxInFlight)
+	c.out.c = c
+	return c
+}
+
+func (c *conn) info() Conn {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	ci := Conn{Remote: c.remote, Since: c.since}
+	if c.inXmit {
+		ci.Export = c.export.Name
+	}
+	return ci
+}
+
+// serve runs the connection to its end and unregisters it.
+func (c *conn) serve() {
+	defer c.srv.connDone(c)
+	if c.export == nil {
+		exp, err := c.negotiate()
+		if err != nil {
+			c.nc.Close()
+			if errors.Is(err, errAborted) || errors.Is(err, io.EOF) {
+				c.log.Debug("nbd negotiation ended by client", "err", err)
+			} else {
+				c.log.Info("nbd negotiation failed", "err", err)
+			}
+			return
+		}
+		c.export = exp
+	}
+	if !c.startTransmission() {
+		c.nc.Close()
+		return
+	}
+	c.log.Debug("nbd client connected", "export", c.export.Name)
+	err := c.requests()
+	c.finish(err)
+}
+
+func (c *conn) negotiate() (*Export, error) {
+	if err := c.nc.SetDeadline(time.Now().Add(c.srv.HandshakeTimeout)); err != nil {
+		return nil, fmt.Errorf("set handshake deadline: %w", err)
+	}
+	exp, err := negotiate(c.nc, c.srv.Catalog, c.log)
+	if err != nil {
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() {
+			err = fmt.Errorf("client stalled in negotiation for %v: %w", c.srv.HandshakeTimeout, err)
+		}
+		return nil, err
+	}
+	return exp, nil
+}
+
+// startTransmission clears the handshake deadline and enters transmission,
+// unless a shutdown came first.
+func (c *conn) startTransmission() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.stopping {
+		return false
+	}
+	if err := c.nc.SetDeadline(time.Time{}); err != nil && !errors.Is(err, os.ErrNoDeadline) {
+		return false
+	}
+	c.inXmit = true
+	return true
+}
+
+// stop asks the connection to end gracefully (Server.Shutdown).
+func (c *conn) stop() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.stopping = true
+	if c.inXmit {
+		// Wake the request reader; requests already read still finish.
+		c.nc.SetReadDeadline(time.Unix(1, 0))
+	} else {
+		c.nc.Close()
+	}
+}
+
+// kill ends the connection at once (Server.Close).
+func (c *conn) kill() {
+	c.mu.Lock()
+	c.stopping, c.killed = true, true
+	c.mu.Unlock()
+	c.nc.Close()
+	c.lim.close()
+}
+
+func (c *conn) wasStopped() (stopping, killed bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.stopping, c.killed
+}
+
+// requests reads requests until DISC, the end of the connection or an
+// error, and dispatches them. It returns nil for a client's DISC.
+func (c *conn) requests() error {
+	br := bufio.NewReaderSize(c.nc, readBufSize)
+	exp, be := c.export, c.export.Backend
+	var hdr [requestSize]byte
+	for {
+		if _, err := io.ReadFull(br, hdr[:]); err != nil {
+			return c.readErr(err)
+		}
+		req, err := decodeRequest(&hdr)
+		if err != nil {
+			return fmt.Errorf("request: %w", err)
+		}
+		if req.Type == CmdDisc {
+			return nil
+		}
+		v := validate(&req, exp, uint64(be.Size()))
+		if v.drop {
+			return fmt.Errorf("%s of %d bytes exceeds %d: dropping client", cmdName(req.Type), req.Length, maxDrain)
+		}
+		var cost int64
+		if req.Type == CmdRead || req.Type == CmdWrite {
+			cost = int64(req.Length)
+		}
+		if !c.acquire(cost) {
+			return errStopped
+		}
+		if v.errno != 0 {
+			if req.Type == CmdWrite {
+				if _, err := br.Discard(int(req.Length)); err != nil {
+					c.release(cost)
+					return c.readErr(err)
+				}
+			}
+			c.log.Debug("nbd request refused", "cmd", cmdName(req.Type), "offset", req.Offset,
+				"length", req.Length, "flags", req.Flags, "err", v.errno)
+			c.out.send(reply{cookie: req.Cookie, errno: v.errno, cost: cost})
+			continue
+		}
+		var payload *[]byte
+		if req.Type == CmdWrite {
+			payload = c.srv.pool.get(int(req.Length))
+			if _, err := io.ReadFull(br, *payload); err != nil {
+				c.srv.pool.put(payload)
+				c.release(cost)
+				return c.readErr(err)
+			}
+		}
+		c.dispatch(work{req: req, payload: payload, cost: cost})
+	}
+}
+
+// work is one validated request for a worker.
+type work struct {
+	req     Request
+	payload *[]byte // WRITE data
+	cost    int64
+}
+
+// dispatch hands a request to a worker, starting one when none is free.
+// Workers live as long as the connection, so their stacks stay grown and a
+// request costs no goroutine start.
+func (c *conn) dispatch(w work) {
+	if int(c.idle.Load()) <= len(c.work) && c.workers < c.srv.MaxInFlight {
+		c.workers++
+		c.handlers.Add(1)
+		go c.worker()
+	}
+	c.out.dispatched()
+	c.work <- w
+}
+
+func (c *conn) worker() {
+	defer c.handlers.Done()
+	for {
+		c.idle.Add(1)
+		w, ok := <-c.work
+		c.idle.Add(-1)
+		if !ok {
+			return
+		}
+		c.out.started()
+		c.handle(w.req, w.payload, w.cost)
+	}
+}
+
+// readErr classifies the error that ended reading.
+func (c *conn) readErr(err error) error {
+	if stopping, _ := c.wasStopped(); stopping {
+		return errStopped
+	}
+	return err
+}
+
+func (c *conn) acquire(cost int64) bool {
+	if !c.lim.acquire(cost) {
+		return false
+	}
+	if !c.srv.total.acquire(cost) {
+		c.lim.release(cost)
+		return false
+	}
+	return true
+}
+
+func (c *conn) release(cost int64) {
+	c.srv.total.release(cost)
+	c.lim.release(cost)
+}
+
+// handle executes one validated request and queues its reply.
+func (c *conn) handle(req Request, payload *[]byte, cost int64) {
+	be := c.export.Backend
+	r := reply{cookie: req.Cookie, cost: cost}
+	fua, noHole := req.Flags&CmdFlagFUA != 0, req.Flags&CmdFlagNoHole != 0
+	off, n := int64(req.Offset), int64(req.Length)
+	var err error
+	switch req.Type {
+	case CmdRead:
+		buf := c.srv.pool.get(int(n))
+		var got int
+		got, err = be.ReadAt(*buf, off)
+		if err == nil && got < len(*buf) {
+			err = io.ErrUnexpectedEOF
+		}
+		if err != nil {
+			c.srv.pool.put(buf)
+		} else {
+			r.data = buf
+		}
+	case CmdWrite:
+		err = be.WriteAt(*payload, off, fua)
+		c.srv.pool.put(payload)
+		c.dirty.Store(true)
+	case CmdFlush:
+		c.dirty.Store(false)
+		err = be.Flush()
+	case CmdTrim, CmdWriteZeroes:
+		switch {
+		case n == 0 && fua:
+			err = be.Flush()
+		case n == 0:
+		case req.Type == CmdTrim:
+			err = be.Trim(off, n, fua)
+		default:
+			err = be.WriteZeroes(off, n, noHole, fua)
+		}
+		c.dirty.Store(true)
+	}
+	if err != nil {
+		r.errno = errnoOf(err)
+		c.backendFailed(req, err)
+	}
+	c.out.send(r)
+}
+
+// backendFailed logs the first backend error of the connection at Warn and
+// the rest at Debug, so a failing disk does not flood the log.
+func (c *conn) backendFailed(req Request, err error) {
+	lvl := slog.LevelDebug
+	if c.failures.Add(1) == 1 {
+		lvl = slog.LevelWarn
+	}
+	c.log.Log(context.Background(), lvl, "nbd backend error", "export", c.export.Name, "cmd", cmdName(req.Type),
+		"offset", req.Offset, "length", req.Length, "err", err)
+}
+
+// finish waits for the in-flight requests, flushes the export if anything was
+// written (unless the server is closing hard) and closes the connection.
+func (c *conn) finish(err error) {
+	close(c.work)
+	c.handlers.Wait()
+	_, killed := c.wasStopped()
+	if !killed && c.out.failed() == nil && c.dirty.Load() {
+		if ferr := c.export.Backend.Flush(); ferr != nil {
+			c.log.Warn("nbd flush at disconnect failed", "export", c.export.Name, "err", ferr)
+		}
+	}
+	c.nc.Close()
+	switch {
+	case err == nil:
+		c.log.Debug("nbd client disconnected", "export", c.export.Name)
+	case errors.Is(err, errStopped) || killed:
+		c.log.Debug("nbd connection closed by server", "export", c.export.Name)
+	case errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) || c.out.failed() != nil:
+		c.log.Debug("nbd client went away", "export", c.export.Name, "err", err)
+	default:
+		c.log.Warn("nbd connection dropped", "export", c.export.Name, "err", err)
+	}
+}

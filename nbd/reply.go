@@ -1,0 +1,143 @@
+package nbd
+
+import (
+	"net"
+	"sync"
+)
+
+// reply is one simple reply waiting to be written.
+type reply struct {
+	cookie uint64
+	errno  Errno
+	data   *[]byte // READ data; returned to the pool once written
+	cost   int64   // in-flight bytes to release once written
+}
+
+// replyWriter serialises replies onto the connection. There is no writer
+// goroutine: a reply is written by the goroutine that produced it, or by
+// another one that writes a whole batch in one writev:
+//
+//   - A goroutine that finds another one writing only queues its reply; the
+//     writer keeps writing until the queue is empty.
+//   - A handler that finishes while other requests wait to be picked up by a
+//     worker only queues its reply: the last of those requests to start writes
+//     the queue before it runs (see started), so under a pipelined load many
+//     replies share one system call, and no reply waits behind a slow request.
+//
+// A reply's header and data always go out together, and replies never
+// interleave. In-flight budget is released only once a reply is written, so
+// a client that stops reading replies stops the server reading its requests.
+type replyWriter struct {
+	c *conn
+
+	mu     sync.Mutex
+	queue  []reply
+	spare  []reply
+	busy   bool
+	queued int   // requests dispatched to workers and not yet started
+	err    error // first write error; later replies are dropped
+
+	// Owned by the goroutine that is writing.
+	hdrs []byte
+	iov  net.Buffers
+}
+
+// dispatched records a request handed to the workers.
+func (w *replyWriter) dispatched() {
+	w.mu.Lock()
+	w.queued++
+	w.mu.Unlock()
+}
+
+// started records that a worker picked a request up; the last one to start
+// writes whatever replies wait.
+func (w *replyWriter) started() {
+	w.mu.Lock()
+	w.queued--
+	if w.queued > 0 || w.busy || len(w.queue) == 0 {
+		w.mu.Unlock()
+		return
+	}
+	w.drain()
+}
+
+// send queues r and writes the queue unless another goroutine is writing
+// or a dispatched request will write it when it starts.
+func (w *replyWriter) send(r reply) {
+	w.mu.Lock()
+	w.queue = append(w.queue, r)
+	if w.busy || w.queued > 0 {
+		w.mu.Unlock()
+		return
+	}
+	w.drain()
+}
+
+// drain writes the queue until it is empty. It is called with w.mu held and
+// returns with it released.
+func (w *replyWriter) drain() {
+	w.busy = true
+	for len(w.queue) > 0 {
+		batch := w.queue
+		w.queue = w.spare[:0]
+		err := w.err
+		w.mu.Unlock()
+		if err == nil {
+			err = w.write(batch)
+		}
+		for i := range batch {
+			w.c.srv.pool.put(batch[i].data)
+			w.c.release(batch[i].cost)
+			batch[i] = reply{}
+		}
+		w.mu.Lock()
+		if err != nil && w.err == nil {
+			w.err = err
+			w.c.nc.Close() // the reader sees the connection end
+		}
+		w.spare = batch[:0]
+	}
+	w.busy = false
+	w.mu.Unlock()
+}
+
+// write sends a batch of replies with one writev: consecutive headers are
+// packed into one buffer, read data goes out from its own buffer.
+func (w *replyWriter) write(batch []reply) error {
+	if need := len(batch) * replySize; cap(w.hdrs) < need {
+		w.hdrs = make([]byte, 0, need)
+	}
+	hdrs := w.hdrs[:0]
+	iov := w.iov[:0]
+	start := 0
+	for i := range batch {
+		var h [replySize]byte
+		putReply(&h, batch[i].errno, batch[i].cookie)
+		hdrs = append(hdrs, h[:]...)
+		if batch[i].data != nil {
+			iov = append(iov, hdrs[start:], *batch[i].data)
+			start = len(hdrs)
+		}
+	}
+	if start < len(hdrs) {
+		iov = append(iov, hdrs[start:])
+	}
+	w.iov = iov[:0]
+	w.c.srv.replyWrites.Add(1)
+	var err error
+	if len(iov) == 1 {
+		_, err = w.c.nc.Write(iov[0])
+	} else {
+		bufs := iov
+		_, err = bufs.WriteTo(w.c.nc)
+	}
+	clear(iov[:cap(iov)]) // drop references to pooled buffers
+	return err
+}
+
+// failed returns the first error writing replies, if any.
+func (w *replyWriter) failed() error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.err
+}
