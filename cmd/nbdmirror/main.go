@@ -11,6 +11,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"runtime"
 	"runtime/debug"
 	"strings"
 
@@ -57,7 +58,23 @@ type Main struct {
 
 func main() {
 	m := &Main{Stdout: os.Stdout, Stderr: os.Stderr, Getenv: os.Getenv}
+	setProcs(m.Getenv)
 	os.Exit(m.Run(context.Background(), os.Args))
+}
+
+// setProcs leaves one CPU to the NBD client and the application whose I/O
+// nbdmirror serves, which run on the same machine: unless GOMAXPROCS is set,
+// the runtime uses one processor fewer than it would by default (at least
+// one). On a 2-CPU machine where the client is busy, one processor serves
+// more requests than two: there is no cross-CPU handoff to pay for
+// (BENCHMARKS.md).
+func setProcs(getenv func(string) string) {
+	if getenv("GOMAXPROCS") != "" {
+		return
+	}
+	if n := runtime.GOMAXPROCS(0); n > 1 {
+		runtime.GOMAXPROCS(n - 1)
+	}
 }
 
 func version() string {

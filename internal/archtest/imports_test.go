@@ -16,16 +16,17 @@ const module = "github.com/nbdmirror/nbdmirror"
 // metadisk import nothing of the module except metadisk → bitmap. blockdev
 // (the local disk) is a leaf used by cmd and replicator.
 var allowed = map[string][]string{
-	"nbd":               {},
-	"blockdev":          {},
-	"bitmap":            {},
-	"transport":         {},
-	"metadisk":          {"bitmap"},
-	"replicator/config": {},
-	"replicator":        {"replicator/config", "metadisk", "bitmap", "transport", "blockdev"},
-	"cmd/nbdmirror":     {"*"},
-	"internal/archtest": {},
-	"integration":       {"*"},
+	"nbd":                 {},
+	"blockdev":            {},
+	"bitmap":              {},
+	"transport":           {},
+	"metadisk":            {"bitmap"},
+	"replicator/config":   {},
+	"replicator":          {"replicator/config", "metadisk", "bitmap", "transport", "blockdev"},
+	"cmd/nbdmirror":       {"*"},
+	"internal/archtest":   {},
+	"internal/benchserve": {"nbd", "blockdev"},
+	"integration":         {"*"},
 }
 
 type pkg struct {
