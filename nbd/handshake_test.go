@@ -81,7 +81,7 @@ func TestNegotiation_InfoAndGo(t *testing.T) {
 	}{
 		{name: "default export", export: "", reqs: []uint16{infoName}, wantType: repAck, wantSize: 1 << 20,
 			wantFlags: FlagHasFlags | FlagSendFlush | FlagSendFUA | FlagSendTrim | FlagSendWriteZeroes | FlagCanMultiConn,
-			wantName: "a"},
+			wantName:  "a"},
 		{name: "name and description", export: "a", reqs: []uint16{infoDescription, infoName, 999}, wantType: repAck,
 			wantSize: 1 << 20, wantFlags: FlagHasFlags | FlagSendFlush | FlagSendFUA | FlagSendTrim | FlagSendWriteZeroes | FlagCanMultiConn,
 			wantName: "a", wantDesc: "first disk"},
