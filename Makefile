@@ -4,8 +4,12 @@ GO ?= go
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo devel)
 BIN := bin/nbdmirror
 FUZZTIME ?= 10s
+# New inputs are minimised only briefly: the default (60 s each) would eat a
+# short run whole.
+FUZZMINIMIZE ?= 100x
 # package:target pairs; `go test -fuzz` takes one target of one package at a time.
-FUZZ_TARGETS := ./nbd:FuzzRequest ./nbd:FuzzNegotiation ./nbd:FuzzTransmission
+FUZZ_TARGETS := ./nbd:FuzzRequest ./nbd:FuzzNegotiation ./nbd:FuzzTransmission \
+	./bitmap:FuzzPage
 
 .DEFAULT_GOAL := help
 .PHONY: help build deps test unit integration fuzz lint bench demo clean
@@ -30,7 +34,7 @@ integration: ## end-to-end tests: real processes, real NBD clients, ext4 (root)
 fuzz: ## run every fuzz target for FUZZTIME (default 10s)
 	@set -e; for t in $(FUZZ_TARGETS); do \
 		pkg=$${t%%:*}; fn=$${t##*:}; echo "fuzz $$pkg $$fn ($(FUZZTIME))"; \
-		$(GO) test -run '^$$' -fuzz "^$$fn$$" -fuzztime $(FUZZTIME) $$pkg; \
+		$(GO) test -run '^$$' -fuzz "^$$fn$$" -fuzztime $(FUZZTIME) -fuzzminimizetime $(FUZZMINIMIZE) $$pkg; \
 	done
 
 lint: ## gofmt and go vet (with and without the integration tag)
