@@ -9,7 +9,7 @@ FUZZTIME ?= 10s
 FUZZMINIMIZE ?= 100x
 # package:target pairs; `go test -fuzz` takes one target of one package at a time.
 FUZZ_TARGETS := ./nbd:FuzzRequest ./nbd:FuzzNegotiation ./nbd:FuzzTransmission \
-	./bitmap:FuzzPage
+	./bitmap:FuzzPage ./metadisk:FuzzSuperblock ./metadisk:FuzzALBlock
 
 .DEFAULT_GOAL := help
 .PHONY: help build deps test unit integration fuzz lint bench demo clean
@@ -25,8 +25,9 @@ deps: ## install the Debian packages (apt-get) and Go modules the tests need
 
 test: deps lint unit fuzz integration ## everything: lint, unit tests with -race, short fuzzing, integration
 
-unit: ## unit tests with the race detector
+unit: ## unit tests with the race detector, then the crash tests at full count without it
 	$(GO) test -race -count=1 -timeout 10m ./...
+	$(GO) test -count=1 -timeout 10m -run '^TestCrash' ./metadisk/
 
 integration: ## end-to-end tests: real processes, real NBD clients, ext4 (root)
 	$(GO) test -race -count=1 -tags integration -timeout 30m ./integration/

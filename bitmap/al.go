@@ -290,6 +290,24 @@ func (a *ActivityLog) Committed(tx *Transaction) {
 	}
 }
 
+// NextSeq reserves the next sequence number for a transaction written
+// outside Prepare (the empty transaction that replaces an applied log).
+func (a *ActivityLog) NextSeq() uint64 {
+	a.seq++
+	return a.seq
+}
+
+// InUse returns the number of extents with references.
+func (a *ActivityLog) InUse() int {
+	n := 0
+	for _, ent := range a.entries {
+		if ent.refs > 0 {
+			n++
+		}
+	}
+	return n
+}
+
 // Reset empties the log after its contents were folded into the bitmap
 // (apply-al) or all bits were set anyway; references must all be released.
 func (a *ActivityLog) Reset() {

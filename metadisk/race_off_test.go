@@ -1,0 +1,5 @@
+//go:build !race
+
+package metadisk
+
+const raceEnabled = false
