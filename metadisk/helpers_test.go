@@ -2,8 +2,8 @@ package metadisk
 
 import (
 	"io"
-	"maps"
 	"log/slog"
+	"maps"
 	"math/rand/v2"
 	"sync"
 	"testing"

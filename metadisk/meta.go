@@ -259,7 +259,9 @@ func (m *Meta) checkLayout() error {
 	return nil
 }
 
-func (m *Meta) extents() uint64 { return (m.layout.Blocks() + bitmap.ExtentBlocks - 1) / bitmap.ExtentBlocks }
+func (m *Meta) extents() uint64 {
+	return (m.layout.Blocks() + bitmap.ExtentBlocks - 1) / bitmap.ExtentBlocks
+}
 
 func (m *Meta) readRing() error {
 	ring := make([]byte, ALRingBlocks*BlockSize)

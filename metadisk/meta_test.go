@@ -238,7 +238,7 @@ func TestMeta_Lifecycle(t *testing.T) {
 		t.Fatalf("after crash: %+v", rec)
 	}
 	// The two writes' bits never reached the disk: the log covers them.
-	if m.Test(40*mib/4096) {
+	if m.Test(40 * mib / 4096) {
 		t.Fatal("an unflushed bit is on disk")
 	}
 	n, err := m.ApplyAL()
