@@ -9,7 +9,7 @@ FUZZTIME ?= 10s
 FUZZMINIMIZE ?= 100x
 # package:target pairs; `go test -fuzz` takes one target of one package at a time.
 FUZZ_TARGETS := ./nbd:FuzzRequest ./nbd:FuzzNegotiation ./nbd:FuzzTransmission \
-	./bitmap:FuzzPage ./metadisk:FuzzSuperblock ./metadisk:FuzzALBlock
+	./bitmap:FuzzPage ./metadisk:FuzzSuperblock ./metadisk:FuzzALBlock ./replicator/config:FuzzParse
 
 .DEFAULT_GOAL := help
 .PHONY: help build deps test unit integration fuzz lint bench demo clean

@@ -8,6 +8,7 @@ import (
 	"slices"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/cespare/xxhash/v2"
 
@@ -352,7 +353,9 @@ func TestMeta_OpenErrors(t *testing.T) {
 // TestMeta_GroupCommit: writers that need new extents at the same time
 // share transactions.
 func TestMeta_GroupCommit(t *testing.T) {
-	_, _, m := newMeta(t, 1<<30, Options{})
+	dev, _, m := newMeta(t, 1<<30, Options{})
+	// A real disk takes time to flush; that is when writers pile up.
+	dev.onOp = func(int) { time.Sleep(time.Millisecond) }
 	before := m.Stats().ALTransactions
 	var wg sync.WaitGroup
 	start := make(chan struct{})
