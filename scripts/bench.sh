@@ -12,10 +12,13 @@
 # through any server crawl at ~30k IOPS, which measures the page cache, not
 # the server.
 #
-# ROUNDS (default 3) and RUNTIME (seconds per fio job, default 10) tune it.
+# ROUNDS (default 3) and RUNTIME (seconds per fio job, default 10) tune it;
+# BENCH selects the parts (default "nbd meta"): nbd is the fio comparison,
+# meta the bitmap and metadata benchmarks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+parts=${BENCH:-nbd meta}
 rounds=${ROUNDS:-3}
 runtime=${RUNTIME:-10}
 out=${OUT:-$(mktemp -d /tmp/nbdmirror-bench.XXXXXX)}
@@ -80,36 +83,46 @@ fio_job() {
 		--output-format=json --output="$out/json/$server.$rw.$bs.qd$qd.r$round.json" >/dev/null
 }
 
-servers=(nbdmirror nbdkit qemu-nbd nbd-server)
-port=10850
-for ((r = 1; r <= rounds; r++)); do
-	for ((i = 0; i < ${#servers[@]}; i++)); do
-		# rotate the order each round so no server always runs first
-		s=${servers[$(((i + r - 1) % ${#servers[@]}))]}
-		port=$((port + 1))
-		echo "bench: round $r/$rounds: $s"
-		start_server "$s" "$port"
-		fio_job "$s" "$r" "$port" randwrite 4k 32
-		fio_job "$s" "$r" "$port" randread 4k 32
-		fio_job "$s" "$r" "$port" write 1M 8
-		stop_server
-	done
-done
-
-for ((r = 1; r <= rounds; r++)); do
-	for s in nbdmirror-delay nbdkit-delay; do
-		port=$((port + 1))
-		echo "bench: round $r/$rounds: $s (1 ms backend latency)"
-		start_server "$s" "$port"
-		for qd in 1 8 32 128; do
-			fio_job "$s" "$r" "$port" randwrite 4k "$qd"
+run_nbd() {
+	servers=(nbdmirror nbdkit qemu-nbd nbd-server)
+	port=10850
+	for ((r = 1; r <= rounds; r++)); do
+		for ((i = 0; i < ${#servers[@]}; i++)); do
+			# rotate the order each round so no server always runs first
+			s=${servers[$(((i + r - 1) % ${#servers[@]}))]}
+			port=$((port + 1))
+			echo "bench: round $r/$rounds: $s"
+			start_server "$s" "$port"
+			fio_job "$s" "$r" "$port" randwrite 4k 32
+			fio_job "$s" "$r" "$port" randread 4k 32
+			fio_job "$s" "$r" "$port" write 1M 8
+			stop_server
 		done
-		stop_server
 	done
+
+	for ((r = 1; r <= rounds; r++)); do
+		for s in nbdmirror-delay nbdkit-delay; do
+			port=$((port + 1))
+			echo "bench: round $r/$rounds: $s (1 ms backend latency)"
+			start_server "$s" "$port"
+			for qd in 1 8 32 128; do
+				fio_job "$s" "$r" "$port" randwrite 4k "$qd"
+			done
+			stop_server
+		done
+	done
+	echo "bench: Go micro-benchmarks of the NBD server"
+	go test -run '^$' -bench . -benchmem -count 1 ./nbd/ | tee "$out/gobench.txt"
+}
+
+run_meta() {
+	echo "bench: bitmap and metadata"
+	go test -run '^$' -bench . -benchmem -count 1 ./bitmap/ | tee "$out/bitmap.txt"
+	go test -run '^$' -bench ALTransactions -benchtime 20000x -count 1 ./metadisk/ | tee "$out/metadisk.txt"
+}
+
+for part in $parts; do
+	"run_$part"
 done
-
-echo "bench: Go micro-benchmarks"
-go test -run '^$' -bench . -benchmem -count 1 ./nbd/ | tee "$out/gobench.txt"
-
 python3 scripts/bench_report.py "$out" BENCHMARKS.md
 echo "bench: BENCHMARKS.md updated; raw data in $out"
