@@ -1,0 +1,343 @@
+package transport
+
+import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"net"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// rawClient speaks the handshake by hand against a listening transport.
+type rawClient struct {
+	t  *testing.T
+	hc *hsConn
+}
+
+func dialRaw(t *testing.T, addr string) *rawClient {
+	t.Helper()
+	conn, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	c, _ := newCodecs()
+	return &rawClient{t: t, hc: newHSConn(conn, c)}
+}
+
+func (c *rawClient) hello(h hello) ack {
+	c.t.Helper()
+	if err := c.hc.send(typeHello, h.appendBinary(nil)); err != nil {
+		c.t.Fatal(err)
+	}
+	_, p, err := c.hc.recv(typeAck)
+	if err != nil {
+		c.t.Fatalf("hello refused: %v", err)
+	}
+	a, err := decodeAck(p)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	return a
+}
+
+// expectRefused reads until the server refuses or closes.
+func (c *rawClient) expectRefused() {
+	c.t.Helper()
+	_, _, err := c.hc.recv(typeOK)
+	if err == nil {
+		c.t.Fatal("the server accepted")
+	}
+}
+
+func newHello(secret bool, from string) hello {
+	h := hello{minVersion: 1, maxVersion: 1, stream: Data, resource: "r0", from: from, to: "beta", instance: 7}
+	if secret {
+		h.flags = helloFlagSecret
+	}
+	rand.Read(h.sessionID[:])
+	rand.Read(h.challenge[:])
+	return h
+}
+
+// server starts beta listening on loopback with the given secret.
+func server(t *testing.T, secret string) (*Transport, *logBuffer, string) {
+	_, b := configs(secret)
+	addr := listen(t)
+	b.ListenAddr = addr
+	var lb logBuffer
+	b.Logger = lb.logger()
+	return start(t, b), &lb, addr
+}
+
+// TestAuth_Refusals: each way of failing authentication is refused, no
+// session reaches the application, and the log says so with the address.
+func TestAuth_Refusals(t *testing.T) {
+	tests := []struct {
+		name    string
+		secret  string
+		run     func(t *testing.T, addr string)
+		wantLog string
+	}{
+		{"wrong secret", "right", func(t *testing.T, addr string) {
+			a, _ := configs("wrong")
+			a.PeerAddr = addr
+			var la logBuffer
+			a.Logger = la.logger()
+			ta := start(t, a)
+			la.waitLog(t, "peer authentication failed")
+			if ta.Current() != nil {
+				t.Error("a session with the wrong secret")
+			}
+		}, "the peer rejected this node: your proof does not verify"},
+		{"no secret on the client", "right", func(t *testing.T, addr string) {
+			a, _ := configs("")
+			a.PeerAddr = addr
+			start(t, a)
+		}, "only one side has a shared-secret"},
+		{"no secret on the server", "", func(t *testing.T, addr string) {
+			a, _ := configs("client has one")
+			a.PeerAddr = addr
+			start(t, a)
+		}, "only one side has a shared-secret"},
+		{"truncated response", "k", func(t *testing.T, addr string) {
+			c := dialRaw(t, addr)
+			c.hello(newHello(true, "alpha"))
+			c.hc.send(typeAuth, make([]byte, 16))
+			c.expectRefused()
+		}, "a 16-byte response"},
+		{"correct HMAC, wrong node name in the hello", "k", func(t *testing.T, addr string) {
+			c := dialRaw(t, addr)
+			h := newHello(true, "mallory")
+			c.hc.send(typeHello, h.appendBinary(nil))
+			c.expectRefused()
+		}, "claims to be node mallory (expected alpha)"},
+		{"HMAC computed for another node name", "k", func(t *testing.T, addr string) {
+			c := dialRaw(t, addr)
+			h := newHello(true, "alpha")
+			a := c.hello(h)
+			p := proof([]byte("k"), "client proof", a.challenge, h.challenge, &h, "gamma", "beta")
+			c.hc.send(typeAuth, p[:])
+			c.expectRefused()
+		}, "wrong response"},
+		{"server proof reflected as the client's", "k", func(t *testing.T, addr string) {
+			// Open two connections; answer the first server's challenge
+			// with the proof the server gave on the second, for the
+			// first's challenge.
+			c1, c2 := dialRaw(t, addr), dialRaw(t, addr)
+			h1 := newHello(true, "alpha")
+			a1 := c1.hello(h1)
+			h2 := newHello(true, "alpha")
+			h2.challenge = a1.challenge
+			h2.sessionID = h1.sessionID
+			a2 := c2.hello(h2)
+			c1.hc.send(typeAuth, a2.proof[:])
+			c1.expectRefused()
+		}, "wrong response"},
+		{"replayed handshake transcript", "k", func(t *testing.T, addr string) {
+			c := dialRaw(t, addr)
+			h := newHello(true, "alpha")
+			a := c.hello(h)
+			p := proof([]byte("k"), "client proof", a.challenge, h.challenge, &h, "alpha", "beta")
+			c.hc.send(typeAuth, p[:])
+			if _, _, err := c.hc.recv(typeOK); err != nil {
+				t.Fatalf("the genuine handshake failed: %v", err)
+			}
+			// The same bytes again on a new connection: a fresh server
+			// challenge makes the recorded response worthless.
+			r := dialRaw(t, addr)
+			r.hc.send(typeHello, h.appendBinary(nil))
+			r.hc.recv(typeAck)
+			r.hc.send(typeAuth, p[:])
+			r.expectRefused()
+		}, "wrong response"},
+		{"other resource", "k", func(t *testing.T, addr string) {
+			c := dialRaw(t, addr)
+			h := newHello(true, "alpha")
+			h.resource = "r9"
+			c.hc.send(typeHello, h.appendBinary(nil))
+			c.expectRefused()
+		}, "asked for resource r9"},
+		{"no common version", "k", func(t *testing.T, addr string) {
+			c := dialRaw(t, addr)
+			h := newHello(true, "alpha")
+			h.minVersion, h.maxVersion = 5, 9
+			c.hc.send(typeHello, h.appendBinary(nil))
+			_, _, err := c.hc.recv(typeAck)
+			var re *RefusedError
+			if !errors.As(err, &re) || !strings.Contains(re.Reason, "you speak 5-9, I speak 1-1") {
+				t.Fatalf("refusal %v", err)
+			}
+		}, "the peer speaks 5-9, this node 1-1"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			tb, lb, addr := server(t, tc.secret)
+			tc.run(t, addr)
+			lb.waitLog(t, tc.wantLog)
+			if !strings.Contains(lb.String(), "remote=127.0.0.1:") {
+				t.Errorf("the log does not name the peer's address:\n%s", lb)
+			}
+			if tb.Current() != nil {
+				t.Fatal("a session was established")
+			}
+			select {
+			case s := <-tb.next:
+				t.Fatalf("a session reached the application: %v", s)
+			default:
+			}
+		})
+	}
+}
+
+// TestAuth_ReflectedChallenge: a server that answers with the client's own
+// challenge is refused by the client.
+func TestAuth_ReflectedChallenge(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		conn, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer conn.Close()
+		c, _ := newCodecs()
+		hc := newHSConn(conn, c)
+		_, p, err := hc.recv(typeHello)
+		if err != nil {
+			return
+		}
+		h, _ := decodeHello(p)
+		a := ack{version: 1, flags: helloFlagSecret, challenge: h.challenge}
+		hc.send(typeAck, a.appendBinary(nil))
+		hc.recv(typeAuth)
+	}()
+	a, _ := configs("k")
+	a.PeerAddr = ln.Addr().String()
+	var la logBuffer
+	a.Logger = la.logger()
+	tr, err := New(a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tr.Close()
+	err = tr.dialOnce(context.Background())
+	if !errors.Is(err, ErrReflection) {
+		t.Fatalf("dial against a reflecting server: %v", err)
+	}
+}
+
+// tamperConn lets a test change what a's side writes after the session is
+// up: flip a bit, send a frame twice, or move a frame to the other stream.
+type tamperConn struct {
+	net.Conn
+	l     *tamperLink
+	index int // 0 data, 1 control
+}
+
+type tamperLink struct {
+	mu     sync.Mutex
+	conns  []*tamperConn
+	mode   string // "", "flip", "replay", "move"
+	frames int
+}
+
+func (c *tamperConn) Write(p []byte) (int, error) {
+	c.l.mu.Lock()
+	mode := c.l.mode
+	if mode != "" && c.index == 0 && len(p) > 100 {
+		c.l.mode = ""
+	} else {
+		mode = ""
+	}
+	var other *tamperConn
+	if mode == "move" {
+		other = c.l.conns[1-c.index]
+	}
+	c.l.mu.Unlock()
+	switch mode {
+	case "flip":
+		q := append([]byte(nil), p...)
+		q[headerSize+50] ^= 0x01
+		return c.Conn.Write(q)
+	case "replay":
+		if n, err := c.Conn.Write(p); err != nil {
+			return n, err
+		}
+		return c.Conn.Write(p)
+	case "move":
+		return other.Conn.Write(p)
+	}
+	return c.Conn.Write(p)
+}
+
+// TestAuth_TamperedFrames: a sealed frame altered, replayed or moved to the
+// other stream ends the session; the application never sees it.
+func TestAuth_TamperedFrames(t *testing.T) {
+	for _, mode := range []string{"flip", "replay", "move"} {
+		t.Run(mode, func(t *testing.T) {
+			a, b := configs("k")
+			var lb logBuffer
+			b.Logger = lb.logger()
+			l, err := NewLink(a, b)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer l.Close()
+			tl := &tamperLink{}
+			l.Wrap(func(c net.Conn) net.Conn {
+				tl.mu.Lock()
+				defer tl.mu.Unlock()
+				tc := &tamperConn{Conn: c, l: tl, index: len(tl.conns) % 2}
+				tl.conns = append(tl.conns, tc)
+				return tc
+			})
+			l.Break()
+			l.Heal()
+			var sa, sb *Session
+			for sa == nil || sa.Err() != nil {
+				sa, sb = sessions(t, l.A, l.B)
+			}
+			if err := sa.Send(Data, typeTest, []byte("genuine")); err != nil {
+				t.Fatal(err)
+			}
+			if m, err := sb.Recv(Data); err != nil || string(m.Payload) != "genuine" {
+				t.Fatalf("genuine frame: %v", err)
+			}
+			tl.mu.Lock()
+			tl.mode = mode
+			tl.mu.Unlock()
+			sa.Send(Data, typeTest, []byte(strings.Repeat("tampered ", 30)))
+			select {
+			case <-sb.Done():
+			case <-time.After(5 * time.Second):
+				t.Fatal("the tampered frame did not end the session")
+			}
+			if mode != "replay" {
+				// flip and move: nothing after the genuine frame arrives.
+				if m, err := sb.Recv(Data); err == nil {
+					t.Fatalf("received %q after tampering", m.Payload)
+				}
+			} else {
+				// The original arrives once; its replay ends the session.
+				if m, err := sb.Recv(Data); err != nil || !strings.HasPrefix(string(m.Payload), "tampered") {
+					t.Fatalf("the original of the replayed frame: %v", err)
+				}
+				if _, err := sb.Recv(Data); err == nil {
+					t.Fatal("the replayed frame was delivered")
+				}
+			}
+			if !errors.Is(sb.Err(), ErrFrameAuth) {
+				t.Errorf("session ended with %v, want ErrFrameAuth", sb.Err())
+			}
+			lb.waitLog(t, "failed authentication")
+		})
+	}
+}

@@ -1,0 +1,102 @@
+// Package transport is the link between the two nodes of a resource:
+// sessions of two TCP connections, mutual authentication, encryption,
+// compression, framing, liveness and a resync rate limiter. It moves typed
+// frames between two named nodes and knows nothing of roles or disks.
+//
+// # Sessions
+//
+// A session is two connections to the peer: a Data stream (writes, resync
+// data) and a Control stream (acks, pings), so that small messages never
+// queue behind megabytes of data. Both nodes listen on their address and
+// dial the peer's; a session is either whole (both streams authenticated
+// and confirmed) or torn down. When both dial at once, the session dialed
+// by the node with the smaller name wins on both sides (Transport.admit). A
+// lost session is redialed with jittered backoff (200 ms doubling to
+// connect-int), at once stoppable by Close.
+//
+// Liveness: each side pings on the control stream every ping interval and
+// fails the session when a ping is not answered within the ping timeout,
+// so a silent partition (no RST) is found in at most ping-int +
+// ping-timeout, whatever TCP retransmission does. Socket writes have a
+// deadline renewed per 256 KiB, so a dead peer never blocks a writer for
+// longer than the timeout, while a slow but moving link is not cut.
+//
+// # Handshake (per stream; version 1)
+//
+// Each connection (inside TLS 1.3 when configured, certificates checked
+// against the peer's node names on both sides) starts with plain frames:
+//
+//	client → server  HELLO   versions, stream, flags, session id, instance,
+//	                         challenge Cc, resource, sender, receiver
+//	server → client  ACK     chosen version, flags, instance, challenge Cs,
+//	                         server proof  (or REFUSE code + reason)
+//	client → server  AUTH    client proof
+//	server → client  OK      (or REFUSE)
+//
+// The server refuses, saying why, a version range with no overlap, another
+// resource, node names other than the configured pair, and a secret on one
+// side only. With a shared secret, each side proves knowledge of it:
+//
+//	server proof = HMAC-SHA256(secret, "nbdmirror/1 server proof" ‖ Cc ‖ Cs ‖ ids)
+//	client proof = HMAC-SHA256(secret, "nbdmirror/1 client proof" ‖ Cs ‖ Cc ‖ ids)
+//	ids          = session id ‖ stream ‖ resource ‖ prover name ‖ verifier name
+//
+// The server proves first; proofs are compared with hmac.Equal; a peer
+// that answers with our own challenge is refused (reflection); the labels
+// bind each proof to its direction, so a proof cannot be reflected, and
+// fresh challenges make a replayed transcript fail. Then each stream gets
+// per-direction keys, HKDF-SHA256(secret, salt = Cc ‖ Cs, info = direction,
+// session id, stream), and every later frame is sealed with AES-256-GCM
+// whose 12-byte nonce is a 4-byte direction tag and an 8-byte frame
+// counter: a frame cannot be read, altered, replayed, reordered, or moved
+// to the other stream or another session. Without a secret, frames carry
+// an xxhash64 checksum and the transport logs once that the link is neither
+// authenticated nor encrypted.
+//
+// The control stream's HELLO carries the data stream's session id; the
+// server pairs them. The dialer then sends CONFIRM on the data stream; the
+// server answers CONFIRM (the session is up on both sides) or CLOSE (it
+// keeps a crossed session of its own).
+//
+// HELLO payload (big-endian):
+//
+//	offset size field
+//	0      8    magic "NBDMIRTP"
+//	8      2    lowest version spoken
+//	10     2    highest version spoken
+//	12     1    stream: 1 data, 2 control
+//	13     1    flags: 1 shared secret configured, 2 TLS
+//	14     2    reserved, zero
+//	16     16   session id (random per session)
+//	32     8    instance (random per transport: tells a restarted peer)
+//	40     32   challenge Cc
+//	72     1+n  resource name (1 ≤ n ≤ 64)
+//	…      1+n  sender node name
+//	…      1+n  receiver node name
+//
+// ACK payload: version (2), flags (1), reserved (1), instance (8),
+// challenge Cs (32), server proof (32, zero without a secret). AUTH
+// payload: client proof (32). REFUSE payload: code (2), reason (≤ 256).
+//
+// # Frames
+//
+//	offset size field
+//	0      2    type: 1-9 the transport's (HELLO ACK AUTH OK REFUSE PING
+//	            PONG CONFIRM CLOSE), ≥ 16 the application's (Config.Types)
+//	2      2    flags: 1 s2-compressed, 2 zstd-compressed
+//	4      4    payload length n (≤ MaxPayload, checked before allocating)
+//	8      n    payload
+//	8+n    8    xxhash64 of bytes [0, 8+n)          (plain frames)
+//	  or   16   AES-GCM tag; payload encrypted, header authenticated (sealed)
+//
+// A payload of 256 bytes or more is compressed (s2 or zstd) when that
+// makes it smaller; decompression is bounded by MaxPayload. Encoders
+// append to a caller's buffer; decoders read from an io.Reader, so
+// production, tests and fuzzing share the code. Any bad frame (length,
+// checksum or tag, type, flags, compression) ends the session.
+//
+// # Versions
+//
+// Version 1 is the first. A later version must keep HELLO's first 16 bytes
+// and the REFUSE frame, so that two versions can agree or refuse cleanly.
+package transport

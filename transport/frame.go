@@ -1,0 +1,281 @@
+package transport
+
+import (
+	"bufio"
+	"crypto/aes"
+	"crypto/cipher"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+
+	"github.com/cespare/xxhash/v2"
+	"github.com/klauspost/compress/s2"
+	"github.com/klauspost/compress/zstd"
+)
+
+// Type is a frame type. Types below FirstAppType belong to the transport;
+// the application registers the others it uses (Config.Types).
+type Type uint16
+
+// Transport frame types. Part of the wire format: never renumber.
+const (
+	typeHello   Type = 1 // handshake (see handshake.go)
+	typeAck     Type = 2
+	typeAuth    Type = 3
+	typeOK      Type = 4
+	typeRefuse  Type = 5
+	typePing    Type = 6
+	typePong    Type = 7
+	typeConfirm Type = 8 // the dialer confirms the session is whole
+	typeClose   Type = 9 // a graceful end, with a reason
+
+	// FirstAppType is the smallest type an application may register.
+	FirstAppType Type = 16
+)
+
+// Frame layout. Part of the wire format.
+const (
+	headerSize = 8
+	sumSize    = 8  // xxhash64 trailer of a plain frame
+	tagSize    = 16 // AES-GCM tag of a sealed frame
+	// MaxPayload bounds a frame's payload, before and after compression:
+	// a 32 MiB write plus room for its header.
+	MaxPayload = 32<<20 + 64<<10
+
+	flagS2   = 1 << 0
+	flagZstd = 1 << 1
+	flagsAll = flagS2 | flagZstd
+
+	// minCompress is the smallest payload worth compressing.
+	minCompress = 256
+)
+
+// Errors of reading frames. Any of them ends the session.
+var (
+	ErrFrameTooLarge = errors.New("transport: frame longer than the maximum")
+	ErrFrameChecksum = errors.New("transport: frame checksum mismatch")
+	ErrFrameAuth     = errors.New("transport: frame failed authentication (altered, replayed, reordered or from another stream)")
+	ErrFrameType     = errors.New("transport: unknown frame type")
+	ErrFrameFlags    = errors.New("transport: unknown frame flags")
+	ErrDecompress    = errors.New("transport: frame does not decompress")
+)
+
+// Compression selects per-frame compression.
+type Compression uint8
+
+// Compression methods.
+const (
+	CompressNone Compression = iota
+	CompressS2
+	CompressZstd
+)
+
+// ParseCompression reads a compression name from the configuration.
+func ParseCompression(s string) (Compression, error) {
+	switch s {
+	case "", "none":
+		return CompressNone, nil
+	case "s2":
+		return CompressS2, nil
+	case "zstd":
+		return CompressZstd, nil
+	}
+	return 0, fmt.Errorf("transport: unknown compression %q", s)
+}
+
+// codecs holds the zstd coders, shared by the streams of a Transport (they
+// are safe for concurrent use).
+type codecs struct {
+	zenc *zstd.Encoder
+	zdec *zstd.Decoder
+}
+
+func newCodecs() (*codecs, error) {
+	enc, err := zstd.NewWriter(nil, zstd.WithEncoderConcurrency(1), zstd.WithEncoderLevel(zstd.SpeedFastest))
+	if err != nil {
+		return nil, err
+	}
+	dec, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxMemory(MaxPayload))
+	if err != nil {
+		return nil, err
+	}
+	return &codecs{enc, dec}, nil
+}
+
+// frameSealer protects the frames of one direction of one stream: with an
+// AEAD each frame is sealed (nonce = 4-byte direction tag and 8-byte frame
+// counter; the header is authenticated data), without one it carries an
+// xxhash64 checksum.
+type frameSealer struct {
+	aead    cipher.AEAD
+	dirTag  [4]byte
+	counter uint64
+}
+
+func newSealer(key []byte, dirTag [4]byte) (*frameSealer, error) {
+	if key == nil {
+		return &frameSealer{dirTag: dirTag}, nil
+	}
+	block, err := aes.NewCipher(key)
+	if err != nil {
+		return nil, err
+	}
+	aead, err := cipher.NewGCM(block)
+	if err != nil {
+		return nil, err
+	}
+	return &frameSealer{aead: aead, dirTag: dirTag}, nil
+}
+
+func (s *frameSealer) overhead() int {
+	if s.aead != nil {
+		return tagSize
+	}
+	return sumSize
+}
+
+func (s *frameSealer) nonce() []byte {
+	var n [12]byte
+	copy(n[:4], s.dirTag[:])
+	binary.BigEndian.PutUint64(n[4:], s.counter)
+	s.counter++
+	return n[:]
+}
+
+// appendFrame appends one frame to dst: header, payload (compressed if
+// that makes it smaller) and trailer. It is not safe for concurrent use.
+func appendFrame(dst []byte, s *frameSealer, c *codecs, comp Compression, typ Type, payload []byte) ([]byte, error) {
+	if len(payload) > MaxPayload {
+		return dst, fmt.Errorf("%w: %d bytes", ErrFrameTooLarge, len(payload))
+	}
+	var flags uint16
+	body := payload
+	if comp != CompressNone && len(payload) >= minCompress {
+		var z []byte
+		switch comp {
+		case CompressS2:
+			z = s2.Encode(nil, payload)
+		case CompressZstd:
+			z = c.zenc.EncodeAll(payload, nil)
+		}
+		if len(z) < len(payload) {
+			body, flags = z, flagS2
+			if comp == CompressZstd {
+				flags = flagZstd
+			}
+		}
+	}
+	start := len(dst)
+	dst = binary.BigEndian.AppendUint16(dst, uint16(typ))
+	dst = binary.BigEndian.AppendUint16(dst, flags)
+	dst = binary.BigEndian.AppendUint32(dst, uint32(len(body)))
+	if s.aead != nil {
+		return s.aead.Seal(dst, s.nonce(), body, dst[start:start+headerSize]), nil
+	}
+	dst = append(dst, body...)
+	return binary.BigEndian.AppendUint64(dst, xxhash.Sum64(dst[start:])), nil
+}
+
+// frameReader reads frames from one direction of one stream.
+type frameReader struct {
+	r     *bufio.Reader
+	s     *frameSealer
+	c     *codecs
+	known func(Type) bool
+	buf   []byte
+	hdr   [headerSize]byte
+	wire  int  // bytes the last frame took on the wire
+	owned bool // the last payload is the caller's to keep (not the reused buffer)
+}
+
+// ownAbove is the payload size from which a frame is read into a buffer of
+// its own, which the receiver keeps, rather than into the reused one.
+const ownAbove = 64 << 10
+
+// readFrame reads, verifies and decompresses the next frame. The length is
+// checked against MaxPayload before anything is allocated. The returned
+// payload is valid until the next call.
+func (fr *frameReader) readFrame() (Type, []byte, error) {
+	if _, err := io.ReadFull(fr.r, fr.hdr[:]); err != nil {
+		return 0, nil, err
+	}
+	typ := Type(binary.BigEndian.Uint16(fr.hdr[0:2]))
+	flags := binary.BigEndian.Uint16(fr.hdr[2:4])
+	length := binary.BigEndian.Uint32(fr.hdr[4:8])
+	if length > MaxPayload {
+		return 0, nil, fmt.Errorf("%w: %d bytes", ErrFrameTooLarge, length)
+	}
+	n := int(length) + fr.s.overhead()
+	var body []byte
+	if fr.owned = n > ownAbove; fr.owned {
+		body = make([]byte, n)
+	} else {
+		if cap(fr.buf) < n {
+			fr.buf = make([]byte, n)
+		}
+		body = fr.buf[:n]
+	}
+	if _, err := io.ReadFull(fr.r, body); err != nil {
+		return 0, nil, unexpected(err)
+	}
+	fr.wire = headerSize + n
+	var payload []byte
+	if fr.s.aead != nil {
+		p, err := fr.s.aead.Open(body[:0], fr.s.nonce(), body, fr.hdr[:])
+		if err != nil {
+			return 0, nil, ErrFrameAuth
+		}
+		payload = p
+	} else {
+		payload = body[:length]
+		d := xxhash.New()
+		d.Write(fr.hdr[:])
+		d.Write(payload)
+		if d.Sum64() != binary.BigEndian.Uint64(body[length:]) {
+			return 0, nil, ErrFrameChecksum
+		}
+	}
+	// Only now, with the frame known to be intact, judge its contents.
+	if typ < FirstAppType && (typ < typeHello || typ > typeClose) || typ >= FirstAppType && !fr.known(typ) {
+		return 0, nil, fmt.Errorf("%w %d", ErrFrameType, typ)
+	}
+	if flags&^flagsAll != 0 || flags == flagsAll {
+		return 0, nil, fmt.Errorf("%w %#x", ErrFrameFlags, flags)
+	}
+	p, err := decompress(fr.c, flags, payload)
+	if flags != 0 {
+		fr.owned = true // decompression allocated it
+	}
+	return typ, p, err
+}
+
+func unexpected(err error) error {
+	if errors.Is(err, io.EOF) {
+		return io.ErrUnexpectedEOF
+	}
+	return err
+}
+
+// decompress undoes a frame's compression, refusing output over MaxPayload.
+func decompress(c *codecs, flags uint16, p []byte) ([]byte, error) {
+	switch flags {
+	case flagS2:
+		n, err := s2.DecodedLen(p)
+		if err != nil || n > MaxPayload {
+			return nil, fmt.Errorf("%w: s2 (%d bytes claimed)", ErrDecompress, n)
+		}
+		out, err := s2.Decode(make([]byte, n), p)
+		if err != nil {
+			return nil, fmt.Errorf("%w: %v", ErrDecompress, err)
+		}
+		return out, nil
+	case flagZstd:
+		out, err := c.zdec.DecodeAll(p, nil)
+		if err != nil || len(out) > MaxPayload {
+			return nil, fmt.Errorf("%w: zstd: %v", ErrDecompress, err)
+		}
+		return out, nil
+	}
+	return p, nil
+}

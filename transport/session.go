@@ -1,0 +1,378 @@
+package transport
+
+import (
+	"bufio"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+	"time"
+)
+
+// Session errors.
+var (
+	// ErrClosed: the session was closed by this node.
+	ErrClosed = errors.New("transport: session closed")
+	// ErrPingTimeout: the peer did not answer a ping in time: it is gone
+	// or the link is cut (a silent partition).
+	ErrPingTimeout = errors.New("transport: no answer to a ping within ping-timeout")
+	// ErrReplaced: the peer opened a new session, so this one is stale.
+	ErrReplaced = errors.New("transport: session replaced by a newer one from the peer")
+	// ErrProtocol: the peer sent something this protocol does not allow.
+	ErrProtocol = errors.New("transport: protocol violation")
+)
+
+// PeerClosedError is the reason the peer gave for closing the session.
+type PeerClosedError struct{ Reason string }
+
+func (e *PeerClosedError) Error() string { return "transport: closed by the peer: " + e.Reason }
+
+// Message is an application frame received from the peer.
+type Message struct {
+	Type    Type
+	Payload []byte // owned by the receiver
+}
+
+// recvQueueBytes bounds what a stream buffers for the application before
+// the reader stops reading the socket (TCP backpressure).
+const recvQueueBytes = 16 << 20
+
+// writeChunk is the largest single socket write (2 s at 1 Mbit/s); the write deadline is
+// renewed per chunk, so a slow but moving link is not a dead one.
+const writeChunk = 256 << 10
+
+// stream is one authenticated connection of a session.
+type stream struct {
+	kind Stream
+	conn net.Conn
+	wmu  sync.Mutex // serialises frames: sealing and counter order
+	out  *frameSealer
+	wbuf []byte
+	in   frameReader
+	q    queue
+}
+
+func newStream(kind Stream, conn net.Conn, r *bufio.Reader, k streamKeys, t *Transport) (*stream, error) {
+	out, err := newSealer(k.send, k.sendTag)
+	if err != nil {
+		return nil, err
+	}
+	in, err := newSealer(k.recv, k.recvTag)
+	if err != nil {
+		return nil, err
+	}
+	s := &stream{kind: kind, conn: conn, out: out}
+	s.in = frameReader{r: r, s: in, c: t.codecs, known: t.known}
+	s.q.init(recvQueueBytes)
+	return s, nil
+}
+
+// Session is an established, authenticated pair of connections to the
+// peer: a Data stream for bulk traffic and a Control stream for acks and
+// pings, so small messages never wait behind megabytes of data. Send and
+// Recv are safe for concurrent use; frames of one stream arrive in the
+// order they were sent.
+type Session struct {
+	t        *Transport
+	id       [sessionIDSize]byte
+	peer     string
+	remote   string
+	peerInst uint64
+	dialed   bool // this node dialed it
+	since    time.Time
+	streams  [2]*stream
+
+	done    chan struct{}
+	once    sync.Once
+	mu      sync.Mutex
+	err     error
+	wg      sync.WaitGroup
+	pong    chan uint64 // pongs received
+	pingIn  chan uint64 // pings received, to answer
+	pingSeq uint64
+}
+
+// Peer returns the peer's node name.
+func (s *Session) Peer() string { return s.peer }
+
+// RemoteAddr returns the peer's address.
+func (s *Session) RemoteAddr() string { return s.remote }
+
+// Dialed reports whether this node opened the session.
+func (s *Session) Dialed() bool { return s.dialed }
+
+// Done is closed when the session ends.
+func (s *Session) Done() <-chan struct{} { return s.done }
+
+// Err returns why the session ended, or nil while it is up.
+func (s *Session) Err() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.err
+}
+
+func (s *Session) stream(st Stream) *stream { return s.streams[st-1] }
+
+// goFunc runs f in a goroutine that both the session and its transport
+// wait for.
+func (s *Session) goFunc(f func()) {
+	s.wg.Add(1)
+	s.t.wg.Add(1)
+	go func() {
+		defer s.t.wg.Done()
+		defer s.wg.Done()
+		f()
+	}()
+}
+
+// start runs the readers and the pinger.
+func (s *Session) start() {
+	for _, st := range s.streams {
+		s.goFunc(func() { s.readLoop(st) })
+	}
+	s.goFunc(s.pinger)
+}
+
+// Send sends one application frame on a stream. It returns once the frame
+// is handed to the socket; a peer that stops reading for longer than the
+// configured timeout fails the session.
+func (s *Session) Send(st Stream, typ Type, payload []byte) error {
+	if typ < FirstAppType || !s.t.known(typ) {
+		return fmt.Errorf("%w %d: register it in Config.Types", ErrFrameType, typ)
+	}
+	if st != Data && st != Control {
+		return fmt.Errorf("transport: no stream %d", st)
+	}
+	return s.send(st, typ, payload)
+}
+
+func (s *Session) send(st Stream, typ Type, payload []byte) error {
+	select {
+	case <-s.done:
+		return s.Err()
+	default:
+	}
+	str := s.stream(st)
+	str.wmu.Lock()
+	defer str.wmu.Unlock()
+	b, err := appendFrame(str.wbuf[:0], str.out, s.t.codecs, s.t.comp, typ, payload)
+	if err != nil {
+		return err
+	}
+	if cap(b) <= 4<<20 {
+		str.wbuf = b // keep the buffer, unless a huge frame grew it
+	}
+	if err := s.write(str, b); err != nil {
+		s.fail(fmt.Errorf("send on the %s stream: %w", st, err))
+		return s.Err()
+	}
+	s.t.stats.framesSent.Add(1)
+	s.t.stats.payloadSent.Add(uint64(len(payload)))
+	s.t.stats.wireSent.Add(uint64(len(b)))
+	return nil
+}
+
+// write writes b in chunks, each with a fresh deadline.
+func (s *Session) write(str *stream, b []byte) error {
+	for len(b) > 0 {
+		n := min(len(b), writeChunk)
+		str.conn.SetWriteDeadline(time.Now().Add(s.t.cfg.Timeout))
+		w, err := str.conn.Write(b[:n])
+		if err != nil {
+			return err
+		}
+		b = b[w:]
+	}
+	return nil
+}
+
+// Recv returns the next application frame of a stream. It fails once the
+// session ended and everything received before was returned.
+func (s *Session) Recv(st Stream) (Message, error) {
+	if st != Data && st != Control {
+		return Message{}, fmt.Errorf("transport: no stream %d", st)
+	}
+	m, ok := s.stream(st).q.pop()
+	if !ok {
+		return Message{}, s.Err()
+	}
+	return m, nil
+}
+
+func (s *Session) readLoop(str *stream) {
+	for {
+		typ, p, err := str.in.readFrame()
+		if err != nil {
+			s.fail(fmt.Errorf("receive on the %s stream: %w", str.kind, err))
+			return
+		}
+		s.t.stats.framesRecv.Add(1)
+		s.t.stats.payloadRecv.Add(uint64(len(p)))
+		s.t.stats.wireRecv.Add(uint64(str.in.wire))
+		switch {
+		case typ == typePing && str.kind == Control && len(p) == 8:
+			// The pinger answers: a reader never writes.
+			select {
+			case s.pingIn <- binary.BigEndian.Uint64(p):
+			default: // an answer is already due; the peer waits for one
+			}
+		case typ == typePong && str.kind == Control && len(p) == 8:
+			select {
+			case s.pong <- binary.BigEndian.Uint64(p):
+			default:
+			}
+		case typ == typeClose:
+			s.fail(&PeerClosedError{Reason: string(p[:min(len(p), maxReasonLen)])})
+			return
+		case typ < FirstAppType:
+			s.fail(fmt.Errorf("%w: frame type %d on the %s stream", ErrProtocol, typ, str.kind))
+			return
+		default:
+			if !str.in.owned {
+				p = append([]byte(nil), p...)
+			}
+			if !str.q.push(Message{Type: typ, Payload: p}) {
+				return
+			}
+		}
+	}
+}
+
+// pinger sends a ping every ping interval, fails the session when one is
+// not answered within the ping timeout, and answers the peer's pings. It
+// is the only goroutine that writes pings and pongs: a reader never
+// writes, so two nodes busy writing to each other cannot deadlock.
+func (s *Session) pinger() {
+	tick := time.NewTicker(s.t.cfg.PingInterval)
+	defer tick.Stop()
+	timeout := time.NewTimer(time.Hour)
+	timeout.Stop()
+	awaiting := false
+	for {
+		select {
+		case <-s.done:
+			return
+		case seq := <-s.pingIn:
+			if s.send(Control, typePong, binary.BigEndian.AppendUint64(nil, seq)) != nil {
+				return
+			}
+		case seq := <-s.pong:
+			if awaiting && seq == s.pingSeq {
+				awaiting = false
+				timeout.Stop()
+			}
+		case <-tick.C:
+			if awaiting {
+				continue
+			}
+			s.pingSeq++
+			if s.send(Control, typePing, binary.BigEndian.AppendUint64(nil, s.pingSeq)) != nil {
+				return
+			}
+			awaiting = true
+			timeout.Reset(s.t.cfg.PingTimeout)
+		case <-timeout.C:
+			if awaiting {
+				s.fail(fmt.Errorf("%w (%v)", ErrPingTimeout, s.t.cfg.PingTimeout))
+				return
+			}
+		}
+	}
+}
+
+// fail ends the session once, with its first error.
+func (s *Session) fail(err error) {
+	s.once.Do(func() {
+		s.mu.Lock()
+		s.err = err
+		s.mu.Unlock()
+		close(s.done)
+		for _, st := range s.streams {
+			st.conn.Close()
+			st.q.close()
+		}
+		s.t.ended(s, err)
+	})
+}
+
+// Close ends the session, telling the peer why, and waits for its
+// goroutines.
+func (s *Session) Close(reason string) error {
+	select {
+	case <-s.done:
+	default:
+		// On both streams, so that whichever the peer reads first tells
+		// it why; a stream busy with a stuck write is skipped.
+		for _, st := range s.streams {
+			if st.wmu.TryLock() {
+				st.conn.SetWriteDeadline(time.Now().Add(time.Second))
+				if b, err := appendFrame(nil, st.out, s.t.codecs, CompressNone, typeClose, []byte(reason)); err == nil {
+					st.conn.Write(b)
+				}
+				st.wmu.Unlock()
+			}
+		}
+		s.fail(ErrClosed)
+	}
+	s.wg.Wait()
+	return nil
+}
+
+// queue is a FIFO of received messages bounded in bytes (at least one
+// message always fits).
+type queue struct {
+	mu     sync.Mutex
+	cond   sync.Cond
+	msgs   []Message
+	bytes  int
+	max    int
+	closed bool
+}
+
+func (q *queue) init(max int) {
+	q.max = max
+	q.cond.L = &q.mu
+}
+
+// push adds m, waiting while the queue is full; false once closed.
+func (q *queue) push(m Message) bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	for !q.closed && len(q.msgs) > 0 && q.bytes+len(m.Payload) > q.max {
+		q.cond.Wait()
+	}
+	if q.closed {
+		return false
+	}
+	q.msgs = append(q.msgs, m)
+	q.bytes += len(m.Payload)
+	q.cond.Broadcast()
+	return true
+}
+
+// pop returns the oldest message, waiting for one; false once closed and
+// empty.
+func (q *queue) pop() (Message, bool) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	for len(q.msgs) == 0 && !q.closed {
+		q.cond.Wait()
+	}
+	if len(q.msgs) == 0 {
+		return Message{}, false
+	}
+	m := q.msgs[0]
+	q.msgs[0] = Message{}
+	q.msgs = q.msgs[1:]
+	q.bytes -= len(m.Payload)
+	q.cond.Broadcast()
+	return m, true
+}
+
+func (q *queue) close() {
+	q.mu.Lock()
+	q.closed = true
+	q.cond.Broadcast()
+	q.mu.Unlock()
+}

@@ -1,0 +1,286 @@
+package transport
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"net"
+	"runtime"
+	"sync"
+	"testing"
+	"time"
+)
+
+// sessions waits for both ends of the next session.
+func sessions(t testing.TB, a, b *Transport) (*Session, *Session) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	sa, err := a.Next(ctx)
+	if err != nil {
+		t.Fatalf("side a: %v", err)
+	}
+	sb, err := b.Next(ctx)
+	if err != nil {
+		t.Fatalf("side b: %v", err)
+	}
+	if sa.id != sb.id {
+		t.Fatalf("the two sides hold different sessions")
+	}
+	return sa, sb
+}
+
+// exchange sends messages both ways on both streams and checks them.
+func exchange(t testing.TB, sa, sb *Session) {
+	t.Helper()
+	big := make([]byte, 4<<20)
+	rand.Read(big)
+	for _, dir := range []struct{ from, to *Session }{{sa, sb}, {sb, sa}} {
+		for _, st := range []Stream{Data, Control} {
+			msgs := [][]byte{[]byte("first"), bytes.Repeat([]byte("z"), 70000), big, nil}
+			if st == Control { // the control stream carries small messages
+				msgs = [][]byte{[]byte("ack"), bytes.Repeat([]byte("z"), 70000), nil}
+			}
+			go func() {
+				for _, m := range msgs {
+					if err := dir.from.Send(st, typeTest, m); err != nil {
+						t.Errorf("send: %v", err)
+						return
+					}
+				}
+			}()
+			for i, want := range msgs {
+				m, err := dir.to.Recv(st)
+				if err != nil || m.Type != typeTest || !bytes.Equal(m.Payload, want) {
+					t.Fatalf("%s message %d: %v (type %d, %d bytes)", st, i, err, m.Type, len(m.Payload))
+				}
+			}
+		}
+	}
+}
+
+func TestSession_OverLink(t *testing.T) {
+	for _, secret := range []string{"", "s3cret"} {
+		for _, comp := range []Compression{CompressNone, CompressZstd} {
+			t.Run(fmt.Sprintf("secret=%q/compression=%d", secret, comp), func(t *testing.T) {
+				a, b := configs(secret)
+				a.Compression, b.Compression = comp, comp
+				var la, lb logBuffer
+				a.Logger, b.Logger = la.logger(), lb.logger()
+				l, err := NewLink(a, b)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer l.Close()
+				sa, sb := sessions(t, l.A, l.B)
+				if !sa.Dialed() || sb.Dialed() || sa.Peer() != "beta" || sb.Peer() != "alpha" {
+					t.Fatalf("dialed %v %v peers %s %s", sa.Dialed(), sb.Dialed(), sa.Peer(), sb.Peer())
+				}
+				exchange(t, sa, sb)
+				st := l.A.Stats()
+				if !st.Connected || st.FramesSent < 6 || st.PayloadSent < 4<<20 || st.PayloadRecv < 4<<20 ||
+					st.WireRecv > st.PayloadRecv+1000 && comp != CompressNone || st.Authenticated != (secret != "") {
+					t.Errorf("stats %+v", st)
+				}
+				if secret == "" && !bytes.Contains([]byte(la.String()), []byte("neither authenticated nor encrypted")) {
+					t.Error("no warning about the unprotected link")
+				}
+				if err := sa.Send(Data, typeTest+5, nil); !errors.Is(err, ErrFrameType) {
+					t.Errorf("sending an unregistered type: %v", err)
+				}
+			})
+		}
+	}
+}
+
+func TestSession_OverTCP(t *testing.T) {
+	a, b := configs("tcp secret")
+	la := listen(t)
+	lb := listen(t)
+	a.ListenAddr, a.PeerAddr = la, lb
+	b.ListenAddr, b.PeerAddr = lb, la
+	a.SndBuf = 1 << 20
+	ta, tb := start(t, a), start(t, b)
+	sa, sb := sessions(t, ta, tb)
+	exchange(t, sa, sb)
+	// Exactly one session although both dial.
+	time.Sleep(3 * a.PingInterval)
+	if ta.Current() != sa || tb.Current() != sb || ta.Stats().Sessions != 1 || tb.Stats().Sessions != 1 {
+		t.Fatalf("sessions: %d and %d", ta.Stats().Sessions, tb.Stats().Sessions)
+	}
+	// The session dialed by the smaller name (alpha) is the one kept.
+	if !sa.Dialed() {
+		t.Errorf("the session kept was dialed by beta")
+	}
+}
+
+// listen reserves a free loopback port.
+func listen(t testing.TB) string {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	return addr
+}
+
+func start(t testing.TB, cfg Config) *Transport {
+	t.Helper()
+	tr, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := tr.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { tr.Close() })
+	return tr
+}
+
+func TestSession_CrossedDialsOverTCP(t *testing.T) {
+	// Many rounds of both sides dialing at the same moment: every round
+	// ends in one shared session.
+	for round := range 20 {
+		a, b := configs("x")
+		la, lb := listen(t), listen(t)
+		a.ListenAddr, a.PeerAddr = la, lb
+		b.ListenAddr, b.PeerAddr = lb, la
+		ta, err := New(a)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tb, _ := New(b)
+		ta.Start()
+		tb.Start()
+		sa, sb := sessions(t, ta, tb)
+		if sa.id != sb.id {
+			t.Fatalf("round %d: different sessions", round)
+		}
+		time.Sleep(50 * time.Millisecond)
+		if ta.Current() != sa || tb.Current() != sb {
+			t.Fatalf("round %d: the session was replaced", round)
+		}
+		ta.Close()
+		tb.Close()
+	}
+}
+
+func TestSession_ReconnectAfterBreak(t *testing.T) {
+	a, b := configs("k")
+	l, err := NewLink(a, b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	sa, _ := sessions(t, l.A, l.B)
+	l.Break()
+	select {
+	case <-sa.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("session survived a broken link")
+	}
+	if _, err := sa.Recv(Data); err == nil {
+		t.Fatal("Recv on a dead session succeeded")
+	}
+	l.Heal()
+	sa2, sb2 := sessions(t, l.A, l.B)
+	exchange(t, sa2, sb2)
+	if l.A.Stats().Reconnects != 1 {
+		t.Errorf("reconnects %d", l.A.Stats().Reconnects)
+	}
+}
+
+// stallConn stops delivering reads when stalled, as a silent partition
+// does: a read then returns only once the connection is closed.
+type stallConn struct {
+	net.Conn
+	stall  chan struct{}
+	closed chan struct{}
+	once   sync.Once
+}
+
+func (c *stallConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	select {
+	case <-c.stall:
+		<-c.closed // the bytes vanish
+		return 0, net.ErrClosed
+	default:
+	}
+	return n, err
+}
+
+func (c *stallConn) Close() error {
+	c.once.Do(func() { close(c.closed) })
+	return c.Conn.Close()
+}
+
+func TestSession_PingTimeout(t *testing.T) {
+	a, b := configs("")
+	a.PingTimeout, b.PingTimeout = 500*time.Millisecond, 500*time.Millisecond
+	stall := make(chan struct{})
+	l, err := NewLink(a, b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	l.Wrap(func(c net.Conn) net.Conn { return &stallConn{Conn: c, stall: stall, closed: make(chan struct{})} })
+	l.Break() // redial with the wrapper in place
+	l.Heal()
+	sa, sb := sessions(t, l.A, l.B)
+	for sa.Done() != nil && sa.Err() != nil { // the first session died in Break
+		sa, sb = sessions(t, l.A, l.B)
+	}
+	start := time.Now()
+	close(stall) // a stops hearing b
+	select {
+	case <-sa.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("the silent peer was never detected")
+	}
+	d := time.Since(start)
+	if !errors.Is(sa.Err(), ErrPingTimeout) {
+		t.Errorf("a ended with %v, want a ping timeout", sa.Err())
+	}
+	if limit := a.PingInterval + a.PingTimeout + 500*time.Millisecond; d > limit {
+		t.Errorf("detected after %v, want within %v", d, limit)
+	}
+	_ = sb
+}
+
+func TestTransport_CloseLeavesNothing(t *testing.T) {
+	before := runtime.NumGoroutine()
+	a, b := configs("z")
+	a.Compression, b.Compression = CompressS2, CompressS2
+	l, err := NewLink(a, b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sa, sb := sessions(t, l.A, l.B)
+	exchange(t, sa, sb)
+	done := make(chan struct{})
+	go func() { l.Close(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("Close did not return")
+	}
+	if _, err := l.A.Next(context.Background()); !errors.Is(err, ErrTransportClosed) {
+		t.Errorf("Next after Close: %v", err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for runtime.NumGoroutine() > before {
+		if time.Now().After(deadline) {
+			buf := make([]byte, 1<<20)
+			t.Fatalf("%d goroutines left (from %d):\n%s", runtime.NumGoroutine(), before, buf[:runtime.Stack(buf, true)])
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	var pe *PeerClosedError
+	if !errors.As(sb.Err(), &pe) && !errors.Is(sb.Err(), ErrClosed) {
+		t.Errorf("b ended with %v", sb.Err())
+	}
+}
