@@ -9,7 +9,8 @@ FUZZTIME ?= 10s
 FUZZMINIMIZE ?= 100x
 # package:target pairs; `go test -fuzz` takes one target of one package at a time.
 FUZZ_TARGETS := ./nbd:FuzzRequest ./nbd:FuzzNegotiation ./nbd:FuzzTransmission \
-	./bitmap:FuzzPage ./metadisk:FuzzSuperblock ./metadisk:FuzzALBlock ./replicator/config:FuzzParse
+	./bitmap:FuzzPage ./metadisk:FuzzSuperblock ./metadisk:FuzzALBlock ./replicator/config:FuzzParse \
+	./transport:FuzzFrame ./transport:FuzzHandshake
 
 .DEFAULT_GOAL := help
 .PHONY: help build deps test unit integration fuzz lint bench demo clean

@@ -30,6 +30,9 @@ import (
 var binary string
 
 func TestMain(m *testing.M) {
+	if cfg := os.Getenv(transportNodeEnv); cfg != "" {
+		os.Exit(transportNode(cfg)) // this process is a node of a transport test
+	}
 	dir, err := os.MkdirTemp("", "nbdmirror-it-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
@@ -109,7 +112,16 @@ var forbidden = regexp.MustCompile(`DATA RACE|panic:|fatal error:|goroutine \d+ 
 
 func start(t testing.TB, name string, args ...string) *proc {
 	t.Helper()
+	return startEnv(t, nil, name, args...)
+}
+
+// startEnv starts a process with extra environment variables.
+func startEnv(t testing.TB, env []string, name string, args ...string) *proc {
+	t.Helper()
 	p := &proc{t: t, name: filepath.Base(name), cmd: exec.Command(name, args...), out: &syncBuffer{}, done: make(chan struct{})}
+	if env != nil {
+		p.cmd.Env = append(os.Environ(), env...)
+	}
 	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
 	p.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := p.cmd.Start(); err != nil {

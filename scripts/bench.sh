@@ -13,12 +13,13 @@
 # the server.
 #
 # ROUNDS (default 3) and RUNTIME (seconds per fio job, default 10) tune it;
-# BENCH selects the parts (default "nbd meta"): nbd is the fio comparison,
-# meta the bitmap and metadata benchmarks.
+# BENCH selects the parts (default "nbd meta transport"): nbd is the fio
+# comparison, meta the bitmap and metadata benchmarks, transport the peer
+# link's throughput, compression and rate limiter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-parts=${BENCH:-nbd meta}
+parts=${BENCH:-nbd meta transport}
 rounds=${ROUNDS:-3}
 runtime=${RUNTIME:-10}
 out=${OUT:-$(mktemp -d /tmp/nbdmirror-bench.XXXXXX)}
@@ -119,6 +120,12 @@ run_meta() {
 	echo "bench: bitmap and metadata"
 	go test -run '^$' -bench . -benchmem -count 1 ./bitmap/ | tee "$out/bitmap.txt"
 	go test -run '^$' -bench ALTransactions -benchtime 20000x -count 1 ./metadisk/ | tee "$out/metadisk.txt"
+}
+
+run_transport() {
+	echo "bench: peer transport"
+	go test -run '^$' -bench 'Session|Compression' -benchtime 3s -count 1 ./transport/ | tee "$out/transport.txt"
+	go test -run '^$' -bench 'LimiterAccuracy' -benchtime 1x -count 1 ./transport/ | tee -a "$out/transport.txt"
 }
 
 for part in $parts; do

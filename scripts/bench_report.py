@@ -21,6 +21,8 @@ START = "<!-- bench:nbd:start -->"
 END = "<!-- bench:nbd:end -->"
 META_START = "<!-- bench:meta:start -->"
 META_END = "<!-- bench:meta:end -->"
+TR_START = "<!-- bench:transport:start -->"
+TR_END = "<!-- bench:transport:end -->"
 
 
 def load(outdir):
@@ -202,6 +204,46 @@ def meta_section(outdir):
     return "\n".join(lines)
 
 
+def transport_section(outdir):
+    tr = gobench(os.path.join(outdir, "transport.txt"))
+    if not tr:
+        return None
+    val = lambda name, unit: dict((u, x) for x, u in tr.get(name, [])).get(unit)  # noqa: E731
+    lines = [TR_START, "## Peer transport", ""] + machine()
+    lines += [
+        "",
+        "`go test -bench 'Session|Compression|LimiterAccuracy' ./transport/` (`make bench`): one session over TCP "
+        "on loopback, sender and receiver in one process on the same 2 CPUs.",
+        "",
+        "### Session throughput (data stream)",
+        "",
+        "| message | plain (xxhash64) | sealed (AES-256-GCM) | sealed ÷ plain |",
+        "|---|---:|---:|---:|",
+    ]
+    for size in ("4KiB", "1024KiB"):
+        p, s = val(f"BenchmarkSession/plain/{size}", "MB/s"), val(f"BenchmarkSession/sealed/{size}", "MB/s")
+        if p and s:
+            lines.append(f"| {size.replace('1024KiB', '1 MiB').replace('4KiB', '4 KiB')} | {float(p):,.0f} MB/s | "
+                         f"{float(s):,.0f} MB/s | {float(s) / float(p):.2f} |")
+    lines += ["", "Targets: sealed ≥ 0.7 × plain at 1 MiB, and ≥ 1 GB/s.", "",
+              "### Compression of 1 MiB frames", "",
+              "| method | payload | throughput | payload ÷ wire |", "|---|---|---:|---:|"]
+    for comp in ("s2", "zstd"):
+        for data in ("compressible", "incompressible"):
+            name = f"BenchmarkCompression/{comp}/{data}"
+            mbs, ratio = val(name, "MB/s"), val(name, "ratio")
+            if mbs:
+                what = "text log lines" if data == "compressible" else "random bytes (sent uncompressed)"
+                lines.append(f"| {comp} | {what} | {float(mbs):,.0f} MB/s | {float(ratio):,.2f} |")
+    got, err = val("BenchmarkLimiterAccuracy", "MiB/s"), val("BenchmarkLimiterAccuracy", "error%")
+    if got:
+        lines += ["", "### Resync rate limiter", "",
+                  f"64 KiB chunks through a session for 10 s with the limiter at 1 MiB/s: "
+                  f"**{float(got):.3f} MiB/s, {float(err):+.2f} %** (target ±5 %)."]
+    lines += ["", TR_END]
+    return "\n".join(lines)
+
+
 def replace(text, start, end, new):
     if start in text and end in text:
         return re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: new, text, flags=re.S)
@@ -216,6 +258,9 @@ def main():
     meta = meta_section(outdir)
     if meta:
         text = replace(text, META_START, META_END, meta)
+    tr = transport_section(outdir)
+    if tr:
+        text = replace(text, TR_START, TR_END, tr)
     with open(md, "w") as f:
         f.write(text)
 

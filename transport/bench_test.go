@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"fmt"
+	mrand "math/rand/v2"
 	"testing"
 	"time"
 )
@@ -57,8 +58,16 @@ func BenchmarkSession(b *testing.B) {
 // BenchmarkCompression measures per-frame compression of 1 MiB payloads:
 // throughput and the ratio of payload to wire bytes.
 func BenchmarkCompression(b *testing.B) {
-	line := []byte("2026-11-22 01:02:03 INFO request served path=/index.html status=200 bytes=5120\n")
-	text := bytes.Repeat(line, 1<<20/len(line)+1)[:1<<20]
+	// Log lines with varying fields: compressible the way real text is.
+	r := mrand.New(mrand.NewPCG(1, 2))
+	var buf bytes.Buffer
+	paths := []string{"/index.html", "/api/v1/orders", "/static/app.js", "/login", "/api/v1/users/search"}
+	for buf.Len() < 1<<20 {
+		fmt.Fprintf(&buf, "2026-11-22T01:%02d:%02d.%06dZ INFO request id=%016x path=%s status=%d bytes=%d ms=%d\n",
+			r.IntN(60), r.IntN(60), r.IntN(1e6), r.Uint64(), paths[r.IntN(len(paths))], []int{200, 200, 200, 304, 404}[r.IntN(5)],
+			r.IntN(100000), r.IntN(900))
+	}
+	text := buf.Bytes()[:1<<20]
 	random := make([]byte, 1<<20)
 	rand.Read(random)
 	c, _ := newCodecs()

@@ -247,40 +247,79 @@ func (t *Transport) serveConn(conn net.Conn) {
 	t.serveData(h, st, remote)
 }
 
-// pairControl hands a control stream to the data stream of its session.
-func (t *Transport) pairControl(h hello, st *stream) {
+// rendezvous returns the meeting point of a session's streams.
+func (t *Transport) rendezvous(id [sessionIDSize]byte) (*pendingSession, bool) {
 	t.mu.Lock()
-	p := t.pending[h.sessionID]
+	defer t.mu.Unlock()
+	if p := t.pending[id]; p != nil {
+		return p, true
+	}
+	if len(t.pending) >= maxPending {
+		return nil, false
+	}
+	p := &pendingSession{control: make(chan controlArrival, 1), taken: make(chan struct{})}
+	t.pending[id] = p
+	return p, true
+}
+
+// maxPending bounds the sessions half-way through their handshakes.
+const maxPending = 64
+
+func (t *Transport) forget(id [sessionIDSize]byte) {
+	t.mu.Lock()
+	delete(t.pending, id)
 	t.mu.Unlock()
-	if p == nil || p.inst != h.instance {
-		t.log.Info("control stream for an unknown session", "remote", st.conn.RemoteAddr())
+}
+
+// pairControl hands a control stream to the data stream of its session,
+// which may authenticate before or after it.
+func (t *Transport) pairControl(h hello, st *stream) {
+	p, ok := t.rendezvous(h.sessionID)
+	if !ok {
 		st.conn.Close()
 		return
 	}
 	select {
-	case p.control <- st:
+	case p.control <- controlArrival{st, h.instance}:
 	default:
 		st.conn.Close() // a second control stream for the session
+		return
+	}
+	timer := time.NewTimer(t.cfg.HandshakeTimeout)
+	defer timer.Stop()
+	select {
+	case <-p.taken:
+	case <-timer.C:
+		t.log.Info("peer opened a control stream but no data stream", "remote", st.conn.RemoteAddr())
+		t.forget(h.sessionID)
+		st.conn.Close()
+	case <-t.ctx.Done():
+		st.conn.Close()
 	}
 }
 
 // serveData waits for the session's control stream and the dialer's
 // confirmation, applies the crossed-dial rule, and installs the session.
 func (t *Transport) serveData(h hello, data *stream, remote string) {
-	p := &pendingSession{control: make(chan *stream, 1), inst: h.instance}
-	t.mu.Lock()
-	t.pending[h.sessionID] = p
-	t.mu.Unlock()
-	defer func() {
-		t.mu.Lock()
-		delete(t.pending, h.sessionID)
-		t.mu.Unlock()
-	}()
+	p, ok := t.rendezvous(h.sessionID)
+	if !ok {
+		data.conn.Close()
+		return
+	}
+	defer t.forget(h.sessionID)
 	var control *stream
 	timer := time.NewTimer(t.cfg.HandshakeTimeout)
 	defer timer.Stop()
 	select {
-	case control = <-p.control:
+	case c := <-p.control:
+		close(p.taken)
+		if c.inst != h.instance {
+			t.log.Info("data and control streams from different peer instances", "remote", remote)
+			data.conn.Close()
+			c.st.conn.Close()
+			return
+		}
+		control = c.st
 	case <-timer.C:
 		t.log.Info("peer opened a data stream but no control stream", "remote", remote)
 		data.conn.Close()

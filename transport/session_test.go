@@ -284,3 +284,25 @@ func TestTransport_CloseLeavesNothing(t *testing.T) {
 		t.Errorf("b ended with %v", sb.Err())
 	}
 }
+
+// TestSession_EstablishRepeatedly: the control stream may authenticate
+// before the data stream is registered on the listening side; hundreds of
+// fresh links must all come up (a regression test for that race).
+func TestSession_EstablishRepeatedly(t *testing.T) {
+	for i := range 200 {
+		a, b := configs("")
+		var la, lb logBuffer
+		a.Logger, b.Logger = la.logger(), lb.logger()
+		l, err := NewLink(a, b)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		_, err = l.A.Next(ctx)
+		cancel()
+		l.Close()
+		if err != nil {
+			t.Fatalf("link %d: %v\nalpha:\n%s\nbeta:\n%s", i, err, la.String(), lb.String())
+		}
+	}
+}

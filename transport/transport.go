@@ -117,9 +117,16 @@ type Transport struct {
 	dial func(ctx context.Context) (net.Conn, error)
 }
 
+// pendingSession is the meeting point of a session's two streams on the
+// listening side; whichever handshake finishes first creates it.
 type pendingSession struct {
-	control chan *stream // receives the control stream
-	inst    uint64
+	control chan controlArrival // the control stream, once authenticated
+	taken   chan struct{}       // closed when the data side took it
+}
+
+type controlArrival struct {
+	st   *stream
+	inst uint64
 }
 
 type blockState struct {
