@@ -292,19 +292,13 @@ func TestAuth_TamperedFrames(t *testing.T) {
 			}
 			defer l.Close()
 			tl := &tamperLink{}
-			l.Wrap(func(c net.Conn) net.Conn {
+			sa, sb := rewrap(t, l, func(c net.Conn) net.Conn {
 				tl.mu.Lock()
 				defer tl.mu.Unlock()
 				tc := &tamperConn{Conn: c, l: tl, index: len(tl.conns) % 2}
 				tl.conns = append(tl.conns, tc)
 				return tc
 			})
-			l.Break()
-			l.Heal()
-			var sa, sb *Session
-			for sa == nil || sa.Err() != nil {
-				sa, sb = sessions(t, l.A, l.B)
-			}
 			if err := sa.Send(Data, typeTest, []byte("genuine")); err != nil {
 				t.Fatal(err)
 			}

@@ -98,6 +98,10 @@ func (t *Transport) dialOnce(ctx context.Context) (err error) {
 		if err != nil {
 			return fmt.Errorf("connect to %s: %w", t.cfg.PeerAddr, err)
 		}
+		if !t.track(conn) {
+			return ErrTransportClosed
+		}
+		defer t.untrack(conn) // from here the session owns it, or it is closed
 		if i == 0 && t.setPhase(phaseHandshaking) {
 			conn.Close()
 			return errCrossed
@@ -201,10 +205,11 @@ func (t *Transport) acceptLoop(ln net.Listener) {
 func (t *Transport) serveConn(conn net.Conn) {
 	remote := conn.RemoteAddr().String()
 	host, _, _ := net.SplitHostPort(remote)
-	if t.isBlocked(host) {
+	if t.isBlocked(host) || !t.track(conn) {
 		conn.Close()
 		return
 	}
+	defer t.untrack(conn) // when this returns the session owns it, or it is closed
 	conn.SetDeadline(time.Now().Add(t.cfg.HandshakeTimeout))
 	var tlsErr error
 	if t.tls != nil {

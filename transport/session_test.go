@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"runtime"
 	"sync"
 	"testing"
@@ -110,9 +111,8 @@ func TestSession_OverTCP(t *testing.T) {
 	if ta.Current() != sa || tb.Current() != sb || ta.Stats().Sessions != 1 || tb.Stats().Sessions != 1 {
 		t.Fatalf("sessions: %d and %d", ta.Stats().Sessions, tb.Stats().Sessions)
 	}
-	// The session dialed by the smaller name (alpha) is the one kept.
-	if !sa.Dialed() {
-		t.Errorf("the session kept was dialed by beta")
+	if sa.Dialed() == sb.Dialed() {
+		t.Errorf("both sides think they dialed the session: %v", sa.Dialed())
 	}
 }
 
@@ -197,20 +197,47 @@ func TestSession_ReconnectAfterBreak(t *testing.T) {
 // does: a read then returns only once the connection is closed.
 type stallConn struct {
 	net.Conn
-	stall  chan struct{}
-	closed chan struct{}
-	once   sync.Once
+	stall    chan struct{}
+	closed   chan struct{}
+	once     sync.Once
+	mu       sync.Mutex
+	deadline time.Time
 }
 
 func (c *stallConn) Read(p []byte) (int, error) {
 	n, err := c.Conn.Read(p)
 	select {
 	case <-c.stall:
-		<-c.closed // the bytes vanish
-		return 0, net.ErrClosed
+		c.mu.Lock()
+		deadline := c.deadline
+		c.mu.Unlock()
+		var timeout <-chan time.Time
+		if !deadline.IsZero() {
+			timeout = time.After(time.Until(deadline))
+		}
+		select { // the bytes vanish; the read ends at the deadline or close
+		case <-c.closed:
+			return 0, net.ErrClosed
+		case <-timeout:
+			return 0, os.ErrDeadlineExceeded
+		}
 	default:
 	}
 	return n, err
+}
+
+func (c *stallConn) SetReadDeadline(d time.Time) error {
+	c.mu.Lock()
+	c.deadline = d
+	c.mu.Unlock()
+	return c.Conn.SetReadDeadline(d)
+}
+
+func (c *stallConn) SetDeadline(d time.Time) error {
+	c.mu.Lock()
+	c.deadline = d
+	c.mu.Unlock()
+	return c.Conn.SetDeadline(d)
 }
 
 func (c *stallConn) Close() error {
@@ -227,13 +254,7 @@ func TestSession_PingTimeout(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer l.Close()
-	l.Wrap(func(c net.Conn) net.Conn { return &stallConn{Conn: c, stall: stall, closed: make(chan struct{})} })
-	l.Break() // redial with the wrapper in place
-	l.Heal()
-	sa, sb := sessions(t, l.A, l.B)
-	for sa.Done() != nil && sa.Err() != nil { // the first session died in Break
-		sa, sb = sessions(t, l.A, l.B)
-	}
+	sa, sb := rewrap(t, l, func(c net.Conn) net.Conn { return &stallConn{Conn: c, stall: stall, closed: make(chan struct{})} })
 	start := time.Now()
 	close(stall) // a stops hearing b
 	select {
@@ -283,6 +304,19 @@ func TestTransport_CloseLeavesNothing(t *testing.T) {
 	if !errors.As(sb.Err(), &pe) && !errors.Is(sb.Err(), ErrClosed) {
 		t.Errorf("b ended with %v", sb.Err())
 	}
+}
+
+// rewrap ends the link's first session, wraps a's connections with f, and
+// returns the next session (made over wrapped connections).
+func rewrap(t *testing.T, l *Link, f func(net.Conn) net.Conn) (*Session, *Session) {
+	t.Helper()
+	sa0, sb0 := sessions(t, l.A, l.B)
+	l.Wrap(f)
+	l.Break()
+	<-sa0.Done()
+	<-sb0.Done()
+	l.Heal()
+	return sessions(t, l.A, l.B)
 }
 
 // TestSession_EstablishRepeatedly: the control stream may authenticate

@@ -101,16 +101,17 @@ type Transport struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
-	mu        sync.Mutex
-	ln        net.Listener
-	current   *Session
-	phase     int
-	abortDial bool
-	pending   map[[sessionIDSize]byte]*pendingSession
-	blocked   map[string]blockState
-	next      chan *Session
-	lastErr   error
-	lastErrAt time.Time
+	mu          sync.Mutex
+	ln          net.Listener
+	current     *Session
+	phase       int
+	abortDial   bool
+	pending     map[[sessionIDSize]byte]*pendingSession
+	handshaking map[net.Conn]struct{} // connections not yet in a session
+	blocked     map[string]blockState
+	next        chan *Session
+	lastErr     error
+	lastErrAt   time.Time
 
 	stats counters
 	// dial opens a connection to the peer; tests replace it.
@@ -176,7 +177,8 @@ func New(cfg Config) (*Transport, error) {
 	setDefault(&cfg.HandshakeTimeout, DefaultHandshakeTimeout)
 	t := &Transport{cfg: cfg, comp: cfg.Compression, types: map[Type]bool{},
 		pending: map[[sessionIDSize]byte]*pendingSession{}, blocked: map[string]blockState{},
-		next: make(chan *Session, 1)}
+		handshaking: map[net.Conn]struct{}{},
+		next:        make(chan *Session, 1)}
 	for _, typ := range cfg.Types {
 		if typ < FirstAppType {
 			return nil, fmt.Errorf("transport: type %d is reserved (application types start at %d)", typ, FirstAppType)
@@ -201,6 +203,26 @@ func New(cfg Config) (*Transport, error) {
 	t.ctx, t.cancel = context.WithCancel(context.Background())
 	t.dial = t.dialTCP
 	return t, nil
+}
+
+// track registers a connection still in its handshake, so Close can stop
+// it; it reports false (and closes it) if the transport is closed.
+func (t *Transport) track(c net.Conn) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.ctx.Err() != nil {
+		c.Close()
+		return false
+	}
+	t.handshaking[c] = struct{}{}
+	return true
+}
+
+// untrack forgets a connection that failed its handshake.
+func (t *Transport) untrack(c net.Conn) {
+	t.mu.Lock()
+	delete(t.handshaking, c)
+	t.mu.Unlock()
 }
 
 func setDefault(d *time.Duration, v time.Duration) {
@@ -254,10 +276,13 @@ func (t *Transport) Current() *Session {
 // Close stops listening and dialing, closes the session (telling the peer)
 // and waits for every goroutine of the transport.
 func (t *Transport) Close() error {
-	t.cancel()
 	t.mu.Lock()
+	t.cancel() // under mu: no session is installed after this
 	if t.ln != nil {
 		t.ln.Close()
+	}
+	for c := range t.handshaking {
+		c.Close() // a handshake in progress stops at once
 	}
 	cur := t.current
 	t.mu.Unlock()
@@ -318,6 +343,14 @@ func (t *Transport) ended(s *Session, err error) {
 // starts it.
 func (t *Transport) install(s *Session) {
 	t.mu.Lock()
+	if t.ctx.Err() != nil {
+		// Closed while this session was being set up: it never starts.
+		t.mu.Unlock()
+		for _, st := range s.streams {
+			st.conn.Close()
+		}
+		return
+	}
 	old := t.current
 	t.current = s
 	t.mu.Unlock()
