@@ -358,3 +358,45 @@ func TestServe_SignalsAndSocketReuse(t *testing.T) {
 		t.Fatalf("SIGINT: %v", err)
 	}
 }
+
+// TestServe_BlockDevice exports a block device (a loop device over a file):
+// its size comes from the device, and writes, discards and write-zeroes
+// reach it.
+func TestServe_BlockDevice(t *testing.T) {
+	needRoot(t)
+	need(t, "losetup", "qemu-io", "nbdinfo")
+	dir := t.TempDir()
+	backing := sparseFile(t, dir, "backing.img", 48*mib)
+	loop := strings.TrimSpace(run(t, time.Minute, "losetup", "-f", "--show", backing))
+	t.Cleanup(func() { exec.Command("losetup", "-d", loop).Run() })
+	_, uri := serve(t, loop, "blk")
+	var info struct {
+		Exports []map[string]any `json:"exports"`
+	}
+	if err := json.Unmarshal([]byte(run(t, time.Minute, "nbdinfo", "--json", uri)), &info); err != nil || len(info.Exports) != 1 {
+		t.Fatalf("nbdinfo: %v", err)
+	}
+	if size := info.Exports[0]["export-size"]; size != 48.0*mib {
+		t.Fatalf("export size %v, want the device's 48 MiB", size)
+	}
+	out := run(t, 2*time.Minute, "qemu-io", "-f", "raw", uri,
+		"-c", "write -P 0x5a 0 2M", "-c", "write -f -P 0x6b 2M 64k", "-c", "flush",
+		"-c", "write -z 1M 64k", "-c", "write -z -u 1536k 64k", "-c", "discard 4M 1M",
+		"-c", "read -P 0x5a 0 1M", "-c", "read -P 0 1M 64k", "-c", "read -P 0 1536k 64k", "-c", "read -P 0x6b 2M 64k")
+	if strings.Contains(out, "failed") {
+		t.Fatalf("qemu-io on a block device:\n%s", out)
+	}
+	// The writes are on the device (read back through the backing file).
+	run(t, time.Minute, "sync")
+	f, err := os.Open(backing)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	buf := make([]byte, 4096)
+	for off, want := range map[int64]byte{0: 0x5a, 1 << 20: 0, 2 << 20: 0x6b} {
+		if _, err := f.ReadAt(buf, off); err != nil || buf[0] != want || buf[4095] != want {
+			t.Errorf("backing file at %d holds %#x, want %#x (%v)", off, buf[0], want, err)
+		}
+	}
+}

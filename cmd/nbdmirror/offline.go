@@ -59,8 +59,10 @@ func resources(c *cli.Context, cfg *config.Config, allowMany bool) ([]*config.Re
 	return []*config.Resource{r}, nil
 }
 
-// metaErr maps an error of opening or using metadata to an exit code.
-func metaErr(res string, err error) error {
+// metaErr maps an error of opening or using metadata to an exit code and
+// a one-line message naming the resource, the device (when known) and the
+// remedy.
+func metaErr(res string, dev *replicator.MetaDevice, err error) error {
 	code := ExitFailed
 	switch {
 	case errors.Is(err, metadisk.ErrExists), errors.Is(err, replicator.ErrInUse):
@@ -76,6 +78,9 @@ func metaErr(res string, err error) error {
 		msg += fmt.Sprintf(": the metadata cannot be trusted; restore it, or re-create it with 'nbdmirror create-md --force %s' (full resync)", res)
 	case errors.Is(err, metadisk.ErrMismatch):
 		msg += fmt.Sprintf(": restore the disk's previous size, or re-create the metadata with 'nbdmirror create-md --force %s' (full resync)", res)
+	}
+	if dev != nil {
+		return fail(code, fmt.Errorf("%s: metadata %s on %s: %s", res, dev.Spec, dev.Path, msg))
 	}
 	return fail(code, fmt.Errorf("%s: %s", res, msg))
 }
@@ -132,12 +137,12 @@ func (m *Main) createMD(c *cli.Context) error {
 		}
 		dev, err := replicator.OpenMetaDevice(host, true)
 		if err != nil {
-			return metaErr(r.Name, err)
+			return metaErr(r.Name, nil, err)
 		}
 		err = metadisk.Create(dev.File, dev.Layout, node, r.Name, c.Bool("force"), metadisk.Options{NoFlush: !r.Disk.MDFlushes})
 		dev.Close()
 		if err != nil {
-			return metaErr(r.Name, err)
+			return metaErr(r.Name, dev, err)
 		}
 		fmt.Fprintf(m.Stdout, "%s: metadata created on %s (%s, %s, covering %s of data)\n", r.Name, dev.Path,
 			placement(dev.Layout), humanBytes(dev.Layout.Size), humanBytes(dev.Layout.DataSize))
@@ -153,12 +158,12 @@ func openMetaFor(r *config.Resource, node string, write bool) (*replicator.MetaD
 	}
 	dev, err := replicator.OpenMetaDevice(host, write)
 	if err != nil {
-		return nil, nil, nil, metaErr(r.Name, err)
+		return nil, nil, nil, metaErr(r.Name, nil, err)
 	}
 	meta, err := metadisk.Open(dev.File, dev.Layout, metadisk.Options{ALExtents: r.Disk.ALExtents, NoFlush: !r.Disk.MDFlushes})
 	if err != nil {
 		dev.Close()
-		return nil, nil, nil, metaErr(r.Name, err)
+		return nil, nil, nil, metaErr(r.Name, dev, err)
 	}
 	return dev, meta, host, nil
 }
@@ -182,7 +187,7 @@ func (m *Main) applyAL(c *cli.Context) error {
 		meta.Abandon()
 		dev.Close()
 		if err != nil {
-			return metaErr(r.Name, err)
+			return metaErr(r.Name, dev, err)
 		}
 		if rec.Clean {
 			fmt.Fprintf(m.Stdout, "%s: metadata is clean; nothing to apply\n", r.Name)

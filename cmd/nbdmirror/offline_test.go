@@ -58,7 +58,7 @@ func TestOfflineVerbs(t *testing.T) {
 		}
 	}
 	code, _, errOut = run("create-md", "r1")
-	if code != ExitRefused || !strings.Contains(errOut, "r1: metadisk: valid metadata already present") ||
+	if code != ExitRefused || !strings.Contains(errOut, "r1: metadata "+dir+"/m1 on "+dir+"/m1: metadisk: valid metadata already present") ||
 		!strings.Contains(errOut, "use --force") || strings.Count(errOut, "\n") != 1 {
 		t.Fatalf("create-md over metadata: %d %q", code, errOut)
 	}
@@ -118,7 +118,8 @@ func TestOfflineVerbs(t *testing.T) {
 	f.WriteAt([]byte("garbage"), 2*metadisk.IndexSlotSize+4096+100)
 	f.Close()
 	code, _, errOut = run("dump-md", "r2")
-	if code != ExitFailed || !strings.Contains(errOut, "both superblock slots are unreadable") ||
+	if code != ExitFailed || !strings.Contains(errOut, "r2: metadata "+dir+"/m2[2] on "+dir+"/m2:") ||
+		!strings.Contains(errOut, "both superblock slots are unreadable") ||
 		!strings.Contains(errOut, "'nbdmirror create-md --force r2'") {
 		t.Errorf("dump-md of corrupt metadata: %d %q", code, errOut)
 	}
@@ -142,7 +143,7 @@ func TestOfflineVerbs_Errors(t *testing.T) {
 		{[]string{"--config", conf, "--node", "alpha", "create-md", "r7"}, ExitConfigInvalid, `no resource "r7"`},
 		{[]string{"--config", conf, "--node", "alpha", "create-md"}, ExitUsage, "expected one resource name or all"},
 		{[]string{"--config", conf, "--node", "alpha", "dump-md", "all"}, ExitUsage, "name one resource, not all"},
-		{[]string{"--config", conf, "--node", "alpha", "dump-md", "r0"}, ExitFailed, "r0: no nbdmirror metadata found: create it with 'nbdmirror create-md r0'"},
+		{[]string{"--config", conf, "--node", "alpha", "dump-md", "r0"}, ExitFailed, "r0: metadata internal on " + dir + "/d0: no nbdmirror metadata found: create it with 'nbdmirror create-md r0'"},
 	}
 	for _, tc := range tests {
 		code, _, errOut := runMain(t, tc.args...)
