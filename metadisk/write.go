@@ -100,6 +100,28 @@ func (m *Meta) ApplyAL() (uint64, error) {
 	for _, e := range m.rec.ALActive {
 		newly += m.bm.Set(e.Blocks())
 	}
+	var set Flags
+	if m.sb.Flags&FlagPrimary != 0 {
+		set = FlagCrashedPrimary
+	}
+	err := m.writeClean(set)
+	defer m.mu.Unlock()
+	if err != nil {
+		m.fail(err)
+		return 0, m.err
+	}
+	m.rec.Applied, m.rec.AppliedBlocks, m.rec.Clean = true, newly, true
+	m.log.Info("activity log applied", "extents", len(m.rec.ALActive), "blocks_marked", newly,
+		"crashed_primary", m.sb.Flags&FlagCrashedPrimary != 0)
+	return newly, nil
+}
+
+// writeClean makes the on-disk state clean: every changed bitmap page, then
+// an empty activity-log transaction, then a superblock that names it as
+// the floor and carries the clean flag (and set), each step flushed.
+// Called with m.io and m.mu held; m.mu is released during the I/O and
+// held again on return.
+func (m *Meta) writeClean(set Flags) error {
 	pages := m.snapshotPages(m.bm.DirtyPages())
 	seq := m.al.NextSeq()
 	slot := m.txSlot(0)
@@ -112,25 +134,17 @@ func (m *Meta) ApplyAL() (uint64, error) {
 	w.write(offALRing+int64(slot)*BlockSize, appendTx(nil, seq, slot, nil))
 	w.sync()
 	sb.ALFloor = seq
-	if sb.Flags&FlagPrimary != 0 {
-		sb.Flags |= FlagCrashedPrimary
-	}
-	sb.Flags |= FlagClean
+	sb.Flags |= FlagClean | set
 	m.putSuper(w, &sb)
 
 	m.mu.Lock()
-	defer m.mu.Unlock()
 	m.stats.BitmapWrites += uint64(len(pages))
 	m.stats.ALTransactions++
 	if w.err != nil {
-		m.fail(w.err)
-		return 0, m.err
+		return w.err
 	}
 	m.sb, m.slot = sb, 1-m.slot
-	m.rec.Applied, m.rec.AppliedBlocks, m.rec.Clean = true, newly, true
-	m.log.Info("activity log applied", "extents", len(m.rec.ALActive), "blocks_marked", newly,
-		"crashed_primary", sb.Flags&FlagCrashedPrimary != 0)
-	return newly, nil
+	return nil
 }
 
 // putSuper writes sb (with the next sequence number) to the slot not in
@@ -376,30 +390,14 @@ func (m *Meta) Close() error {
 		m.mu.Unlock()
 		return nil
 	}
-	pages := m.snapshotPages(m.bm.DirtyPages())
-	seq := m.al.NextSeq()
-	slot := m.txSlot(0)
-	sb := m.sb
-	m.mu.Unlock()
-
-	w := m.newWriter()
-	m.writePages(w, pages)
-	w.sync()
-	w.write(offALRing+int64(slot)*BlockSize, appendTx(nil, seq, slot, nil))
-	w.sync()
-	sb.ALFloor = seq
-	sb.Flags |= FlagClean
-	m.putSuper(w, &sb)
-
-	m.mu.Lock()
+	err := m.writeClean(0)
 	defer m.mu.Unlock()
 	m.closed = true
 	m.cond.Broadcast()
-	if w.err != nil {
-		m.err = w.err
-		return fmt.Errorf("close metadata: %w", w.err)
+	if err != nil {
+		m.err = err
+		return fmt.Errorf("close metadata: %w", err)
 	}
-	m.sb, m.slot = sb, 1-m.slot
 	m.al.Reset()
 	return nil
 }

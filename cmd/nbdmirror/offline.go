@@ -121,82 +121,90 @@ func (m *Main) offlineCommands() []*cli.Command {
 	}
 }
 
-func (m *Main) createMD(c *cli.Context) error {
+// eachResource runs f for the resources named by the verb's argument
+// (RES, or all when allowMany), with this node's name.
+func (m *Main) eachResource(c *cli.Context, allowMany bool, f func(r *config.Resource, node string) error) error {
 	cfg, node, err := m.loadConfig(c)
 	if err != nil {
 		return err
 	}
-	rs, err := resources(c, cfg, true)
+	rs, err := resources(c, cfg, allowMany)
 	if err != nil {
 		return err
 	}
 	for _, r := range rs {
-		host, err := r.Host(node)
-		if err != nil {
-			return fail(ExitConfigInvalid, err)
+		if err := f(r, node); err != nil {
+			return err
 		}
-		dev, err := replicator.OpenMetaDevice(host, true)
-		if err != nil {
-			return metaErr(r.Name, nil, err)
-		}
-		err = metadisk.Create(dev.File, dev.Layout, node, r.Name, c.Bool("force"), metadisk.Options{NoFlush: !r.Disk.MDFlushes})
+	}
+	return nil
+}
+
+// openDevice opens (and locks) a resource's metadata device on this node.
+func openDevice(r *config.Resource, node string, write bool) (*replicator.MetaDevice, error) {
+	host, err := r.Host(node)
+	if err != nil {
+		return nil, fail(ExitConfigInvalid, err)
+	}
+	dev, err := replicator.OpenMetaDevice(host, write)
+	if err != nil {
+		return nil, metaErr(r.Name, nil, err)
+	}
+	return dev, nil
+}
+
+// openMeta opens a resource's metadata on this node.
+func openMeta(r *config.Resource, node string, write bool) (*replicator.MetaDevice, *metadisk.Meta, error) {
+	dev, err := openDevice(r, node, write)
+	if err != nil {
+		return nil, nil, err
+	}
+	meta, err := metadisk.Open(dev.File, dev.Layout, metadisk.Options{ALExtents: r.Disk.ALExtents, NoFlush: !r.Disk.MDFlushes})
+	if err != nil {
 		dev.Close()
+		return nil, nil, metaErr(r.Name, dev, err)
+	}
+	return dev, meta, nil
+}
+
+func (m *Main) createMD(c *cli.Context) error {
+	return m.eachResource(c, true, func(r *config.Resource, node string) error {
+		dev, err := openDevice(r, node, true)
+		if err != nil {
+			return err
+		}
+		defer dev.Close()
+		err = metadisk.Create(dev.File, dev.Layout, node, r.Name, c.Bool("force"), metadisk.Options{NoFlush: !r.Disk.MDFlushes})
 		if err != nil {
 			return metaErr(r.Name, dev, err)
 		}
 		fmt.Fprintf(m.Stdout, "%s: metadata created on %s (%s, %s, covering %s of data)\n", r.Name, dev.Path,
 			placement(dev.Layout), humanBytes(dev.Layout.Size), humanBytes(dev.Layout.DataSize))
-	}
-	return nil
-}
-
-// openMetaFor opens the metadata of a resource on this node.
-func openMetaFor(r *config.Resource, node string, write bool) (*replicator.MetaDevice, *metadisk.Meta, *config.Host, error) {
-	host, err := r.Host(node)
-	if err != nil {
-		return nil, nil, nil, fail(ExitConfigInvalid, err)
-	}
-	dev, err := replicator.OpenMetaDevice(host, write)
-	if err != nil {
-		return nil, nil, nil, metaErr(r.Name, nil, err)
-	}
-	meta, err := metadisk.Open(dev.File, dev.Layout, metadisk.Options{ALExtents: r.Disk.ALExtents, NoFlush: !r.Disk.MDFlushes})
-	if err != nil {
-		dev.Close()
-		return nil, nil, nil, metaErr(r.Name, dev, err)
-	}
-	return dev, meta, host, nil
+		return nil
+	})
 }
 
 func (m *Main) applyAL(c *cli.Context) error {
-	cfg, node, err := m.loadConfig(c)
-	if err != nil {
-		return err
-	}
-	rs, err := resources(c, cfg, true)
-	if err != nil {
-		return err
-	}
-	for _, r := range rs {
-		dev, meta, _, err := openMetaFor(r, node, true)
+	return m.eachResource(c, true, func(r *config.Resource, node string) error {
+		dev, meta, err := openMeta(r, node, true)
 		if err != nil {
 			return err
 		}
+		defer dev.Close()
+		defer meta.Abandon()
 		rec := meta.Recovery()
 		n, err := meta.ApplyAL()
-		meta.Abandon()
-		dev.Close()
 		if err != nil {
 			return metaErr(r.Name, dev, err)
 		}
 		if rec.Clean {
 			fmt.Fprintf(m.Stdout, "%s: metadata is clean; nothing to apply\n", r.Name)
-			continue
+			return nil
 		}
 		fmt.Fprintf(m.Stdout, "%s: activity log applied: %d extents, %d blocks newly marked out of sync (%d in all)\n",
 			r.Name, len(rec.ALActive), n, meta.OutOfSync())
-	}
-	return nil
+		return nil
+	})
 }
 
 // mdDump is dump-md's JSON (schema version 1) and the source of its text.
@@ -244,21 +252,26 @@ type mdUUIDs struct {
 func uuidHex(u uint64) string { return fmt.Sprintf("%016X", u) }
 
 func (m *Main) dumpMD(c *cli.Context) error {
-	cfg, node, err := m.loadConfig(c)
-	if err != nil {
-		return err
-	}
-	rs, err := resources(c, cfg, false)
-	if err != nil {
-		return err
-	}
-	r := rs[0]
-	dev, meta, _, err := openMetaFor(r, node, false)
-	if err != nil {
-		return err
-	}
-	defer dev.Close()
-	defer meta.Abandon()
+	return m.eachResource(c, false, func(r *config.Resource, node string) error {
+		dev, meta, err := openMeta(r, node, false)
+		if err != nil {
+			return err
+		}
+		defer dev.Close()
+		defer meta.Abandon()
+		d := describeMeta(r, node, dev, meta)
+		if c.Bool("json") {
+			enc := json.NewEncoder(m.Stdout)
+			enc.SetIndent("", "  ")
+			return enc.Encode(d)
+		}
+		writeMDText(m.Stdout, d, dev.Layout)
+		return nil
+	})
+}
+
+// describeMeta gathers what dump-md prints.
+func describeMeta(r *config.Resource, node string, dev *replicator.MetaDevice, meta *metadisk.Meta) *mdDump {
 	sb, rec, l := meta.Superblock(), meta.Recovery(), meta.Layout()
 	var d mdDump
 	d.Version, d.Resource, d.Node = 1, r.Name, node
@@ -284,13 +297,7 @@ func (m *Main) dumpMD(c *cli.Context) error {
 	if d.Bitmap.UnreadablePages == nil {
 		d.Bitmap.UnreadablePages = []int{}
 	}
-	if c.Bool("json") {
-		enc := json.NewEncoder(m.Stdout)
-		enc.SetIndent("", "  ")
-		return enc.Encode(d)
-	}
-	writeMDText(m.Stdout, &d, l)
-	return nil
+	return &d
 }
 
 func writeMDText(w io.Writer, d *mdDump, l metadisk.Layout) {
