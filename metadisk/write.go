@@ -22,6 +22,20 @@ func (m *Meta) usable() error {
 	return m.err
 }
 
+// lockIO takes the I/O lock, then m.mu, and checks that the metadata is
+// still usable. On success the caller holds both and releases each; on
+// failure it holds neither.
+func (m *Meta) lockIO() error {
+	m.io.Lock()
+	m.mu.Lock()
+	if err := m.usable(); err != nil {
+		m.mu.Unlock()
+		m.io.Unlock()
+		return err
+	}
+	return nil
+}
+
 // fail makes an I/O error sticky and wakes every waiter. m.mu held.
 func (m *Meta) fail(err error) {
 	if m.err == nil {
@@ -85,13 +99,10 @@ func (m *Meta) newWriter() *writer {
 // crashed-primary set if the node was Primary). Clean metadata is left
 // alone. It returns the number of bits newly set.
 func (m *Meta) ApplyAL() (uint64, error) {
-	m.io.Lock()
-	defer m.io.Unlock()
-	m.mu.Lock()
-	if err := m.usable(); err != nil {
-		m.mu.Unlock()
+	if err := m.lockIO(); err != nil {
 		return 0, err
 	}
+	defer m.io.Unlock()
 	if m.rec.Applied || m.rec.Clean {
 		m.mu.Unlock()
 		return 0, nil
@@ -166,13 +177,10 @@ func (m *Meta) putSuper(w *writer, sb *Superblock) {
 // UpdateSuperblock changes the superblock (UUIDs, flags) with f and writes
 // it durably. Kind, sizes, names and sequence cannot be changed this way.
 func (m *Meta) UpdateSuperblock(f func(*Superblock)) error {
-	m.io.Lock()
-	defer m.io.Unlock()
-	m.mu.Lock()
-	if err := m.usable(); err != nil {
-		m.mu.Unlock()
+	if err := m.lockIO(); err != nil {
 		return err
 	}
+	defer m.io.Unlock()
 	old := m.sb
 	m.mu.Unlock()
 	sb := old
@@ -339,13 +347,10 @@ func (m *Meta) ActiveExtents() []bitmap.Extent {
 
 // FlushBitmap writes every changed bitmap page and flushes.
 func (m *Meta) FlushBitmap() error {
-	m.io.Lock()
-	defer m.io.Unlock()
-	m.mu.Lock()
-	if err := m.usable(); err != nil {
-		m.mu.Unlock()
+	if err := m.lockIO(); err != nil {
 		return err
 	}
+	defer m.io.Unlock()
 	pages := m.snapshotPages(m.bm.DirtyPages())
 	m.mu.Unlock()
 	if len(pages) == 0 {

@@ -235,16 +235,7 @@ func (s *Server) Conns() []Conn {
 // Requests not yet read when Shutdown is called are not answered. If ctx
 // ends first, Shutdown closes everything as Close does and returns ctx.Err().
 func (s *Server) Shutdown(ctx context.Context) error {
-	s.init()
-	s.closing.Store(true)
-	s.mu.Lock()
-	for l := range s.listeners {
-		l.Close()
-	}
-	for c := range s.conns {
-		c.stop()
-	}
-	s.mu.Unlock()
+	s.stopAll((*conn).stop)
 	done := make(chan struct{})
 	go func() {
 		s.wg.Wait()
@@ -265,18 +256,24 @@ func (s *Server) Shutdown(ctx context.Context) error {
 // dropped, and nothing is flushed. Close waits for the server's goroutines,
 // so it returns only after every backend call it started has returned.
 func (s *Server) Close() error {
+	s.stopAll((*conn).kill)
+	s.wg.Wait()
+	return nil
+}
+
+// stopAll refuses new connections, closes every listener and applies end
+// to every connection.
+func (s *Server) stopAll(end func(*conn)) {
 	s.init()
 	s.closing.Store(true)
 	s.mu.Lock()
+	defer s.mu.Unlock()
 	for l := range s.listeners {
 		l.Close()
 	}
 	for c := range s.conns {
-		c.kill()
+		end(c)
 	}
-	s.mu.Unlock()
-	s.wg.Wait()
-	return nil
 }
 
 func remoteAddr(nc net.Conn) string {
