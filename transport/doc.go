@@ -54,9 +54,9 @@
 // authenticated nor encrypted.
 //
 // The control stream's HELLO carries the data stream's session id; the
-// server pairs them, whichever authenticates first. The dialer then sends CONFIRM on the data stream; the
-// server answers CONFIRM (the session is up on both sides) or CLOSE (it
-// keeps a crossed session of its own).
+// server pairs them, whichever authenticates first. The dialer then sends
+// CONFIRM on the data stream; the server answers CONFIRM (the session is up
+// on both sides) or CLOSE (it keeps a crossed session of its own).
 //
 // HELLO payload (big-endian):
 //
