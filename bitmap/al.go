@@ -156,7 +156,8 @@ func (a *ActivityLog) pushIdle(ent *alEntry) {
 // Acquire takes one reference on every extent in [first, last] for a write,
 // all or nothing. Ready means the write may proceed; Wait means it must wait
 // until Ready(first, last) holds (after a transaction); Full means nothing
-// was taken because the log has no room until some extent is released.
+// was taken because the log has no room until some extent is released (a
+// span of more than Capacity extents is always Full: callers split it).
 func (a *ActivityLog) Acquire(first, last Extent) Status {
 	if last < first {
 		return Ready
@@ -174,7 +175,10 @@ func (a *ActivityLog) Acquire(first, last Extent) Status {
 			break
 		}
 	}
-	if fresh > 0 && len(a.entries)+fresh-(a.nIdle-reused) > a.capacity {
+	// Extents with references (in the log, pending or committing) must
+	// never outnumber the capacity, or a pending extent could wait for
+	// room that only its own waiters could free.
+	if len(a.entries)+fresh-(a.nIdle-reused) > a.capacity {
 		return Full
 	}
 	st := Ready

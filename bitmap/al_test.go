@@ -123,7 +123,32 @@ func TestActivityLog_Pages(t *testing.T) {
 // TestActivityLog_Random drives random writers against a model and checks
 // the invariants after every step: the log never exceeds its capacity, an
 // extent with references is never evicted, a writer told Ready is covered by
-// the last committed active set, and transactions are numbered in order.
+// the last committed active set, transactions are numbered in order, and
+// writers that all wait can always be served by a transaction.
+// A writer that pins idle extents while another writer's extent is
+// pending must not push the referenced extents over the capacity: the
+// pending extent would wait for room only its own waiters could free.
+func TestActivityLog_NoOvercommitByIdleExtents(t *testing.T) {
+	a := NewActivityLog(2, 0)
+	a.Acquire(4, 5)
+	a.Committed(a.Prepare())
+	a.Release(4, 5) // 4 and 5 are active and idle
+	if st := a.Acquire(2, 3); st != Wait {
+		t.Fatalf("first writer: %v, want Wait", st)
+	}
+	if st := a.Acquire(3, 4); st != Full {
+		t.Fatalf("second writer pinning idle extent 4: %v, want Full", st)
+	}
+	tx := a.Prepare()
+	if tx == nil || !slices.Equal(tx.Add, []Extent{2, 3}) {
+		t.Fatalf("transaction %+v, want 2 and 3 added", tx)
+	}
+	a.Committed(tx)
+	if !a.Ready(2, 3) {
+		t.Fatal("first writer not ready after its transaction")
+	}
+}
+
 func TestActivityLog_Random(t *testing.T) {
 	r := rand.New(rand.NewPCG(7, 7))
 	const capacity = 16
@@ -155,6 +180,11 @@ func TestActivityLog_Random(t *testing.T) {
 		default:
 			tx := a.Prepare()
 			if tx == nil {
+				// Progress: when every writer waits, a transaction
+				// must be possible (nothing else could free room).
+				if len(held) > 0 && !slices.ContainsFunc(held, func(w write) bool { return a.Ready(w.first, w.last) }) {
+					t.Fatalf("step %d: every writer waits and no transaction can be prepared (%d writers)", step, len(held))
+				}
 				continue
 			}
 			if tx.Seq != lastSeq+1 {

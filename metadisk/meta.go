@@ -36,6 +36,12 @@ var (
 	ErrFailed = errors.New("metadisk: metadata I/O failed")
 	// ErrClosed: the metadata was closed.
 	ErrClosed = errors.New("metadisk: metadata closed")
+	// ErrNotActive: BeginWrite before Activate (after a crash the activity
+	// log must be applied before anything replaces it).
+	ErrNotActive = errors.New("metadisk: metadata not activated for writing")
+	// ErrWriteRange: a write outside the data area, or one that spans
+	// more extents than the activity log holds (split it).
+	ErrWriteRange = errors.New("metadisk: write outside what the activity log can cover")
 )
 
 // Options tune Open and Create.
@@ -97,6 +103,7 @@ type Meta struct {
 	waiting    int // writers waiting in BeginWrite
 	err        error
 	closed     bool
+	active     bool // Activate succeeded: writes may begin
 	rec        Recovery
 	stats      Stats
 }
@@ -210,6 +217,9 @@ func Open(dev Device, layout Layout, o Options) (*Meta, error) {
 	capacity := o.ALExtents
 	if capacity == 0 {
 		capacity = bitmap.DefaultALExtents
+	}
+	if capacity < bitmap.MinALExtents || capacity > bitmap.MaxALExtents {
+		return nil, fmt.Errorf("metadisk: al-extents %d is outside %d-%d", capacity, bitmap.MinALExtents, bitmap.MaxALExtents)
 	}
 	m.al = bitmap.NewActivityLog(capacity, m.maxSeq)
 	return m, nil

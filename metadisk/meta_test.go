@@ -276,7 +276,16 @@ func TestMeta_CreateRefusesExisting(t *testing.T) {
 		t.Fatalf("after forced create: %v", err)
 	}
 	// A forced create that crashes half way leaves no valid-looking old
-	// superblock over a half-written bitmap.
+	// superblock over a half-written bitmap: give the old metadata bits,
+	// then crash a second forced create at every step.
+	if err := m.Activate(); err != nil {
+		t.Fatal(err)
+	}
+	m.MarkOutOfSync(0, mib)
+	old := m.Superblock()
+	if err := m.Close(); err != nil {
+		t.Fatal(err)
+	}
 	dev.Sync()
 	for crashAt := 1; crashAt < 8; crashAt++ {
 		d := dev.clone()
@@ -292,8 +301,8 @@ func TestMeta_CreateRefusesExisting(t *testing.T) {
 			continue
 		}
 		m, err := Open(img, l, Options{})
-		if err == nil && m.Superblock().UUIDs.Current != UUIDJustCreated {
-			t.Fatalf("crash at op %d: old metadata still valid", crashAt)
+		if err == nil && m.Superblock().DevUUID == old.DevUUID && m.OutOfSync() != mib/BlockSize {
+			t.Fatalf("crash at op %d: old superblock still valid over a new bitmap (%d bits set)", crashAt, m.OutOfSync())
 		}
 	}
 }

@@ -1,7 +1,6 @@
 package metadisk
 
 import (
-	"errors"
 	"fmt"
 
 	"github.com/nbdmirror/nbdmirror/bitmap"
@@ -207,27 +206,44 @@ func (m *Meta) Activate() error {
 	if _, err := m.ApplyAL(); err != nil {
 		return err
 	}
-	return m.UpdateSuperblock(func(sb *Superblock) { sb.Flags &^= FlagClean })
+	if err := m.UpdateSuperblock(func(sb *Superblock) { sb.Flags &^= FlagClean }); err != nil {
+		return err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if err := m.usable(); err != nil {
+		return err
+	}
+	m.active = true
+	return nil
 }
 
 // BeginWrite makes sure every extent touched by length bytes at off is in
 // the durable activity log and holds it there until EndWrite: a write may
 // go to the data disk only after BeginWrite returns. Writers that need new
 // extents at the same time share one transaction (group commit). When the
-// log is full of extents with writes in flight, BeginWrite waits.
+// log is full of extents with writes in flight, BeginWrite waits. A write
+// must lie inside the data area and span at most ALCapacity extents;
+// callers split larger ones (ErrWriteRange).
 func (m *Meta) BeginWrite(off, length int64) (Span, error) {
 	if length <= 0 {
 		return Span{}, nil
 	}
+	if off < 0 || off > m.layout.DataSize-length {
+		return Span{}, fmt.Errorf("%w: %d bytes at %d, the data area is %d bytes", ErrWriteRange, length, off, m.layout.DataSize)
+	}
 	first, last := bitmap.ExtentsOf(off, length)
+	if n := int(last-first) + 1; n > m.al.Capacity() {
+		return Span{}, fmt.Errorf("%w: %d bytes at %d span %d extents, al-extents is %d", ErrWriteRange, length, off, n, m.al.Capacity())
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	for {
 		if err := m.usable(); err != nil {
 			return Span{}, err
 		}
-		if m.sb.Flags&FlagClean != 0 {
-			return Span{}, errors.New("metadisk: metadata not activated for writing")
+		if !m.active || m.sb.Flags&FlagClean != 0 {
+			return Span{}, ErrNotActive
 		}
 		if m.al.Acquire(first, last) != bitmap.Full {
 			break
@@ -247,8 +263,15 @@ func (m *Meta) BeginWrite(off, length int64) (Span, error) {
 		}
 		m.wait()
 	}
+	if err := m.usable(); err != nil {
+		m.al.Release(first, last)
+		return Span{}, err
+	}
 	return Span{first, last, true}, nil
 }
+
+// ALCapacity returns al-extents: the most extents one write may span.
+func (m *Meta) ALCapacity() int { return m.al.Capacity() }
 
 func (m *Meta) wait() {
 	m.waiting++
@@ -264,6 +287,14 @@ func (m *Meta) commit(tx *bitmap.Transaction) {
 	m.mu.Unlock()
 	m.io.Lock()
 	m.mu.Lock()
+	if m.usable() != nil {
+		// Failed or closed while this writer waited for the I/O lock:
+		// nothing more may reach the disk. Waiters see the error.
+		m.io.Unlock()
+		m.committing = false
+		m.cond.Broadcast()
+		return
+	}
 	pages := m.snapshotPages(tx.EvictPages())
 	slot := m.txSlot(len(tx.Active))
 	m.mu.Unlock()
@@ -377,29 +408,26 @@ func (m *Meta) Close() error {
 	m.io.Lock()
 	defer m.io.Unlock()
 	m.mu.Lock()
+	defer m.mu.Unlock()
 	if m.closed {
-		m.mu.Unlock()
 		return ErrClosed
 	}
-	if err := m.usable(); err != nil {
+	if m.err != nil {
 		m.closed = true
-		m.mu.Unlock()
-		return err
+		m.cond.Broadcast()
+		return m.err
 	}
 	if n := m.al.InUse(); n > 0 || m.committing {
-		m.mu.Unlock()
 		return fmt.Errorf("metadisk: close with writes in flight on %d extents", n)
 	}
+	// From here no write may begin: BeginWrite, and a commit waiting for
+	// m.io, see ErrClosed while the clean state is written.
+	m.closed, m.active = true, false
+	m.cond.Broadcast()
 	if m.sb.Flags&FlagClean != 0 {
-		m.closed = true
-		m.mu.Unlock()
 		return nil
 	}
-	err := m.writeClean(0)
-	defer m.mu.Unlock()
-	m.closed = true
-	m.cond.Broadcast()
-	if err != nil {
+	if err := m.writeClean(0); err != nil {
 		m.err = err
 		return fmt.Errorf("close metadata: %w", err)
 	}
