@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"sync"
 	"sync/atomic"
 	"syscall"
 
@@ -43,6 +44,12 @@ type Device struct {
 	readOnly bool
 	noPunch  atomic.Bool // FALLOC_FL_PUNCH_HOLE is not supported
 	noZero   atomic.Bool // FALLOC_FL_ZERO_RANGE is not supported
+	// sector is the unit fallocate needs on a block device (its logical
+	// block size; 1 for a file): unaligned edges are written instead.
+	sector int64
+	// zeroes returns a read-only buffer of zeroChunk zero bytes, shared by
+	// every write of zeroes.
+	zeroes func() []byte
 }
 
 // Open opens path, which must be a regular file or a block device.
@@ -55,7 +62,8 @@ func Open(path string, readOnly bool) (*Device, error) {
 	if err != nil {
 		return nil, err // an *fs.PathError naming the operation and the path
 	}
-	d := &Device{f: f, path: path, readOnly: readOnly}
+	d := &Device{f: f, path: path, readOnly: readOnly, sector: 1,
+		zeroes: sync.OnceValue(func() []byte { return make([]byte, zeroChunk) })}
 	if err := d.stat(); err != nil {
 		f.Close()
 		return nil, err
@@ -78,6 +86,11 @@ func (d *Device) stat() error {
 			return fmt.Errorf("size of block device %s: %w", d.path, err)
 		}
 		d.size.Store(end)
+		ss, err := unix.IoctlGetInt(int(d.f.Fd()), unix.BLKSSZGET)
+		if err != nil {
+			return fmt.Errorf("logical block size of %s: %w", d.path, err)
+		}
+		d.sector = max(int64(ss), 1)
 	default:
 		return fmt.Errorf("disk %s is neither a regular file nor a block device", d.path)
 	}
@@ -146,15 +159,17 @@ func (d *Device) Flush() error {
 }
 
 // Trim discards the range (punches a hole); where the file system or device
-// cannot, it does nothing, as TRIM is advisory.
+// cannot, it does nothing, as TRIM is advisory. On a block device only the
+// whole logical blocks inside the range are discarded.
 func (d *Device) Trim(off, length int64, fua bool) error {
 	if err := d.check(off, length, true); err != nil {
 		return err
 	}
-	if length == 0 || d.noPunch.Load() {
+	a, b := d.aligned(off, length)
+	if a >= b || d.noPunch.Load() {
 		return d.maybeFlush(fua)
 	}
-	err := d.fallocate(unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
+	err := d.fallocate(unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, a, b-a)
 	if unsupported(err) {
 		d.noPunch.Store(true)
 		err = nil
@@ -166,7 +181,8 @@ func (d *Device) Trim(off, length int64, fua bool) error {
 }
 
 // WriteZeroes makes the range read as zeroes: by punching a hole unless
-// noHole is set, else by FALLOC_FL_ZERO_RANGE, else by writing zeroes.
+// noHole is set, else by FALLOC_FL_ZERO_RANGE, else by writing zeroes. On a
+// block device the partial logical blocks at the edges are written.
 func (d *Device) WriteZeroes(off, length int64, noHole, fua bool) error {
 	if err := d.check(off, length, true); err != nil {
 		return err
@@ -180,22 +196,45 @@ func (d *Device) WriteZeroes(off, length int64, noHole, fua bool) error {
 	return d.maybeFlush(fua)
 }
 
+// aligned returns the whole sectors [a, b) inside [off, off+length); a >= b
+// when there are none.
+func (d *Device) aligned(off, length int64) (a, b int64) {
+	a = (off + d.sector - 1) / d.sector * d.sector
+	b = (off + length) / d.sector * d.sector
+	return a, b
+}
+
 func (d *Device) zero(off, length int64, noHole bool) error {
+	a, b := d.aligned(off, length)
+	if a >= b {
+		return d.writeZeroes(off, length)
+	}
+	if err := d.writeZeroes(off, a-off); err != nil {
+		return err
+	}
+	if err := d.writeZeroes(b, off+length-b); err != nil {
+		return err
+	}
 	if !noHole && !d.noPunch.Load() {
-		err := d.fallocate(unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
+		err := d.fallocate(unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, a, b-a)
 		if !unsupported(err) {
 			return err
 		}
 		d.noPunch.Store(true)
 	}
 	if !d.noZero.Load() {
-		err := d.fallocate(unix.FALLOC_FL_ZERO_RANGE|unix.FALLOC_FL_KEEP_SIZE, off, length)
+		err := d.fallocate(unix.FALLOC_FL_ZERO_RANGE|unix.FALLOC_FL_KEEP_SIZE, a, b-a)
 		if !unsupported(err) {
 			return err
 		}
 		d.noZero.Store(true)
 	}
-	zeroes := make([]byte, min(length, zeroChunk))
+	return d.writeZeroes(a, b-a)
+}
+
+// writeZeroes writes length zero bytes at off.
+func (d *Device) writeZeroes(off, length int64) error {
+	zeroes := d.zeroes()
 	for length > 0 {
 		n := min(length, int64(len(zeroes)))
 		if _, err := d.f.WriteAt(zeroes[:n], off); err != nil {

@@ -4,7 +4,10 @@ import (
 	"bytes"
 	"errors"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 )
@@ -164,4 +167,117 @@ func TestOpen_Refuses(t *testing.T) {
 	if _, err := Open("/dev/null", false); err == nil {
 		t.Error("opened a character device")
 	}
+}
+
+// loopDevice attaches path to a loop device with the given logical block
+// size and detaches it when the test ends. It needs root; without root the
+// test is skipped, or fails when NBDMIRROR_REQUIRE_E2E=1 (CI runs as root).
+func loopDevice(t *testing.T, path string, sector int) string {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		if os.Getenv("NBDMIRROR_REQUIRE_E2E") == "1" {
+			t.Fatal("this test needs root (a loop device) and NBDMIRROR_REQUIRE_E2E=1 is set")
+		}
+		t.Skip("needs root for a loop device")
+	}
+	out, err := exec.Command("losetup", "--sector-size", strconv.Itoa(sector), "-f", "--show", path).CombinedOutput()
+	if err != nil {
+		t.Fatalf("losetup: %v: %s", err, out)
+	}
+	dev := strings.TrimSpace(string(out))
+	t.Cleanup(func() {
+		if out, err := exec.Command("losetup", "-d", dev).CombinedOutput(); err != nil {
+			t.Errorf("losetup -d %s: %v: %s", dev, err, out)
+		}
+	})
+	return dev
+}
+
+// Unaligned TRIM and WRITE_ZEROES on a device with 4 KiB logical blocks:
+// fallocate takes only the whole blocks, the edges are written, nothing
+// outside the range changes, and one unaligned request does not turn
+// fallocate off for the requests after it.
+func TestDevice_UnalignedOnLogicalBlocks(t *testing.T) {
+	const size = 8 << 20
+	open := map[string]func(t *testing.T) *Device{
+		"file with 4 KiB sectors": func(t *testing.T) *Device {
+			d, err := Open(newFile(t, size), false)
+			if err != nil {
+				t.Fatal(err)
+			}
+			d.sector = 4096
+			return d
+		},
+		"loop device with 4 KiB sectors": func(t *testing.T) *Device {
+			d, err := Open(loopDevice(t, newFile(t, size), 4096), false)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if d.sector != 4096 {
+				t.Fatalf("logical block size %d, want 4096", d.sector)
+			}
+			return d
+		},
+	}
+	tests := []struct {
+		name   string
+		off, n int64
+		trim   bool
+		noHole bool
+	}{
+		{"zeroes inside one block", 100, 10, false, false},
+		{"zeroes across blocks", 4096 + 100, 3 * 4096, false, false},
+		{"zeroes no-hole across blocks", 64<<10 + 7, 5*4096 + 3, false, true},
+		{"zeroes aligned", 1 << 20, 64 << 10, false, false},
+		{"trim unaligned", 2<<20 + 1, 3 * 4096, true, false},
+	}
+	for name, openDev := range open {
+		t.Run(name, func(t *testing.T) {
+			d := openDev(t)
+			defer d.Close()
+			want := bytes.Repeat([]byte{0xa5}, size)
+			if err := d.WriteAt(want, 0, true); err != nil {
+				t.Fatal(err)
+			}
+			for _, tc := range tests {
+				var err error
+				if tc.trim {
+					err = d.Trim(tc.off, tc.n, true)
+				} else {
+					err = d.WriteZeroes(tc.off, tc.n, tc.noHole, true)
+					clear(want[tc.off : tc.off+tc.n])
+				}
+				if err != nil {
+					t.Fatalf("%s: %v", tc.name, err)
+				}
+				got := make([]byte, size)
+				if _, err := d.ReadAt(got, 0); err != nil {
+					t.Fatal(err)
+				}
+				if tc.trim {
+					// Only whole blocks inside the range may change.
+					a, b := (tc.off+4095)/4096*4096, (tc.off+tc.n)/4096*4096
+					copy(want[a:b], got[a:b])
+				}
+				if i := firstDiff(got, want); i >= 0 {
+					t.Fatalf("%s: byte %d is %#x, want %#x", tc.name, i, got[i], want[i])
+				}
+				if d.noPunch.Load() || d.noZero.Load() {
+					t.Fatalf("%s: fallocate turned off (punch off %v, zero range off %v)", tc.name, d.noPunch.Load(), d.noZero.Load())
+				}
+			}
+		})
+	}
+}
+
+func firstDiff(a, b []byte) int {
+	for i := range min(len(a), len(b)) {
+		if a[i] != b[i] {
+			return i
+		}
+	}
+	if len(a) != len(b) {
+		return min(len(a), len(b))
+	}
+	return -1
 }

@@ -57,6 +57,9 @@ type Attachment struct {
 	flags uint16
 }
 
+// detachWait bounds how long a forced Detach waits for NBD_DO_IT to return.
+const detachWait = 10 * time.Second
+
 // Attach connects the kernel device at devicePath to exp. The device must be
 // free (no other client attached). The flags set with NBD_SET_FLAGS include
 // SEND_FLUSH, SEND_FUA and SEND_TRIM, so the kernel passes flushes, FUA
@@ -178,17 +181,32 @@ func (a *Attachment) Detach(ctx context.Context) error {
 	if err := a.ioctl(ioctlDisconnect, 0); err != nil {
 		errs = append(errs, fmt.Errorf("NBD_DISCONNECT on %s: %w", a.path, err))
 	}
+	returned := false
 	select {
 	case err := <-a.doIt:
+		returned = true
 		if err != nil && !errors.Is(err, unix.EBUSY) {
 			a.log.Debug("NBD_DO_IT returned", "err", err)
 		}
 	case <-ctx.Done():
-		a.sock.Close() // fails the kernel's socket, ending NBD_DO_IT
+		// The kernel holds its own reference to the socket, so closing
+		// our descriptor would not end NBD_DO_IT; shutting the socket
+		// down does.
+		unix.Shutdown(int(a.sock.Fd()), unix.SHUT_RDWR)
 		errs = append(errs, ctx.Err())
 	}
 	if err := a.srv.Shutdown(ctx); err != nil {
 		errs = append(errs, err)
+	}
+	if !returned {
+		// run still uses the device descriptor: wait for it before
+		// closing, and leave the files open if the kernel never lets go.
+		select {
+		case <-a.doIt:
+		case <-time.After(detachWait):
+			errs = append(errs, fmt.Errorf("NBD_DO_IT on %s did not return within %v; the device stays open", a.path, detachWait))
+			return errors.Join(errs...)
+		}
 	}
 	a.closeFiles()
 	a.log.Info("kernel nbd device detached")

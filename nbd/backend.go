@@ -21,9 +21,12 @@ type Backend interface {
 	// every request's bounds check, so it may change (an online resize).
 	Size() int64
 	// ReadAt fills p from offset off; a short read is an error.
+	// Implementations must not retain p after ReadAt returns.
 	ReadAt(p []byte, off int64) (int, error)
 	// WriteAt writes p at off. With fua the data must be durable when
-	// WriteAt returns.
+	// WriteAt returns. Implementations must not retain p after WriteAt
+	// returns: the server reuses the buffer for the next request, so a
+	// backend that queues the data (to a peer, say) must copy it.
 	WriteAt(p []byte, off int64, fua bool) error
 	// Flush makes every write that completed before Flush was called
 	// durable, whichever connection it came from.

@@ -40,7 +40,6 @@ type conn struct {
 	lim      budget         // this connection's in-flight requests and bytes
 	work     chan work      // validated requests for the workers
 	workers  int            // workers started (owned by the reader)
-	idle     atomic.Int32   // workers waiting for work
 	handlers sync.WaitGroup // running workers
 	out      replyWriter
 	dirty    atomic.Bool // a write completed since the last flush
@@ -51,7 +50,7 @@ func newConn(s *Server, nc net.Conn, exp *Export) *conn {
 	c := &conn{srv: s, nc: nc, remote: remoteAddr(nc), since: time.Now(), export: exp}
 	c.log = s.log.With("remote", c.remote)
 	c.lim.init(s.MaxInFlight, s.MaxInFlightBytes)
-	c.work = make(chan work, s.MaxInFlight)
+	c.work = make(chan work) // unbuffered: a request goes only to a worker that is free
 	c.out.c = c
 	return c
 }
@@ -209,28 +208,31 @@ type work struct {
 	cost    int64
 }
 
-// dispatch hands a request to a worker, starting one when none is free.
-// Workers live as long as the connection, so their stacks stay grown and a
-// request costs no goroutine start.
+// dispatch hands a request to a free worker, or starts one with it, so no
+// request waits behind a slow one while fewer than MaxInFlight run. Workers
+// live as long as the connection, so their stacks stay grown and a request
+// usually costs no goroutine start.
 func (c *conn) dispatch(w work) {
-	if int(c.idle.Load()) <= len(c.work) && c.workers < c.srv.MaxInFlight {
+	c.out.dispatched()
+	select {
+	case c.work <- w:
+		return
+	default:
+	}
+	if c.workers < c.srv.MaxInFlight {
 		c.workers++
 		c.handlers.Add(1)
-		go c.worker()
+		go c.worker(w)
+		return
 	}
-	c.out.dispatched()
 	c.work <- w
 }
 
-func (c *conn) worker() {
+// worker handles first, then whatever dispatch hands it until the work
+// channel closes.
+func (c *conn) worker(first work) {
 	defer c.handlers.Done()
-	for {
-		c.idle.Add(1)
-		w, ok := <-c.work
-		c.idle.Add(-1)
-		if !ok {
-			return
-		}
+	for w, ok := first, true; ok; w, ok = <-c.work {
 		c.out.started()
 		c.handle(w.req, w.payload, w.cost)
 	}
@@ -285,8 +287,13 @@ func (c *conn) handle(req Request, payload *[]byte, cost int64) {
 		c.srv.pool.put(payload)
 		c.dirty.Store(true)
 	case CmdFlush:
+		// Cleared before the flush, so a write completing meanwhile
+		// marks the connection dirty again; set again if it fails, so the
+		// flush at disconnect still happens.
 		c.dirty.Store(false)
-		err = be.Flush()
+		if err = be.Flush(); err != nil {
+			c.dirty.Store(true)
+		}
 	case CmdTrim, CmdWriteZeroes:
 		switch {
 		case n == 0 && fua:

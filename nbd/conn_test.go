@@ -269,6 +269,25 @@ func TestTransmission_DiscFinishesInFlightThenFlushes(t *testing.T) {
 	}
 }
 
+// A failed FLUSH leaves the writes unflushed, so DISC still flushes.
+func TestTransmission_FailedFlushFlushedAgainAtDisc(t *testing.T) {
+	be := newMem(1 << 20)
+	be.failFlushes = 1
+	_, path := startServer(t, oneExport(t, &Export{Backend: be}), nil)
+	c := open(t, path, "disk")
+	if errno, _ := c.do(Request{Type: CmdWrite, Cookie: 1, Length: 4}, []byte("abcd")); errno != 0 {
+		t.Fatalf("write: %v", errno)
+	}
+	if errno, _ := c.do(Request{Type: CmdFlush, Cookie: 2}, nil); errno != EIO {
+		t.Fatalf("failing flush: %v, want EIO", errno)
+	}
+	c.request(Request{Type: CmdDisc}, nil)
+	c.expectClosed()
+	if n := be.flushes.Load(); n != 2 {
+		t.Errorf("%d flushes, want the failed one and one at DISC", n)
+	}
+}
+
 func TestServer_ShutdownGraceful(t *testing.T) {
 	be := newMem(1 << 20)
 	be.gate = make(chan struct{})
@@ -449,4 +468,42 @@ func TestReplyBatching(t *testing.T) {
 	} else {
 		t.Logf("%d write calls for %d replies", w, 2*n)
 	}
+}
+
+// A request that arrives while the only worker is busy with a slow one
+// gets a worker of its own: its reply does not wait for the slow request.
+func TestTransmission_FastRequestNotBehindSlow(t *testing.T) {
+	be := newMem(1 << 20)
+	slow := make(chan struct{})
+	be.hold = map[int64]chan struct{}{0: slow}
+	_, path := startServer(t, oneExport(t, &Export{Backend: be}), nil)
+	c := open(t, path, "disk")
+	// One request first, so the connection has exactly one idle worker.
+	if errno, _ := c.do(Request{Type: CmdRead, Cookie: 1, Offset: 8192, Length: 4096}, nil); errno != 0 {
+		t.Fatalf("warm-up read: %v", errno)
+	}
+	var reqs []byte
+	reqs, _ = Request{Type: CmdRead, Cookie: 2, Offset: 0, Length: 4096}.AppendBinary(reqs)
+	reqs, _ = Request{Type: CmdRead, Cookie: 3, Offset: 4096, Length: 4096}.AppendBinary(reqs)
+	c.write(reqs)
+	got := make(chan uint64, 1)
+	go func() {
+		_, cookie := c.reply()
+		got <- cookie
+	}()
+	select {
+	case cookie := <-got:
+		if cookie != 3 {
+			t.Fatalf("first reply is for cookie %d, want the fast read (3)", cookie)
+		}
+	case <-time.After(5 * time.Second):
+		close(slow)
+		t.Fatal("the fast read waited behind the slow one")
+	}
+	c.read(4096)
+	close(slow)
+	if errno, cookie := c.reply(); errno != 0 || cookie != 2 {
+		t.Fatalf("slow read: %v cookie %d", errno, cookie)
+	}
+	c.read(4096)
 }

@@ -28,11 +28,19 @@ type memBackend struct {
 	noHoles   atomic.Int64
 	active    atomic.Int64 // calls in progress
 	maxActive atomic.Int64
+	// outside counts calls that reached past the end of data: the server
+	// must never make one.
+	outside atomic.Int64
 
 	// gate, when set, blocks every ReadAt and WriteAt until it is closed.
 	gate chan struct{}
 	// failRead / failWrite make every ReadAt / WriteAt fail with this error.
 	failRead, failWrite error
+	// failFlushes makes the first failFlushes flushes fail with EIO.
+	failFlushes int64
+	// hold, when set, makes a read at a listed offset wait until that
+	// offset's channel is closed.
+	hold map[int64]chan struct{}
 	// readDelay delays reads by offset: reads at lower offsets wait longer,
 	// so replies come back in reverse order.
 	readDelay func(off int64) time.Duration
@@ -60,8 +68,24 @@ func (m *memBackend) Size() int64 {
 	return int64(len(m.data))
 }
 
+// inside reports whether [off, off+n) lies within the data, counting the
+// calls that do not.
+func (m *memBackend) inside(off, n int64) bool {
+	if off < 0 || n < 0 || off > int64(len(m.data))-n {
+		m.outside.Add(1)
+		return false
+	}
+	return true
+}
+
 func (m *memBackend) ReadAt(p []byte, off int64) (int, error) {
 	defer m.enter()()
+	if ch := m.hold[off]; ch != nil {
+		<-ch
+	}
+	if !m.inside(off, int64(len(p))) {
+		return 0, io.ErrUnexpectedEOF
+	}
 	if m.readDelay != nil {
 		time.Sleep(m.readDelay(off))
 	}
@@ -78,6 +102,9 @@ func (m *memBackend) WriteAt(p []byte, off int64, fua bool) error {
 	if m.failWrite != nil {
 		return m.failWrite
 	}
+	if !m.inside(off, int64(len(p))) {
+		return io.ErrShortWrite
+	}
 	if fua {
 		m.fuaWrites.Add(1)
 	}
@@ -88,7 +115,10 @@ func (m *memBackend) WriteAt(p []byte, off int64, fua bool) error {
 }
 
 func (m *memBackend) Flush() error {
-	m.flushes.Add(1)
+	n := m.flushes.Add(1)
+	if m.failFlushes >= n {
+		return syscall.EIO
+	}
 	return nil
 }
 
@@ -101,6 +131,9 @@ func (m *memBackend) WriteZeroes(off, length int64, noHole, fua bool) error {
 	m.zeroes.Add(1)
 	if noHole {
 		m.noHoles.Add(1)
+	}
+	if !m.inside(off, length) {
+		return io.ErrShortWrite
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()

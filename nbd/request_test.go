@@ -33,6 +33,7 @@ func TestValidate(t *testing.T) {
 	rw := &Export{Name: "rw", Backend: newMem(size)}
 	ro := &Export{Name: "ro", Backend: newMem(size), ReadOnly: true}
 	aligned := &Export{Name: "al", Backend: newMem(size), MinBlockSize: 512}
+	small := &Export{Name: "small", Backend: newMem(size), MaxPayload: 4096}
 	tests := []struct {
 		name string
 		exp  *Export
@@ -66,7 +67,10 @@ func TestValidate(t *testing.T) {
 		{"flush with length", rw, Request{Type: CmdFlush, Length: 1}, verdict{errno: EINVAL}},
 		{"trim whole disk", rw, Request{Type: CmdTrim, Length: size}, verdict{}},
 		{"trim past the end", rw, Request{Type: CmdTrim, Offset: 1, Length: size}, verdict{errno: EINVAL}},
-		{"trim longer than max payload", rw, Request{Type: CmdTrim, Length: size}, verdict{}},
+		{"trim longer than max payload", small, Request{Type: CmdTrim, Length: size}, verdict{}},
+		{"zeroes longer than max payload", small, Request{Type: CmdWriteZeroes, Length: size}, verdict{}},
+		{"read over a small max payload", small, Request{Type: CmdRead, Length: 4097}, verdict{errno: EINVAL}},
+		{"write over a small max payload", small, Request{Type: CmdWrite, Length: 4097}, verdict{errno: EINVAL}},
 		{"zeroes NO_HOLE FUA", rw, Request{Type: CmdWriteZeroes, Flags: CmdFlagNoHole | CmdFlagFUA, Length: size}, verdict{}},
 		{"zeroes past the end", rw, Request{Type: CmdWriteZeroes, Offset: size, Length: 1}, verdict{errno: ENOSPC}},
 		{"zeroes FAST_ZERO (not advertised)", rw, Request{Type: CmdWriteZeroes, Flags: CmdFlagFastZero, Length: 1}, verdict{errno: EINVAL}},
