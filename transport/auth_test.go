@@ -1,10 +1,12 @@
 package transport
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"errors"
 	"net"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -13,8 +15,9 @@ import (
 
 // rawClient speaks the handshake by hand against a listening transport.
 type rawClient struct {
-	t  *testing.T
-	hc *hsConn
+	t      *testing.T
+	hc     *hsConn
+	hb, ab []byte // the HELLO sent and the ACK received, for the transcript
 }
 
 func dialRaw(t *testing.T, addr string) *rawClient {
@@ -31,13 +34,15 @@ func dialRaw(t *testing.T, addr string) *rawClient {
 
 func (c *rawClient) hello(h hello) ack {
 	c.t.Helper()
-	if err := c.hc.send(typeHello, h.appendBinary(nil)); err != nil {
+	c.hb = h.appendBinary(nil)
+	if err := c.hc.send(typeHello, c.hb); err != nil {
 		c.t.Fatal(err)
 	}
 	_, p, err := c.hc.recv(typeAck)
 	if err != nil {
 		c.t.Fatalf("hello refused: %v", err)
 	}
+	c.ab = slices.Clone(p)
 	a, err := decodeAck(p)
 	if err != nil {
 		c.t.Fatal(err)
@@ -52,6 +57,25 @@ func (c *rawClient) expectRefused() {
 	if err == nil {
 		c.t.Fatal("the server accepted")
 	}
+}
+
+// expectAuthRefused checks that the server answered an AUTH with a
+// refusal: no OK, so none of the server's proof bytes.
+func (c *rawClient) expectAuthRefused() {
+	c.t.Helper()
+	_, p, err := c.hc.recv(typeOK)
+	var re *RefusedError
+	if !errors.As(err, &re) || re.Code != refuseAuth {
+		c.t.Fatalf("answer to a wrong proof: %v (payload %x), want an authentication refusal", err, p)
+	}
+	if _, _, err := c.hc.recv(typeOK); err == nil {
+		c.t.Fatal("a frame followed the refusal")
+	}
+}
+
+// proof is the client proof over this client's transcript.
+func (c *rawClient) proof(secret, label string) [proofSize]byte {
+	return proof([]byte(secret), label, transcript(c.hb, c.ab))
 }
 
 func newHello(secret bool, from string) hello {
@@ -93,7 +117,7 @@ func TestAuth_Refusals(t *testing.T) {
 			if ta.Current() != nil {
 				t.Error("a session with the wrong secret")
 			}
-		}, "the peer rejected this node: your proof does not verify"},
+		}, "wrong response (different shared-secret?)"},
 		{"no secret on the client", "right", func(t *testing.T, addr string) {
 			a, _ := configs("")
 			a.PeerAddr = addr
@@ -108,8 +132,16 @@ func TestAuth_Refusals(t *testing.T) {
 			c := dialRaw(t, addr)
 			c.hello(newHello(true, "alpha"))
 			c.hc.send(typeAuth, make([]byte, 16))
-			c.expectRefused()
+			c.expectAuthRefused()
 		}, "a 16-byte response"},
+		{"garbage proof gets no server proof", "k", func(t *testing.T, addr string) {
+			c := dialRaw(t, addr)
+			c.hello(newHello(true, "alpha"))
+			var p [proofSize]byte
+			rand.Read(p[:])
+			c.hc.send(typeAuth, p[:])
+			c.expectAuthRefused()
+		}, "wrong response"},
 		{"correct HMAC, wrong node name in the hello", "k", func(t *testing.T, addr string) {
 			c := dialRaw(t, addr)
 			h := newHello(true, "mallory")
@@ -118,34 +150,46 @@ func TestAuth_Refusals(t *testing.T) {
 		}, "claims to be node mallory (expected alpha)"},
 		{"HMAC computed for another node name", "k", func(t *testing.T, addr string) {
 			c := dialRaw(t, addr)
-			h := newHello(true, "alpha")
-			a := c.hello(h)
-			p := proof([]byte("k"), "client proof", a.challenge, h.challenge, &h, "gamma", "beta")
+			c.hello(newHello(true, "alpha"))
+			other := newHello(true, "gamma")
+			p := proof([]byte("k"), labelClient, transcript(other.appendBinary(nil), c.ab))
 			c.hc.send(typeAuth, p[:])
-			c.expectRefused()
+			c.expectAuthRefused()
 		}, "wrong response"},
-		{"server proof reflected as the client's", "k", func(t *testing.T, addr string) {
-			// Open two connections; answer the first server's challenge
-			// with the proof the server gave on the second, for the
-			// first's challenge.
-			c1, c2 := dialRaw(t, addr), dialRaw(t, addr)
-			h1 := newHello(true, "alpha")
-			a1 := c1.hello(h1)
-			h2 := newHello(true, "alpha")
-			h2.challenge = a1.challenge
-			h2.sessionID = h1.sessionID
-			a2 := c2.hello(h2)
-			c1.hc.send(typeAuth, a2.proof[:])
-			c1.expectRefused()
+		{"HELLO altered in transit", "k", func(t *testing.T, addr string) {
+			// A man in the middle lowers the instance (or any field) on
+			// its way to the server; the client's proof covers the HELLO
+			// it sent, so the server refuses.
+			c := dialRaw(t, addr)
+			sent := newHello(true, "alpha")
+			seen := sent
+			seen.instance++
+			c.hello(seen)
+			p := proof([]byte("k"), labelClient, transcript(sent.appendBinary(nil), c.ab))
+			c.hc.send(typeAuth, p[:])
+			c.expectAuthRefused()
+		}, "wrong response"},
+		{"proof with the server's label", "k", func(t *testing.T, addr string) {
+			// Right secret and transcript, wrong direction: a server
+			// proof is never accepted as a client's.
+			c := dialRaw(t, addr)
+			c.hello(newHello(true, "alpha"))
+			p := c.proof("k", labelServer)
+			c.hc.send(typeAuth, p[:])
+			c.expectAuthRefused()
 		}, "wrong response"},
 		{"replayed handshake transcript", "k", func(t *testing.T, addr string) {
 			c := dialRaw(t, addr)
 			h := newHello(true, "alpha")
-			a := c.hello(h)
-			p := proof([]byte("k"), "client proof", a.challenge, h.challenge, &h, "alpha", "beta")
+			c.hello(h)
+			p := c.proof("k", labelClient)
 			c.hc.send(typeAuth, p[:])
-			if _, _, err := c.hc.recv(typeOK); err != nil {
+			_, sp, err := c.hc.recv(typeOK)
+			if err != nil {
 				t.Fatalf("the genuine handshake failed: %v", err)
+			}
+			if want := c.proof("k", labelServer); !bytes.Equal(sp, want[:]) {
+				t.Fatalf("the server's proof %x, want %x", sp, want)
 			}
 			// The same bytes again on a new connection: a fresh server
 			// challenge makes the recorded response worthless.
@@ -153,7 +197,7 @@ func TestAuth_Refusals(t *testing.T) {
 			r.hc.send(typeHello, h.appendBinary(nil))
 			r.hc.recv(typeAck)
 			r.hc.send(typeAuth, p[:])
-			r.expectRefused()
+			r.expectAuthRefused()
 		}, "wrong response"},
 		{"other resource", "k", func(t *testing.T, addr string) {
 			c := dialRaw(t, addr)

@@ -14,44 +14,62 @@
 // lost session is redialed with jittered backoff (200 ms doubling to
 // connect-int), at once stoppable by Close.
 //
-// Liveness: each side pings on the control stream every ping interval and
-// fails the session when a ping is not answered within the ping timeout,
-// so a silent partition (no RST) is found in at most ping-int +
-// ping-timeout, whatever TCP retransmission does. Socket writes have a
-// deadline renewed per 256 KiB, so a dead peer never blocks a writer for
-// longer than the timeout, while a slow but moving link is not cut.
+// Liveness: each side pings on the control stream every ping interval,
+// and while it sends application frames at most every second, and fails
+// the session when a ping is not answered within the ping timeout. Data
+// written into a silently cut link (no RST) sits in socket buffers without
+// an error; the pings find the cut within about 1 s + ping-timeout while
+// the application sends, and within ping-int + ping-timeout on an idle
+// link, whatever TCP retransmission does. Socket writes have a deadline
+// renewed per 256 KiB, so a dead peer never blocks a writer for longer
+// than the timeout, while a slow but moving link is not cut.
 //
 // # Handshake (per stream; version 1)
 //
 // Each connection (inside TLS 1.3 when configured, certificates checked
-// against the peer's node names on both sides) starts with plain frames:
+// against the peer's node names on both sides) starts with plain frames,
+// each at most 4 KiB and never compressed (checked from the header, before
+// anything is allocated):
 //
 //	client → server  HELLO   versions, stream, flags, session id, instance,
 //	                         challenge Cc, resource, sender, receiver
-//	server → client  ACK     chosen version, flags, instance, challenge Cs,
-//	                         server proof  (or REFUSE code + reason)
+//	server → client  ACK     chosen version, flags, instance, challenge Cs
+//	                         (or REFUSE code + reason)
 //	client → server  AUTH    client proof
-//	server → client  OK      (or REFUSE)
+//	server → client  OK      server proof  (or REFUSE)
 //
 // The server refuses, saying why, a version range with no overlap, another
-// resource, node names other than the configured pair, and a secret on one
-// side only. With a shared secret, each side proves knowledge of it:
+// resource, node names other than the configured pair, a secret on one
+// side only, and (code 8, busy) a connection past 8 per host or 64 in all
+// still in their handshakes. With a shared secret, each side proves
+// knowledge of it over the transcript, the exact HELLO and ACK payloads:
 //
-//	server proof = HMAC-SHA256(secret, "nbdmirror/1 server proof" ‖ Cc ‖ Cs ‖ ids)
-//	client proof = HMAC-SHA256(secret, "nbdmirror/1 client proof" ‖ Cs ‖ Cc ‖ ids)
-//	ids          = session id ‖ stream ‖ resource ‖ prover name ‖ verifier name
+//	T            = SHA-256("nbdmirror/1 transcript" ‖ len32 ‖ HELLO ‖ len32 ‖ ACK)
+//	client proof = HMAC-SHA256(secret, "nbdmirror/1 client proof" ‖ T)
+//	server proof = HMAC-SHA256(secret, "nbdmirror/1 server proof" ‖ T)
 //
-// The server proves first; proofs are compared with hmac.Equal; a peer
-// that answers with our own challenge is refused (reflection); the labels
-// bind each proof to its direction, so a proof cannot be reflected, and
-// fresh challenges make a replayed transcript fail. Then each stream gets
-// per-direction keys, HKDF-SHA256(secret, salt = Cc ‖ Cs, info = direction,
-// session id, stream), and every later frame is sealed with AES-256-GCM
-// whose 12-byte nonce is a 4-byte direction tag and an 8-byte frame
-// counter: a frame cannot be read, altered, replayed, reordered, or moved
-// to the other stream or another session. Without a secret, frames carry
-// an xxhash64 checksum and the transport logs once that the link is neither
-// authenticated nor encrypted.
+// The dialer proves first, and the server sends its proof only after the
+// client's verified, so a peer without the secret learns nothing it could
+// use; proofs are compared with hmac.Equal. T covers both challenges,
+// both instances, the session id, stream, flags, versions and all three
+// names, so a field changed in transit makes the proofs fail; a peer that
+// answers with our own challenge is refused (reflection); the labels bind
+// each proof to its direction; fresh challenges make a replayed transcript
+// fail. Then each stream gets per-direction keys, HKDF-SHA256(secret,
+// salt = Cc ‖ Cs, info = "nbdmirror/1 " direction " key " ‖ T), and every
+// later frame is sealed with AES-256-GCM whose 12-byte nonce is a 4-byte
+// direction tag and an 8-byte frame counter: a frame cannot be read,
+// altered, replayed, reordered, or moved to the other stream or another
+// session. Without a secret, frames carry an xxhash64 checksum and the
+// transport logs once that the link is neither authenticated nor
+// encrypted.
+//
+// A failed proof, a node name other than the configured pair, or a TLS
+// certificate that does not verify holds the sending host off: its
+// connections are closed unanswered for 1 s, doubling to 60 s with
+// failures less than 10 minutes apart; a session from the host clears the
+// record. Connections that merely break (port probes, resets, timeouts)
+// do not count.
 //
 // The control stream's HELLO carries the data stream's session id; the
 // server pairs them, whichever authenticates first. The dialer then sends
@@ -75,8 +93,9 @@
 //	…      1+n  receiver node name
 //
 // ACK payload: version (2), flags (1), reserved (1), instance (8),
-// challenge Cs (32), server proof (32, zero without a secret). AUTH
-// payload: client proof (32). REFUSE payload: code (2), reason (≤ 256).
+// challenge Cs (32). AUTH payload: client proof (32); OK payload: server
+// proof (32); both all zero without a secret. REFUSE payload: code (2),
+// reason (≤ 256).
 //
 // # Frames
 //

@@ -49,6 +49,11 @@ const (
 
 	// minCompress is the smallest payload worth compressing.
 	minCompress = 256
+
+	// maxHandshakePayload bounds a frame's payload during the handshake,
+	// before the peer has proved anything: the largest message, a HELLO,
+	// is 267 bytes.
+	maxHandshakePayload = 4 << 10
 )
 
 // Errors of reading frames. Any of them ends the session.
@@ -187,6 +192,9 @@ type frameReader struct {
 	hdr   [headerSize]byte
 	wire  int  // bytes the last frame took on the wire
 	owned bool // the last payload is the caller's to keep (not the reused buffer)
+	// handshake bounds payloads to maxHandshakePayload and refuses
+	// compressed frames: the peer is not authenticated yet.
+	handshake bool
 }
 
 // ownAbove is the payload size from which a frame is read into a buffer of
@@ -194,8 +202,9 @@ type frameReader struct {
 const ownAbove = 64 << 10
 
 // readFrame reads, verifies and decompresses the next frame. The length is
-// checked against MaxPayload before anything is allocated. The returned
-// payload is valid until the next call.
+// checked against MaxPayload (maxHandshakePayload during the handshake)
+// before anything is allocated or read. The returned payload is valid
+// until the next call.
 func (fr *frameReader) readFrame() (Type, []byte, error) {
 	if _, err := io.ReadFull(fr.r, fr.hdr[:]); err != nil {
 		return 0, nil, err
@@ -203,8 +212,15 @@ func (fr *frameReader) readFrame() (Type, []byte, error) {
 	typ := Type(binary.BigEndian.Uint16(fr.hdr[0:2]))
 	flags := binary.BigEndian.Uint16(fr.hdr[2:4])
 	length := binary.BigEndian.Uint32(fr.hdr[4:8])
-	if length > MaxPayload {
-		return 0, nil, fmt.Errorf("%w: %d bytes", ErrFrameTooLarge, length)
+	limit := uint32(MaxPayload)
+	if fr.handshake {
+		limit = maxHandshakePayload
+	}
+	if length > limit {
+		return 0, nil, fmt.Errorf("%w: %d bytes (at most %d)", ErrFrameTooLarge, length, limit)
+	}
+	if fr.handshake && flags != 0 {
+		return 0, nil, fmt.Errorf("%w %#x: compression during the handshake", ErrFrameFlags, flags)
 	}
 	n := int(length) + fr.s.overhead()
 	var body []byte

@@ -4,9 +4,11 @@ import (
 	"bufio"
 	"bytes"
 	"crypto/rand"
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"io"
+	"runtime"
 	"testing"
 )
 
@@ -88,16 +90,68 @@ func TestFrame_RoundTrip(t *testing.T) {
 	}
 }
 
-// hugeHeader is a reader that yields one header claiming 4 GiB and then
-// blocks forever: the reader must refuse it without reading or allocating.
-type hugeHeader struct{ sent bool }
+// headerOnly yields one frame header and then fails: a reader that reads
+// past the header of a frame it must refuse returns errPastHeader.
+type headerOnly struct {
+	hdr  []byte
+	sent bool
+}
 
-func (h *hugeHeader) Read(p []byte) (int, error) {
+var errPastHeader = errors.New("read past the header")
+
+func (h *headerOnly) Read(p []byte) (int, error) {
 	if h.sent {
-		select {}
+		return 0, errPastHeader
 	}
 	h.sent = true
-	return copy(p, []byte{0, 16, 0, 0, 0xff, 0xff, 0xff, 0xff}), nil
+	return copy(p, h.hdr), nil
+}
+
+func header(typ Type, flags uint16, length uint32) []byte {
+	b := binary.BigEndian.AppendUint16(nil, uint16(typ))
+	b = binary.BigEndian.AppendUint16(b, flags)
+	return binary.BigEndian.AppendUint32(b, length)
+}
+
+// TestFrame_LengthRefusedBeforeAllocation: a length past the bound is
+// refused from the header alone, before the payload is read or memory is
+// allocated for it; during the handshake the bound is 4 KiB and
+// compression is refused.
+func TestFrame_LengthRefusedBeforeAllocation(t *testing.T) {
+	c := testCodecs(t)
+	tests := []struct {
+		name      string
+		handshake bool
+		hdr       []byte
+		want      error
+	}{
+		{"past MaxPayload", false, header(typeTest, 0, MaxPayload+1), ErrFrameTooLarge},
+		{"4 GiB", false, header(typeTest, 0, 0xffffffff), ErrFrameTooLarge},
+		{"handshake past 4 KiB", true, header(typeHello, 0, maxHandshakePayload+1), ErrFrameTooLarge},
+		{"handshake compressed", true, header(typeHello, flagS2, 300), ErrFrameFlags},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			_, r := pair(t, nil, c, &headerOnly{hdr: tc.hdr})
+			r.handshake = tc.handshake
+			var before, after runtime.MemStats
+			runtime.ReadMemStats(&before)
+			_, _, err := r.readFrame()
+			runtime.ReadMemStats(&after)
+			if !errors.Is(err, tc.want) {
+				t.Fatalf("readFrame: %v, want %v", err, tc.want)
+			}
+			if n := after.TotalAlloc - before.TotalAlloc; n > 64<<10 {
+				t.Fatalf("allocated %d bytes for a refused frame", n)
+			}
+		})
+	}
+	// The same lengths are fine after the handshake: the bound is the
+	// frame's, not the reader's.
+	_, r := pair(t, nil, c, &headerOnly{hdr: header(typeTest, 0, maxHandshakePayload+1)})
+	if _, _, err := r.readFrame(); !errors.Is(err, errPastHeader) {
+		t.Fatalf("a 4 KiB+1 frame after the handshake: %v, want it read", err)
+	}
 }
 
 func TestFrame_Refused(t *testing.T) {
@@ -158,14 +212,6 @@ func TestFrame_Refused(t *testing.T) {
 				t.Fatalf("readFrame = %q, %v; want %v", p, err, tc.want)
 			}
 		})
-	}
-	// A 4 GiB length is refused before anything is read or allocated.
-	_, r := pair(t, nil, c, &hugeHeader{})
-	if _, _, err := r.readFrame(); !errors.Is(err, ErrFrameTooLarge) {
-		t.Fatalf("huge length: %v", err)
-	}
-	if cap(r.buf) != 0 {
-		t.Fatalf("allocated %d bytes for a refused frame", cap(r.buf))
 	}
 	w, _ := pair(t, nil, c, nil)
 	if _, err := appendFrame(nil, w, c, CompressNone, typeTest, make([]byte, MaxPayload+1)); !errors.Is(err, ErrFrameTooLarge) {

@@ -49,7 +49,7 @@ func FuzzFrame(f *testing.F) {
 	})
 }
 
-// FuzzHandshake decodes arbitrary HELLO, ACK and REFUSE payloads: no
+// FuzzHandshake decodes arbitrary HELLO, ACK, REFUSE and proof payloads: no
 // panic, and an accepted HELLO or ACK re-encodes to the same bytes.
 func FuzzHandshake(f *testing.F) {
 	h := newHelloForFuzz()
@@ -57,8 +57,9 @@ func FuzzHandshake(f *testing.F) {
 	a := ack{version: 1, flags: helloFlagSecret, instance: 9}
 	f.Add(uint8(1), a.appendBinary(nil))
 	f.Add(uint8(2), appendRefuse(nil, refuseAuth, "authentication failed"))
+	f.Add(uint8(3), make([]byte, proofSize))
 	f.Fuzz(func(t *testing.T, which uint8, p []byte) {
-		switch which % 3 {
+		switch which % 4 {
 		case 0:
 			h, err := decodeHello(p)
 			if err == nil && !bytes.Equal(h.appendBinary(nil), p) {
@@ -68,6 +69,11 @@ func FuzzHandshake(f *testing.F) {
 			a, err := decodeAck(p)
 			if err == nil && !bytes.Equal(a.appendBinary(nil), p) {
 				t.Fatal("ack re-encodes differently")
+			}
+		case 3:
+			pr, err := decodeProof(p)
+			if err == nil && !bytes.Equal(pr[:], p) {
+				t.Fatal("proof decodes to other bytes")
 			}
 		default:
 			r, err := decodeRefuse(p)

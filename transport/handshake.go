@@ -74,6 +74,30 @@ var (
 	ErrReflection = errors.New("transport: peer presented our own challenge")
 )
 
+// authFailure marks a handshake failure that counts against the peer's
+// host (Stats.AuthFailures and the hold-off, Transport.block): a proof
+// that does not verify, a node name other than the configured pair, a
+// TLS certificate that does not verify. A connection that merely breaks
+// (EOF, timeout, reset, a port probe) or a configuration mismatch does not
+// count.
+type authFailure struct{ err error }
+
+func (e *authFailure) Error() string { return e.err.Error() }
+func (e *authFailure) Unwrap() error { return e.err }
+
+// countsAgainst reports whether err is an authFailure.
+func countsAgainst(err error) bool {
+	var af *authFailure
+	return errors.As(err, &af)
+}
+
+// refusedBusy reports whether the peer refused because it had too many
+// connections in their handshake: worth retrying soon.
+func refusedBusy(err error) bool {
+	var r *RefusedError
+	return errors.As(err, &r) && r.Code == refuseBusy
+}
+
 // RefusedError is a refusal received from the peer.
 type RefusedError struct {
 	Code   uint16
@@ -141,23 +165,22 @@ func decodeHello(p []byte) (hello, error) {
 	return h, nil
 }
 
-// ack is the server's answer to a hello.
+// ack is the server's answer to a hello. It carries no proof: the server
+// proves itself only to a client that proved itself first (in OK).
 type ack struct {
 	version   uint16
 	flags     uint8
 	instance  uint64
 	challenge [challengeSize]byte
-	proof     [proofSize]byte
 }
 
-const ackSize = 2 + 1 + 1 + 8 + challengeSize + proofSize
+const ackSize = 2 + 1 + 1 + 8 + challengeSize
 
 func (a *ack) appendBinary(b []byte) []byte {
 	b = binary.BigEndian.AppendUint16(b, a.version)
 	b = append(b, a.flags, 0)
 	b = binary.BigEndian.AppendUint64(b, a.instance)
-	b = append(b, a.challenge[:]...)
-	return append(b, a.proof[:]...)
+	return append(b, a.challenge[:]...)
 }
 
 func decodeAck(p []byte) (ack, error) {
@@ -168,8 +191,18 @@ func decodeAck(p []byte) (ack, error) {
 	a.version, a.flags = binary.BigEndian.Uint16(p), p[2]
 	a.instance = binary.BigEndian.Uint64(p[4:])
 	copy(a.challenge[:], p[12:])
-	copy(a.proof[:], p[12+challengeSize:])
 	return a, nil
+}
+
+// decodeProof decodes the payload of an AUTH or OK: one proof (all zero
+// without a shared secret).
+func decodeProof(p []byte) ([proofSize]byte, error) {
+	var pr [proofSize]byte
+	if len(p) != proofSize {
+		return pr, fmt.Errorf("%w: a %d-byte response", ErrHandshake, len(p))
+	}
+	copy(pr[:], p)
+	return pr, nil
 }
 
 func appendRefuse(b []byte, code uint16, reason string) []byte {
@@ -186,31 +219,40 @@ func decodeRefuse(p []byte) (*RefusedError, error) {
 	return &RefusedError{Code: binary.BigEndian.Uint16(p), Reason: string(p[2:])}, nil
 }
 
-// proof binds a peer's knowledge of the secret to one direction of one
-// stream of one session: the label says which side proves, and every
-// field that identifies the exchange is covered (names length-prefixed).
-func proof(secret []byte, label string, first, second [challengeSize]byte, h *hello, prover, verifier string) [proofSize]byte {
-	m := hmac.New(sha256.New, secret)
-	m.Write([]byte("nbdmirror/1 " + label))
-	m.Write(first[:])
-	m.Write(second[:])
-	m.Write(h.sessionID[:])
-	m.Write([]byte{byte(h.stream)})
-	for _, s := range []string{h.resource, prover, verifier} {
-		m.Write(appendName(nil, s))
+// Proof labels: which side proves. Part of the wire format.
+const (
+	labelClient = "nbdmirror/1 client proof"
+	labelServer = "nbdmirror/1 server proof"
+)
+
+// transcript hashes the exact HELLO and ACK payloads, as sent and as
+// received, so that the proofs and the keys cover every field of both:
+// versions, flags, stream, session id, instances, challenges and names.
+// A man in the middle who changes any byte makes the proofs fail.
+func transcript(helloP, ackP []byte) [sha256.Size]byte {
+	d := sha256.New()
+	d.Write([]byte("nbdmirror/1 transcript"))
+	for _, p := range [][]byte{helloP, ackP} {
+		d.Write(binary.BigEndian.AppendUint32(nil, uint32(len(p))))
+		d.Write(p)
 	}
-	var out [proofSize]byte
-	copy(out[:], m.Sum(nil))
-	return out
+	return [sha256.Size]byte(d.Sum(nil))
+}
+
+// proof binds a side's knowledge of the secret to one direction (the
+// label) of one exchange (the transcript, which holds both challenges).
+func proof(secret []byte, label string, th [sha256.Size]byte) [proofSize]byte {
+	m := hmac.New(sha256.New, secret)
+	m.Write([]byte(label))
+	m.Write(th[:])
+	return [proofSize]byte(m.Sum(nil))
 }
 
 // keys derives the per-direction keys of one stream with HKDF-SHA256 over
-// the secret and both challenges.
-func keys(secret []byte, cc, cs [challengeSize]byte, h *hello) (c2s, s2c []byte, err error) {
+// the secret, both challenges and the transcript.
+func keys(secret []byte, cc, cs [challengeSize]byte, th [sha256.Size]byte) (c2s, s2c []byte, err error) {
 	salt := append(append([]byte(nil), cc[:]...), cs[:]...)
-	info := func(dir string) string {
-		return fmt.Sprintf("nbdmirror/1 %s key %x %d", dir, h.sessionID, h.stream)
-	}
+	info := func(dir string) string { return "nbdmirror/1 " + dir + " key " + string(th[:]) }
 	if c2s, err = hkdf.Key(sha256.New, secret, salt, info("c2s"), 32); err != nil {
 		return nil, nil, err
 	}
@@ -230,7 +272,7 @@ type hsConn struct {
 func newHSConn(conn net.Conn, c *codecs) *hsConn {
 	r := bufio.NewReaderSize(conn, 64<<10)
 	h := &hsConn{conn: conn, r: r, out: &frameSealer{}}
-	h.in = frameReader{r: r, s: &frameSealer{}, c: c, known: func(Type) bool { return false }}
+	h.in = frameReader{r: r, s: &frameSealer{}, c: c, known: func(Type) bool { return false }, handshake: true}
 	return h
 }
 
@@ -285,7 +327,8 @@ func tags(stream Stream, client bool) (send, recv [4]byte) {
 }
 
 // clientHandshake runs the dialer's side of one stream's handshake and
-// returns the peer's instance and the stream keys.
+// returns the peer's instance and the stream keys. The dialer proves
+// first; the server's proof, in OK, is checked before the stream is used.
 func (t *Transport) clientHandshake(hc *hsConn, stream Stream, sessionID [sessionIDSize]byte) (uint64, streamKeys, error) {
 	var k streamKeys
 	h := hello{minVersion: VersionMin, maxVersion: VersionMax, stream: stream, sessionID: sessionID,
@@ -297,7 +340,8 @@ func (t *Transport) clientHandshake(hc *hsConn, stream Stream, sessionID [sessio
 		h.flags |= helloFlagTLS
 	}
 	rand.Read(h.challenge[:])
-	if err := hc.send(typeHello, h.appendBinary(nil)); err != nil {
+	hb := h.appendBinary(nil)
+	if err := hc.send(typeHello, hb); err != nil {
 		return 0, k, err
 	}
 	_, p, err := hc.recv(typeAck)
@@ -308,6 +352,7 @@ func (t *Transport) clientHandshake(hc *hsConn, stream Stream, sessionID [sessio
 	if err != nil {
 		return 0, k, err
 	}
+	th := transcript(hb, p)
 	if a.version < VersionMin || a.version > VersionMax {
 		return 0, k, fmt.Errorf("%w: the peer chose version %d", ErrVersion, a.version)
 	}
@@ -321,36 +366,52 @@ func (t *Transport) clientHandshake(hc *hsConn, stream Stream, sessionID [sessio
 	}
 	var clientProof [proofSize]byte
 	if t.cfg.Secret != nil {
-		want := proof(t.cfg.Secret, "server proof", h.challenge, a.challenge, &h, h.to, h.from)
-		if !hmac.Equal(want[:], a.proof[:]) {
-			hc.refuse(refuseAuth, "your proof does not verify (different shared-secret?)")
-			return 0, k, fmt.Errorf("%w: the peer's proof does not verify (different shared-secret?)", ErrAuth)
-		}
-		clientProof = proof(t.cfg.Secret, "client proof", a.challenge, h.challenge, &h, h.from, h.to)
+		clientProof = proof(t.cfg.Secret, labelClient, th)
 	}
 	if err := hc.send(typeAuth, clientProof[:]); err != nil {
 		return 0, k, err
 	}
-	if _, _, err := hc.recv(typeOK); err != nil {
+	_, p, err = hc.recv(typeOK)
+	var refused *RefusedError
+	if errors.As(err, &refused) && refused.Code == refuseAuth {
+		return 0, k, fmt.Errorf("%w: the peer refused this node's proof (different shared-secret?): %w", ErrAuth, err)
+	}
+	if err != nil {
 		return 0, k, err
+	}
+	serverProof, err := decodeProof(p)
+	if err != nil {
+		return 0, k, err
+	}
+	if t.cfg.Secret != nil {
+		// No refusal: the server has moved on to sealed frames; closing
+		// the connection is the answer.
+		if want := proof(t.cfg.Secret, labelServer, th); !hmac.Equal(want[:], serverProof[:]) {
+			return 0, k, &authFailure{fmt.Errorf("%w: the peer's proof does not verify", ErrAuth)}
+		}
 	}
 	k.sendTag, k.recvTag = tags(stream, true)
 	if t.cfg.Secret != nil {
-		k.send, k.recv, err = keys(t.cfg.Secret, h.challenge, a.challenge, &h)
+		k.send, k.recv, err = keys(t.cfg.Secret, h.challenge, a.challenge, th)
 	}
 	return a.instance, k, err
 }
 
 // serverHandshake runs the listener's side of one stream's handshake. It
 // refuses, telling the peer why, anything that is not the configured peer
-// for this resource with the same secret.
+// for this resource with the same secret, and it sends its own proof only
+// to a client whose proof verified.
 func (t *Transport) serverHandshake(hc *hsConn) (hello, streamKeys, error) {
 	var k streamKeys
 	_, p, err := hc.recv(typeHello)
+	if errors.Is(err, ErrFrameTooLarge) || errors.Is(err, ErrFrameFlags) || errors.Is(err, ErrFrameChecksum) {
+		hc.refuse(refuseVersion, "malformed hello")
+	}
 	if err != nil {
 		return hello{}, k, err
 	}
-	h, err := decodeHello(p)
+	hb := slices.Clone(p) // the transcript needs it after the next read
+	h, err := decodeHello(hb)
 	if err != nil {
 		hc.refuse(refuseVersion, "malformed hello")
 		return h, k, err
@@ -366,7 +427,7 @@ func (t *Transport) serverHandshake(hc *hsConn) (hello, streamKeys, error) {
 		return h, k, fmt.Errorf("%w: it asked for resource %s", ErrPeerName, h.resource)
 	case !slices.Contains(t.cfg.Peer, h.from) || !slices.Contains(t.cfg.Local, h.to):
 		hc.refuse(refuseNode, fmt.Sprintf("resource %s here does not pair node %s with %s", t.cfg.Resource, h.from, h.to))
-		return h, k, fmt.Errorf("%w: it claims to be node %s (expected %s) and to call %s", ErrPeerName, h.from, t.cfg.Peer[0], h.to)
+		return h, k, &authFailure{fmt.Errorf("%w: it claims to be node %s (expected %s) and to call %s", ErrPeerName, h.from, t.cfg.Peer[0], h.to)}
 	case (h.flags&helloFlagSecret != 0) != (t.cfg.Secret != nil):
 		hc.refuse(refuseSecret, "the shared-secret is configured on one side only")
 		return h, k, fmt.Errorf("%w: only one side has a shared-secret", ErrAuth)
@@ -378,14 +439,13 @@ func (t *Transport) serverHandshake(hc *hsConn) (hello, streamKeys, error) {
 	rand.Read(a.challenge[:])
 	if a.challenge == h.challenge {
 		hc.refuse(refuseAuth, "challenge collision")
-		return h, k, ErrReflection
+		return h, k, &authFailure{ErrReflection}
 	}
-	if t.cfg.Secret != nil {
-		a.proof = proof(t.cfg.Secret, "server proof", h.challenge, a.challenge, &h, h.to, h.from)
-	}
-	if err := hc.send(typeAck, a.appendBinary(nil)); err != nil {
+	ab := a.appendBinary(nil)
+	if err := hc.send(typeAck, ab); err != nil {
 		return h, k, err
 	}
+	th := transcript(hb, ab)
 	_, p, err = hc.recv(typeAuth)
 	var refused *RefusedError
 	if errors.As(err, &refused) {
@@ -394,23 +454,25 @@ func (t *Transport) serverHandshake(hc *hsConn) (hello, streamKeys, error) {
 	if err != nil {
 		return h, k, err
 	}
-	if len(p) != proofSize {
+	clientProof, err := decodeProof(p)
+	if err != nil {
 		hc.refuse(refuseAuth, "authentication failed")
-		return h, k, fmt.Errorf("%w: a %d-byte response", ErrAuth, len(p))
+		return h, k, &authFailure{fmt.Errorf("%w: %w", ErrAuth, err)}
 	}
+	var serverProof [proofSize]byte
 	if t.cfg.Secret != nil {
-		want := proof(t.cfg.Secret, "client proof", a.challenge, h.challenge, &h, h.from, h.to)
-		if !hmac.Equal(want[:], p) {
+		if want := proof(t.cfg.Secret, labelClient, th); !hmac.Equal(want[:], clientProof[:]) {
 			hc.refuse(refuseAuth, "authentication failed")
-			return h, k, fmt.Errorf("%w: wrong response (different shared-secret?)", ErrAuth)
+			return h, k, &authFailure{fmt.Errorf("%w: wrong response (different shared-secret?)", ErrAuth)}
 		}
+		serverProof = proof(t.cfg.Secret, labelServer, th)
 	}
-	if err := hc.send(typeOK, nil); err != nil {
+	if err := hc.send(typeOK, serverProof[:]); err != nil {
 		return h, k, err
 	}
 	k.sendTag, k.recvTag = tags(h.stream, false)
 	if t.cfg.Secret != nil {
-		c2s, s2c, err := keys(t.cfg.Secret, h.challenge, a.challenge, &h)
+		c2s, s2c, err := keys(t.cfg.Secret, h.challenge, a.challenge, th)
 		if err != nil {
 			return h, k, err
 		}

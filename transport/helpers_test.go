@@ -65,3 +65,14 @@ func configs(secret string) (Config, Config) {
 	}
 	return a, b
 }
+
+// newLink starts a Link between a and b, closed when the test ends.
+func newLink(t testing.TB, a, b Config) *Link {
+	t.Helper()
+	l, err := NewLink(a, b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(l.Close)
+	return l
+}

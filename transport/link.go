@@ -46,6 +46,8 @@ func (t *Transport) dialLoop() {
 		case err == nil:
 			wait = 0
 			continue
+		case refusedBusy(err):
+			wait = t.backoff(wait)
 		case errors.Is(err, ErrAuth), errors.Is(err, ErrRefused), errors.Is(err, ErrVersion), errors.Is(err, ErrReflection):
 			// Retrying soon cannot help: wait the full interval.
 			wait = t.cfg.ConnectInterval
@@ -201,6 +203,37 @@ func (t *Transport) acceptLoop(ln net.Listener) {
 	}
 }
 
+// Bounds on incoming connections in their handshake, before the peer has
+// proved anything: a host past its share, or a listener past the total,
+// is refused as busy rather than given memory and goroutines. A genuine
+// peer needs two connections per session, four when dials cross.
+const (
+	maxHandshakesPerHost = 8
+	maxHandshakes        = 64
+)
+
+// enterHandshake counts an incoming connection into its handshake; false
+// when the bounds are reached.
+func (t *Transport) enterHandshake(host string) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.inbound >= maxHandshakes || t.inboundBy[host] >= maxHandshakesPerHost {
+		return false
+	}
+	t.inbound++
+	t.inboundBy[host]++
+	return true
+}
+
+func (t *Transport) leaveHandshake(host string) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.inbound--
+	if t.inboundBy[host]--; t.inboundBy[host] == 0 {
+		delete(t.inboundBy, host)
+	}
+}
+
 // serveConn runs the listener's side of one incoming connection.
 func (t *Transport) serveConn(conn net.Conn) {
 	remote := conn.RemoteAddr().String()
@@ -211,6 +244,15 @@ func (t *Transport) serveConn(conn net.Conn) {
 	}
 	defer t.untrack(conn) // when this returns the session owns it, or it is closed
 	conn.SetDeadline(time.Now().Add(t.cfg.HandshakeTimeout))
+	if !t.enterHandshake(host) {
+		if t.tls == nil { // inside TLS there is no one to tell yet
+			newHSConn(conn, t.codecs).refuse(refuseBusy, "too many connections in their handshake; try again")
+		}
+		conn.Close()
+		t.log.Warn("too many peer connections in their handshake; connection refused", "remote", remote)
+		return
+	}
+	defer t.leaveHandshake(host)
 	var tlsErr error
 	if t.tls != nil {
 		tc := tls.Server(conn, t.tls)
@@ -230,11 +272,15 @@ func (t *Transport) serveConn(conn net.Conn) {
 	if err != nil {
 		conn.Close()
 		t.noteErr(err)
-		if errors.Is(err, ErrAuth) || errors.Is(err, ErrPeerName) || errors.Is(err, ErrReflection) {
+		switch {
+		case countsAgainst(err):
 			t.stats.authFailures.Add(1)
 			t.block(host)
 			t.log.Warn("peer authentication failed; connection refused", "remote", remote, "err", err)
-		} else {
+		case errors.Is(err, ErrAuth), errors.Is(err, ErrPeerName), errors.Is(err, ErrVersion), errors.Is(err, ErrRefused):
+			t.stats.handshakeFailures.Add(1)
+			t.log.Warn("peer handshake refused", "remote", remote, "err", err)
+		default:
 			t.stats.handshakeFailures.Add(1)
 			t.log.Info("peer handshake failed", "remote", remote, "err", err)
 		}
@@ -379,19 +425,28 @@ func (t *Transport) admit(peer string) string {
 	return ""
 }
 
+// failMemory is how long an authentication failure counts towards the
+// hold-off: a host whose last failure is older starts again at 1 s.
+const failMemory = 10 * time.Minute
+
 // block delays further connections from a host after an authentication
-// failure: 1 s, doubling to 60 s.
+// failure: 1 s, doubling to 60 s with failures less than failMemory apart.
+// A session established from the host clears its record (install).
 func (t *Transport) block(host string) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	now := t.now()
 	b := t.blocked[host]
+	if now.Sub(b.last) > failMemory {
+		b.fails = 0
+	}
 	b.fails++
-	b.until = time.Now().Add(min(time.Second<<min(b.fails-1, 6), time.Minute))
+	b.last = now
+	b.until = now.Add(min(time.Second<<min(b.fails-1, 6), time.Minute))
 	t.blocked[host] = b
-	if len(t.blocked) > 1024 { // forget expired entries
-		now := time.Now()
+	if len(t.blocked) > 1024 { // forget what no longer counts
 		for h, x := range t.blocked {
-			if x.until.Before(now) {
+			if now.Sub(x.last) > failMemory {
 				delete(t.blocked, h)
 			}
 		}
@@ -402,5 +457,5 @@ func (t *Transport) isBlocked(host string) bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	b, ok := t.blocked[host]
-	return ok && time.Now().Before(b.until)
+	return ok && t.now().Before(b.until)
 }

@@ -2,6 +2,9 @@ package transport
 
 import (
 	"context"
+	"fmt"
+	"sync"
+	"time"
 
 	"golang.org/x/time/rate"
 )
@@ -10,7 +13,10 @@ import (
 // while it runs. Application replication never goes through it: only the
 // resync sender waits on it, so writes always come first.
 type Limiter struct {
-	l *rate.Limiter
+	// mu makes a chunk's size and its reservation one step against
+	// SetRate: a burst shrunk in between would fail the reservation.
+	mu sync.RWMutex
+	l  *rate.Limiter
 }
 
 // limiterBurst is the most a Limiter lets through at once: one 10th of a
@@ -28,6 +34,8 @@ func NewLimiter(bytesPerSec int64) *Limiter {
 
 // SetRate changes the rate; waiters adapt at once.
 func (lim *Limiter) SetRate(bytesPerSec int64) {
+	lim.mu.Lock()
+	defer lim.mu.Unlock()
 	if bytesPerSec <= 0 {
 		lim.l.SetLimit(rate.Inf)
 		return
@@ -44,14 +52,33 @@ func (lim *Limiter) Rate() int64 {
 	return int64(lim.l.Limit())
 }
 
-// Wait blocks until n bytes may be sent, or ctx ends.
+// Wait blocks until n bytes may be sent, or ctx ends. It waits in chunks
+// of at most the burst, so a rate change while it waits applies to the
+// rest at once.
 func (lim *Limiter) Wait(ctx context.Context, n int) error {
 	for n > 0 {
-		chunk := min(n, max(lim.l.Burst(), 1))
+		lim.mu.RLock()
 		if lim.l.Limit() == rate.Inf {
+			lim.mu.RUnlock()
 			return nil
 		}
-		if err := lim.l.WaitN(ctx, chunk); err != nil {
+		chunk := min(n, max(lim.l.Burst(), 1))
+		r := lim.l.ReserveN(time.Now(), chunk)
+		lim.mu.RUnlock()
+		if !r.OK() {
+			return fmt.Errorf("transport: rate limiter refused %d bytes", chunk) // cannot happen: chunk ≤ burst
+		}
+		if d := r.Delay(); d > 0 {
+			timer := time.NewTimer(d)
+			select {
+			case <-timer.C:
+			case <-ctx.Done():
+				timer.Stop()
+				r.Cancel()
+				return ctx.Err()
+			}
+		} else if err := ctx.Err(); err != nil {
+			r.Cancel()
 			return err
 		}
 		n -= chunk

@@ -2,6 +2,7 @@ package transport
 
 import (
 	"context"
+	"sync"
 	"testing"
 	"time"
 )
@@ -37,5 +38,52 @@ func TestLimiter_Pacing(t *testing.T) {
 	cancel()
 	if err := lim.Wait(ctx, 100<<20); err == nil {
 		t.Fatal("Wait ignored a cancelled context")
+	}
+}
+
+// TestLimiter_WaitChunks: Wait lets through more than one burst, in
+// chunks, at no more than the rate.
+func TestLimiter_WaitChunks(t *testing.T) {
+	lim := NewLimiter(10 << 20) // burst 1 MiB
+	ctx := context.Background()
+	if err := lim.Wait(ctx, lim.l.Burst()); err != nil { // empty the bucket
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if err := lim.Wait(ctx, 3<<20); err != nil {
+		t.Fatalf("waiting for three bursts: %v", err)
+	}
+	// A lower bound only: a slow machine makes it longer, never shorter.
+	if d := time.Since(start); d < 250*time.Millisecond {
+		t.Fatalf("3 MiB at 10 MiB/s passed in %v", d)
+	}
+}
+
+// TestLimiter_WaitWhileRateChanges: SetRate shrinking the burst while Wait
+// runs never makes Wait fail.
+func TestLimiter_WaitWhileRateChanges(t *testing.T) {
+	lim := NewLimiter(2 << 30)
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if i%2 == 0 {
+				lim.SetRate(256 << 20) // burst 25.6 MiB
+			} else {
+				lim.SetRate(2 << 30) // burst 205 MiB
+			}
+			time.Sleep(100 * time.Microsecond)
+		}
+	})
+	defer func() { close(stop); wg.Wait() }()
+	for i := range 20 {
+		if err := lim.Wait(context.Background(), 40<<20); err != nil {
+			t.Fatalf("wait %d: %v", i, err)
+		}
 	}
 }

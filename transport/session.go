@@ -88,8 +88,9 @@ type Session struct {
 	mu      sync.Mutex
 	err     error
 	wg      sync.WaitGroup
-	pong    chan uint64 // pongs received
-	pingIn  chan uint64 // pings received, to answer
+	pong    chan uint64   // pongs received
+	pingIn  chan uint64   // pings received, to answer
+	sent    chan struct{} // application data was sent: ping soon
 	pingSeq uint64
 }
 
@@ -167,6 +168,12 @@ func (s *Session) send(st Stream, typ Type, payload []byte) error {
 		s.fail(fmt.Errorf("send on the %s stream: %w", st, err))
 		return s.Err()
 	}
+	if typ >= FirstAppType {
+		select {
+		case s.sent <- struct{}{}:
+		default:
+		}
+	}
 	s.t.stats.framesSent.Add(1)
 	s.t.stats.payloadSent.Add(uint64(len(payload)))
 	s.t.stats.wireSent.Add(uint64(len(b)))
@@ -239,16 +246,34 @@ func (s *Session) readLoop(str *stream) {
 	}
 }
 
-// pinger sends a ping every ping interval, fails the session when one is
-// not answered within the ping timeout, and answers the peer's pings. It
-// is the only goroutine that writes pings and pongs: a reader never
-// writes, so two nodes busy writing to each other cannot deadlock.
+// trafficPingGap is the least time between two pings while the
+// application sends: data written into a silently cut link sits in socket
+// buffers without an error, so traffic makes the pinger check the link
+// about once a second rather than once per ping interval.
+const trafficPingGap = time.Second
+
+// pinger sends a ping every ping interval, and at most every
+// trafficPingGap while application frames are being sent; it fails the
+// session when a ping is not answered within the ping timeout, and answers
+// the peer's pings. It is the only goroutine that writes pings and pongs:
+// a reader never writes, so two nodes busy writing to each other cannot
+// deadlock.
 func (s *Session) pinger() {
 	tick := time.NewTicker(s.t.cfg.PingInterval)
 	defer tick.Stop()
 	timeout := time.NewTimer(time.Hour)
 	timeout.Stop()
 	awaiting := false
+	var last time.Time // when the last ping was sent
+	ping := func() bool {
+		s.pingSeq++
+		if s.send(Control, typePing, binary.BigEndian.AppendUint64(nil, s.pingSeq)) != nil {
+			return false
+		}
+		awaiting, last = true, time.Now()
+		timeout.Reset(s.t.cfg.PingTimeout)
+		return true
+	}
 	for {
 		select {
 		case <-s.done:
@@ -263,15 +288,13 @@ func (s *Session) pinger() {
 				timeout.Stop()
 			}
 		case <-tick.C:
-			if awaiting {
-				continue
-			}
-			s.pingSeq++
-			if s.send(Control, typePing, binary.BigEndian.AppendUint64(nil, s.pingSeq)) != nil {
+			if !awaiting && !ping() {
 				return
 			}
-			awaiting = true
-			timeout.Reset(s.t.cfg.PingTimeout)
+		case <-s.sent:
+			if !awaiting && time.Since(last) >= trafficPingGap && !ping() {
+				return
+			}
 		case <-timeout.C:
 			if awaiting {
 				s.fail(fmt.Errorf("%w (%v)", ErrPingTimeout, s.t.cfg.PingTimeout))

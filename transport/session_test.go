@@ -170,11 +170,7 @@ func TestSession_CrossedDialsOverTCP(t *testing.T) {
 
 func TestSession_ReconnectAfterBreak(t *testing.T) {
 	a, b := configs("k")
-	l, err := NewLink(a, b)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
+	l := newLink(t, a, b)
 	sa, _ := sessions(t, l.A, l.B)
 	l.Break()
 	select {

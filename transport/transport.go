@@ -108,6 +108,8 @@ type Transport struct {
 	abortDial   bool
 	pending     map[[sessionIDSize]byte]*pendingSession
 	handshaking map[net.Conn]struct{} // connections not yet in a session
+	inbound     int                   // incoming connections in their handshake (≤ maxHandshakes)
+	inboundBy   map[string]int        // the same per host (≤ maxHandshakesPerHost)
 	blocked     map[string]blockState
 	next        chan *Session
 	lastErr     error
@@ -116,6 +118,8 @@ type Transport struct {
 	stats counters
 	// dial opens a connection to the peer; tests replace it.
 	dial func(ctx context.Context) (net.Conn, error)
+	// now is the clock of the hold-off (block); tests replace it.
+	now func() time.Time
 }
 
 // pendingSession is the meeting point of a session's two streams on the
@@ -130,9 +134,11 @@ type controlArrival struct {
 	inst uint64
 }
 
+// blockState is a host's record of authentication failures.
 type blockState struct {
-	until time.Time
-	fails int
+	until time.Time // connections are refused until then
+	last  time.Time // the latest failure
+	fails int       // failures, none more than failMemory apart
 }
 
 // Defaults, as DRBD's (reference/drbd.md §12).
@@ -177,8 +183,8 @@ func New(cfg Config) (*Transport, error) {
 	setDefault(&cfg.HandshakeTimeout, DefaultHandshakeTimeout)
 	t := &Transport{cfg: cfg, comp: cfg.Compression, types: map[Type]bool{},
 		pending: map[[sessionIDSize]byte]*pendingSession{}, blocked: map[string]blockState{},
-		handshaking: map[net.Conn]struct{}{},
-		next:        make(chan *Session, 1)}
+		handshaking: map[net.Conn]struct{}{}, inboundBy: map[string]int{},
+		next: make(chan *Session, 1)}
 	for _, typ := range cfg.Types {
 		if typ < FirstAppType {
 			return nil, fmt.Errorf("transport: type %d is reserved (application types start at %d)", typ, FirstAppType)
@@ -202,6 +208,7 @@ func New(cfg Config) (*Transport, error) {
 	}
 	t.ctx, t.cancel = context.WithCancel(context.Background())
 	t.dial = t.dialTCP
+	t.now = time.Now
 	return t, nil
 }
 
@@ -352,7 +359,12 @@ func (t *Transport) install(s *Session) {
 		return
 	}
 	old := t.current
+	s.since = time.Now() // before Stats can see s
 	t.current = s
+	// The peer proved itself: its host's failures are forgiven.
+	if host, _, err := net.SplitHostPort(s.remote); err == nil {
+		delete(t.blocked, host)
+	}
 	t.mu.Unlock()
 	if old != nil {
 		old.fail(ErrReplaced)
@@ -361,10 +373,17 @@ func (t *Transport) install(s *Session) {
 	if n > 1 {
 		t.stats.reconnects.Add(1)
 	}
-	s.since = time.Now()
 	s.start()
 	t.log.Info("session established", "remote", s.remote, "dialed", s.dialed,
 		"authenticated", t.cfg.Secret != nil, "tls", t.tls != nil)
+	// Drain and send under mu, so that installs cannot interleave: after
+	// the drain the channel is empty and only installs send, so the send
+	// never blocks. A session already replaced or ended is not offered.
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.current != s {
+		return
+	}
 	select {
 	case stale := <-t.next:
 		_ = stale // replaced before anyone took it; it is closed already
@@ -376,7 +395,7 @@ func (t *Transport) install(s *Session) {
 func (t *Transport) newSession(id [sessionIDSize]byte, peer, remote string, inst uint64, dialed bool, data, control *stream) *Session {
 	return &Session{t: t, id: id, peer: peer, remote: remote, peerInst: inst, dialed: dialed,
 		streams: [2]*stream{data, control}, done: make(chan struct{}), pong: make(chan uint64, 1),
-		pingIn: make(chan uint64, 1)}
+		pingIn: make(chan uint64, 1), sent: make(chan struct{}, 1)}
 }
 
 // backoff returns the next wait between attempts: doubling from 200 ms to
@@ -403,7 +422,7 @@ func sleepCtx(ctx context.Context, d time.Duration) bool {
 func (t *Transport) tlsConfig() *tls.Config {
 	verify := func(cs tls.ConnectionState) error {
 		if len(cs.PeerCertificates) == 0 {
-			return errors.New("transport: the peer presented no certificate")
+			return &authFailure{errors.New("transport: the peer presented no certificate")}
 		}
 		inter := x509.NewCertPool()
 		for _, c := range cs.PeerCertificates[1:] {
@@ -418,7 +437,7 @@ func (t *Transport) tlsConfig() *tls.Config {
 			}
 			lastErr = err
 		}
-		return fmt.Errorf("transport: the peer's certificate is not valid for node %s: %w", t.cfg.Peer[0], lastErr)
+		return &authFailure{fmt.Errorf("transport: the peer's certificate is not valid for node %s: %w", t.cfg.Peer[0], lastErr)}
 	}
 	return &tls.Config{
 		MinVersion:         tls.VersionTLS13,
