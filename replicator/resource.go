@@ -1,0 +1,496 @@
+package replicator
+
+import (
+	"crypto/rand"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"sync"
+	"sync/atomic"
+
+	"github.com/nbdmirror/nbdmirror/blockdev"
+	"github.com/nbdmirror/nbdmirror/metadisk"
+	"github.com/nbdmirror/nbdmirror/replicator/config"
+)
+
+// Options configure a Resource.
+type Options struct {
+	Config *config.Resource
+	Node   string // this node's name: selects the `on` section
+	Minor  int    // the resource's number in the status file
+	Logger *slog.Logger
+	// HeldOpen returns who holds the resource open (NBD clients by
+	// address, a kernel device): demotion is refused while anyone does.
+	HeldOpen func() []string
+	// OnChange is called, outside any lock, after every state change.
+	OnChange func()
+}
+
+// Resource is one replicated disk on this node: its role, its disk and
+// connection states, the metadata and the write path. It satisfies
+// nbd.Backend: reads and writes are served only while it is Primary.
+// All methods are safe for concurrent use.
+type Resource struct {
+	name   string
+	minor  int
+	cfg    *config.Resource
+	host   *config.Host
+	peer   string
+	log    *slog.Logger
+	held   func() []string
+	change func()
+
+	// admin serialises state changes (attach, detach, promote, …), which
+	// may wait for I/O; mu guards the fields below and is never held
+	// across I/O.
+	admin sync.Mutex
+	mu    sync.Mutex
+	idle  sync.Cond // signalled when inflight drops to 0
+	role  Role
+	disk  DiskState
+	conn  ConnState
+	// inflight counts requests between beginIO and endIO; the disk and
+	// metadata stay open while it is above 0.
+	inflight int
+	mdev     *MetaDevice
+	md       *metadisk.Meta
+	dev      *blockdev.Device
+	size     atomic.Int64 // bytes of data; 0 while Diskless
+
+	written, read atomic.Uint64 // bytes written to and read from the disk, since attach
+	local         atomic.Int64  // requests in flight on the disk
+}
+
+// New returns the resource described by o, Diskless, Secondary and
+// StandAlone (down).
+func New(o Options) (*Resource, error) {
+	host, err := o.Config.Host(o.Node)
+	if err != nil {
+		return nil, err
+	}
+	r := &Resource{name: o.Config.Name, minor: o.Minor, cfg: o.Config, host: host, held: o.HeldOpen,
+		change: o.OnChange, log: o.Logger, role: RoleSecondary, disk: Diskless, conn: StandAlone}
+	if p, err := o.Config.Peer(o.Node); err == nil {
+		r.peer = p.Name()
+	}
+	if r.log == nil {
+		r.log = slog.New(slog.DiscardHandler)
+	}
+	r.log = r.log.With("resource", r.name)
+	if r.held == nil {
+		r.held = func() []string { return nil }
+	}
+	if r.change == nil {
+		r.change = func() {}
+	}
+	r.idle.L = &r.mu
+	return r, nil
+}
+
+// Name returns the resource's name.
+func (r *Resource) Name() string { return r.name }
+
+// Role returns this node's role.
+func (r *Resource) Role() Role {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.role
+}
+
+// StateError is a refused state change or admin request, with DRBD's
+// code and text (reference/drbd.md §11.2).
+type StateError struct {
+	Resource string
+	Code     int    // DRBD's: negative for a state change, positive for a failure
+	Text     string // DRBD's text for the code
+	Detail   string // what this case adds (who holds the device, …)
+}
+
+func (e *StateError) Error() string {
+	kind := "State change failed"
+	if e.Code > 0 {
+		kind = "Failure"
+	}
+	s := fmt.Sprintf("%s: %s: (%d) %s", e.Resource, kind, e.Code, e.Text)
+	if e.Detail != "" {
+		s += " (" + e.Detail + ")"
+	}
+	return s
+}
+
+// NoUpToDateData reports whether the refusal is DRBD's −2, "Need access
+// to UpToDate data" (exit code 17).
+func (e *StateError) NoUpToDateData() bool { return e.Code == codeNoUpToDate }
+
+// DRBD's codes used here (reference/drbd.md §11.2).
+const (
+	codeNoUpToDate = -2
+	codeInUse      = -12
+	codeDiskless   = -11
+	codeAttached   = 124
+)
+
+var stateTexts = map[int]string{
+	codeNoUpToDate: "Need access to UpToDate data",
+	codeDiskless:   "Device is diskless, the requested operation requires a disk",
+	codeInUse:      "Device is held open by someone",
+	codeAttached:   "Device is attached to a disk (use detach first)",
+}
+
+func (r *Resource) refuse(code int, detail string) error {
+	return &StateError{Resource: r.name, Code: code, Text: stateTexts[code], Detail: detail}
+}
+
+// setState logs a state change DRBD's way, e.g. "role( Secondary ->
+// Primary ) disk( Inconsistent -> UpToDate )"; call with mu held.
+func (r *Resource) setState(role Role, disk DiskState) {
+	var parts []string
+	if role != r.role {
+		parts = append(parts, fmt.Sprintf("role( %s -> %s )", r.role, role))
+	}
+	if disk != r.disk {
+		parts = append(parts, fmt.Sprintf("disk( %s -> %s )", r.disk, disk))
+	}
+	if len(parts) == 0 {
+		return
+	}
+	r.role, r.disk = role, disk
+	r.log.Info(strings.Join(parts, " "))
+}
+
+// Attach opens the disk and its metadata, applies the activity log if
+// the last stop was unclean, and sets the disk state from the metadata
+// flags (reference/drbd.md §3.3).
+func (r *Resource) Attach() error {
+	r.admin.Lock()
+	defer r.admin.Unlock()
+	r.mu.Lock()
+	disk := r.disk
+	r.mu.Unlock()
+	if disk != Diskless {
+		return r.refuse(codeAttached, "")
+	}
+	r.mu.Lock()
+	r.setState(r.role, Attaching)
+	r.mu.Unlock()
+	err := r.attach()
+	if err != nil {
+		r.mu.Lock()
+		r.setState(r.role, Diskless)
+		r.mu.Unlock()
+	}
+	r.change()
+	return err
+}
+
+func (r *Resource) attach() (err error) {
+	mdev, err := OpenMetaDevice(r.host, true)
+	if err != nil {
+		return fmt.Errorf("%s: attach: %w", r.name, err)
+	}
+	defer func() {
+		if err != nil {
+			mdev.Close()
+		}
+	}()
+	md, err := metadisk.Open(mdev.File, mdev.Layout, metadisk.Options{Logger: r.log,
+		ALExtents: r.cfg.Disk.ALExtents, NoFlush: !r.cfg.Disk.MDFlushes})
+	if err != nil {
+		return fmt.Errorf("%s: attach: metadata on %s: %w", r.name, mdev.Path, err)
+	}
+	defer func() {
+		if err != nil {
+			md.Abandon()
+		}
+	}()
+	if sb := md.Superblock(); sb.Resource != r.name {
+		return fmt.Errorf("%s: attach: %w: the metadata on %s belongs to resource %s", r.name, metadisk.ErrMismatch, mdev.Path, sb.Resource)
+	}
+	rec := md.Recovery()
+	if err := md.Activate(); err != nil {
+		return fmt.Errorf("%s: attach: metadata on %s: %w", r.name, mdev.Path, err)
+	}
+	if rec = md.Recovery(); rec.Applied {
+		r.log.Warn("the last stop was unclean: activity log applied", "extents", len(rec.ALActive),
+			"blocks_marked", rec.AppliedBlocks, "al_transaction", rec.ALSeq)
+	}
+	dev, err := blockdev.Open(r.host.Disk, false)
+	if err != nil {
+		return fmt.Errorf("%s: attach: %w", r.name, err)
+	}
+	size := mdev.Layout.DataSize
+	if dev.Size() < size {
+		dev.Close()
+		return fmt.Errorf("%s: attach: %s holds %d bytes, the metadata describes %d: %w", r.name, r.host.Disk, dev.Size(), size, metadisk.ErrMismatch)
+	}
+	sb := md.Superblock()
+	disk := Outdated
+	switch {
+	case sb.Flags&metadisk.FlagConsistent == 0:
+		disk = Inconsistent
+	case sb.Flags&metadisk.FlagWasUpToDate != 0:
+		disk = Consistent
+		// With fencing dont-care (the default) a Consistent disk is
+		// UpToDate at once, as DRBD's; otherwise only when the peer is
+		// known to be outdated.
+		if f := r.cfg.Disk.Fencing; f == "" || f == "dont-care" || sb.Flags&metadisk.FlagPeerOutdated != 0 {
+			disk = UpToDate
+		}
+	}
+	r.mu.Lock()
+	r.mdev, r.md, r.dev = mdev, md, dev
+	r.written.Store(0)
+	r.read.Store(0)
+	r.size.Store(size)
+	r.setState(r.role, disk)
+	r.mu.Unlock()
+	r.log.Info("attached", "disk", r.host.Disk, "meta_disk", mdev.Path, "size", size,
+		"out_of_sync_bytes", md.OutOfSync()*4096)
+	return nil
+}
+
+// Detach closes the disk cleanly: in-flight requests finish, the bitmap is
+// written and the metadata marked clean. A Primary cannot detach: without
+// a peer it would have no data.
+func (r *Resource) Detach() error {
+	r.admin.Lock()
+	defer r.admin.Unlock()
+	return r.detach()
+}
+
+func (r *Resource) detach() error {
+	r.mu.Lock()
+	switch {
+	case r.disk == Diskless:
+		r.mu.Unlock()
+		return nil
+	case r.role == RolePrimary:
+		r.mu.Unlock()
+		return r.refuse(codeNoUpToDate, "a Primary without a peer cannot give up its disk: demote it first")
+	}
+	for r.inflight > 0 {
+		r.idle.Wait()
+	}
+	md, dev, mdev := r.md, r.dev, r.mdev
+	r.md, r.dev, r.mdev = nil, nil, nil
+	r.size.Store(0)
+	r.setState(r.role, Diskless)
+	r.mu.Unlock()
+	defer r.change()
+	errMD := md.Close()
+	errDev := dev.Close()
+	mdev.Close()
+	if err := errors.Join(errMD, errDev); err != nil {
+		return fmt.Errorf("%s: detach: %w", r.name, err)
+	}
+	r.log.Info("detached")
+	return nil
+}
+
+// Down demotes (refused while the device is held open) and detaches.
+func (r *Resource) Down() error {
+	r.admin.Lock()
+	defer r.admin.Unlock()
+	if err := r.secondary(); err != nil {
+		return err
+	}
+	return r.detach()
+}
+
+// Primary promotes this node. Without a peer, the disk must be UpToDate;
+// force makes an Inconsistent, Outdated or Consistent disk UpToDate
+// (DRBD's `primary --force`). Promotion while disconnected starts a new
+// data generation (a new current UUID) unless the bitmap UUID is set.
+func (r *Resource) Primary(force bool) error {
+	r.admin.Lock()
+	defer r.admin.Unlock()
+	r.mu.Lock()
+	role, disk, md := r.role, r.disk, r.md
+	r.mu.Unlock()
+	if role == RolePrimary {
+		return nil
+	}
+	switch {
+	case disk == UpToDate:
+	case force && disk >= Inconsistent && disk <= Consistent:
+		r.log.Warn("Forced to consider local data as UpToDate!")
+	default:
+		detail := fmt.Sprintf("local disk %s, no peer", disk)
+		if disk >= Inconsistent && disk <= Consistent {
+			detail += "; 'primary --force' makes this node's data the valid copy"
+		}
+		return r.refuse(codeNoUpToDate, detail)
+	}
+	err := md.UpdateSuperblock(func(sb *metadisk.Superblock) {
+		if force || sb.UUIDs.Bitmap == 0 {
+			newCurrent(sb)
+		}
+		sb.UUIDs.Current |= 1
+		sb.Flags |= metadisk.FlagPrimary | metadisk.FlagConsistent | metadisk.FlagWasUpToDate
+	})
+	if err != nil {
+		return fmt.Errorf("%s: promote: write the metadata: %w", r.name, err)
+	}
+	r.mu.Lock()
+	r.setState(RolePrimary, UpToDate)
+	r.mu.Unlock()
+	r.change()
+	return nil
+}
+
+// Secondary demotes this node; refused while anyone holds the device open.
+func (r *Resource) Secondary() error {
+	r.admin.Lock()
+	defer r.admin.Unlock()
+	return r.secondary()
+}
+
+func (r *Resource) secondary() error {
+	r.mu.Lock()
+	role := r.role
+	r.mu.Unlock()
+	if role != RolePrimary {
+		return nil
+	}
+	if by := r.held(); len(by) > 0 {
+		return r.refuse(codeInUse, heldBy(by))
+	}
+	r.mu.Lock()
+	r.setState(RoleSecondary, r.disk)
+	for r.inflight > 0 {
+		r.idle.Wait()
+	}
+	md := r.md
+	r.mu.Unlock()
+	defer r.change()
+	if md == nil {
+		return nil
+	}
+	if err := md.UpdateSuperblock(func(sb *metadisk.Superblock) {
+		sb.UUIDs.Current &^= 1
+		sb.Flags &^= metadisk.FlagPrimary
+	}); err != nil {
+		return fmt.Errorf("%s: demote: write the metadata: %w", r.name, err)
+	}
+	return nil
+}
+
+// heldBy describes who holds the device: "2 NBD clients: a, b".
+func heldBy(by []string) string {
+	n := fmt.Sprintf("%d NBD clients", len(by))
+	if len(by) == 1 {
+		n = "1 NBD client"
+	}
+	return n + ": " + strings.Join(by, ", ")
+}
+
+// NewCurrentUUID starts a new data generation (DRBD's new-current-uuid):
+// the bitmap UUID goes to the history, the current one becomes the
+// bitmap UUID and a fresh current UUID is drawn. With clearBitmap every
+// block is marked in sync.
+func (r *Resource) NewCurrentUUID(clearBitmap bool) error {
+	r.admin.Lock()
+	defer r.admin.Unlock()
+	r.mu.Lock()
+	md := r.md
+	r.mu.Unlock()
+	if md == nil {
+		return r.refuse(codeDiskless, "")
+	}
+	if clearBitmap {
+		if n := md.MarkInSync(0, r.size.Load()); n > 0 {
+			r.log.Warn("bitmap cleared: blocks marked in sync", "blocks", n)
+		}
+		if err := md.FlushBitmap(); err != nil {
+			return fmt.Errorf("%s: new-current-uuid: %w", r.name, err)
+		}
+	}
+	if err := md.UpdateSuperblock(newCurrent); err != nil {
+		return fmt.Errorf("%s: new-current-uuid: %w", r.name, err)
+	}
+	r.change()
+	return nil
+}
+
+// newCurrent rotates the UUIDs as DRBD's new-current-uuid does and keeps
+// the role bit (bit 0) of the current UUID.
+func newCurrent(sb *metadisk.Superblock) {
+	u := &sb.UUIDs
+	if u.Bitmap != 0 {
+		u.History[1], u.History[0] = u.History[0], u.Bitmap
+	}
+	u.Bitmap = u.Current
+	u.Current = randomUUID() | u.Current&1
+}
+
+func randomUUID() uint64 {
+	for {
+		var b [8]byte
+		rand.Read(b[:])
+		// Bit 0 is the role; 0 and UUIDJustCreated mean something else.
+		if v := binary.BigEndian.Uint64(b[:]) &^ 1; v > metadisk.UUIDJustCreated {
+			return v
+		}
+	}
+}
+
+// Invalidate discards this node's data (DRBD's invalidate): without a
+// connection every block is marked out of sync and the disk becomes
+// Inconsistent, to be fully resynchronised from the peer.
+func (r *Resource) Invalidate() error {
+	r.admin.Lock()
+	defer r.admin.Unlock()
+	r.mu.Lock()
+	md, role := r.md, r.role
+	r.mu.Unlock()
+	switch {
+	case md == nil:
+		return r.refuse(codeDiskless, "")
+	case role == RolePrimary:
+		return r.refuse(codeNoUpToDate, "a Primary without a peer cannot discard its data: demote it first")
+	}
+	n := md.MarkOutOfSync(0, r.size.Load())
+	if err := md.FlushBitmap(); err != nil {
+		return fmt.Errorf("%s: invalidate: %w", r.name, err)
+	}
+	if err := md.UpdateSuperblock(func(sb *metadisk.Superblock) {
+		sb.Flags &^= metadisk.FlagConsistent | metadisk.FlagWasUpToDate
+	}); err != nil {
+		return fmt.Errorf("%s: invalidate: %w", r.name, err)
+	}
+	r.log.Warn("invalidated: every block marked out of sync", "blocks_newly_marked", n)
+	r.mu.Lock()
+	r.setState(r.role, Inconsistent)
+	r.mu.Unlock()
+	r.change()
+	return nil
+}
+
+// Snapshot returns the resource's state now.
+func (r *Resource) Snapshot() Snapshot {
+	r.mu.Lock()
+	s := Snapshot{Name: r.name, Minor: r.minor, Peer: r.peer, Role: r.role, PeerRole: RoleUnknown,
+		Conn: r.conn, Disk: r.disk, PeerDisk: DUnknown}
+	md, inflight := r.md, r.inflight
+	r.mu.Unlock()
+	s.Counters = Counters{DW: r.written.Load() / 1024, DR: r.read.Load() / 1024,
+		LO: r.local.Load(), AP: int64(inflight), WO: 'f'}
+	if !r.cfg.Disk.DiskFlushes {
+		s.Counters.WO = 'd'
+	}
+	if s.Conn >= Unconnected {
+		s.Protocol = r.cfg.Net.Protocol
+	}
+	if md != nil {
+		st := md.Stats()
+		s.Counters.AL, s.Counters.BM = st.ALTransactions, st.BitmapWrites
+		s.OutOfSyncBytes = md.OutOfSync() * 4096
+		sb := md.Superblock()
+		s.UUIDs = UUIDs{Current: sb.UUIDs.Current, Bitmap: sb.UUIDs.Bitmap, History: sb.UUIDs.History}
+		s.SizeBytes = r.size.Load()
+	}
+	s.Clients = r.held()
+	return s
+}
