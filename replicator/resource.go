@@ -476,7 +476,7 @@ func (r *Resource) Snapshot() Snapshot {
 	md, inflight := r.md, r.inflight
 	r.mu.Unlock()
 	s.Counters = Counters{DW: r.written.Load() / 1024, DR: r.read.Load() / 1024,
-		LO: r.local.Load(), AP: int64(inflight), WO: 'f'}
+		LO: r.local.Load(), AP: int64(inflight), EP: 1, WO: 'f'}
 	if !r.cfg.Disk.DiskFlushes {
 		s.Counters.WO = 'd'
 	}
@@ -493,4 +493,62 @@ func (r *Resource) Snapshot() Snapshot {
 	}
 	s.Clients = r.held()
 	return s
+}
+
+// Stop takes the resource down for a daemon shutdown: whoever holds it
+// open, it stops taking requests, waits for those in flight, flushes the
+// disk, writes the bitmap and marks the metadata clean. The role is
+// recorded as Secondary: the next start comes up Secondary, as DRBD does.
+func (r *Resource) Stop() error {
+	r.admin.Lock()
+	defer r.admin.Unlock()
+	r.mu.Lock()
+	dev := r.dev
+	if r.role == RolePrimary {
+		r.setState(RoleSecondary, r.disk)
+	}
+	for r.inflight > 0 {
+		r.idle.Wait()
+	}
+	md := r.md
+	r.mu.Unlock()
+	if md == nil {
+		return nil
+	}
+	var errs []error
+	if err := dev.Flush(); err != nil {
+		errs = append(errs, fmt.Errorf("flush the disk: %w", err))
+	}
+	if err := md.UpdateSuperblock(func(sb *metadisk.Superblock) {
+		sb.UUIDs.Current &^= 1
+		sb.Flags &^= metadisk.FlagPrimary
+	}); err != nil {
+		errs = append(errs, err)
+	}
+	if err := r.detach(); err != nil {
+		errs = append(errs, err)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("%s: stop: %w", r.name, err)
+	}
+	return nil
+}
+
+// Abandon drops the disk and the metadata at once, writing nothing, as a
+// crash would: the next attach applies the activity log. Requests in
+// flight may fail. It is the second-signal stop of the daemon.
+func (r *Resource) Abandon() {
+	r.mu.Lock()
+	md, dev, mdev := r.md, r.dev, r.mdev
+	r.md, r.dev, r.mdev = nil, nil, nil
+	r.size.Store(0)
+	r.role, r.disk = RoleSecondary, Diskless
+	r.mu.Unlock()
+	if md == nil {
+		return
+	}
+	md.Abandon()
+	dev.Close()
+	mdev.Close()
+	r.log.Warn("abandoned: the metadata is left unclean; the activity log is applied at the next attach")
 }

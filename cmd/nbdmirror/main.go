@@ -120,9 +120,9 @@ func (m *Main) app() *cli.App {
 		ExitErrHandler:  func(*cli.Context, error) {}, // Run maps errors to codes
 		OnUsageError:    usageError,
 		Flags:           m.globalFlags(),
-		Commands: commands(append([]*cli.Command{
-			m.serveCommand(),
-		}, m.offlineCommands()...)...),
+		Commands: commands(append(append([]*cli.Command{
+			m.serveCommand(), m.daemonCommand(),
+		}, m.adminCommands()...), m.offlineCommands()...)...),
 	}
 }
 

@@ -1,0 +1,549 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"runtime/debug"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/urfave/cli/v2"
+	"golang.org/x/sys/unix"
+
+	"github.com/nbdmirror/nbdmirror/nbd"
+	"github.com/nbdmirror/nbdmirror/replicator"
+	"github.com/nbdmirror/nbdmirror/replicator/config"
+	"github.com/nbdmirror/nbdmirror/transport"
+)
+
+func (m *Main) daemonCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "daemon",
+		Usage:     "run the node daemon in the foreground",
+		ArgsUsage: " ",
+		Description: "Serves every configured resource of this node: the control socket " +
+			"<run-dir>/control.sock for the admin verbs, the status file <run-dir>/status, and NBD " +
+			"exports named after the resources while they are Primary. Resources start down unless " +
+			"--up names them. SIGINT or SIGTERM stops gracefully (requests in flight finish, disks are " +
+			"flushed, bitmaps written, metadata marked clean); a second signal stops at once, leaving " +
+			"the metadata to be recovered from the activity log.",
+		Flags: []cli.Flag{
+			&cli.StringSliceFlag{Name: "nbd-listen", EnvVars: []string{"NBDMIRROR_NBD_LISTEN"},
+				Usage: "serve NBD on `ADDR`: unix:PATH or HOST:PORT (repeatable; default unix:<run-dir>/nbd.sock)"},
+			&cli.StringSliceFlag{Name: "up", Usage: "bring `RES` up at start (repeatable; all for every resource)"},
+		},
+		Action: m.daemon,
+	}
+}
+
+// daemon is the node daemon: resources, the NBD server, the control
+// socket, the status file and the event stream.
+type daemon struct {
+	log     *slog.Logger
+	cfg     *config.Config
+	node    string
+	runDir  string
+	res     []*resource // in configuration order
+	srv     *nbd.Server
+	events  broadcaster
+	kick    chan struct{} // the status file is due
+	started time.Time
+}
+
+// resource is one configured resource in the daemon.
+type resource struct {
+	*replicator.Resource
+	cfg    *config.Resource
+	export *nbd.Export
+	device string // kernel NBD device attached while Primary ("" = none)
+
+	mu     sync.Mutex
+	attach *nbd.Attachment
+}
+
+func (m *Main) daemon(c *cli.Context) error {
+	if c.NArg() > 0 {
+		return failf(ExitUsage, "nbdmirror daemon: unexpected argument %q (resources to bring up go with --up)", c.Args().First())
+	}
+	log, err := m.logger(c)
+	if err != nil {
+		return err
+	}
+	cfg, node, err := m.loadConfig(c)
+	if err != nil {
+		return err
+	}
+	d := &daemon{log: log, cfg: cfg, node: node, runDir: c.String("run-dir"), kick: make(chan struct{}, 1),
+		started: time.Now()}
+	for i, rc := range cfg.Resources {
+		host, err := rc.Host(node)
+		if err != nil {
+			return fail(ExitConfigInvalid, err)
+		}
+		dr := &resource{cfg: rc, device: host.Device}
+		dr.Resource, err = replicator.New(replicator.Options{Config: rc, Node: node, Minor: i, Logger: log,
+			HeldOpen: func() []string { return d.heldOpen(dr) },
+			OnChange: func() { d.changed(dr) }})
+		if err != nil {
+			return fail(ExitConfigInvalid, err)
+		}
+		dr.export = &nbd.Export{Name: rc.Name, Backend: dr.Resource, MultiConn: true,
+			Description: "nbdmirror resource " + rc.Name}
+		d.res = append(d.res, dr)
+	}
+	up := c.StringSlice("up")
+	for _, name := range up {
+		if name != "all" && d.lookup(name) == nil {
+			return failf(ExitConfigInvalid, "nbdmirror daemon: --up %s: no resource %s in %s", name, name, cfg.Files[0])
+		}
+	}
+	if err := os.MkdirAll(d.runDir, 0o755); err != nil {
+		return failf(ExitFailed, "nbdmirror daemon: run directory: %v", err)
+	}
+	ctl, err := listenUnix(filepath.Join(d.runDir, "control.sock"))
+	if err != nil {
+		return failf(ExitFailed, "nbdmirror daemon: control socket: %v", err)
+	}
+	if err := os.Chmod(filepath.Join(d.runDir, "control.sock"), 0o600); err != nil {
+		ctl.Close()
+		return failf(ExitFailed, "nbdmirror daemon: control socket: %v", err)
+	}
+	addrs := c.StringSlice("nbd-listen")
+	if len(addrs) == 0 {
+		addrs = []string{"unix:" + filepath.Join(d.runDir, "nbd.sock")}
+	}
+	var nbdLs []net.Listener
+	for _, a := range addrs {
+		l, err := listen(a)
+		if err != nil {
+			ctl.Close()
+			for _, l := range nbdLs {
+				l.Close()
+			}
+			return failf(ExitFailed, "nbdmirror daemon: NBD: %v", err)
+		}
+		nbdLs = append(nbdLs, l)
+	}
+	d.srv = &nbd.Server{Catalog: d, Logger: log}
+	return d.run(c.Context, ctl, nbdLs, up)
+}
+
+// run serves until a signal, then stops.
+func (d *daemon) run(ctx context.Context, ctl net.Listener, nbdLs []net.Listener, up []string) error {
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
+	defer signal.Stop(sigs)
+
+	var wg sync.WaitGroup
+	errc := make(chan error, len(nbdLs)+1)
+	for _, l := range nbdLs {
+		wg.Go(func() { errc <- d.srv.Serve(l) })
+	}
+	api := &http.Server{Handler: d.handler(), ReadHeaderTimeout: 10 * time.Second,
+		ErrorLog: slog.NewLogLogger(d.log.Handler(), slog.LevelWarn)}
+	wg.Go(func() { errc <- api.Serve(ctl) })
+	stopStatus := make(chan struct{})
+	wg.Go(func() { d.statusLoop(stopStatus) })
+
+	for _, name := range up {
+		for _, r := range d.select_(name) {
+			if err := r.up(); err != nil {
+				d.log.Error("bringing the resource up failed", "resource", r.Name(), "err", err)
+			}
+		}
+	}
+	listen := make([]string, 0, len(nbdLs))
+	for _, l := range nbdLs {
+		listen = append(listen, l.Addr().Network()+":"+l.Addr().String())
+	}
+	d.log.Info("daemon ready", "node", d.node, "resources", len(d.res), "control", ctl.Addr().String(),
+		"nbd", strings.Join(listen, ","), "version", version())
+	notify(d.log, "READY=1\nSTATUS=serving "+fmt.Sprint(len(d.res))+" resources")
+
+	var serveErr error
+	select {
+	case sig := <-sigs:
+		d.log.Info("shutting down", "signal", sig.String())
+	case <-ctx.Done():
+	case serveErr = <-errc:
+		d.log.Error("a listener failed; shutting down", "err", serveErr)
+	}
+	notify(d.log, "STOPPING=1")
+	sctx, cancel := context.WithTimeout(context.Background(), shutdownGrace)
+	defer cancel()
+	hard := make(chan struct{})
+	stopWatch := make(chan struct{})
+	wg.Go(func() {
+		select {
+		case sig := <-sigs:
+			d.log.Warn("second signal: stopping at once", "signal", sig.String())
+			close(hard)
+			cancel()
+		case <-stopWatch:
+		}
+	})
+	api.Close()
+	for _, r := range d.res {
+		r.detachDevice(sctx)
+	}
+	if err := d.srv.Shutdown(sctx); err != nil {
+		d.log.Warn("graceful NBD shutdown cut short", "err", err)
+		d.srv.Close()
+	}
+	var stopErr error
+	for _, r := range d.res {
+		select {
+		case <-hard:
+			r.Abandon()
+			continue
+		default:
+		}
+		if err := r.Stop(); err != nil {
+			d.log.Error("stopping the resource failed", "resource", r.Name(), "err", err)
+			stopErr = err
+		}
+	}
+	close(stopWatch)
+	close(stopStatus)
+	d.events.close()
+	wg.Wait()
+	os.Remove(filepath.Join(d.runDir, "status"))
+	if serveErr != nil && !errors.Is(serveErr, nbd.ErrServerClosed) && !errors.Is(serveErr, http.ErrServerClosed) {
+		return failf(ExitFailed, "nbdmirror daemon: %v", serveErr)
+	}
+	if stopErr != nil {
+		return failf(ExitFailed, "nbdmirror daemon: %v", stopErr)
+	}
+	d.log.Info("stopped")
+	return nil
+}
+
+// lookup returns the named resource, or nil.
+func (d *daemon) lookup(name string) *resource {
+	for _, r := range d.res {
+		if r.Name() == name {
+			return r
+		}
+	}
+	return nil
+}
+
+// select_ resolves RES or all.
+func (d *daemon) select_(name string) []*resource {
+	if name == "all" {
+		return d.res
+	}
+	if r := d.lookup(name); r != nil {
+		return []*resource{r}
+	}
+	return nil
+}
+
+// Lookup is the NBD catalog: a resource's export exists only while the
+// resource is Primary here.
+func (d *daemon) Lookup(name string) (*nbd.Export, error) {
+	if name == "" && len(d.res) == 1 {
+		name = d.res[0].Name()
+	}
+	r := d.lookup(name)
+	if r == nil {
+		return nil, fmt.Errorf("no resource %q on node %s", name, d.node)
+	}
+	if role := r.Role(); role != replicator.RolePrimary {
+		return nil, fmt.Errorf("resource %s is %s on node %s: promote it with 'nbdmirror primary %s'", name, role, d.node, name)
+	}
+	return r.export, nil
+}
+
+// List offers the exports of the Primary resources.
+func (d *daemon) List() []*nbd.Export {
+	var out []*nbd.Export
+	for _, r := range d.res {
+		if r.Role() == replicator.RolePrimary {
+			out = append(out, r.export)
+		}
+	}
+	return out
+}
+
+// heldOpen lists who holds a resource open: its NBD clients, and its
+// kernel device while mounted or claimed.
+func (d *daemon) heldOpen(r *resource) []string {
+	var by []string
+	if d.srv != nil {
+		for _, c := range d.srv.Conns() {
+			switch {
+			case c.Export != r.Name():
+			case c.Remote == "@" || c.Remote == "":
+				by = append(by, "a client on a Unix socket")
+			default:
+				by = append(by, c.Remote)
+			}
+		}
+	}
+	r.mu.Lock()
+	a := r.attach
+	r.mu.Unlock()
+	if a != nil && deviceBusy(a.Path()) {
+		by = append(by, a.Path()+" (mounted or in use)")
+	}
+	return by
+}
+
+// deviceBusy reports whether a block device is mounted or exclusively
+// claimed: an exclusive open fails with EBUSY then.
+func deviceBusy(path string) bool {
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_EXCL|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return errors.Is(err, unix.EBUSY)
+	}
+	unix.Close(fd)
+	return false
+}
+
+// changed is called after every state change of r.
+func (d *daemon) changed(r *resource) {
+	d.events.publish(eventLine("change", r.Snapshot()))
+	select {
+	case d.kick <- struct{}{}:
+	default:
+	}
+}
+
+// up brings a resource up: attach (connect comes with replication).
+func (r *resource) up() error { return r.Attach() }
+
+// promote makes the resource Primary and attaches its kernel device.
+func (r *resource) promote(force bool, log *slog.Logger) error {
+	if err := r.Primary(force); err != nil {
+		return err
+	}
+	if r.device == "" {
+		return nil
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.attach != nil {
+		return nil
+	}
+	a, err := nbd.Attach(r.device, r.export, nbd.AttachOptions{Logger: log})
+	if err != nil {
+		return fmt.Errorf("%s: Primary, but attaching %s failed: %w", r.Name(), r.device, err)
+	}
+	r.attach = a
+	return nil
+}
+
+// demote detaches the kernel device (refused while it is mounted or open)
+// and makes the resource Secondary.
+func (r *resource) demote(ctx context.Context) error {
+	r.mu.Lock()
+	a := r.attach
+	r.mu.Unlock()
+	if a != nil {
+		if err := r.Secondary(); err != nil { // refused while held open
+			return err
+		}
+		r.detachDevice(ctx)
+		return nil
+	}
+	return r.Secondary()
+}
+
+// detachDevice disconnects the kernel device, if attached.
+func (r *resource) detachDevice(ctx context.Context) {
+	r.mu.Lock()
+	a := r.attach
+	r.attach = nil
+	r.mu.Unlock()
+	if a != nil {
+		a.Detach(ctx)
+	}
+}
+
+// statusLoop rewrites <run-dir>/status on every state change and at least
+// once a second.
+func (d *daemon) statusLoop(stop <-chan struct{}) {
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	for {
+		if err := d.writeStatusFile(); err != nil {
+			d.log.Warn("writing the status file failed", "err", err)
+		}
+		select {
+		case <-stop:
+			return
+		case <-tick.C:
+		case <-d.kick:
+		}
+	}
+}
+
+func (d *daemon) snapshots() []replicator.Snapshot {
+	out := make([]replicator.Snapshot, 0, len(d.res))
+	for _, r := range d.res {
+		out = append(out, r.Snapshot())
+	}
+	return out
+}
+
+// procInfo is the status file's header.
+func procInfo() replicator.ProcInfo {
+	return replicator.ProcInfo{Version: version(), API: 1, ProtoMin: transport.VersionMin, ProtoMax: transport.VersionMax,
+		Build: buildLine()}
+}
+
+// buildLine is the status file's second line, in DRBD's git form when the
+// binary records its VCS revision ("GIT-hash: <hash> build by nbdmirror,
+// <time>"), else "srcversion: <version>".
+func buildLine() string {
+	var rev, at string
+	if bi, ok := debug.ReadBuildInfo(); ok {
+		for _, s := range bi.Settings {
+			switch s.Key {
+			case "vcs.revision":
+				rev = s.Value
+			case "vcs.time":
+				if t, err := time.Parse(time.RFC3339, s.Value); err == nil {
+					at = t.UTC().Format(time.DateTime)
+				}
+			}
+		}
+	}
+	if rev == "" {
+		return "srcversion: " + version()
+	}
+	return fmt.Sprintf("GIT-hash: %s build by nbdmirror, %s", rev, at)
+}
+
+// writeStatusFile writes the /proc/drbd-style file atomically: a
+// temporary file renamed over the old one, so a reader sees one or the
+// other, whole.
+func (d *daemon) writeStatusFile() error {
+	var b bytes.Buffer
+	if err := replicator.WriteProc(&b, procInfo(), d.snapshots()); err != nil {
+		return err
+	}
+	return writeFileAtomic(filepath.Join(d.runDir, "status"), b.Bytes(), 0o644)
+}
+
+func writeFileAtomic(path string, data []byte, mode os.FileMode) error {
+	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*")
+	if err != nil {
+		return err
+	}
+	_, err = f.Write(data)
+	if err == nil {
+		err = f.Chmod(mode)
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(f.Name(), path)
+	}
+	if err != nil {
+		os.Remove(f.Name())
+	}
+	return err
+}
+
+// event is one line of the event stream: a resource's state, with what
+// happened ("exists" for the initial dump of events --now, "change").
+type event struct {
+	Event string    `json:"event"`
+	Time  time.Time `json:"time"`
+	replicator.StatusJSON
+}
+
+func eventLine(kind string, s replicator.Snapshot) []byte {
+	b, _ := json.Marshal(event{Event: kind, Time: time.Now().UTC(), StatusJSON: replicator.NewStatusJSON(s)})
+	return append(b, '\n')
+}
+
+// broadcaster fans event lines out to subscribers. A subscriber that does
+// not keep up loses its subscription (its stream ends), never blocking
+// state changes.
+type broadcaster struct {
+	mu     sync.Mutex
+	subs   map[chan []byte]struct{}
+	closed bool
+}
+
+func (b *broadcaster) subscribe() chan []byte {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	ch := make(chan []byte, 256)
+	if b.closed {
+		close(ch)
+		return ch
+	}
+	if b.subs == nil {
+		b.subs = map[chan []byte]struct{}{}
+	}
+	b.subs[ch] = struct{}{}
+	return ch
+}
+
+func (b *broadcaster) unsubscribe(ch chan []byte) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if _, ok := b.subs[ch]; ok {
+		delete(b.subs, ch)
+		close(ch)
+	}
+}
+
+func (b *broadcaster) publish(line []byte) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for ch := range b.subs {
+		select {
+		case ch <- line:
+		default:
+			delete(b.subs, ch)
+			close(ch)
+		}
+	}
+}
+
+func (b *broadcaster) close() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.closed = true
+	for ch := range b.subs {
+		close(ch)
+	}
+	b.subs = nil
+}
+
+// notify sends a systemd notification when NOTIFY_SOCKET is set.
+func notify(log *slog.Logger, state string) {
+	path := os.Getenv("NOTIFY_SOCKET")
+	if path == "" {
+		return
+	}
+	if strings.HasPrefix(path, "@") {
+		path = "\x00" + path[1:]
+	}
+	c, err := net.DialUnix("unixgram", nil, &net.UnixAddr{Name: path, Net: "unixgram"})
+	if err != nil {
+		log.Warn("systemd notification failed", "err", err)
+		return
+	}
+	defer c.Close()
+	if _, err := c.Write([]byte(state)); err != nil {
+		log.Warn("systemd notification failed", "err", err)
+	}
+}
