@@ -24,6 +24,9 @@ type hold struct {
 func (r *Resource) beginIO() (hold, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	for r.frozen {
+		r.idle.Wait()
+	}
 	if r.role != RolePrimary || r.md == nil {
 		return hold{}, ErrNotPrimary
 	}

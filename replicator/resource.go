@@ -21,10 +21,15 @@ type Options struct {
 	Node   string // this node's name: selects the `on` section
 	Minor  int    // the resource's number in the status file
 	Logger *slog.Logger
-	// HeldOpen returns who holds the resource open (NBD clients by
-	// address, a kernel device): demotion is refused while anyone does.
-	HeldOpen func() []string
-	// OnChange is called, outside any lock, after every state change.
+	// Clients returns the NBD clients of the resource's export, by
+	// address, for status; it must be cheap.
+	Clients func() []string
+	// HeldOpen returns who holds the resource open: the NBD clients (by
+	// address) and anything else, described ("/dev/nbd0 mounted on
+	// /mnt"). Demotion is refused while anyone does.
+	HeldOpen func() (clients, others []string)
+	// OnChange is called after every state change, without the
+	// resource's state lock (an admin request may be in progress).
 	OnChange func()
 }
 
@@ -33,24 +38,28 @@ type Options struct {
 // nbd.Backend: reads and writes are served only while it is Primary.
 // All methods are safe for concurrent use.
 type Resource struct {
-	name   string
-	minor  int
-	cfg    *config.Resource
-	host   *config.Host
-	peer   string
-	log    *slog.Logger
-	held   func() []string
-	change func()
+	name    string
+	minor   int
+	cfg     *config.Resource
+	host    *config.Host
+	peer    string
+	log     *slog.Logger
+	clients func() []string
+	held    func() (clients, others []string)
+	change  func()
 
 	// admin serialises state changes (attach, detach, promote, …), which
 	// may wait for I/O; mu guards the fields below and is never held
 	// across I/O.
 	admin sync.Mutex
 	mu    sync.Mutex
-	idle  sync.Cond // signalled when inflight drops to 0
-	role  Role
-	disk  DiskState
-	conn  ConnState
+	idle  sync.Cond // signalled when inflight drops to 0, or frozen is cleared
+	// frozen holds new application requests back (while the bitmap is
+	// cleared under them).
+	frozen bool
+	role   Role
+	disk   DiskState
+	conn   ConnState
 	// inflight counts requests between beginIO and endIO; the disk and
 	// metadata stay open while it is above 0.
 	inflight int
@@ -71,7 +80,7 @@ func New(o Options) (*Resource, error) {
 		return nil, err
 	}
 	r := &Resource{name: o.Config.Name, minor: o.Minor, cfg: o.Config, host: host, held: o.HeldOpen,
-		change: o.OnChange, log: o.Logger, role: RoleSecondary, disk: Diskless, conn: StandAlone}
+		clients: o.Clients, change: o.OnChange, log: o.Logger, role: RoleSecondary, disk: Diskless, conn: StandAlone}
 	if p, err := o.Config.Peer(o.Node); err == nil {
 		r.peer = p.Name()
 	}
@@ -80,7 +89,10 @@ func New(o Options) (*Resource, error) {
 	}
 	r.log = r.log.With("resource", r.name)
 	if r.held == nil {
-		r.held = func() []string { return nil }
+		r.held = func() ([]string, []string) { return nil, nil }
+	}
+	if r.clients == nil {
+		r.clients = func() []string { return nil }
 	}
 	if r.change == nil {
 		r.change = func() {}
@@ -126,17 +138,21 @@ func (e *StateError) NoUpToDateData() bool { return e.Code == codeNoUpToDate }
 
 // DRBD's codes used here (reference/drbd.md §11.2).
 const (
-	codeNoUpToDate = -2
-	codeInUse      = -12
-	codeDiskless   = -11
-	codeAttached   = 124
+	codeNoUpToDate     = -2
+	codeDiskless       = -11
+	codeInUse          = -12
+	codeNeedConnection = -15
+	codeAttached       = 124
+	codeNoDiskConfig   = 138
 )
 
 var stateTexts = map[int]string{
-	codeNoUpToDate: "Need access to UpToDate data",
-	codeDiskless:   "Device is diskless, the requested operation requires a disk",
-	codeInUse:      "Device is held open by someone",
-	codeAttached:   "Device is attached to a disk (use detach first)",
+	codeNoUpToDate:     "Need access to UpToDate data",
+	codeDiskless:       "Device is diskless, the requested operation requires a disk",
+	codeInUse:          "Device is held open by someone",
+	codeNeedConnection: "Need a connection to start verify or resync",
+	codeAttached:       "Device is attached to a disk (use detach first)",
+	codeNoDiskConfig:   "Device does not have a disk-config",
 }
 
 func (r *Resource) refuse(code int, detail string) error {
@@ -208,14 +224,7 @@ func (r *Resource) attach() (err error) {
 	if sb := md.Superblock(); sb.Resource != r.name {
 		return fmt.Errorf("%s: attach: %w: the metadata on %s belongs to resource %s", r.name, metadisk.ErrMismatch, mdev.Path, sb.Resource)
 	}
-	rec := md.Recovery()
-	if err := md.Activate(); err != nil {
-		return fmt.Errorf("%s: attach: metadata on %s: %w", r.name, mdev.Path, err)
-	}
-	if rec = md.Recovery(); rec.Applied {
-		r.log.Warn("the last stop was unclean: activity log applied", "extents", len(rec.ALActive),
-			"blocks_marked", rec.AppliedBlocks, "al_transaction", rec.ALSeq)
-	}
+	// The data disk is checked before anything is written to the metadata.
 	dev, err := blockdev.Open(r.host.Disk, false)
 	if err != nil {
 		return fmt.Errorf("%s: attach: %w", r.name, err)
@@ -224,6 +233,22 @@ func (r *Resource) attach() (err error) {
 	if dev.Size() < size {
 		dev.Close()
 		return fmt.Errorf("%s: attach: %s holds %d bytes, the metadata describes %d: %w", r.name, r.host.Disk, dev.Size(), size, metadisk.ErrMismatch)
+	}
+	if err := md.Activate(); err != nil {
+		dev.Close()
+		return fmt.Errorf("%s: attach: metadata on %s: %w", r.name, mdev.Path, err)
+	}
+	if rec := md.Recovery(); rec.Applied {
+		r.log.Warn("the last stop was unclean: activity log applied", "extents", len(rec.ALActive),
+			"blocks_marked", rec.AppliedBlocks, "al_transaction", rec.ALSeq)
+	}
+	// The node attaches as Secondary: the role flag and the role bit of a
+	// crashed Primary go (crashed-primary, set by the recovery, stays).
+	if sb := md.Superblock(); sb.Flags&metadisk.FlagPrimary != 0 || sb.UUIDs.Current&1 != 0 {
+		if err := md.UpdateSuperblock(clearPrimary); err != nil {
+			dev.Close()
+			return fmt.Errorf("%s: attach: metadata on %s: %w", r.name, mdev.Path, err)
+		}
 	}
 	sb := md.Superblock()
 	disk := Outdated
@@ -265,7 +290,7 @@ func (r *Resource) detach() error {
 	switch {
 	case r.disk == Diskless:
 		r.mu.Unlock()
-		return nil
+		return r.refuse(codeDiskless, "")
 	case r.role == RolePrimary:
 		r.mu.Unlock()
 		return r.refuse(codeNoUpToDate, "a Primary without a peer cannot give up its disk: demote it first")
@@ -279,22 +304,37 @@ func (r *Resource) detach() error {
 	r.setState(r.role, Diskless)
 	r.mu.Unlock()
 	defer r.change()
-	errMD := md.Close()
+	// The data first: clean metadata must never describe data that a
+	// power loss could still take back.
+	errFlush := dev.Flush()
+	errMD := errors.New("not closed: the disk flush failed")
+	if errFlush == nil {
+		errMD = md.Close()
+	} else {
+		md.Abandon() // left unclean: the activity log covers the writes
+	}
 	errDev := dev.Close()
 	mdev.Close()
-	if err := errors.Join(errMD, errDev); err != nil {
+	if err := errors.Join(errFlush, errMD, errDev); err != nil {
 		return fmt.Errorf("%s: detach: %w", r.name, err)
 	}
 	r.log.Info("detached")
 	return nil
 }
 
-// Down demotes (refused while the device is held open) and detaches.
+// Down demotes (refused while the device is held open) and detaches; a
+// resource already down stays down.
 func (r *Resource) Down() error {
 	r.admin.Lock()
 	defer r.admin.Unlock()
 	if err := r.secondary(); err != nil {
 		return err
+	}
+	r.mu.Lock()
+	disk := r.disk
+	r.mu.Unlock()
+	if disk == Diskless {
+		return nil
 	}
 	return r.detach()
 }
@@ -312,9 +352,11 @@ func (r *Resource) Primary(force bool) error {
 	if role == RolePrimary {
 		return nil
 	}
+	forced := false
 	switch {
 	case disk == UpToDate:
 	case force && disk >= Inconsistent && disk <= Consistent:
+		forced = true
 		r.log.Warn("Forced to consider local data as UpToDate!")
 	default:
 		detail := fmt.Sprintf("local disk %s, no peer", disk)
@@ -324,8 +366,15 @@ func (r *Resource) Primary(force bool) error {
 		return r.refuse(codeNoUpToDate, detail)
 	}
 	err := md.UpdateSuperblock(func(sb *metadisk.Superblock) {
-		if force || sb.UUIDs.Bitmap == 0 {
-			newCurrent(sb)
+		// A new data generation: the bitmap now tracks changes against
+		// the old one (DRBD's drbd_uuid_new_current, which overwrites a
+		// bitmap UUID already set, with a warning).
+		if forced || sb.UUIDs.Bitmap == 0 {
+			if sb.UUIDs.Bitmap != 0 {
+				r.log.Warn("bitmap UUID was already set", "bitmap_uuid", fmt.Sprintf("%016X", sb.UUIDs.Bitmap))
+			}
+			sb.UUIDs.Bitmap = sb.UUIDs.Current
+			sb.UUIDs.Current = randomUUID()
 		}
 		sb.UUIDs.Current |= 1
 		sb.Flags |= metadisk.FlagPrimary | metadisk.FlagConsistent | metadisk.FlagWasUpToDate
@@ -354,42 +403,55 @@ func (r *Resource) secondary() error {
 	if role != RolePrimary {
 		return nil
 	}
-	if by := r.held(); len(by) > 0 {
-		return r.refuse(codeInUse, heldBy(by))
+	if clients, others := r.held(); len(clients)+len(others) > 0 {
+		return r.refuse(codeInUse, heldBy(clients, others))
 	}
 	r.mu.Lock()
 	r.setState(RoleSecondary, r.disk)
 	for r.inflight > 0 {
 		r.idle.Wait()
 	}
-	md := r.md
+	md, dev := r.md, r.dev
 	r.mu.Unlock()
 	defer r.change()
 	if md == nil {
 		return nil
 	}
-	if err := md.UpdateSuperblock(func(sb *metadisk.Superblock) {
-		sb.UUIDs.Current &^= 1
-		sb.Flags &^= metadisk.FlagPrimary
-	}); err != nil {
+	// What the clients wrote is made durable before they lose the device.
+	if err := dev.Flush(); err != nil {
+		return fmt.Errorf("%s: demote: flush the disk: %w", r.name, err)
+	}
+	if err := md.UpdateSuperblock(clearPrimary); err != nil {
 		return fmt.Errorf("%s: demote: write the metadata: %w", r.name, err)
 	}
 	return nil
 }
 
-// heldBy describes who holds the device: "2 NBD clients: a, b".
-func heldBy(by []string) string {
-	n := fmt.Sprintf("%d NBD clients", len(by))
-	if len(by) == 1 {
-		n = "1 NBD client"
+// clearPrimary records the node as not Primary.
+func clearPrimary(sb *metadisk.Superblock) {
+	sb.UUIDs.Current &^= 1
+	sb.Flags &^= metadisk.FlagPrimary
+}
+
+// heldBy describes who holds the device: "2 NBD clients: a, b; /dev/nbd0
+// mounted on /mnt".
+func heldBy(clients, others []string) string {
+	var parts []string
+	switch len(clients) {
+	case 0:
+	case 1:
+		parts = append(parts, "1 NBD client: "+clients[0])
+	default:
+		parts = append(parts, fmt.Sprintf("%d NBD clients: %s", len(clients), strings.Join(clients, ", ")))
 	}
-	return n + ": " + strings.Join(by, ", ")
+	return strings.Join(append(parts, others...), "; ")
 }
 
 // NewCurrentUUID starts a new data generation (DRBD's new-current-uuid):
 // the bitmap UUID goes to the history, the current one becomes the
 // bitmap UUID and a fresh current UUID is drawn. With clearBitmap every
-// block is marked in sync.
+// block is then marked in sync; application requests are held back
+// meanwhile, so no write in flight loses its mark.
 func (r *Resource) NewCurrentUUID(clearBitmap bool) error {
 	r.admin.Lock()
 	defer r.admin.Unlock()
@@ -397,25 +459,47 @@ func (r *Resource) NewCurrentUUID(clearBitmap bool) error {
 	md := r.md
 	r.mu.Unlock()
 	if md == nil {
-		return r.refuse(codeDiskless, "")
-	}
-	if clearBitmap {
-		if n := md.MarkInSync(0, r.size.Load()); n > 0 {
-			r.log.Warn("bitmap cleared: blocks marked in sync", "blocks", n)
-		}
-		if err := md.FlushBitmap(); err != nil {
-			return fmt.Errorf("%s: new-current-uuid: %w", r.name, err)
-		}
+		return r.refuse(codeNoDiskConfig, "attach it first")
 	}
 	if err := md.UpdateSuperblock(newCurrent); err != nil {
 		return fmt.Errorf("%s: new-current-uuid: %w", r.name, err)
 	}
-	r.change()
+	defer r.change()
+	if !clearBitmap {
+		return nil
+	}
+	r.freeze()
+	defer r.thaw()
+	if n := md.MarkInSync(0, r.size.Load()); n > 0 {
+		r.log.Warn("bitmap cleared: blocks marked in sync", "blocks", n)
+	}
+	if err := md.FlushBitmap(); err != nil {
+		return fmt.Errorf("%s: new-current-uuid: %w", r.name, err)
+	}
 	return nil
 }
 
-// newCurrent rotates the UUIDs as DRBD's new-current-uuid does and keeps
-// the role bit (bit 0) of the current UUID.
+// freeze holds new application requests back and waits for those in
+// flight; thaw lets them go.
+func (r *Resource) freeze() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.frozen = true
+	for r.inflight > 0 {
+		r.idle.Wait()
+	}
+}
+
+func (r *Resource) thaw() {
+	r.mu.Lock()
+	r.frozen = false
+	r.idle.Broadcast()
+	r.mu.Unlock()
+}
+
+// newCurrent rotates the UUIDs as DRBD's new-current-uuid does (the
+// bitmap UUID to the history, the current to the bitmap, a new current)
+// and keeps the role bit (bit 0) of the current UUID.
 func newCurrent(sb *metadisk.Superblock) {
 	u := &sb.UUIDs
 	if u.Bitmap != 0 {
@@ -438,7 +522,8 @@ func randomUUID() uint64 {
 
 // Invalidate discards this node's data (DRBD's invalidate): without a
 // connection every block is marked out of sync and the disk becomes
-// Inconsistent, to be fully resynchronised from the peer.
+// Inconsistent, to be fully resynchronised from the peer. On a Primary
+// it needs a connection (a resync from the peer), as DRBD's.
 func (r *Resource) Invalidate() error {
 	r.admin.Lock()
 	defer r.admin.Unlock()
@@ -449,22 +534,25 @@ func (r *Resource) Invalidate() error {
 	case md == nil:
 		return r.refuse(codeDiskless, "")
 	case role == RolePrimary:
-		return r.refuse(codeNoUpToDate, "a Primary without a peer cannot discard its data: demote it first")
+		return r.refuse(codeNeedConnection, "a Primary is invalidated by a resync from its peer; without one, demote it first")
 	}
-	n := md.MarkOutOfSync(0, r.size.Load())
-	if err := md.FlushBitmap(); err != nil {
-		return fmt.Errorf("%s: invalidate: %w", r.name, err)
-	}
+	// Inconsistent is durable before the bitmap is set, as DRBD orders
+	// it: a crash in between leaves a disk that cannot be promoted
+	// without --force, never an UpToDate one with a full bitmap.
 	if err := md.UpdateSuperblock(func(sb *metadisk.Superblock) {
 		sb.Flags &^= metadisk.FlagConsistent | metadisk.FlagWasUpToDate
 	}); err != nil {
 		return fmt.Errorf("%s: invalidate: %w", r.name, err)
 	}
-	r.log.Warn("invalidated: every block marked out of sync", "blocks_newly_marked", n)
 	r.mu.Lock()
 	r.setState(r.role, Inconsistent)
 	r.mu.Unlock()
-	r.change()
+	defer r.change()
+	n := md.MarkOutOfSync(0, r.size.Load())
+	if err := md.FlushBitmap(); err != nil {
+		return fmt.Errorf("%s: invalidate: %w", r.name, err)
+	}
+	r.log.Warn("invalidated: every block marked out of sync", "blocks_newly_marked", n)
 	return nil
 }
 
@@ -491,7 +579,7 @@ func (r *Resource) Snapshot() Snapshot {
 		s.UUIDs = UUIDs{Current: sb.UUIDs.Current, Bitmap: sb.UUIDs.Bitmap, History: sb.UUIDs.History}
 		s.SizeBytes = r.size.Load()
 	}
-	s.Clients = r.held()
+	s.Clients = r.clients()
 	return s
 }
 
@@ -503,7 +591,6 @@ func (r *Resource) Stop() error {
 	r.admin.Lock()
 	defer r.admin.Unlock()
 	r.mu.Lock()
-	dev := r.dev
 	if r.role == RolePrimary {
 		r.setState(RoleSecondary, r.disk)
 	}
@@ -516,16 +603,10 @@ func (r *Resource) Stop() error {
 		return nil
 	}
 	var errs []error
-	if err := dev.Flush(); err != nil {
-		errs = append(errs, fmt.Errorf("flush the disk: %w", err))
-	}
-	if err := md.UpdateSuperblock(func(sb *metadisk.Superblock) {
-		sb.UUIDs.Current &^= 1
-		sb.Flags &^= metadisk.FlagPrimary
-	}); err != nil {
+	if err := md.UpdateSuperblock(clearPrimary); err != nil {
 		errs = append(errs, err)
 	}
-	if err := r.detach(); err != nil {
+	if err := r.detach(); err != nil { // flushes the disk, then the metadata
 		errs = append(errs, err)
 	}
 	if err := errors.Join(errs...); err != nil {
@@ -536,9 +617,13 @@ func (r *Resource) Stop() error {
 
 // Abandon drops the disk and the metadata at once, writing nothing, as a
 // crash would: the next attach applies the activity log. Requests in
-// flight may fail. It is the second-signal stop of the daemon.
+// flight finish first. It is the second-signal stop of the daemon.
 func (r *Resource) Abandon() {
 	r.mu.Lock()
+	r.role = RoleSecondary // no new requests
+	for r.inflight > 0 {   // the disk stays open under those in flight
+		r.idle.Wait()
+	}
 	md, dev, mdev := r.md, r.dev, r.mdev
 	r.md, r.dev, r.mdev = nil, nil, nil
 	r.size.Store(0)

@@ -41,11 +41,12 @@ func (l *logBuf) String() string {
 // fixture is one resource r0 on node alpha over a 64 MiB file with
 // internal metadata and al-extents 7, its metadata freshly created.
 type fixture struct {
-	t    *testing.T
-	cfg  *config.Resource
-	disk string
-	held []string
-	log  logBuf
+	t      *testing.T
+	cfg    *config.Resource
+	disk   string
+	held   []string // NBD clients holding it
+	others []string // other holders
+	log    logBuf
 }
 
 func newFixture(t *testing.T) *fixture {
@@ -82,7 +83,8 @@ func newFixture(t *testing.T) *fixture {
 func (f *fixture) open() *Resource {
 	f.t.Helper()
 	r, err := New(Options{Config: f.cfg, Node: "alpha", Logger: slog.New(slog.NewTextHandler(&f.log, nil)),
-		HeldOpen: func() []string { return f.held }})
+		HeldOpen: func() ([]string, []string) { return f.held, f.others },
+		Clients:  func() []string { return f.held }})
 	if err != nil {
 		f.t.Fatal(err)
 	}
@@ -165,12 +167,16 @@ func TestResource_Lifecycle(t *testing.T) {
 		t.Errorf("log:\n%s", f.log.String())
 	}
 	stateErr(t, r.Detach(), codeNoUpToDate, "(-2) Need access to UpToDate data (a Primary without a peer cannot give up its disk")
-	stateErr(t, r.Invalidate(), codeNoUpToDate, "cannot discard its data")
+	stateErr(t, r.Invalidate(), codeNeedConnection, "r0: State change failed: (-15) Need a connection to start verify or resync (a Primary is invalidated by a resync from its peer")
 
 	f.held = []string{"10.0.0.1:5000", "unix:@nbd"}
 	stateErr(t, r.Secondary(), codeInUse, "r0: State change failed: (-12) Device is held open by someone (2 NBD clients: 10.0.0.1:5000, unix:@nbd)")
 	stateErr(t, r.Down(), codeInUse, "held open")
-	f.held = nil
+	f.held, f.others = []string{"10.0.0.1:5000"}, []string{"/dev/nbd0 mounted on /mnt"}
+	stateErr(t, r.Secondary(), codeInUse, "(-12) Device is held open by someone (1 NBD client: 10.0.0.1:5000; /dev/nbd0 mounted on /mnt)")
+	f.held, f.others = nil, []string{"/dev/nbd0 open by dd (pid 7)"}
+	stateErr(t, r.Secondary(), codeInUse, "(-12) Device is held open by someone (/dev/nbd0 open by dd (pid 7))")
+	f.others = nil
 	if err := r.Secondary(); err != nil {
 		t.Fatal(err)
 	}
@@ -183,6 +189,10 @@ func TestResource_Lifecycle(t *testing.T) {
 	if s := r.Snapshot(); s.Disk != Diskless || s.SizeBytes != 0 {
 		t.Fatalf("after down: %+v", s)
 	}
+	if err := r.Down(); err != nil {
+		t.Fatalf("down when down: %v", err)
+	}
+	stateErr(t, r.Detach(), codeDiskless, "r0: State change failed: (-11) Device is diskless")
 	// Up again: the disk was UpToDate, and is again.
 	r = f.open()
 	if err := r.Attach(); err != nil {
@@ -285,7 +295,9 @@ func TestResource_DownUpKeepsDataAndBitmap(t *testing.T) {
 	if strings.Contains(f.log.String(), "activity log applied") {
 		t.Error("a clean down was treated as a crash")
 	}
-	r.Primary(false)
+	if err := r.Primary(false); err != nil {
+		t.Fatal(err)
+	}
 	got := make([]byte, len(p))
 	if _, err := r.ReadAt(got, 20<<20); err != nil || !bytes.Equal(got, p) {
 		t.Fatalf("data after down/up: %v", err)
@@ -317,9 +329,22 @@ func TestResource_CrashAppliesAL(t *testing.T) {
 	if !strings.Contains(f.log.String(), "the last stop was unclean: activity log applied") {
 		t.Errorf("log:\n%s", f.log.String())
 	}
-	if s.Disk != UpToDate {
-		t.Errorf("disk %s after a crash of a Primary", s.Disk)
+	if s.Disk != UpToDate || s.Role != RoleSecondary {
+		t.Errorf("disk %s, role %s after a crash of a Primary", s.Disk, s.Role)
 	}
+	// It comes back Secondary: the role flag and bit go, crashed-primary
+	// stays.
+	sb := r.superblock()
+	if sb.Flags&metadisk.FlagPrimary != 0 || sb.UUIDs.Current&1 != 0 || sb.Flags&metadisk.FlagCrashedPrimary == 0 {
+		t.Errorf("after the crash: flags %v, current %016X", sb.Flags, sb.UUIDs.Current)
+	}
+}
+
+func (r *Resource) superblock() metadisk.Superblock {
+	r.mu.Lock()
+	md := r.md
+	r.mu.Unlock()
+	return md.Superblock()
 }
 
 // markInSync clears bits, as a finished resync would.
@@ -366,7 +391,7 @@ func TestResource_InvalidateAndNewCurrentUUID(t *testing.T) {
 		t.Fatal(err)
 	}
 	stateErr(t, r.Invalidate(), codeDiskless, "(-11) Device is diskless, the requested operation requires a disk")
-	stateErr(t, r.NewCurrentUUID(false), codeDiskless, "Device is diskless")
+	stateErr(t, r.NewCurrentUUID(false), codeNoDiskConfig, "r0: Failure: (138) Device does not have a disk-config (attach it first)")
 	// Inconsistent survives a restart.
 	r = f.open()
 	if err := r.Attach(); err != nil {
@@ -411,5 +436,178 @@ func TestResource_DemoteWaitsForIO(t *testing.T) {
 	}
 	if strings.Contains(f.log.String(), "ERROR") {
 		t.Errorf("log:\n%s", f.log.String())
+	}
+}
+
+// TestResource_PromotionUUIDs: DRBD's rules for a new data generation on
+// promotion (reference/drbd.md §4.2).
+func TestResource_PromotionUUIDs(t *testing.T) {
+	tests := []struct {
+		name    string
+		prepare func(t *testing.T, r *Resource) // from attached, Inconsistent, UUIDs 4:0
+		force   bool
+		rotate  bool // a new current UUID, the old one the bitmap UUID
+	}{
+		{"forced from Inconsistent", func(*testing.T, *Resource) {}, true, true},
+		{"UpToDate, bitmap UUID 0", func(t *testing.T, r *Resource) {
+			setSuper(t, r, func(sb *metadisk.Superblock) {
+				sb.Flags |= metadisk.FlagConsistent | metadisk.FlagWasUpToDate
+				sb.UUIDs.Current, sb.UUIDs.Bitmap = 0xAAAA0, 0
+			}, UpToDate)
+		}, false, true},
+		{"UpToDate, bitmap UUID set", func(t *testing.T, r *Resource) {
+			setSuper(t, r, func(sb *metadisk.Superblock) {
+				sb.Flags |= metadisk.FlagConsistent | metadisk.FlagWasUpToDate
+				sb.UUIDs.Current, sb.UUIDs.Bitmap = 0xAAAA0, 0xBBBB0
+			}, UpToDate)
+		}, false, false},
+		{"--force on UpToDate changes nothing", func(t *testing.T, r *Resource) {
+			setSuper(t, r, func(sb *metadisk.Superblock) {
+				sb.Flags |= metadisk.FlagConsistent | metadisk.FlagWasUpToDate
+				sb.UUIDs.Current, sb.UUIDs.Bitmap = 0xAAAA0, 0xBBBB0
+			}, UpToDate)
+		}, true, false},
+		{"forced from Outdated", func(t *testing.T, r *Resource) {
+			setSuper(t, r, func(sb *metadisk.Superblock) {
+				sb.Flags |= metadisk.FlagConsistent
+				sb.UUIDs.Current, sb.UUIDs.Bitmap = 0xAAAA0, 0xBBBB0
+			}, Outdated)
+		}, true, true},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newFixture(t)
+			r := f.open()
+			if err := r.Attach(); err != nil {
+				t.Fatal(err)
+			}
+			tc.prepare(t, r)
+			before := r.Snapshot().UUIDs
+			if err := r.Primary(tc.force); err != nil {
+				t.Fatal(err)
+			}
+			after := r.Snapshot().UUIDs
+			if after.Current&1 != 1 {
+				t.Errorf("current %016X lacks the role bit", after.Current)
+			}
+			rotated := after.Current&^1 != before.Current&^1
+			if rotated != tc.rotate || rotated && after.Bitmap != before.Current {
+				t.Errorf("UUIDs %+v -> %+v; want rotation %v", before, after, tc.rotate)
+			}
+			if after.History != before.History {
+				t.Errorf("history changed: %+v -> %+v", before.History, after.History)
+			}
+		})
+	}
+	// Outdated without --force is refused.
+	f := newFixture(t)
+	r := f.open()
+	if err := r.Attach(); err != nil {
+		t.Fatal(err)
+	}
+	setSuper(t, r, func(sb *metadisk.Superblock) { sb.Flags |= metadisk.FlagConsistent }, Outdated)
+	stateErr(t, r.Primary(false), codeNoUpToDate, "(local disk Outdated, no peer; 'primary --force'")
+}
+
+// setSuper changes the superblock and re-attaches, so the disk state is
+// derived from the new flags; want is the state that must result.
+func setSuper(t *testing.T, r *Resource, f func(*metadisk.Superblock), want DiskState) {
+	t.Helper()
+	r.mu.Lock()
+	md := r.md
+	r.mu.Unlock()
+	if err := md.UpdateSuperblock(f); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Detach(); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Attach(); err != nil {
+		t.Fatal(err)
+	}
+	if d := r.Snapshot().Disk; d != want {
+		t.Fatalf("disk %s after the change, want %s", d, want)
+	}
+}
+
+// TestResource_Stop: a daemon stop of a Primary with writes in flight
+// finishes them, and leaves the metadata clean and Secondary.
+func TestResource_Stop(t *testing.T) {
+	f := newFixture(t)
+	r := f.up()
+	f.held = []string{"10.0.0.1:5000"} // clients do not hold a stop back
+	var wg sync.WaitGroup
+	for i := range 4 {
+		wg.Go(func() {
+			p := make([]byte, 64<<10)
+			for j := 0; ; j++ {
+				if r.WriteAt(p, int64(i)*(8<<20)+int64(j%32)*(64<<10), false) != nil {
+					return
+				}
+			}
+		})
+	}
+	for r.written.Load() < 8<<20 {
+		runtime.Gosched()
+	}
+	oos := r.Snapshot().OutOfSyncBytes
+	if err := r.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	wg.Wait()
+	r = f.open()
+	if err := r.Attach(); err != nil {
+		t.Fatal(err)
+	}
+	s, sb := r.Snapshot(), r.superblock()
+	if s.Role != RoleSecondary || s.Disk != UpToDate || s.OutOfSyncBytes < oos ||
+		sb.Flags&metadisk.FlagPrimary != 0 || sb.UUIDs.Current&1 != 0 || sb.Flags&metadisk.FlagCrashedPrimary != 0 {
+		t.Fatalf("after stop: %+v, flags %v", s, sb.Flags)
+	}
+	if strings.Contains(f.log.String(), "activity log applied") {
+		t.Error("a stop was treated as a crash")
+	}
+}
+
+// TestResource_ClearBitmapHoldsWritesBack: new-current-uuid
+// --clear-bitmap on a busy Primary never clears the mark of a write that
+// completes after it (run under -race).
+func TestResource_ClearBitmapHoldsWritesBack(t *testing.T) {
+	f := newFixture(t)
+	r := f.up()
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		p := make([]byte, 4096)
+		for j := 0; ; j++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if err := r.WriteAt(p, int64(j%4096)*4096, false); err != nil {
+				t.Error(err)
+				return
+			}
+		}
+	})
+	for r.written.Load() < 1<<20 {
+		runtime.Gosched()
+	}
+	if err := r.NewCurrentUUID(true); err != nil {
+		t.Fatal(err)
+	}
+	close(stop)
+	wg.Wait()
+	// Every block written after the clear is marked: write once more to
+	// a known block and check it is marked.
+	if err := r.WriteAt(make([]byte, 4096), 40<<20, false); err != nil {
+		t.Fatal(err)
+	}
+	r.mu.Lock()
+	md := r.md
+	r.mu.Unlock()
+	if !md.Test((40 << 20) / 4096) {
+		t.Fatal("a write after the clear is not marked")
 	}
 }

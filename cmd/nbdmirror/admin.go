@@ -249,6 +249,9 @@ func (m *Main) events(c *cli.Context) error {
 	sc := bufio.NewScanner(resp.Body)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	for sc.Scan() {
+		if bytes.HasPrefix(sc.Bytes(), []byte(`{"event":"overflow"`)) {
+			return failf(ExitFailed, "nbdmirror events: fell behind the daemon's events; run 'nbdmirror events --now' again")
+		}
 		if _, err := fmt.Fprintf(m.Stdout, "%s\n", sc.Bytes()); err != nil {
 			return nil // the reader went away
 		}

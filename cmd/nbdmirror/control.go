@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"strings"
 	"time"
 
 	"github.com/nbdmirror/nbdmirror/replicator"
@@ -86,15 +87,12 @@ var verbs = map[string]func(d *daemon, ctx context.Context, r *resource, o verbR
 	"up":     func(d *daemon, _ context.Context, r *resource, _ verbRequest) error { return r.up() },
 	"attach": func(d *daemon, _ context.Context, r *resource, _ verbRequest) error { return r.Attach() },
 	"down": func(d *daemon, ctx context.Context, r *resource, _ verbRequest) error {
-		if err := r.demote(ctx); err != nil {
-			return err
-		}
-		return r.Down()
+		return r.down(ctx, d.log)
 	},
 	"detach":  func(d *daemon, _ context.Context, r *resource, _ verbRequest) error { return r.Detach() },
 	"primary": func(d *daemon, _ context.Context, r *resource, o verbRequest) error { return r.promote(o.Force, d.log) },
 	"secondary": func(d *daemon, ctx context.Context, r *resource, _ verbRequest) error {
-		return r.demote(ctx)
+		return r.demote(ctx, d.log)
 	},
 	"new-current-uuid": func(d *daemon, _ context.Context, r *resource, o verbRequest) error {
 		return r.NewCurrentUUID(o.ClearBitmap)
@@ -110,12 +108,24 @@ func (d *daemon) handleVerb(w http.ResponseWriter, req *http.Request) {
 		return
 	}
 	var o verbRequest
-	if err := json.NewDecoder(io.LimitReader(req.Body, 64<<10)).Decode(&o); err != nil && !errors.Is(err, io.EOF) {
+	dec := json.NewDecoder(http.MaxBytesReader(w, req.Body, 64<<10))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&o); err != nil && !errors.Is(err, io.EOF) {
 		apiError(w, http.StatusBadRequest, ExitUsage, "request body: %v", err)
+		return
+	}
+	if dec.More() {
+		apiError(w, http.StatusBadRequest, ExitUsage, "request body: more than one JSON object")
 		return
 	}
 	rs, ok := d.resourcesFor(w, req.PathValue("res"))
 	if !ok {
+		return
+	}
+	d.ops.RLock()
+	defer d.ops.RUnlock()
+	if d.stopping {
+		apiError(w, http.StatusServiceUnavailable, ExitRefused, "the daemon is stopping")
 		return
 	}
 	var resp verbResponse
@@ -141,9 +151,11 @@ func verbError(res string, err error) (string, int) {
 	case errors.As(err, &se):
 		return err.Error(), ExitRefused
 	}
+	// Metadata errors get metaErr's code and remedy; the resource's own
+	// "r0: " prefix is not repeated.
 	var ee *exitError
-	if errors.As(metaErr(res, nil, err), &ee) && ee.code != ExitFailed {
-		return ee.Error(), ee.code
+	if errors.As(metaErr(res, nil, err), &ee) {
+		return strings.Replace(ee.Error(), res+": "+res+": ", res+": ", 1), ee.code
 	}
 	return err.Error(), ExitFailed
 }
@@ -209,6 +221,9 @@ func (d *daemon) handleEvents(w http.ResponseWriter, req *http.Request) {
 			return
 		case line, ok := <-ch:
 			if !ok {
+				if !d.events.stopped() { // this reader fell behind
+					w.Write([]byte(`{"event":"overflow","error":"the events came faster than they were read"}` + "\n"))
+				}
 				return
 			}
 			var e struct {
@@ -239,6 +254,15 @@ func (d *daemon) handleWait(w http.ResponseWriter, req *http.Request) {
 	switch q.Get("for") {
 	case "connect":
 		done = func(s replicator.Snapshot) bool { return s.Conn >= replicator.Connected }
+		if q.Get("timeout") == "" { // StandAlone does not try: waiting for ever would hang
+			for _, r := range rs {
+				if s := r.Snapshot(); s.Conn == replicator.StandAlone {
+					writeJSON(w, http.StatusOK, verbResponse{Results: []verbResult{{Resource: r.Name(), Code: ExitRefused,
+						Error: r.Name() + ": StandAlone: it is not trying to connect, so there is nothing to wait for"}}})
+					return
+				}
+			}
+		}
 	case "sync":
 		done = func(s replicator.Snapshot) bool {
 			return !s.Conn.Syncing() && s.Conn != replicator.PausedSyncS && s.Conn != replicator.PausedSyncT

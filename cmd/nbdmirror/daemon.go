@@ -59,6 +59,11 @@ type daemon struct {
 	events  broadcaster
 	kick    chan struct{} // the status file is due
 	started time.Time
+
+	// ops counts admin requests in progress; stopping (under ops's write
+	// lock) refuses new ones, so a stop never races an attach.
+	ops      sync.RWMutex
+	stopping bool
 }
 
 // resource is one configured resource in the daemon.
@@ -68,6 +73,9 @@ type resource struct {
 	export *nbd.Export
 	device string // kernel NBD device attached while Primary ("" = none)
 
+	// verb serialises the daemon-level verbs of this resource (promote
+	// with its kernel device, demote, down), which take several steps.
+	verb   sync.Mutex
 	mu     sync.Mutex
 	attach *nbd.Attachment
 }
@@ -93,7 +101,8 @@ func (m *Main) daemon(c *cli.Context) error {
 		}
 		dr := &resource{cfg: rc, device: host.Device}
 		dr.Resource, err = replicator.New(replicator.Options{Config: rc, Node: node, Minor: i, Logger: log,
-			HeldOpen: func() []string { return d.heldOpen(dr) },
+			HeldOpen: func() ([]string, []string) { return d.heldOpen(dr) },
+			Clients:  func() []string { return d.clients(dr) },
 			OnChange: func() { d.changed(dr) }})
 		if err != nil {
 			return fail(ExitConfigInvalid, err)
@@ -111,12 +120,12 @@ func (m *Main) daemon(c *cli.Context) error {
 	if err := os.MkdirAll(d.runDir, 0o755); err != nil {
 		return failf(ExitFailed, "nbdmirror daemon: run directory: %v", err)
 	}
+	// The control socket is created 0600 (umask), never readable by
+	// others even for an instant.
+	old := unix.Umask(0o177)
 	ctl, err := listenUnix(filepath.Join(d.runDir, "control.sock"))
+	unix.Umask(old)
 	if err != nil {
-		return failf(ExitFailed, "nbdmirror daemon: control socket: %v", err)
-	}
-	if err := os.Chmod(filepath.Join(d.runDir, "control.sock"), 0o600); err != nil {
-		ctl.Close()
 		return failf(ExitFailed, "nbdmirror daemon: control socket: %v", err)
 	}
 	addrs := c.StringSlice("nbd-listen")
@@ -187,19 +196,32 @@ func (d *daemon) run(ctx context.Context, ctl net.Listener, nbdLs []net.Listener
 	wg.Go(func() {
 		select {
 		case sig := <-sigs:
-			d.log.Warn("second signal: stopping at once", "signal", sig.String())
+			d.log.Warn("second signal: stopping at once, leaving the metadata to the activity log", "signal", sig.String())
+			signal.Reset(syscall.SIGINT, syscall.SIGTERM) // a third one kills
 			close(hard)
 			cancel()
 		case <-stopWatch:
 		}
 	})
-	api.Close()
+	// No new admin request; those running finish (a stop never races an
+	// attach); event and wait streams end.
+	ctl.Close()
+	d.ops.Lock()
+	d.stopping = true
+	d.ops.Unlock()
+	d.events.close()
+	if err := api.Shutdown(sctx); err != nil {
+		api.Close()
+	}
 	for _, r := range d.res {
-		r.detachDevice(sctx)
+		if clients, others := d.heldOpen(r); len(others) > 0 {
+			d.log.Warn("stopping with the kernel device in use", "resource", r.Name(), "held_by", strings.Join(others, "; "),
+				"nbd_clients", len(clients))
+		}
+		r.detachDevice(sctx, d.log)
 	}
 	if err := d.srv.Shutdown(sctx); err != nil {
 		d.log.Warn("graceful NBD shutdown cut short", "err", err)
-		d.srv.Close()
 	}
 	var stopErr error
 	for _, r := range d.res {
@@ -216,7 +238,6 @@ func (d *daemon) run(ctx context.Context, ctl net.Listener, nbdLs []net.Listener
 	}
 	close(stopWatch)
 	close(stopStatus)
-	d.events.close()
 	wg.Wait()
 	os.Remove(filepath.Join(d.runDir, "status"))
 	if serveErr != nil && !errors.Is(serveErr, nbd.ErrServerClosed) && !errors.Is(serveErr, http.ErrServerClosed) {
@@ -277,39 +298,34 @@ func (d *daemon) List() []*nbd.Export {
 	return out
 }
 
-// heldOpen lists who holds a resource open: its NBD clients, and its
-// kernel device while mounted or claimed.
-func (d *daemon) heldOpen(r *resource) []string {
+// clients lists the NBD clients of a resource's export.
+func (d *daemon) clients(r *resource) []string {
 	var by []string
-	if d.srv != nil {
-		for _, c := range d.srv.Conns() {
-			switch {
-			case c.Export != r.Name():
-			case c.Remote == "@" || c.Remote == "":
-				by = append(by, "a client on a Unix socket")
-			default:
-				by = append(by, c.Remote)
-			}
-		}
+	if d.srv == nil {
+		return by
 	}
-	r.mu.Lock()
-	a := r.attach
-	r.mu.Unlock()
-	if a != nil && deviceBusy(a.Path()) {
-		by = append(by, a.Path()+" (mounted or in use)")
+	for _, c := range d.srv.Conns() {
+		switch {
+		case c.Export != r.Name():
+		case c.Remote == "@" || c.Remote == "":
+			by = append(by, "a client on a Unix socket")
+		default:
+			by = append(by, c.Remote)
+		}
 	}
 	return by
 }
 
-// deviceBusy reports whether a block device is mounted or exclusively
-// claimed: an exclusive open fails with EBUSY then.
-func deviceBusy(path string) bool {
-	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_EXCL|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return errors.Is(err, unix.EBUSY)
+// heldOpen lists who holds a resource open: its NBD clients, and whoever
+// has its kernel device mounted, claimed or open.
+func (d *daemon) heldOpen(r *resource) (clients, others []string) {
+	r.mu.Lock()
+	a := r.attach
+	r.mu.Unlock()
+	if a != nil {
+		others = deviceHolders(a.Path())
 	}
-	unix.Close(fd)
-	return false
+	return d.clients(r), others
 }
 
 // changed is called after every state change of r.
@@ -324,51 +340,66 @@ func (d *daemon) changed(r *resource) {
 // up brings a resource up: attach (connect comes with replication).
 func (r *resource) up() error { return r.Attach() }
 
-// promote makes the resource Primary and attaches its kernel device.
+// promote makes the resource Primary and attaches its kernel device; if
+// the device cannot be attached, the resource goes back to Secondary.
 func (r *resource) promote(force bool, log *slog.Logger) error {
+	r.verb.Lock()
+	defer r.verb.Unlock()
 	if err := r.Primary(force); err != nil {
 		return err
 	}
-	if r.device == "" {
-		return nil
-	}
 	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.attach != nil {
+	attached := r.attach != nil
+	r.mu.Unlock()
+	if r.device == "" || attached {
 		return nil
 	}
 	a, err := nbd.Attach(r.device, r.export, nbd.AttachOptions{Logger: log})
 	if err != nil {
-		return fmt.Errorf("%s: Primary, but attaching %s failed: %w", r.Name(), r.device, err)
+		if serr := r.Secondary(); serr != nil {
+			log.Error("demoting after the failed device attach failed", "resource", r.Name(), "err", serr)
+		}
+		return fmt.Errorf("%s: attaching %s failed, so the resource stays Secondary: %w", r.Name(), r.device, err)
 	}
+	r.mu.Lock()
 	r.attach = a
+	r.mu.Unlock()
 	return nil
 }
 
-// demote detaches the kernel device (refused while it is mounted or open)
-// and makes the resource Secondary.
-func (r *resource) demote(ctx context.Context) error {
-	r.mu.Lock()
-	a := r.attach
-	r.mu.Unlock()
-	if a != nil {
-		if err := r.Secondary(); err != nil { // refused while held open
-			return err
-		}
-		r.detachDevice(ctx)
-		return nil
+// demote makes the resource Secondary (refused while anyone holds it
+// open, the kernel device included) and detaches its kernel device.
+func (r *resource) demote(ctx context.Context, log *slog.Logger) error {
+	r.verb.Lock()
+	defer r.verb.Unlock()
+	if err := r.Secondary(); err != nil {
+		return err
 	}
-	return r.Secondary()
+	r.detachDevice(ctx, log)
+	return nil
+}
+
+// down demotes, detaches the kernel device and takes the resource down.
+func (r *resource) down(ctx context.Context, log *slog.Logger) error {
+	if err := r.demote(ctx, log); err != nil {
+		return err
+	}
+	r.verb.Lock()
+	defer r.verb.Unlock()
+	return r.Down()
 }
 
 // detachDevice disconnects the kernel device, if attached.
-func (r *resource) detachDevice(ctx context.Context) {
+func (r *resource) detachDevice(ctx context.Context, log *slog.Logger) {
 	r.mu.Lock()
 	a := r.attach
 	r.attach = nil
 	r.mu.Unlock()
-	if a != nil {
-		a.Detach(ctx)
+	if a == nil {
+		return
+	}
+	if err := a.Detach(ctx); err != nil {
+		log.Error("detaching the kernel device failed", "resource", r.Name(), "device", a.Path(), "err", err)
 	}
 }
 
@@ -511,11 +542,18 @@ func (b *broadcaster) publish(line []byte) {
 	for ch := range b.subs {
 		select {
 		case ch <- line:
-		default:
+		default: // fell behind: its stream ends with an overflow line
 			delete(b.subs, ch)
 			close(ch)
 		}
 	}
+}
+
+// stopped reports whether close was called.
+func (b *broadcaster) stopped() bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.closed
 }
 
 func (b *broadcaster) close() {

@@ -168,7 +168,7 @@ func TestDaemon_AdminVerbs(t *testing.T) {
 	d := startDaemon(t)
 	sock := filepath.Join(d.runDir, "nbd.sock")
 	if fi, err := os.Stat(filepath.Join(d.runDir, "control.sock")); err != nil || fi.Mode().Perm() != 0o600 {
-		t.Fatalf("control socket mode: %v %v", fi.Mode(), err)
+		t.Fatalf("control socket: %v %v", fi, err)
 	}
 	states := func(res string) string {
 		return strings.TrimSpace(d.must("role", res)) + " " + strings.TrimSpace(d.must("cstate", res)) + " " +
@@ -190,6 +190,12 @@ func TestDaemon_AdminVerbs(t *testing.T) {
 			"nbdmirror primary: expected one resource name or all (see 'nbdmirror primary --help')\n"},
 		{"invalidate without a disk", []string{"invalidate", "r1"}, ExitRefused,
 			"r1: State change failed: (-11) Device is diskless, the requested operation requires a disk\n"},
+		{"detach without a disk", []string{"detach", "r1"}, ExitRefused,
+			"r1: State change failed: (-11) Device is diskless, the requested operation requires a disk\n"},
+		{"new-current-uuid without a disk", []string{"new-current-uuid", "r1"}, ExitRefused,
+			"r1: Failure: (138) Device does not have a disk-config (attach it first)\n"},
+		{"wait-connect on StandAlone, no timeout", []string{"wait-connect", "r0"}, ExitRefused,
+			"r0: StandAlone: it is not trying to connect, so there is nothing to wait for\n"},
 	}
 	check := func(tc struct {
 		name string
@@ -219,7 +225,8 @@ func TestDaemon_AdminVerbs(t *testing.T) {
 		code int
 		msg  string
 	}{
-		{"attach twice", []string{"up", "r0"}, ExitRefused, "r0: Failure: (124) Device is attached to a disk (use detach first)\n"},
+		{"up twice", []string{"up", "r0"}, ExitRefused, "r0: Failure: (124) Device is attached to a disk (use detach first)\n"},
+		{"attach twice", []string{"attach", "r0"}, ExitRefused, "r0: Failure: (124) Device is attached to a disk (use detach first)\n"},
 		{"promote an Inconsistent disk", []string{"primary", "r0"}, ExitNoUpToDateData,
 			"r0: State change failed: (-2) Need access to UpToDate data (local disk Inconsistent, no peer; 'primary --force' makes this node's data the valid copy)\n"},
 	} {
@@ -245,8 +252,8 @@ func TestDaemon_AdminVerbs(t *testing.T) {
 			"r0: State change failed: (-12) Device is held open by someone (1 NBD client: a client on a Unix socket)\n"},
 		{"detach a Primary", []string{"detach", "r0"}, ExitNoUpToDateData,
 			"r0: State change failed: (-2) Need access to UpToDate data (a Primary without a peer cannot give up its disk: demote it first)\n"},
-		{"invalidate a Primary", []string{"invalidate", "r0"}, ExitNoUpToDateData,
-			"r0: State change failed: (-2) Need access to UpToDate data (a Primary without a peer cannot discard its data: demote it first)\n"},
+		{"invalidate a Primary", []string{"invalidate", "r0"}, ExitRefused,
+			"r0: State change failed: (-15) Need a connection to start verify or resync (a Primary is invalidated by a resync from its peer; without one, demote it first)\n"},
 	} {
 		check(tc)
 	}
@@ -277,6 +284,27 @@ func TestDaemon_AdminVerbs(t *testing.T) {
 	code, _, errOut := d.cli("primary", "all")
 	if code != ExitNoUpToDateData || strings.Count(errOut, "Need access to UpToDate data") != 3 {
 		t.Errorf("primary all: %d %q", code, errOut)
+	}
+	// Metadata that cannot be used: the failure names the remedy.
+	d.must("down", "r1")
+	if err := os.WriteFile(filepath.Join(filepath.Dir(d.conf), "m1"), make([]byte, 2<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if code, _, errOut := d.cli("up", "r1"); code != ExitFailed ||
+		errOut != "r1: no nbdmirror metadata found: create it with 'nbdmirror create-md r1'\n" {
+		t.Errorf("up without metadata: %d %q", code, errOut)
+	}
+	// The API refuses what the CLI never sends.
+	for _, tc := range []struct{ method, path, body, want string }{
+		{"POST", "/v1/resources/r0/frobnicate", "", `{"error":"no verb \"frobnicate\"","code":1}`},
+		{"POST", "/v1/resources/r0/primary", `{"forse":true}`, `{"error":"request body: json: unknown field \"forse\"","code":1}`},
+		{"POST", "/v1/resources/r0/primary", `{} {}`, `{"error":"request body: more than one JSON object","code":1}`},
+		{"GET", "/v1/status?format=xml", "", `{"error":"format \"xml\": want json, text or proc","code":1}`},
+		{"GET", "/v1/wait?res=r0&for=connect&timeout=soon", "", `{"error":"timeout \"soon\": want a duration such as 30s","code":1}`},
+	} {
+		if got := rawAPI(t, d.runDir, tc.method, tc.path, tc.body); got != tc.want {
+			t.Errorf("%s %s %s: %s, want %s", tc.method, tc.path, tc.body, got, tc.want)
+		}
 	}
 	if code := d.stop(); code != 0 {
 		t.Fatalf("daemon exit %d", code)
@@ -375,4 +403,21 @@ func TestDaemon_StatusAndEvents(t *testing.T) {
 	if fmt.Sprint(st[0]["role"]) != "Primary" {
 		t.Errorf("status --json role: %v", st[0]["role"])
 	}
+}
+
+// rawAPI sends one request to the control socket and returns the body.
+func rawAPI(t *testing.T, runDir, method, path, body string) string {
+	t.Helper()
+	c, err := net.Dial("unix", filepath.Join(runDir, "control.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	fmt.Fprintf(c, "%s %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s", method, path, len(body), body)
+	resp, err := io.ReadAll(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, b, _ := strings.Cut(string(resp), "\r\n\r\n")
+	return strings.TrimSpace(b)
 }
