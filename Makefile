@@ -48,10 +48,10 @@ lint: ## gofmt and go vet (with and without the integration tag)
 	$(GO) vet ./...
 	$(GO) vet -tags integration ./...
 
-bench: deps build ## benchmarks against qemu-nbd, nbdkit and nbd-server; updates BENCHMARKS.md
+bench: deps build ## benchmarks against qemu-nbd, nbdkit and nbd-server, and of the resource path; updates BENCHMARKS.md
 	./scripts/bench.sh
 
-demo: deps build ## serve a file and put ext4 on it through a real NBD client (root)
+demo: deps build ## one node: daemon, up, primary, ext4 through a real NBD client, status (root)
 	./scripts/demo.sh
 
 clean: ## remove build output

@@ -91,21 +91,47 @@ type proc struct {
 	err  error
 }
 
+// syncBuffer keeps a process's output: the first outputHead bytes and the
+// last outputTail, so a process that prints without end cannot exhaust
+// the test's memory.
 type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
+	mu      sync.Mutex
+	b       bytes.Buffer
+	tail    []byte
+	dropped int
 }
+
+const (
+	outputHead = 16 << 20
+	outputTail = 1 << 20
+)
 
 func (s *syncBuffer) Write(p []byte) (int, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.b.Write(p)
+	n := len(p)
+	if room := outputHead - s.b.Len(); room > 0 {
+		k := min(room, len(p))
+		s.b.Write(p[:k])
+		p = p[k:]
+	}
+	if len(p) > 0 {
+		s.tail = append(s.tail, p...)
+		if over := len(s.tail) - outputTail; over > 0 {
+			s.dropped += over
+			s.tail = append(s.tail[:0], s.tail[over:]...)
+		}
+	}
+	return n, nil
 }
 
 func (s *syncBuffer) String() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.b.String()
+	if len(s.tail) == 0 {
+		return s.b.String()
+	}
+	return fmt.Sprintf("%s\n[... %d bytes of output dropped ...]\n%s", s.b.String(), s.dropped, s.tail)
 }
 
 var forbidden = regexp.MustCompile(`DATA RACE|panic:|fatal error:|goroutine \d+ \[`)

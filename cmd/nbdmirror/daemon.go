@@ -246,6 +246,11 @@ func (d *daemon) run(ctx context.Context, ctl net.Listener, nbdLs []net.Listener
 	if stopErr != nil {
 		return failf(ExitFailed, "nbdmirror daemon: %v", stopErr)
 	}
+	select {
+	case <-hard:
+		return failf(ExitFailed, "nbdmirror daemon: stopped at once by a second signal: the metadata is left unclean (the next attach applies the activity log)")
+	default:
+	}
 	d.log.Info("stopped")
 	return nil
 }
