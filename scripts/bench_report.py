@@ -5,7 +5,10 @@ Usage: bench_report.py OUTDIR BENCHMARKS.md
 
 Replaces the text between the markers of the "NBD front end" section (or
 appends the section) with medians over rounds, ratios against nbdkit, the
-1 ms latency scaling table, the machine and the commands.
+1 ms latency scaling table, the machine and the commands; likewise the
+"Resource write path" section (ratios against `nbdmirror serve`, activity-log
+transactions per 1,000 writes), the bitmap and metadata section and the peer
+transport section, each only when its part ran.
 """
 import datetime
 import glob
@@ -23,23 +26,33 @@ META_START = "<!-- bench:meta:start -->"
 META_END = "<!-- bench:meta:end -->"
 TR_START = "<!-- bench:transport:start -->"
 TR_END = "<!-- bench:transport:end -->"
+RES_START = "<!-- bench:resource:start -->"
+RES_END = "<!-- bench:resource:end -->"
 
 
-def load(outdir):
+def load(outdir, sub="json"):
+    """fio results of OUTDIR/SUB by (server, rw, bs, qd), one entry per
+    round; "al" is the activity-log transactions during the job where a .al
+    file (counters.al before and after) sits next to the JSON."""
     runs = {}
-    for path in glob.glob(os.path.join(outdir, "json", "*.json")):
+    for path in sorted(glob.glob(os.path.join(outdir, sub, "*.json"))):
         server, rw, bs, qd, _round = os.path.basename(path)[: -len(".json")].split(".")
         with open(path) as f:
             job = json.load(f)["jobs"][0]
         d = job["write"] if job["write"]["io_bytes"] else job["read"]
-        runs.setdefault((server, rw, bs, qd), []).append(
-            {
-                "iops": d["iops"],
-                "mibs": d["bw"] / 1024,
-                "p99_us": d["clat_ns"]["percentile"]["99.000000"] / 1000,
-                "mean_us": d["clat_ns"]["mean"] / 1000,
-            }
-        )
+        run = {
+            "iops": d["iops"],
+            "mibs": d["bw"] / 1024,
+            "p99_us": d["clat_ns"]["percentile"]["99.000000"] / 1000,
+            "mean_us": d["clat_ns"]["mean"] / 1000,
+            "ios": d["total_ios"],
+        }
+        al = path[: -len(".json")] + ".al"
+        if os.path.exists(al):
+            with open(al) as f:
+                before, after = (int(x) for x in f.read().split())
+            run["al"] = after - before
+        runs.setdefault((server, rw, bs, qd), []).append(run)
     return runs
 
 
@@ -244,6 +257,73 @@ def transport_section(outdir):
     return "\n".join(lines)
 
 
+def resource_section(outdir):
+    runs = load(outdir, "resource")
+    if not runs:
+        return None
+    rounds = max(len(v) for v in runs.values())
+    lines = [RES_START, "## Resource write path (`nbdmirror daemon`, no peer)", ""] + machine()
+    vfile = os.path.join(outdir, "resource", "version.txt")
+    if os.path.exists(vfile):
+        with open(vfile) as f:
+            lines.append(f"- {f.read().strip()}")
+    lines += [
+        "",
+        "A resource served by the node daemon (`nbdmirror daemon --up r0`, then `primary --force r0`: "
+        "internal metadata, md-flushes on, no peer, so every write is covered by the activity log and "
+        "marks the bitmap) next to `nbdmirror serve`, each on a fresh sparse 1 GiB file (`create-md` "
+        "first for the resource), fio's nbd engine over TCP on 127.0.0.1, one connection, the same jobs "
+        "as the NBD front end over the first 1000 MiB (the resource's data area is 1,023 MiB); servers "
+        f"alternating with the order rotated each round, medians of {rounds} rounds "
+        "(`BENCH=resource make bench`). Ratios are resource ÷ serve in the same run (targets: IOPS ≥ 0.9× "
+        "for 4 KiB random writes with the working set inside the activity log, ≥ 0.95× for 1 MiB "
+        "sequential writes). With al-extents 61 (244 MiB) the 4 KiB random writes range over 4× the "
+        "activity log, so writes keep waiting for activity-log transactions (informational); AL "
+        "transactions per 1,000 writes are counters.al of `nbdmirror status --json` before and after the "
+        "job, over fio's writes.",
+        "",
+        "| job | server | IOPS | MiB/s | mean lat µs | p99 lat µs | IOPS × serve | p99 × serve "
+        "| AL tx / 1,000 writes | rounds (IOPS) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    jobs = [("randwrite", "4k", "qd32", "4 KiB random write, iodepth 32", 0.9),
+            ("randread", "4k", "qd32", "4 KiB random read, iodepth 32", None),
+            ("write", "1M", "qd8", "1 MiB sequential write, iodepth 8", 0.95)]
+    servers = (("nbdmirror", "`nbdmirror serve`"), ("resource", "resource, al-extents 1237"),
+               ("resource-al61", "resource, al-extents 61"))
+    verdicts = []
+    for rw, bs, qd, title, target in jobs:
+        base = runs.get(("nbdmirror", rw, bs, qd))
+        for server, label in servers:
+            r = runs.get((server, rw, bs, qd))
+            if not r:
+                continue
+            ratio = p99r = ""
+            if base:
+                ratio = f"{med(r, 'iops') / med(base, 'iops'):.2f}×"
+                p99r = f"{med(r, 'p99_us') / med(base, 'p99_us'):.2f}×"
+            al = [x for x in r if "al" in x]
+            per1000 = "–"
+            if al and len(al) == len(r):
+                per1000 = f"{statistics.median(1000 * x['al'] / x['ios'] for x in al):,.2f}"
+            if server != "nbdmirror" and base and rw != "randread":
+                if server == "resource-al61":
+                    verdicts.append(f"{title}, working set 4× al-extents 61: {ratio} IOPS, {p99r} p99, "
+                                    f"{per1000} AL transactions per 1,000 writes (informational)")
+                elif target:
+                    ok = med(r, "iops") >= target * med(base, "iops")
+                    verdicts.append(f"{title}: {ratio} IOPS, {p99r} p99 — "
+                                    f"{'meets' if ok else 'MISSES'} the target (≥ {target}×)")
+            each = " / ".join(f"{x['iops']:,.0f}" for x in r)
+            lines.append(
+                f"| {title} | {label} | {med(r, 'iops'):,.0f} | {med(r, 'mibs'):,.0f} | "
+                f"{med(r, 'mean_us'):,.0f} | {med(r, 'p99_us'):,.0f} | {ratio} | {p99r} | {per1000} | {each} |"
+            )
+    lines += ["", "Verdict:", ""] + [f"- {v}" for v in verdicts]
+    lines += ["", RES_END]
+    return "\n".join(lines)
+
+
 def replace(text, start, end, new):
     if start in text and end in text:
         return re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: new, text, flags=re.S)
@@ -261,6 +341,9 @@ def main():
     tr = transport_section(outdir)
     if tr:
         text = replace(text, TR_START, TR_END, tr)
+    res = resource_section(outdir)
+    if res:
+        text = replace(text, RES_START, RES_END, res)
     with open(md, "w") as f:
         f.write(text)
 
