@@ -28,7 +28,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -211,59 +210,10 @@ func eventually(t *testing.T, timeout time.Duration, what string, cond func() (b
 	}
 }
 
-// cappedWriter passes on what is written to it until left bytes have
-// passed, and counts the rest.
-type cappedWriter struct {
-	mu      sync.Mutex
-	w       io.Writer
-	left    int
-	dropped int64
-}
-
-func (c *cappedWriter) Write(p []byte) (int, error) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	k := min(len(p), c.left)
-	if k > 0 {
-		c.w.Write(p[:k])
-		c.left -= k
-	}
-	c.dropped += int64(len(p) - k)
-	return len(p), nil
-}
-
-func (c *cappedWriter) droppedBytes() int64 {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.dropped
-}
-
-// startIn is startEnv with a working directory, keeping at most 256 KiB of
-// the output (a tool that loops printing errors must not eat the memory).
-func startIn(t *testing.T, dir, name string, args ...string) (*proc, *cappedWriter) {
+// startIn is startEnv with a working directory.
+func startIn(t *testing.T, dir, name string, args ...string) *proc {
 	t.Helper()
-	p := &proc{t: t, name: filepath.Base(name), cmd: exec.Command(name, args...), out: &syncBuffer{}, done: make(chan struct{})}
-	p.cmd.Dir = dir
-	capped := &cappedWriter{w: p.out, left: 256 << 10}
-	p.cmd.Stdout, p.cmd.Stderr = capped, capped
-	p.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := p.cmd.Start(); err != nil {
-		t.Fatalf("start %s: %v", name, err)
-	}
-	go func() {
-		p.err = p.cmd.Wait()
-		close(p.done)
-	}()
-	t.Cleanup(func() {
-		if !p.exited() {
-			p.signal(syscall.SIGKILL)
-			<-p.done
-		}
-		if t.Failed() {
-			t.Logf("%s output (%d bytes more dropped):\n%s", p.name, capped.droppedBytes(), p.out)
-		}
-	})
-	return p, capped
+	return startProc(t, dir, nil, name, args...)
 }
 
 // ext4 is a file system on an NBD export: nbdfuse exposes the export as a
@@ -516,7 +466,7 @@ func killDuringFio(t *testing.T, alExtents int, size int64) {
 		"--thinktime=20ms", "--thinktime_blocks=64", "--write_lat_log=acked", "--log_offset=1",
 		"--output-format=json", "--output=write.json")
 	t.Logf("fio %s", strings.Join(write, " "))
-	f, fout := startIn(t, fioDir, "fio", write...)
+	f := startIn(t, fioDir, "fio", write...)
 	eventually(t, 60*time.Second, "fio writes 16 MiB", func() (bool, string) {
 		if f.exited() {
 			t.Fatalf("fio ended before the daemon was killed: %v\n%s", f.err, f.out)
@@ -534,8 +484,7 @@ func killDuringFio(t *testing.T, alExtents int, size int64) {
 		// Seen once in about a hundred runs: fio (3.33, nbd engine) looping,
 		// printing gigabytes. SIGTERM makes fio end its jobs, saving the
 		// verify state.
-		t.Logf("fio still runs 30s after the daemon was killed under it (%d bytes of output dropped); sending SIGTERM:\n%s",
-			fout.droppedBytes(), f.out)
+		t.Logf("fio still runs 30s after the daemon was killed under it; sending SIGTERM:\n%s", f.out)
 		f.signal(syscall.SIGTERM)
 		select {
 		case <-f.done:
@@ -622,7 +571,7 @@ func killDuringFio(t *testing.T, alExtents int, size int64) {
 	verify := append(slices.Clone(job), "--iodepth=1", "--verify_only", "--do_verify=1", "--verify_state_load=1",
 		"--verify_state_save=0", "--verify_fatal=0", "--output-format=json", "--output=verify.json")
 	t.Logf("fio %s", strings.Join(verify, " "))
-	v, _ := startIn(t, fioDir, "fio", verify...)
+	v := startIn(t, fioDir, "fio", verify...)
 	verr := v.wait(2 * time.Minute)
 	r := readFioJSON(t, filepath.Join(fioDir, "verify.json"))
 	var inFlight []int64

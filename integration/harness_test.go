@@ -144,7 +144,16 @@ func start(t testing.TB, name string, args ...string) *proc {
 // startEnv starts a process with extra environment variables.
 func startEnv(t testing.TB, env []string, name string, args ...string) *proc {
 	t.Helper()
+	return startProc(t, "", env, name, args...)
+}
+
+// startProc starts a process in dir ("" = this one's) with extra
+// environment variables; its output is kept (bounded) and checked for
+// panics and data races when the test ends.
+func startProc(t testing.TB, dir string, env []string, name string, args ...string) *proc {
+	t.Helper()
 	p := &proc{t: t, name: filepath.Base(name), cmd: exec.Command(name, args...), out: &syncBuffer{}, done: make(chan struct{})}
+	p.cmd.Dir = dir
 	if env != nil {
 		p.cmd.Env = append(os.Environ(), env...)
 	}
