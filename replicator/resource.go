@@ -433,16 +433,29 @@ func clearPrimary(sb *metadisk.Superblock) {
 	sb.Flags &^= metadisk.FlagPrimary
 }
 
-// heldBy describes who holds the device: "2 NBD clients: a, b; /dev/nbd0
-// mounted on /mnt".
+// heldBy describes who holds the device: "3 NBD clients: 10.0.0.5:51234,
+// Unix socket ×2; /dev/nbd0 mounted on /mnt". Repeated client addresses
+// are counted, not repeated.
 func heldBy(clients, others []string) string {
 	var parts []string
-	switch len(clients) {
-	case 0:
-	case 1:
-		parts = append(parts, "1 NBD client: "+clients[0])
-	default:
-		parts = append(parts, fmt.Sprintf("%d NBD clients: %s", len(clients), strings.Join(clients, ", ")))
+	if len(clients) > 0 {
+		n := map[string]int{}
+		var order []string
+		for _, c := range clients {
+			if n[c]++; n[c] == 1 {
+				order = append(order, c)
+			}
+		}
+		for i, c := range order {
+			if n[c] > 1 {
+				order[i] = fmt.Sprintf("%s ×%d", c, n[c])
+			}
+		}
+		noun := "NBD clients"
+		if len(clients) == 1 {
+			noun = "NBD client"
+		}
+		parts = append(parts, fmt.Sprintf("%d %s: %s", len(clients), noun, strings.Join(order, ", ")))
 	}
 	return strings.Join(append(parts, others...), "; ")
 }

@@ -169,8 +169,8 @@ func TestResource_Lifecycle(t *testing.T) {
 	stateErr(t, r.Detach(), codeNoUpToDate, "(-2) Need access to UpToDate data (a Primary without a peer cannot give up its disk")
 	stateErr(t, r.Invalidate(), codeNeedConnection, "r0: State change failed: (-15) Need a connection to start verify or resync (a Primary is invalidated by a resync from its peer")
 
-	f.held = []string{"10.0.0.1:5000", "unix:@nbd"}
-	stateErr(t, r.Secondary(), codeInUse, "r0: State change failed: (-12) Device is held open by someone (2 NBD clients: 10.0.0.1:5000, unix:@nbd)")
+	f.held = []string{"10.0.0.1:5000", "Unix socket", "Unix socket"}
+	stateErr(t, r.Secondary(), codeInUse, "r0: State change failed: (-12) Device is held open by someone (3 NBD clients: 10.0.0.1:5000, Unix socket ×2)")
 	stateErr(t, r.Down(), codeInUse, "held open")
 	f.held, f.others = []string{"10.0.0.1:5000"}, []string{"/dev/nbd0 mounted on /mnt"}
 	stateErr(t, r.Secondary(), codeInUse, "(-12) Device is held open by someone (1 NBD client: 10.0.0.1:5000; /dev/nbd0 mounted on /mnt)")

@@ -313,7 +313,7 @@ func (d *daemon) clients(r *resource) []string {
 		switch {
 		case c.Export != r.Name():
 		case c.Remote == "@" || c.Remote == "":
-			by = append(by, "a client on a Unix socket")
+			by = append(by, "Unix socket")
 		default:
 			by = append(by, c.Remote)
 		}

@@ -247,9 +247,9 @@ func TestDaemon_AdminVerbs(t *testing.T) {
 		msg  string
 	}{
 		{"demote while a client is connected", []string{"secondary", "r0"}, ExitRefused,
-			"r0: State change failed: (-12) Device is held open by someone (1 NBD client: a client on a Unix socket)\n"},
+			"r0: State change failed: (-12) Device is held open by someone (1 NBD client: Unix socket)\n"},
 		{"down while a client is connected", []string{"down", "r0"}, ExitRefused,
-			"r0: State change failed: (-12) Device is held open by someone (1 NBD client: a client on a Unix socket)\n"},
+			"r0: State change failed: (-12) Device is held open by someone (1 NBD client: Unix socket)\n"},
 		{"detach a Primary", []string{"detach", "r0"}, ExitNoUpToDateData,
 			"r0: State change failed: (-2) Need access to UpToDate data (a Primary without a peer cannot give up its disk: demote it first)\n"},
 		{"invalidate a Primary", []string{"invalidate", "r0"}, ExitRefused,
