@@ -14,6 +14,7 @@ import (
 	"syscall"
 	"testing"
 	"testing/fstest"
+	"time"
 
 	"github.com/nbdmirror/nbdmirror/bitmap"
 	"github.com/nbdmirror/nbdmirror/metadisk"
@@ -423,9 +424,7 @@ func TestResource_DemoteWaitsForIO(t *testing.T) {
 			}
 		})
 	}
-	for r.written.Load() < 16<<20 { // the writers are busy
-		runtime.Gosched()
-	}
+	waitWritten(t, r, 16<<20)
 	if err := r.Down(); err != nil {
 		t.Fatal(err)
 	}
@@ -547,9 +546,7 @@ func TestResource_Stop(t *testing.T) {
 			}
 		})
 	}
-	for r.written.Load() < 8<<20 {
-		runtime.Gosched()
-	}
+	waitWritten(t, r, 8<<20)
 	oos := r.Snapshot().OutOfSyncBytes
 	if err := r.Stop(); err != nil {
 		t.Fatal(err)
@@ -591,9 +588,7 @@ func TestResource_ClearBitmapHoldsWritesBack(t *testing.T) {
 			}
 		}
 	})
-	for r.written.Load() < 1<<20 {
-		runtime.Gosched()
-	}
+	waitWritten(t, r, 1<<20)
 	if err := r.NewCurrentUUID(true); err != nil {
 		t.Fatal(err)
 	}
@@ -609,5 +604,17 @@ func TestResource_ClearBitmapHoldsWritesBack(t *testing.T) {
 	r.mu.Unlock()
 	if !md.Test((40 << 20) / 4096) {
 		t.Fatal("a write after the clear is not marked")
+	}
+}
+
+// waitWritten waits until the writers of a test have written n bytes.
+func waitWritten(t *testing.T, r *Resource, n uint64) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for r.written.Load() < n {
+		if time.Now().After(deadline) {
+			t.Fatalf("the writers wrote %d bytes in 30 s, want %d", r.written.Load(), n)
+		}
+		runtime.Gosched()
 	}
 }

@@ -31,7 +31,14 @@ func (t *Transport) inboundFrom(host string) int {
 // hold at most maxHandshakesPerHost slots; the next one is refused as busy
 // at once, and a slot freed is usable again.
 func TestHandshake_BusyBound(t *testing.T) {
-	tb, lb, addr := server(t, "k")
+	// A handshake timeout far longer than the test, so the stalled
+	// connections hold their slots however slow the machine is.
+	_, b := configs("k")
+	addr := listen(t)
+	b.ListenAddr, b.HandshakeTimeout = addr, time.Minute
+	var lb logBuffer
+	b.Logger = lb.logger()
+	tb := start(t, b)
 	var stalled []net.Conn
 	for range maxHandshakesPerHost {
 		c, err := net.Dial("tcp", addr)
@@ -188,7 +195,9 @@ func TestHoldOff_WhatCounts(t *testing.T) {
 func TestSession_SilentPartitionUnderTraffic(t *testing.T) {
 	a, b := configs("")
 	a.PingInterval, b.PingInterval = 30*time.Second, 30*time.Second
-	a.PingTimeout, b.PingTimeout = 300*time.Millisecond, 300*time.Millisecond
+	// 1 s: a loaded machine must not fail the healthy part; detection
+	// (about 1 s + 1 s) stays far below the 30 s ping interval.
+	a.PingTimeout, b.PingTimeout = time.Second, time.Second
 	stall := make(chan struct{})
 	l := newLink(t, a, b)
 	sa, sb := rewrap(t, l, func(c net.Conn) net.Conn { return &stallConn{Conn: c, stall: stall, closed: make(chan struct{})} })
