@@ -59,6 +59,7 @@ type daemon struct {
 	events  broadcaster
 	kick    chan struct{} // the status file is due
 	started time.Time
+	ready   func() // Main.Ready
 
 	// ops counts admin requests in progress; stopping (under ops's write
 	// lock) refuses new ones, so a stop never races an attach.
@@ -93,7 +94,7 @@ func (m *Main) daemon(c *cli.Context) error {
 		return err
 	}
 	d := &daemon{log: log, cfg: cfg, node: node, runDir: c.String("run-dir"), kick: make(chan struct{}, 1),
-		started: time.Now()}
+		started: time.Now(), ready: m.Ready}
 	for i, rc := range cfg.Resources {
 		host, err := rc.Host(node)
 		if err != nil {
@@ -179,6 +180,9 @@ func (d *daemon) run(ctx context.Context, ctl net.Listener, nbdLs []net.Listener
 	d.log.Info("daemon ready", "node", d.node, "resources", len(d.res), "control", ctl.Addr().String(),
 		"nbd", strings.Join(listen, ","), "version", version())
 	notify(d.log, "READY=1\nSTATUS=serving "+fmt.Sprint(len(d.res))+" resources")
+	if d.ready != nil {
+		d.ready()
+	}
 
 	var serveErr error
 	select {

@@ -56,7 +56,11 @@ func startDaemon(t *testing.T, extra ...string) *testDaemon {
 	d := &testDaemon{t: t, conf: conf, runDir: t.TempDir(), log: &lockedBuffer{}, done: make(chan int, 1)}
 	ctx, cancel := context.WithCancel(context.Background())
 	d.cancel = cancel
-	m := &Main{Stdout: d.log, Stderr: d.log, Getenv: func(string) string { return "" }}
+	// Ready orders the daemon's start (its command-line parsing included:
+	// urfave/cli shares its help flag between apps) before the test's own
+	// commands.
+	ready := make(chan struct{})
+	m := &Main{Stdout: d.log, Stderr: d.log, Getenv: func(string) string { return "" }, Ready: func() { close(ready) }}
 	args := append([]string{"nbdmirror", "--config", conf, "--node", "alpha", "--run-dir", d.runDir, "daemon"}, extra...)
 	go func() { d.done <- m.Run(ctx, args) }()
 	t.Cleanup(func() {
@@ -65,21 +69,12 @@ func startDaemon(t *testing.T, extra ...string) *testDaemon {
 			t.Logf("daemon log:\n%s", d.log)
 		}
 	})
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		if c, err := net.Dial("unix", filepath.Join(d.runDir, "control.sock")); err == nil {
-			c.Close()
-			break
-		}
-		select {
-		case code := <-d.done:
-			t.Fatalf("the daemon exited with %d:\n%s", code, d.log)
-		default:
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("no control socket after 10 s:\n%s", d.log)
-		}
-		time.Sleep(10 * time.Millisecond)
+	select {
+	case <-ready:
+	case code := <-d.done:
+		t.Fatalf("the daemon exited with %d:\n%s", code, d.log)
+	case <-time.After(10 * time.Second):
+		t.Fatalf("the daemon not ready after 10 s:\n%s", d.log)
 	}
 	return d
 }

@@ -54,6 +54,9 @@ func failf(code int, format string, args ...any) error {
 type Main struct {
 	Stdout, Stderr io.Writer
 	Getenv         func(string) string
+	// Ready, if set, is called once `daemon` serves (after READY=1 would
+	// be sent), so an in-process caller can wait for it.
+	Ready func()
 }
 
 func main() {
