@@ -50,16 +50,15 @@ func (m *Main) daemonCommand() *cli.Command {
 // daemon is the node daemon: resources, the NBD server, the control
 // socket, the status file and the event stream.
 type daemon struct {
-	log     *slog.Logger
-	cfg     *config.Config
-	node    string
-	runDir  string
-	res     []*resource // in configuration order
-	srv     *nbd.Server
-	events  broadcaster
-	kick    chan struct{} // the status file is due
-	started time.Time
-	ready   func() // Main.Ready
+	log    *slog.Logger
+	cfg    *config.Config
+	node   string
+	runDir string
+	res    []*resource // in configuration order
+	srv    *nbd.Server
+	events broadcaster
+	kick   chan struct{} // the status file is due
+	ready  func()        // Main.Ready
 
 	// ops counts admin requests in progress; stopping (under ops's write
 	// lock) refuses new ones, so a stop never races an attach.
@@ -94,7 +93,7 @@ func (m *Main) daemon(c *cli.Context) error {
 		return err
 	}
 	d := &daemon{log: log, cfg: cfg, node: node, runDir: c.String("run-dir"), kick: make(chan struct{}, 1),
-		started: time.Now(), ready: m.Ready}
+		ready: m.Ready}
 	for i, rc := range cfg.Resources {
 		host, err := rc.Host(node)
 		if err != nil {
