@@ -13,7 +13,7 @@ FUZZMINIMIZE ?= 100x
 # package:target pairs; `go test -fuzz` takes one target of one package at a time.
 FUZZ_TARGETS := ./nbd:FuzzRequest ./nbd:FuzzNegotiation ./nbd:FuzzTransmission \
 	./bitmap:FuzzPage ./metadisk:FuzzSuperblock ./metadisk:FuzzALBlock ./replicator/config:FuzzParse \
-	./transport:FuzzFrame ./transport:FuzzHandshake
+	./transport:FuzzFrame ./transport:FuzzHandshake ./replicator/wire:FuzzDecode
 
 .DEFAULT_GOAL := help
 .PHONY: help build deps test unit integration fuzz lint bench demo clean

@@ -69,9 +69,16 @@ func (n *node) uri() string  { return "nbd+unix:///r0?socket=" + n.sock() }
 // stdout and stderr.
 func (n *node) cli(args ...string) (int, string, string) {
 	n.t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	return runCLI(n.t, time.Minute, append([]string{"--config", n.conf, "--node", "alpha", "--run-dir", n.runDir}, args...))
+}
+
+// runCLI runs nbdmirror with args and returns its exit code, stdout and
+// stderr; it fails the test if the command cannot run or times out.
+func runCLI(t *testing.T, timeout time.Duration, args []string) (int, string, string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, binary, append([]string{"--config", n.conf, "--node", "alpha", "--run-dir", n.runDir}, args...)...)
+	cmd := exec.CommandContext(ctx, binary, args...)
 	// The race detector sleeps a second before a program exits, by default.
 	cmd.Env = append(os.Environ(), "GORACE="+strings.TrimSpace(os.Getenv("GORACE")+" atexit_sleep_ms=0"))
 	var stdout, stderr bytes.Buffer
@@ -82,11 +89,11 @@ func (n *node) cli(args ...string) (int, string, string) {
 	case err == nil:
 		return 0, stdout.String(), stderr.String()
 	case ctx.Err() != nil:
-		n.t.Fatalf("nbdmirror %s: timed out", strings.Join(args, " "))
+		t.Fatalf("nbdmirror %s: timed out", strings.Join(args, " "))
 	case errors.As(err, &ee):
 		return ee.ExitCode(), stdout.String(), stderr.String()
 	default:
-		n.t.Fatalf("nbdmirror %s: %v", strings.Join(args, " "), err)
+		t.Fatalf("nbdmirror %s: %v", strings.Join(args, " "), err)
 	}
 	return -1, "", ""
 }

@@ -355,6 +355,21 @@ func (m *Meta) MarkInSync(off, length int64) uint64 {
 	return m.bm.Clear(first, n)
 }
 
+// NextRun returns the first run of set bits at or after block from: its
+// first block and its length (resync walks the bitmap with it).
+func (m *Meta) NextRun(from uint64) (start, n uint64, ok bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.bm.NextRun(from)
+}
+
+// Blocks returns the number of blocks the bitmap covers.
+func (m *Meta) Blocks() uint64 {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.bm.Len()
+}
+
 // OutOfSync returns the number of set bits.
 func (m *Meta) OutOfSync() uint64 {
 	m.mu.Lock()

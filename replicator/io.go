@@ -7,6 +7,7 @@ import (
 	"github.com/nbdmirror/nbdmirror/bitmap"
 	"github.com/nbdmirror/nbdmirror/blockdev"
 	"github.com/nbdmirror/nbdmirror/metadisk"
+	"github.com/nbdmirror/nbdmirror/replicator/wire"
 )
 
 // ErrNotPrimary refuses application I/O on a node that is not Primary
@@ -17,6 +18,8 @@ var ErrNotPrimary = fmt.Errorf("replicator: the resource is not Primary here: %w
 type hold struct {
 	md  *metadisk.Meta
 	dev *blockdev.Device
+	tl  *tlog // the transfer log while replicating, else nil
+	c   bool  // protocol C
 }
 
 // beginIO admits an application request: only on a Primary with a disk.
@@ -24,14 +27,18 @@ type hold struct {
 func (r *Resource) beginIO() (hold, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	for r.frozen {
+	for r.frozen > 0 {
 		r.idle.Wait()
 	}
 	if r.role != RolePrimary || r.md == nil {
 		return hold{}, ErrNotPrimary
 	}
 	r.inflight++
-	return hold{md: r.md, dev: r.dev}, nil
+	h := hold{md: r.md, dev: r.dev}
+	if r.p != nil && r.conn >= Connected {
+		h.tl, h.c = r.p.tl, r.p.tl.ackC
+	}
+	return h, nil
 }
 
 func (r *Resource) endIO() {
@@ -59,69 +66,119 @@ func (r *Resource) ReadAt(p []byte, off int64) (int, error) {
 	return n, err
 }
 
-// WriteAt is the write path (DESIGN.md §4) without a peer: each piece of
-// the write is covered by the activity log before it reaches the disk,
-// and its blocks are marked out of sync with the absent peer. With fua
-// the data is durable when WriteAt returns.
+// WriteAt is the write path (DESIGN.md §4): each piece of the write is
+// covered by the activity log before it reaches the disk; while
+// replicating it joins the transfer log and goes to the peer, else its
+// blocks are marked out of sync. With fua the data is durable here when
+// WriteAt returns; under protocol C it is also on the peer.
 func (r *Resource) WriteAt(p []byte, off int64, fua bool) error {
-	return r.modify(off, int64(len(p)), func(dev *blockdev.Device, o, n int64) error {
+	return r.modify(off, int64(len(p)), wire.WriteData, p, fua, func(dev *blockdev.Device, o, n int64) error {
 		return dev.WriteAt(p[o-off:o-off+n], o, fua)
 	})
 }
 
-// Trim discards a range on the local disk; the blocks are marked.
+// Trim discards a range on the local disk and the peer's.
 func (r *Resource) Trim(off, length int64, fua bool) error {
-	return r.modify(off, length, func(dev *blockdev.Device, o, n int64) error {
+	return r.modify(off, length, wire.WriteTrim, nil, fua, func(dev *blockdev.Device, o, n int64) error {
 		return dev.Trim(o, n, fua)
 	})
 }
 
-// WriteZeroes zeroes a range on the local disk; the blocks are marked.
+// WriteZeroes zeroes a range on the local disk and the peer's.
 func (r *Resource) WriteZeroes(off, length int64, noHole, fua bool) error {
-	return r.modify(off, length, func(dev *blockdev.Device, o, n int64) error {
+	return r.modify(off, length, wire.WriteZeroes, nil, fua, func(dev *blockdev.Device, o, n int64) error {
 		return dev.WriteZeroes(o, n, noHole, fua)
 	})
 }
 
 // modify runs a change of length bytes at off in pieces that the activity
 // log can cover (at most al-extents extents each): for each piece the
-// extents are made durable in the activity log, the blocks are marked,
-// and then do changes the disk.
-func (r *Resource) modify(off, length int64, do func(dev *blockdev.Device, off, n int64) error) error {
+// extents are made durable in the activity log, the piece is sent to the
+// peer (or its blocks marked), and then do changes the disk. Overlapping
+// changes and resync reads of the same blocks wait for each other, so the
+// peer sees them in the order this disk does.
+func (r *Resource) modify(off, length int64, kind uint8, data []byte, fua bool, do func(dev *blockdev.Device, off, n int64) error) error {
 	x, err := r.beginIO()
 	if err != nil {
 		return err
 	}
 	defer r.endIO()
+	unlock := r.ranges.lock(off, length)
+	defer unlock()
+	start := off
 	maxSpan := int64(x.md.ALCapacity()) * bitmap.ExtentSize
+	var sent []*tlEntry
 	for length > 0 {
 		n := min(length, off-off%bitmap.ExtentSize+maxSpan-off)
 		span, err := x.md.BeginWrite(off, n)
 		if err != nil {
 			return fmt.Errorf("%s: activity log: %w", r.name, err) // EIO to the client
 		}
-		x.md.MarkOutOfSync(off, n)
+		var e *tlEntry
+		if x.tl != nil {
+			var piece []byte
+			if data != nil {
+				piece = data[off-start : off-start+n]
+			}
+			e = x.tl.submit(off, n, span, kind, fua, piece)
+		}
+		if e == nil {
+			x.md.MarkOutOfSync(off, n)
+		}
 		r.local.Add(1)
 		err = do(x.dev, off, n)
 		r.local.Add(-1)
-		x.md.EndWrite(span)
+		if e != nil {
+			if err != nil {
+				// The peer may have the data this disk failed to take.
+				x.md.MarkOutOfSync(off, n)
+			}
+			x.tl.localDone(e)
+			sent = append(sent, e)
+		} else {
+			x.md.EndWrite(span)
+		}
 		if err != nil {
+			r.complete(x, sent)
 			return err
 		}
 		r.written.Add(uint64(n))
 		off, length = off+n, length-n
 	}
+	r.complete(x, sent)
 	return nil
 }
 
-// Flush makes every completed write durable on the local disk. The
-// activity log is durable already; bitmap bits are covered by it until
-// their extent leaves it, when they are written.
+// complete finishes a replicated request for the application: under
+// protocol C only once the peer has written every piece (or the session
+// ended, which marked them); then its epoch closes.
+func (r *Resource) complete(x hold, sent []*tlEntry) {
+	for _, e := range sent {
+		if x.c {
+			<-e.acked
+		}
+		x.tl.completed(e)
+	}
+}
+
+// Flush makes every completed write durable on the local disk and closes
+// the epoch; under protocol C it also waits for the peer's barrier ack,
+// i.e. until those writes are durable on the peer.
 func (r *Resource) Flush() error {
 	x, err := r.beginIO()
 	if err != nil {
 		return err
 	}
 	defer r.endIO()
-	return x.dev.Flush()
+	if err := x.dev.Flush(); err != nil {
+		return err
+	}
+	if x.tl == nil {
+		return nil
+	}
+	done := x.tl.barrierNow(false)
+	if x.c && done != nil {
+		<-done
+	}
+	return nil
 }

@@ -1,6 +1,7 @@
 package replicator
 
 import (
+	"context"
 	"crypto/rand"
 	"encoding/binary"
 	"errors"
@@ -9,10 +10,13 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/nbdmirror/nbdmirror/blockdev"
 	"github.com/nbdmirror/nbdmirror/metadisk"
 	"github.com/nbdmirror/nbdmirror/replicator/config"
+	"github.com/nbdmirror/nbdmirror/replicator/wire"
+	"github.com/nbdmirror/nbdmirror/transport"
 )
 
 // Options configure a Resource.
@@ -44,6 +48,7 @@ type Resource struct {
 	host    *config.Host
 	peer    string
 	log     *slog.Logger
+	baseLog *slog.Logger
 	clients func() []string
 	held    func() (clients, others []string)
 	change  func()
@@ -56,10 +61,11 @@ type Resource struct {
 	idle  sync.Cond // signalled when inflight drops to 0, or frozen is cleared
 	// frozen holds new application requests back (while the bitmap is
 	// cleared under them).
-	frozen bool
-	role   Role
-	disk   DiskState
-	conn   ConnState
+	frozen   int   // holds by freeze and freezeFor
+	frozenBy *peer // the session whose handshake holds requests back
+	role     Role
+	disk     DiskState
+	conn     ConnState
 	// inflight counts requests between beginIO and endIO; the disk and
 	// metadata stay open while it is above 0.
 	inflight int
@@ -70,6 +76,22 @@ type Resource struct {
 
 	written, read atomic.Uint64 // bytes written to and read from the disk, since attach
 	local         atomic.Int64  // requests in flight on the disk
+
+	// The link to the peer (link.go, peer.go): the transport while not
+	// StandAlone, the current session, what the peer last said.
+	tr         *transport.Transport
+	connCancel context.CancelFunc
+	connDone   chan struct{}
+	p          *peer
+	peerRole   Role
+	peerDisk   DiskState
+	discard    bool // --discard-my-data for the next handshake
+	userPaused bool // pause-sync here
+	peerPaused bool // pause-sync on the peer
+	lastVerify uint64
+	ranges     *rangeLock // application writes against resync reads
+
+	netSent, netRecv atomic.Uint64 // bytes sent to and received from the peer
 }
 
 // New returns the resource described by o, Diskless, Secondary and
@@ -80,13 +102,15 @@ func New(o Options) (*Resource, error) {
 		return nil, err
 	}
 	r := &Resource{name: o.Config.Name, minor: o.Minor, cfg: o.Config, host: host, held: o.HeldOpen,
-		clients: o.Clients, change: o.OnChange, log: o.Logger, role: RoleSecondary, disk: Diskless, conn: StandAlone}
+		clients: o.Clients, change: o.OnChange, log: o.Logger, role: RoleSecondary, disk: Diskless, conn: StandAlone,
+		peerDisk: DUnknown, ranges: newRangeLock()}
 	if p, err := o.Config.Peer(o.Node); err == nil {
 		r.peer = p.Name()
 	}
 	if r.log == nil {
 		r.log = slog.New(slog.DiscardHandler)
 	}
+	r.baseLog = r.log // the transport adds the resource itself
 	r.log = r.log.With("resource", r.name)
 	if r.held == nil {
 		r.held = func() ([]string, []string) { return nil, nil }
@@ -282,6 +306,13 @@ func (r *Resource) attach() (err error) {
 func (r *Resource) Detach() error {
 	r.admin.Lock()
 	defer r.admin.Unlock()
+	r.mu.Lock()
+	role := r.role
+	r.mu.Unlock()
+	if role != RolePrimary {
+		// Diskless nodes are not supported: a detached node is StandAlone.
+		r.disconnect("detach")
+	}
 	return r.detach()
 }
 
@@ -330,6 +361,7 @@ func (r *Resource) Down() error {
 	if err := r.secondary(); err != nil {
 		return err
 	}
+	r.disconnect("down")
 	r.mu.Lock()
 	disk := r.disk
 	r.mu.Unlock()
@@ -346,20 +378,31 @@ func (r *Resource) Down() error {
 func (r *Resource) Primary(force bool) error {
 	r.admin.Lock()
 	defer r.admin.Unlock()
+	if err := r.waitPeerNotPrimary(); err != nil {
+		return err
+	}
 	r.mu.Lock()
-	role, disk, md := r.role, r.disk, r.md
+	role, disk, md, conn, p, peerDisk := r.role, r.disk, r.md, r.conn, r.p, r.peerDisk
 	r.mu.Unlock()
 	if role == RolePrimary {
 		return nil
 	}
+	connected := p != nil && conn >= Connected
 	forced := false
 	switch {
 	case disk == UpToDate:
+	case force && connected && peerDisk == UpToDate:
+		return r.refuse(codeNoUpToDate, fmt.Sprintf("local disk %s, the peer's is UpToDate: promote the peer, or wait for the resync", disk))
+	case force && connected && conn != Connected:
+		return r.refuse(codeAlreadyActive, fmt.Sprintf("%s: wait for it to end", conn))
 	case force && disk >= Inconsistent && disk <= Consistent:
 		forced = true
 		r.log.Warn("Forced to consider local data as UpToDate!")
 	default:
 		detail := fmt.Sprintf("local disk %s, no peer", disk)
+		if connected {
+			detail = fmt.Sprintf("local disk %s, peer disk %s", disk, peerDisk)
+		}
 		if disk >= Inconsistent && disk <= Consistent {
 			detail += "; 'primary --force' makes this node's data the valid copy"
 		}
@@ -368,8 +411,9 @@ func (r *Resource) Primary(force bool) error {
 	err := md.UpdateSuperblock(func(sb *metadisk.Superblock) {
 		// A new data generation: the bitmap now tracks changes against
 		// the old one (DRBD's drbd_uuid_new_current, which overwrites a
-		// bitmap UUID already set, with a warning).
-		if forced || sb.UUIDs.Bitmap == 0 {
+		// bitmap UUID already set, with a warning). Connected to an
+		// UpToDate peer, both go on with the same generation.
+		if forced || (sb.UUIDs.Bitmap == 0 && !connected) {
 			if sb.UUIDs.Bitmap != 0 {
 				r.log.Warn("bitmap UUID was already set", "bitmap_uuid", fmt.Sprintf("%016X", sb.UUIDs.Bitmap))
 			}
@@ -386,7 +430,36 @@ func (r *Resource) Primary(force bool) error {
 	r.setState(RolePrimary, UpToDate)
 	r.mu.Unlock()
 	r.change()
+	if !connected {
+		return nil
+	}
+	p.sendState()
+	if forced {
+		// The peer's data is replaced by this node's: a full sync.
+		if err := p.startSync(true, true, &wire.Command{Code: wire.CmdInvalidateRemote}); err != nil {
+			return fmt.Errorf("%s: promote: start the full sync: %w", r.name, err)
+		}
+	}
 	return nil
+}
+
+// waitPeerNotPrimary refuses a promotion while the connected peer is
+// Primary, after waiting once for ping-timeout (at least 1 s) in case the
+// peer is on its way down (DRBD's retry of −1).
+func (r *Resource) waitPeerNotPrimary() error {
+	deadline := time.Now().Add(max(r.cfg.Net.PingTimeout, time.Second))
+	for {
+		r.mu.Lock()
+		peerPri := r.p != nil && r.peerRole == RolePrimary
+		r.mu.Unlock()
+		if !peerPri {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return r.refuse(codeTwoPrimaries, "the peer is Primary: demote it first")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
 
 // Secondary demotes this node; refused while anyone holds the device open.
@@ -424,6 +497,9 @@ func (r *Resource) secondary() error {
 	if err := md.UpdateSuperblock(clearPrimary); err != nil {
 		return fmt.Errorf("%s: demote: write the metadata: %w", r.name, err)
 	}
+	// The peer learns of the demotion before this returns, so it can be
+	// promoted at once.
+	r.demotePeerSync()
 	return nil
 }
 
@@ -497,7 +573,7 @@ func (r *Resource) NewCurrentUUID(clearBitmap bool) error {
 func (r *Resource) freeze() {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.frozen = true
+	r.frozen++
 	for r.inflight > 0 {
 		r.idle.Wait()
 	}
@@ -505,9 +581,41 @@ func (r *Resource) freeze() {
 
 func (r *Resource) thaw() {
 	r.mu.Lock()
-	r.frozen = false
+	r.frozen--
 	r.idle.Broadcast()
 	r.mu.Unlock()
+}
+
+// freezeFor holds application requests back during p's handshake;
+// thawIfFrozenBy lets them go (once, whichever of handshake and session
+// end comes first).
+func (r *Resource) freezeFor(p *peer) {
+	r.freeze()
+	r.mu.Lock()
+	r.frozenBy = p
+	r.mu.Unlock()
+}
+
+func (r *Resource) thawIfFrozenBy(p *peer) {
+	r.mu.Lock()
+	mine := r.frozenBy == p
+	if mine {
+		r.frozenBy = nil
+	}
+	r.mu.Unlock()
+	if mine {
+		r.thaw()
+	}
+}
+
+// diskSize is the usable size of the attached disk (0 if Diskless).
+func (r *Resource) diskSize() int64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.mdev == nil {
+		return 0
+	}
+	return r.mdev.Layout.DataSize
 }
 
 // newCurrent rotates the UUIDs as DRBD's new-current-uuid does (the
@@ -533,21 +641,41 @@ func randomUUID() uint64 {
 	}
 }
 
-// Invalidate discards this node's data (DRBD's invalidate): without a
-// connection every block is marked out of sync and the disk becomes
-// Inconsistent, to be fully resynchronised from the peer. On a Primary
-// it needs a connection (a resync from the peer), as DRBD's.
-func (r *Resource) Invalidate() error {
+// Invalidate discards this node's data (DRBD's invalidate). Connected,
+// the disk becomes Inconsistent and a resync from the peer replaces every
+// block (with resetBitmap false, only the blocks already marked, e.g. by
+// verify); without a connection every block is marked out of sync, to be
+// fully resynchronised at the next connect. A Primary cannot be the
+// target of a resync here: demote it first.
+func (r *Resource) Invalidate(resetBitmap bool) error {
 	r.admin.Lock()
 	defer r.admin.Unlock()
 	r.mu.Lock()
-	md, role := r.md, r.role
+	md, role, conn, p, peerDisk := r.md, r.role, r.conn, r.p, r.peerDisk
 	r.mu.Unlock()
 	switch {
 	case md == nil:
 		return r.refuse(codeDiskless, "")
+	case conn.Syncing() || conn >= WFBitMapS && conn <= WFSyncUUID:
+		return r.refuse(codeAlreadyActive, "")
 	case role == RolePrimary:
-		return r.refuse(codeNeedConnection, "a Primary is invalidated by a resync from its peer; without one, demote it first")
+		return r.refuse(codeNeedConnection, "a Primary's data cannot be replaced under its clients here: demote it first")
+	}
+	if p != nil && conn == Connected {
+		if peerDisk != UpToDate {
+			return r.refuse(codeNoUpToDate, fmt.Sprintf("the peer's disk is %s", peerDisk))
+		}
+		if err := p.markInconsistent(); err != nil {
+			return fmt.Errorf("%s: invalidate: %w", r.name, err)
+		}
+		r.log.Warn("invalidated: this node's data is replaced by a resync from the peer", "full", resetBitmap)
+		if err := p.startSync(false, resetBitmap, nil); err != nil {
+			return fmt.Errorf("%s: invalidate: %w", r.name, err)
+		}
+		if err := p.send(transport.Data, wire.Command{Code: wire.CmdInvalidate, Arg: keepArg(resetBitmap)}); err != nil {
+			return fmt.Errorf("%s: invalidate: %w", r.name, err)
+		}
+		return nil
 	}
 	// Inconsistent is durable before the bitmap is set, as DRBD orders
 	// it: a crash in between leaves a disk that cannot be promoted
@@ -561,7 +689,10 @@ func (r *Resource) Invalidate() error {
 	r.setState(r.role, Inconsistent)
 	r.mu.Unlock()
 	defer r.change()
-	n := md.MarkOutOfSync(0, r.size.Load())
+	var n uint64
+	if resetBitmap {
+		n = md.MarkOutOfSync(0, r.size.Load())
+	}
 	if err := md.FlushBitmap(); err != nil {
 		return fmt.Errorf("%s: invalidate: %w", r.name, err)
 	}
@@ -569,17 +700,106 @@ func (r *Resource) Invalidate() error {
 	return nil
 }
 
+// InvalidateRemote replaces the peer's data with this node's (DRBD's
+// invalidate-remote): connected, a resync to the peer of every block
+// (with resetBitmap false, of the blocks already marked); on a
+// StandAlone Primary, every block is marked for the next connect.
+func (r *Resource) InvalidateRemote(resetBitmap bool) error {
+	r.admin.Lock()
+	defer r.admin.Unlock()
+	r.mu.Lock()
+	md, role, disk, conn, p, peerRole := r.md, r.role, r.disk, r.conn, r.p, r.peerRole
+	r.mu.Unlock()
+	switch {
+	case md == nil:
+		return r.refuse(codeDiskless, "")
+	case conn.Syncing() || conn >= WFBitMapS && conn <= WFSyncUUID:
+		return r.refuse(codeAlreadyActive, "")
+	case disk != UpToDate:
+		return r.refuse(codeNoUpToDate, fmt.Sprintf("local disk %s", disk))
+	case p != nil && conn == Connected:
+		if peerRole == RolePrimary {
+			return r.refuse(codeNeedConnection, "the peer is Primary: its data cannot be replaced under its clients; demote it first")
+		}
+		r.log.Warn("invalidate-remote: the peer's data is replaced by a resync from this node", "full", resetBitmap)
+		cmd := wire.Command{Code: wire.CmdInvalidateRemote, Arg: keepArg(resetBitmap)}
+		if err := p.startSync(true, resetBitmap, &cmd); err != nil {
+			return fmt.Errorf("%s: invalidate-remote: %w", r.name, err)
+		}
+		return nil
+	case role == RolePrimary && conn < Connected:
+		n := md.MarkOutOfSync(0, r.size.Load())
+		if err := md.FlushBitmap(); err != nil {
+			return fmt.Errorf("%s: invalidate-remote: %w", r.name, err)
+		}
+		r.log.Warn("invalidate-remote: every block marked out of sync for the next connect", "blocks_newly_marked", n)
+		r.change()
+		return nil
+	}
+	return r.refuse(codeNeedConnection, "")
+}
+
+// keepArg is the argument of an invalidate command: 1 when the resync
+// covers only the blocks already marked.
+func keepArg(resetBitmap bool) uint64 {
+	if resetBitmap {
+		return 0
+	}
+	return 1
+}
+
+// PauseSync holds the resync (DRBD's pause-sync; the user flag).
+func (r *Resource) PauseSync() error { return r.setPause(true) }
+
+// ResumeSync lets a paused resync go on.
+func (r *Resource) ResumeSync() error { return r.setPause(false) }
+
+func (r *Resource) setPause(pause bool) error {
+	r.admin.Lock()
+	defer r.admin.Unlock()
+	r.mu.Lock()
+	was, p := r.userPaused, r.p
+	if was == pause {
+		r.mu.Unlock()
+		if pause {
+			return r.refuse(codePauseSet, "")
+		}
+		return r.refuse(codePauseClear, "")
+	}
+	r.userPaused = pause
+	r.mu.Unlock()
+	r.change()
+	if p != nil {
+		code := uint8(wire.CmdResumeSync)
+		if pause {
+			code = wire.CmdPauseSync
+		}
+		if err := p.send(transport.Data, wire.Command{Code: code}); err != nil {
+			return fmt.Errorf("%s: tell the peer: %w", r.name, err)
+		}
+	}
+	return nil
+}
+
 // Snapshot returns the resource's state now.
 func (r *Resource) Snapshot() Snapshot {
 	r.mu.Lock()
-	s := Snapshot{Name: r.name, Minor: r.minor, Peer: r.peer, Role: r.role, PeerRole: RoleUnknown,
-		Conn: r.conn, Disk: r.disk, PeerDisk: DUnknown}
-	md, inflight := r.md, r.inflight
+	s := Snapshot{Name: r.name, Minor: r.minor, Peer: r.peer, Role: r.role, PeerRole: r.peerRole,
+		Conn: r.conn, Disk: r.disk, PeerDisk: r.peerDisk, UserISP: r.userPaused, PeerISP: r.peerPaused}
+	md, inflight, p := r.md, r.inflight, r.p
+	var rs *resync
+	if p != nil {
+		rs = p.rs
+	}
 	r.mu.Unlock()
-	s.Counters = Counters{DW: r.written.Load() / 1024, DR: r.read.Load() / 1024,
+	s.Counters = Counters{NS: r.netSent.Load() / 1024, NR: r.netRecv.Load() / 1024,
+		DW: r.written.Load() / 1024, DR: r.read.Load() / 1024,
 		LO: r.local.Load(), AP: int64(inflight), EP: 1, WO: 'f'}
 	if !r.cfg.Disk.DiskFlushes {
 		s.Counters.WO = 'd'
+	}
+	if p != nil {
+		s.Counters.PE = p.tl.entriesInFlight()
 	}
 	if s.Conn >= Unconnected {
 		s.Protocol = r.cfg.Net.Protocol
@@ -591,6 +811,23 @@ func (r *Resource) Snapshot() Snapshot {
 		sb := md.Superblock()
 		s.UUIDs = UUIDs{Current: sb.UUIDs.Current, Bitmap: sb.UUIDs.Bitmap, History: sb.UUIDs.History}
 		s.SizeBytes = r.size.Load()
+	}
+	if rs != nil && s.Conn.Syncing() {
+		left := s.OutOfSyncBytes / 4096
+		if rs.verify {
+			rs.mu.Lock()
+			left = rs.total - min(rs.done, rs.total)
+			rs.mu.Unlock()
+		}
+		s.Resync = rs.progress(left, time.Now())
+		if s.UserISP || s.PeerISP {
+			switch s.Conn {
+			case SyncSource:
+				s.Conn = PausedSyncS
+			case SyncTarget:
+				s.Conn = PausedSyncT
+			}
+		}
 	}
 	s.Clients = r.clients()
 	return s
@@ -612,6 +849,8 @@ func (r *Resource) Stop() error {
 	}
 	md := r.md
 	r.mu.Unlock()
+	r.sendState()
+	r.disconnect("the daemon stops")
 	if md == nil {
 		return nil
 	}
@@ -633,6 +872,12 @@ func (r *Resource) Stop() error {
 // flight finish first. It is the second-signal stop of the daemon.
 func (r *Resource) Abandon() {
 	r.mu.Lock()
+	if r.connCancel != nil {
+		r.connCancel()
+	}
+	if r.p != nil {
+		r.p.s.Close("hard stop")
+	}
 	r.role = RoleSecondary // no new requests
 	for r.inflight > 0 {   // the disk stays open under those in flight
 		r.idle.Wait()

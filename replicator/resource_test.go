@@ -168,7 +168,7 @@ func TestResource_Lifecycle(t *testing.T) {
 		t.Errorf("log:\n%s", f.log.String())
 	}
 	stateErr(t, r.Detach(), codeNoUpToDate, "(-2) Need access to UpToDate data (a Primary without a peer cannot give up its disk")
-	stateErr(t, r.Invalidate(), codeNeedConnection, "r0: State change failed: (-15) Need a connection to start verify or resync (a Primary is invalidated by a resync from its peer")
+	stateErr(t, r.Invalidate(true), codeNeedConnection, "r0: State change failed: (-15) Need a connection to start verify or resync (a Primary's data cannot be replaced under its clients here")
 
 	f.held = []string{"10.0.0.1:5000", "Unix socket", "Unix socket"}
 	stateErr(t, r.Secondary(), codeInUse, "r0: State change failed: (-12) Device is held open by someone (3 NBD clients: 10.0.0.1:5000, Unix socket ×2)")
@@ -380,7 +380,7 @@ func TestResource_InvalidateAndNewCurrentUUID(t *testing.T) {
 	if err := r.Secondary(); err != nil {
 		t.Fatal(err)
 	}
-	if err := r.Invalidate(); err != nil {
+	if err := r.Invalidate(true); err != nil {
 		t.Fatal(err)
 	}
 	s := r.Snapshot()
@@ -391,7 +391,7 @@ func TestResource_InvalidateAndNewCurrentUUID(t *testing.T) {
 	if err := r.Down(); err != nil {
 		t.Fatal(err)
 	}
-	stateErr(t, r.Invalidate(), codeDiskless, "(-11) Device is diskless, the requested operation requires a disk")
+	stateErr(t, r.Invalidate(true), codeDiskless, "(-11) Device is diskless, the requested operation requires a disk")
 	stateErr(t, r.NewCurrentUUID(false), codeNoDiskConfig, "r0: Failure: (138) Device does not have a disk-config (attach it first)")
 	// Inconsistent survives a restart.
 	r = f.open()

@@ -42,7 +42,23 @@ func (m *Main) adminCommands() []*cli.Command {
 		verb("new-current-uuid", "start a new data generation",
 			"The bitmap UUID goes to the history, the current UUID becomes the bitmap UUID and a new one is drawn.",
 			&cli.BoolFlag{Name: "clear-bitmap", Usage: "also mark every block in sync (the disks are known to be equal)"}),
-		verb("invalidate", "discard this node's data: every block out of sync, the disk Inconsistent", ""),
+		verb("invalidate", "discard this node's data: it becomes SyncTarget of a full resync from the peer",
+			"Connected: the disk becomes Inconsistent and every block is resynced from the peer (with "+
+				"--reset-bitmap=no only the blocks already marked, e.g. by verify). StandAlone: every block is marked "+
+				"and the disk is Inconsistent until the next connect resyncs it.", resetBitmapFlag()),
+		verb("invalidate-remote", "replace the peer's data with this node's: a full resync to the peer",
+			"Needs this node UpToDate and the peer Secondary; --reset-bitmap=no resyncs only the blocks already marked.",
+			resetBitmapFlag()),
+		verb("connect", "start connecting to the peer (WFConnection)",
+			"With --discard-my-data this node's changes lose the next split-brain resolution: it becomes SyncTarget. "+
+				"Refused on a Primary.",
+			&cli.BoolFlag{Name: "discard-my-data", Usage: "resolve a split brain against this node"}),
+		verb("disconnect", "end the connection and stop connecting (StandAlone)", ""),
+		verb("verify", "online verify: compare every block with the peer (needs verify-alg)",
+			"This node is VerifyS; differing blocks are marked out of sync on both nodes and logged. "+
+				"A Primary's disconnect/connect, or invalidate --reset-bitmap=no, then resyncs exactly those."),
+		verb("pause-sync", "hold the resync (flag u)", ""),
+		verb("resume-sync", "let a paused resync go on", ""),
 		{Name: "role", Usage: "print the roles (local/peer)", ArgsUsage: "<resource|all>", Action: m.stateVerb},
 		{Name: "cstate", Usage: "print the connection state", ArgsUsage: "<resource|all>", Action: m.stateVerb},
 		{Name: "dstate", Usage: "print the disk states (local/peer)", ArgsUsage: "<resource|all>", Action: m.stateVerb},
@@ -63,6 +79,10 @@ func (m *Main) adminCommands() []*cli.Command {
 			Flags:  []cli.Flag{&cli.DurationFlag{Name: "timeout", Usage: "give up after `D` (exit 124); 0 waits forever"}},
 			Action: m.wait},
 	}
+}
+
+func resetBitmapFlag() cli.Flag {
+	return &cli.StringFlag{Name: "reset-bitmap", Value: "yes", Usage: "`yes`: every block; no: only the blocks already marked"}
 }
 
 // client is the control-socket client of one command.
@@ -154,7 +174,14 @@ func (m *Main) runVerb(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	o := verbRequest{Force: c.Bool("force"), ClearBitmap: c.Bool("clear-bitmap")}
+	o := verbRequest{Force: c.Bool("force"), ClearBitmap: c.Bool("clear-bitmap"), DiscardMyData: c.Bool("discard-my-data")}
+	switch rb := c.String("reset-bitmap"); rb {
+	case "", "yes":
+	case "no":
+		o.KeepBitmap = true
+	default:
+		return failf(ExitUsage, "nbdmirror %s: --reset-bitmap=%s: want yes or no", c.Command.Name, rb)
+	}
 	resp, err := m.client(c).do(c.Context, http.MethodPost, "/resources/"+url.PathEscape(res)+"/"+c.Command.Name, o)
 	if err != nil {
 		return err

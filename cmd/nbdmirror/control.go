@@ -29,8 +29,12 @@ const apiVersion = "/v1"
 
 // verbRequest carries a verb's options.
 type verbRequest struct {
-	Force       bool `json:"force,omitempty"`
-	ClearBitmap bool `json:"clear_bitmap,omitempty"`
+	Force         bool `json:"force,omitempty"`
+	ClearBitmap   bool `json:"clear_bitmap,omitempty"`
+	DiscardMyData bool `json:"discard_my_data,omitempty"`
+	// KeepBitmap is invalidate's --reset-bitmap=no: resync only the
+	// blocks already marked.
+	KeepBitmap bool `json:"keep_bitmap,omitempty"`
 }
 
 // verbResult is one resource's outcome.
@@ -97,7 +101,19 @@ var verbs = map[string]func(d *daemon, ctx context.Context, r *resource, o verbR
 	"new-current-uuid": func(d *daemon, _ context.Context, r *resource, o verbRequest) error {
 		return r.NewCurrentUUID(o.ClearBitmap)
 	},
-	"invalidate": func(d *daemon, _ context.Context, r *resource, _ verbRequest) error { return r.Invalidate() },
+	"invalidate": func(d *daemon, _ context.Context, r *resource, o verbRequest) error {
+		return r.Invalidate(!o.KeepBitmap)
+	},
+	"invalidate-remote": func(d *daemon, _ context.Context, r *resource, o verbRequest) error {
+		return r.InvalidateRemote(!o.KeepBitmap)
+	},
+	"connect": func(d *daemon, _ context.Context, r *resource, o verbRequest) error {
+		return r.Connect(o.DiscardMyData)
+	},
+	"disconnect":  func(d *daemon, _ context.Context, r *resource, _ verbRequest) error { return r.Disconnect() },
+	"verify":      func(d *daemon, _ context.Context, r *resource, _ verbRequest) error { return r.Verify() },
+	"pause-sync":  func(d *daemon, _ context.Context, r *resource, _ verbRequest) error { return r.PauseSync() },
+	"resume-sync": func(d *daemon, _ context.Context, r *resource, _ verbRequest) error { return r.ResumeSync() },
 }
 
 func (d *daemon) handleVerb(w http.ResponseWriter, req *http.Request) {

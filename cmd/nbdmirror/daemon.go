@@ -346,7 +346,16 @@ func (d *daemon) changed(r *resource) {
 }
 
 // up brings a resource up: attach (connect comes with replication).
-func (r *resource) up() error { return r.Attach() }
+// up attaches the disk and, if the resource has a peer, starts connecting.
+func (r *resource) up() error {
+	if err := r.Attach(); err != nil {
+		return err
+	}
+	if r.HasPeer() {
+		return r.Connect(false)
+	}
+	return nil
+}
 
 // promote makes the resource Primary and attaches its kernel device; if
 // the device cannot be attached, the resource goes back to Secondary.

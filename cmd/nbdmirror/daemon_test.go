@@ -191,6 +191,10 @@ func TestDaemon_AdminVerbs(t *testing.T) {
 			"r1: Failure: (138) Device does not have a disk-config (attach it first)\n"},
 		{"wait-connect on StandAlone, no timeout", []string{"wait-connect", "r0"}, ExitRefused,
 			"r0: StandAlone: it is not trying to connect, so there is nothing to wait for\n"},
+		{"disconnect a StandAlone resource", []string{"disconnect", "r0"}, ExitRefused,
+			"r0: State change failed: (-9) Can not disconnect a StandAlone device\n"},
+		{"connect without a disk", []string{"connect", "r0"}, ExitRefused,
+			"r0: State change failed: (-11) Device is diskless, the requested operation requires a disk (attach it first: diskless nodes are not supported)\n"},
 	}
 	check := func(tc struct {
 		name string
@@ -208,7 +212,7 @@ func TestDaemon_AdminVerbs(t *testing.T) {
 		check(tc)
 	}
 	d.must("up", "all")
-	if got := states("r0"); got != "Secondary/Unknown StandAlone Inconsistent/DUnknown" {
+	if got := states("r0"); got != "Secondary/Unknown WFConnection Inconsistent/DUnknown" {
 		t.Fatalf("up: %s", got)
 	}
 	if _, err := nbdGo(t, sock, "r0"); err == nil || err.Error() != "resource r0 is Secondary on node alpha: promote it with 'nbdmirror primary r0'" {
@@ -228,7 +232,7 @@ func TestDaemon_AdminVerbs(t *testing.T) {
 		check(tc)
 	}
 	d.must("primary", "--force", "r0")
-	if got := states("r0"); got != "Primary/Unknown StandAlone UpToDate/DUnknown" {
+	if got := states("r0"); got != "Primary/Unknown WFConnection UpToDate/DUnknown" {
 		t.Fatalf("after primary --force: %s", got)
 	}
 	conn, err := nbdGo(t, sock, "r0")
@@ -248,10 +252,27 @@ func TestDaemon_AdminVerbs(t *testing.T) {
 		{"detach a Primary", []string{"detach", "r0"}, ExitNoUpToDateData,
 			"r0: State change failed: (-2) Need access to UpToDate data (a Primary without a peer cannot give up its disk: demote it first)\n"},
 		{"invalidate a Primary", []string{"invalidate", "r0"}, ExitRefused,
-			"r0: State change failed: (-15) Need a connection to start verify or resync (a Primary is invalidated by a resync from its peer; without one, demote it first)\n"},
+			"r0: State change failed: (-15) Need a connection to start verify or resync (a Primary's data cannot be replaced under its clients here: demote it first)\n"},
+		{"connect while connecting", []string{"connect", "r0"}, ExitRefused,
+			"r0: Failure: (125) Device has a net-config (use disconnect first)\n"},
+		{"verify without verify-alg", []string{"verify", "r0"}, ExitRefused,
+			"r0: State change failed: (-14) Need a verify algorithm to start online verify (set verify-alg in the net section on both nodes)\n"},
+		{"resume-sync when not paused", []string{"resume-sync", "r0"}, ExitRefused,
+			"r0: Failure: (135) Sync-pause flag is already cleared\n"},
+		{"invalidate-remote without a peer", []string{"invalidate-remote", "--reset-bitmap=maybe", "r0"}, ExitUsage,
+			"nbdmirror invalidate-remote: --reset-bitmap=maybe: want yes or no\n"},
 	} {
 		check(tc)
 	}
+	d.must("disconnect", "r0")
+	check(struct {
+		name string
+		args []string
+		code int
+		msg  string
+	}{"discard-my-data on a Primary", []string{"connect", "--discard-my-data", "r0"}, ExitRefused,
+		"r0: Failure: (123) --discard-my-data not allowed when primary. (demote it with 'secondary' first)\n"})
+	d.must("connect", "r0")
 	conn.Close()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
@@ -266,12 +287,12 @@ func TestDaemon_AdminVerbs(t *testing.T) {
 	}
 	d.must("new-current-uuid", "--clear-bitmap", "r0")
 	d.must("invalidate", "r0")
-	if got := states("r0"); got != "Secondary/Unknown StandAlone Inconsistent/DUnknown" {
+	if got := states("r0"); got != "Secondary/Unknown WFConnection Inconsistent/DUnknown" {
 		t.Fatalf("after invalidate: %s", got)
 	}
 	// wait-*: nothing connects without replication; no resync runs.
 	if code, _, errOut := d.cli("wait-connect", "--timeout", "200ms", "r0"); code != ExitTimeout ||
-		errOut != "r0: still StandAlone after 200ms\n" {
+		errOut != "r0: still WFConnection after 200ms\n" {
 		t.Errorf("wait-connect: %d %q", code, errOut)
 	}
 	d.must("wait-sync", "--timeout", "1s", "all")
@@ -334,7 +355,7 @@ func TestDaemon_StatusAndEvents(t *testing.T) {
 			time.Sleep(20 * time.Millisecond)
 		}
 	}
-	got := waitFile(" 0: cs:StandAlone ro:Secondary/Unknown ds:Inconsistent/DUnknown   r-----\n")
+	got := waitFile(" 0: cs:WFConnection ro:Secondary/Unknown ds:Inconsistent/DUnknown C r-----\n")
 	if !strings.HasPrefix(got, "version: nbdmirror ") || !strings.Contains(got, " 1: cs:Unconfigured\n") {
 		t.Errorf("status file:\n%s", got)
 	}
@@ -381,8 +402,8 @@ func TestDaemon_StatusAndEvents(t *testing.T) {
 	cancel()
 	<-evDone
 
-	waitFile(" 0: cs:StandAlone ro:Primary/Unknown ds:UpToDate/DUnknown   r-----\n")
-	if out := d.must("status", "r0"); out != "r0 role:Primary\n  disk:UpToDate\n  beta connection:StandAlone\n\n" {
+	waitFile(" 0: cs:WFConnection ro:Primary/Unknown ds:UpToDate/DUnknown C r-----\n")
+	if out := d.must("status", "r0"); out != "r0 role:Primary\n  disk:UpToDate\n  beta connection:Connecting\n\n" {
 		t.Errorf("status:\n%q", out)
 	}
 	var st []map[string]any

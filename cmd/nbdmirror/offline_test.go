@@ -3,6 +3,7 @@ package main
 import (
 	"encoding/json"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -27,15 +28,26 @@ func offlineSetup(t *testing.T) (dir, conf string) {
 		f.Close()
 	}
 	conf = filepath.Join(dir, "nbdmirror.conf")
+	// Free ports, so that daemons of tests running at the same time can
+	// listen for their (absent) peers.
+	var ports [3]int
+	for i := range ports {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		ports[i] = l.Addr().(*net.TCPAddr).Port
+		defer l.Close()
+	}
 	src := fmt.Sprintf(`
 common { disk { al-extents 7; } }
 resource r0 { disk %[1]s/d0; meta-disk internal;
-  on alpha { address 127.0.0.1:7000; } on beta { address 127.0.0.2:7000; } }
+  on alpha { address 127.0.0.1:%[2]d; } on beta { address 127.0.0.2:%[2]d; } }
 resource r1 { disk %[1]s/d1; meta-disk %[1]s/m1;
-  on alpha { address 127.0.0.1:7001; } on beta { address 127.0.0.2:7001; } }
+  on alpha { address 127.0.0.1:%[3]d; } on beta { address 127.0.0.2:%[3]d; } }
 resource r2 { disk %[1]s/d2; meta-disk %[1]s/m2[2];
-  on alpha { address 127.0.0.1:7002; } on beta { address 127.0.0.2:7002; } }
-`, dir)
+  on alpha { address 127.0.0.1:%[4]d; } on beta { address 127.0.0.2:%[4]d; } }
+`, dir, ports[0], ports[1], ports[2])
 	if err := os.WriteFile(conf, []byte(src), 0o644); err != nil {
 		t.Fatal(err)
 	}

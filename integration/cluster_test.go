@@ -1,0 +1,280 @@
+//go:build integration
+
+package integration
+
+// The two-node harness: nodes alpha and beta in two network namespaces
+// joined by veth, each with its own disk, metadata, run-dir and daemon
+// (started inside its namespace, stopped by PID). Admin verbs reach each
+// daemon over its control socket and NBD clients use its Unix socket,
+// both from the test's own namespace.
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// rnode is one node of a cluster.
+type rnode struct {
+	t                     *testing.T
+	name, ns              string
+	dir, disk, conf, run_ string
+	d                     *proc
+}
+
+// cluster is alpha (in h.nsA) and beta (in h.nsB) sharing one resource r0.
+type cluster struct {
+	t            *testing.T
+	h            *hosts
+	alpha, beta  *rnode
+	size         int64
+	dataSize     int64 // the data area, without the internal metadata
+	resourceConf string
+}
+
+// newCluster writes r0's configuration (net and disk options from opts,
+// e.g. "net { protocol C; }") for two disks of size bytes, creates the
+// metadata on both and starts both daemons.
+func newCluster(t *testing.T, size int64, opts string) *cluster {
+	t.Helper()
+	need(t, "nbdinfo")
+	h := newHosts(t)
+	c := &cluster{t: t, h: h, size: size}
+	base := t.TempDir()
+	mk := func(name, ns string) *rnode {
+		dir := filepath.Join(base, name)
+		os.MkdirAll(dir, 0o755)
+		return &rnode{t: t, name: name, ns: ns, dir: dir, disk: sparseFile(t, dir, "d0", size),
+			conf: filepath.Join(dir, "nbdmirror.conf"), run_: filepath.Join(dir, "run")}
+	}
+	c.alpha, c.beta = mk("alpha", h.nsA), mk("beta", h.nsB)
+	c.resourceConf = fmt.Sprintf("resource r0 {\n  %s\n"+
+		"  on alpha { disk %s; meta-disk internal; address %s:7789; }\n"+
+		"  on beta  { disk %s; meta-disk internal; address %s:7789; }\n}\n",
+		opts, c.alpha.disk, h.ipA, c.beta.disk, h.ipB)
+	for _, n := range c.nodes() {
+		if err := os.WriteFile(n.conf, []byte(c.resourceConf), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		n.must("create-md", "r0")
+		n.start()
+	}
+	t.Cleanup(func() {
+		for _, n := range c.nodes() {
+			if n.d != nil && !n.d.exited() {
+				n.d.stop(syscall.SIGKILL)
+			}
+			if t.Failed() && n.d != nil {
+				t.Logf("%s daemon log:\n%s", n.name, tail(n.d.out.String(), 60))
+			}
+		}
+	})
+	return c
+}
+
+func (c *cluster) nodes() []*rnode { return []*rnode{c.alpha, c.beta} }
+
+// tail returns the last n lines of s.
+func tail(s string, n int) string {
+	lines := strings.Split(s, "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+// start runs the node's daemon inside its namespace.
+func (n *rnode) start() {
+	n.t.Helper()
+	args := []string{"netns", "exec", n.ns, binary, "--config", n.conf, "--node", n.name, "--run-dir", n.run_,
+		"--log-level", "debug", "daemon"}
+	n.d = startEnv(n.t, []string{"NOTIFY_SOCKET="}, "ip", args...)
+	waitUnix(n.t, n.d, filepath.Join(n.run_, "control.sock"))
+}
+
+// kill stops the daemon with SIGKILL (a crash).
+func (n *rnode) kill() {
+	n.t.Helper()
+	n.d.stop(syscall.SIGKILL)
+}
+
+func (n *rnode) sock() string { return filepath.Join(n.run_, "nbd.sock") }
+func (n *rnode) uri() string  { return "nbd+unix:///r0?socket=" + n.sock() }
+
+// cli runs an nbdmirror command for this node: exit code, stdout, stderr.
+func (n *rnode) cli(args ...string) (int, string, string) {
+	n.t.Helper()
+	return runCLI(n.t, 3*time.Minute, append([]string{"--config", n.conf, "--node", n.name, "--run-dir", n.run_}, args...))
+}
+
+func (n *rnode) must(args ...string) string {
+	n.t.Helper()
+	code, out, errOut := n.cli(args...)
+	if code != 0 {
+		n.t.Fatalf("%s: nbdmirror %s: exit %d: %s%s", n.name, strings.Join(args, " "), code, out, errOut)
+	}
+	return out
+}
+
+// rstatus is the part of `status --json` these tests read.
+type rstatus struct {
+	Role, PeerRole, CState, Disk, PeerDisk string
+	SizeBytes                              int64
+	OutOfSyncBytes                         uint64
+	Counters                               struct{ NS, NR, DW, DR uint64 }
+	UUIDs                                  struct{ Current, Bitmap string }
+}
+
+func (n *rnode) status() rstatus {
+	n.t.Helper()
+	out := n.must("status", "--json", "r0")
+	var raw []struct {
+		Role           string `json:"role"`
+		PeerRole       string `json:"peer_role"`
+		CState         string `json:"cstate"`
+		Disk           string `json:"disk"`
+		PeerDisk       string `json:"peer_disk"`
+		SizeBytes      int64  `json:"size_bytes"`
+		OutOfSyncBytes uint64 `json:"out_of_sync_bytes"`
+		Counters       struct {
+			NS uint64 `json:"ns"`
+			NR uint64 `json:"nr"`
+			DW uint64 `json:"dw"`
+			DR uint64 `json:"dr"`
+		} `json:"counters"`
+		UUIDs struct {
+			Current string `json:"current"`
+			Bitmap  string `json:"bitmap"`
+		} `json:"uuids"`
+	}
+	if err := json.Unmarshal([]byte(out), &raw); err != nil || len(raw) != 1 {
+		n.t.Fatalf("%s: status --json: %v\n%s", n.name, err, out)
+	}
+	s := raw[0]
+	st := rstatus{Role: s.Role, PeerRole: s.PeerRole, CState: s.CState, Disk: s.Disk, PeerDisk: s.PeerDisk,
+		SizeBytes: s.SizeBytes, OutOfSyncBytes: s.OutOfSyncBytes}
+	st.Counters.NS, st.Counters.NR, st.Counters.DW, st.Counters.DR = s.Counters.NS, s.Counters.NR, s.Counters.DW, s.Counters.DR
+	st.UUIDs.Current, st.UUIDs.Bitmap = s.UUIDs.Current, s.UUIDs.Bitmap
+	return st
+}
+
+// waitState waits until the node's connection and disk states are the
+// given ones ("" = any), failing on a forbidden state in the log.
+func (n *rnode) waitState(timeout time.Duration, cstate, disk, peerDisk string) rstatus {
+	n.t.Helper()
+	var st rstatus
+	eventually(n.t, timeout, fmt.Sprintf("%s: %s %s/%s", n.name, cstate, disk, peerDisk), func() (bool, string) {
+		n.checkLog()
+		st = n.status()
+		ok := (cstate == "" || st.CState == cstate) && (disk == "" || st.Disk == disk) && (peerDisk == "" || st.PeerDisk == peerDisk)
+		return ok, fmt.Sprintf("%+v", st)
+	})
+	return st
+}
+
+// checkLog fails the test on a panic, a data race or a protocol error.
+func (n *rnode) checkLog() {
+	n.t.Helper()
+	if n.d == nil {
+		return
+	}
+	out := n.d.out.String()
+	for _, bad := range []string{"panic:", "DATA RACE", "ProtocolError"} {
+		if strings.Contains(out, bad) {
+			n.t.Fatalf("%s: %q in the daemon's output:\n%s", n.name, bad, tail(out, 80))
+		}
+	}
+}
+
+// dataHash returns the sha256 of the first size bytes of the node's disk
+// (the data, without the internal metadata).
+func (n *rnode) dataHash(size int64) string {
+	n.t.Helper()
+	f, err := os.Open(n.disk)
+	if err != nil {
+		n.t.Fatal(err)
+	}
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, io.NewSectionReader(f, 0, size)); err != nil {
+		n.t.Fatal(err)
+	}
+	return hex.EncodeToString(h.Sum(nil))
+}
+
+// writeAt writes data at off through the node's export (NBD WRITE, then
+// FLUSH) and closes the connection.
+func (n *rnode) writeAt(off int64, data []byte) {
+	n.t.Helper()
+	rc := dialNBD(n.t, n.sock(), "r0")
+	defer rc.c.Close()
+	rc.send(n.t, 1, 1, uint64(off), uint32(len(data)), data)
+	if e := rc.reply(n.t, 1); e != 0 {
+		n.t.Fatalf("%s: NBD write of %d bytes at %d: error %d", n.name, len(data), off, e)
+	}
+	rc.send(n.t, 3, 2, 0, 0, nil) // NBD_CMD_FLUSH
+	if e := rc.reply(n.t, 2); e != 0 {
+		n.t.Fatalf("%s: NBD flush: error %d", n.name, e)
+	}
+}
+
+// upBoth brings r0 up on both nodes and waits for the connection.
+func (c *cluster) upBoth() {
+	c.t.Helper()
+	for _, n := range c.nodes() {
+		n.must("up", "r0")
+	}
+	for _, n := range c.nodes() {
+		n.must("wait-connect", "--timeout", "60s", "r0")
+	}
+}
+
+// initialSync makes alpha Primary with --force and waits for the full sync.
+func (c *cluster) initialSync() {
+	c.t.Helper()
+	c.upBoth()
+	c.alpha.must("primary", "--force", "r0")
+	c.beta.must("wait-sync", "--timeout", "5m", "r0")
+	c.beta.waitState(time.Minute, "Connected", "UpToDate", "UpToDate")
+	c.alpha.waitState(time.Minute, "Connected", "UpToDate", "UpToDate")
+	c.dataSize = c.alpha.status().SizeBytes
+	if c.dataSize <= 0 {
+		c.t.Fatalf("alpha reports size %d", c.dataSize)
+	}
+}
+
+// sameData fails unless both disks hold the same data (the size agreed
+// is recorded at the initial sync).
+func (c *cluster) sameData() {
+	c.t.Helper()
+	size := c.dataSize
+	a, b := c.alpha.dataHash(size), c.beta.dataHash(size)
+	if a != b {
+		c.t.Fatalf("the disks differ: alpha %s, beta %s", a, b)
+	}
+}
+
+// demote runs secondary, retrying while an NBD client that just left is
+// still counted (its connection's end is seen a moment after it exits).
+func (n *rnode) demote() {
+	n.t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		code, out, errOut := n.cli("secondary", "r0")
+		if code == 0 {
+			return
+		}
+		if !strings.Contains(errOut, "held open") || time.Now().After(deadline) {
+			n.t.Fatalf("%s: secondary: exit %d: %s%s", n.name, code, out, errOut)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}

@@ -1,0 +1,637 @@
+package replicator
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nbdmirror/nbdmirror/bitmap"
+	"github.com/nbdmirror/nbdmirror/blockdev"
+	"github.com/nbdmirror/nbdmirror/metadisk"
+	"github.com/nbdmirror/nbdmirror/replicator/wire"
+	"github.com/nbdmirror/nbdmirror/transport"
+)
+
+// peer is one session with the peer node: the handshake, the receiving
+// side of replication and resync, and the transfer log of what this node
+// sends. Its goroutines (control receiver, barrier sender, resync driver,
+// disk appliers) are owned by wg and end with the session.
+type peer struct {
+	r      *Resource
+	s      *transport.Session
+	parent context.Context // the connection loop's
+	ctx    context.Context // the session's: ends with it
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+	md     *metadisk.Meta
+	dev    *blockdev.Device
+	log    interface{ Info(string, ...any) }
+
+	tl     *tlog // immutable; replicates only once the handshake decided (conn ≥ Connected)
+	theirs wire.Params
+	size   int64 // the agreed size
+
+	failOnce sync.Once
+	failErr  error
+
+	// Receiving side (the data loop's, unless noted).
+	recvLock *rangeLock
+	epoch    uint64 // epoch of the peer's writes now arriving
+	epWrites uint32
+	epWG     sync.WaitGroup
+	apply    chan struct{} // bounds disk writes in flight for the peer
+	bmNext   uint64        // next block of the peer's bitmap
+	serve    chan struct{} // bounds resync requests served at once
+
+	rs *resync // the running resync, nil if none (under r.mu)
+}
+
+// Bounds of work done for the peer at once.
+const (
+	maxApply      = 64 // disk writes of replicated data
+	maxServe      = 16 // resync requests being read
+	bitmapChunk   = 64 << 10
+	handshakeWait = 30 * time.Second
+)
+
+// newPeer returns the state of session s; call with r.mu held.
+func newPeer(r *Resource, s *transport.Session) *peer {
+	return &peer{r: r, s: s, md: r.md, dev: r.dev, log: r.log, recvLock: newRangeLock(), epoch: 1,
+		apply: make(chan struct{}, maxApply), serve: make(chan struct{}, maxServe),
+		tl: newTlog(r.md, s, r.cfg.Net.Protocol == 'C')}
+}
+
+// fail ends the session with err (the first error wins).
+func (p *peer) fail(err error) {
+	p.failOnce.Do(func() {
+		p.failErr = err
+		p.s.Close(err.Error())
+	})
+}
+
+func (p *peer) send(st transport.Stream, m wire.Message) error {
+	b := wire.Encode(m)
+	p.r.netSent.Add(uint64(len(b)))
+	return p.s.Send(st, m.Type(), b)
+}
+
+func (p *peer) recv(st transport.Stream) (wire.Message, error) {
+	m, err := p.s.Recv(st)
+	if err != nil {
+		return nil, err
+	}
+	p.r.netRecv.Add(uint64(len(m.Payload)))
+	msg, err := wire.Decode(m.Type, m.Payload)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", transport.ErrProtocol, err)
+	}
+	return msg, nil
+}
+
+// run handshakes, then receives until the session ends.
+func (p *peer) run(ctx context.Context) error {
+	p.parent = ctx
+	p.ctx, p.cancel = context.WithCancel(ctx)
+	stop := context.AfterFunc(p.ctx, func() { p.s.Close("disconnecting") })
+	defer stop()
+	if err := p.handshake(); err != nil {
+		return err
+	}
+	p.wg.Add(2)
+	go p.controlLoop()
+	go p.barrierLoop()
+	return p.dataLoop()
+}
+
+// end closes the session, waits for its goroutines, marks every write the
+// peer did not confirm, and sets the states of a lost connection. It
+// reports whether to keep connecting.
+func (p *peer) end(err error) bool {
+	// The first error wins; Do orders the read after any fail's write.
+	p.failOnce.Do(func() { p.failErr = err })
+	err = p.failErr
+	reason := "session ended"
+	if err != nil {
+		reason = err.Error()
+	}
+	p.s.Close(reason)
+	if p.cancel != nil {
+		p.cancel()
+	}
+	p.epWG.Wait()
+	p.wg.Wait()
+	r := p.r
+	marked := p.tl.lose()
+	var refused *errRefused
+	isRefused := errors.As(err, &refused)
+	r.mu.Lock()
+	r.p = nil
+	peerDisk := r.peerDisk
+	wasConn := r.conn
+	r.rsDone()
+	r.setPeerState(RoleUnknown, DUnknown)
+	// Disconnect and down cancel the connection loop's context.
+	cancelled := p.parent != nil && p.parent.Err() != nil && !isRefused
+	switch {
+	case isRefused:
+	case cancelled:
+	default:
+		st := NetworkFailure
+		if errors.Is(err, transport.ErrProtocol) {
+			st = ProtocolError
+		} else if errors.Is(err, transport.ErrPingTimeout) {
+			st = Timeout
+		}
+		r.setConn(st)
+		r.setConn(WFConnection)
+	}
+	role, disk := r.role, r.disk
+	r.mu.Unlock()
+	r.thawIfFrozenBy(p)
+	if isRefused {
+		r.log.Error(refused.reason)
+	} else {
+		r.log.Warn("connection to the peer lost", "was", wasConn.String(), "err", reason, "unconfirmed_bytes_marked", marked)
+	}
+	if err := p.md.FlushBitmap(); err != nil {
+		r.log.Error("writing the bitmap after the connection loss failed", "err", err)
+	}
+	// A Primary that loses its peer's up-to-date copy starts a new
+	// generation, so that the peer's data is recognisably older
+	// (reference/drbd.md §4.2).
+	if role == RolePrimary && disk == UpToDate && peerDisk >= Outdated && wasConn >= Connected {
+		var newUUID bool
+		err := p.md.UpdateSuperblock(func(sb *metadisk.Superblock) {
+			if sb.UUIDs.Bitmap == 0 {
+				newCurrent(sb)
+				newUUID = true
+			}
+		})
+		if err != nil {
+			r.log.Error("new current UUID after losing the peer: writing the metadata failed", "err", err)
+		} else if newUUID {
+			r.log.Info("Lost contact to peer's copy of the data: new current UUID")
+		}
+	}
+	r.change()
+	return !isRefused
+}
+
+// myParams are this node's parameters for the peer.
+func (p *peer) myParams() wire.Params {
+	n := p.r.cfg.Net
+	pr := wire.Params{DiskSize: uint64(p.r.diskSize()), Size: uint64(p.r.size.Load()), Protocol: byte(n.Protocol),
+		AfterSB0: afterSBCode(0, n.AfterSB0Pri), AfterSB1: afterSBCode(1, n.AfterSB1Pri), AfterSB2: afterSBCode(2, n.AfterSB2Pri),
+		CsumsAlg: n.CsumsAlg, VerifyAlg: n.VerifyAlg, MaxEpoch: uint32(n.MaxEpochSize)}
+	p.r.mu.Lock()
+	if p.r.discard {
+		pr.Flags |= wire.ParamDiscardMyData
+	}
+	p.r.mu.Unlock()
+	if pr.MaxEpoch == 0 {
+		pr.MaxEpoch = 2048
+	}
+	return pr
+}
+
+// generation is what this node tells the peer about its data.
+func (p *peer) generation() (Generation, wire.UUIDs) {
+	sb := p.md.Superblock()
+	g := Generation{UUIDs: UUIDs{Current: sb.UUIDs.Current, Bitmap: sb.UUIDs.Bitmap, History: sb.UUIDs.History},
+		Bits: p.md.OutOfSync(), CrashedPrimary: sb.Flags&metadisk.FlagCrashedPrimary != 0}
+	p.r.mu.Lock()
+	g.DiscardMyData = p.r.discard
+	p.r.mu.Unlock()
+	w := wire.UUIDs{Current: g.UUIDs.Current, Bitmap: g.UUIDs.Bitmap, History: g.UUIDs.History, BitsSet: g.Bits}
+	if g.DiscardMyData {
+		w.Flags |= wire.UUIDDiscardMyData
+	}
+	if g.CrashedPrimary {
+		w.Flags |= wire.UUIDCrashedPrimary
+	}
+	if sb.Flags&metadisk.FlagConsistent == 0 {
+		w.Flags |= wire.UUIDInconsistent
+	}
+	return g, w
+}
+
+func (p *peer) myState() wire.State {
+	r := p.r
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return wire.State{Role: uint8(r.role), Disk: uint8(r.disk)}
+}
+
+// sendState tells the peer this node's role and disk, in order with the
+// writes on the data stream.
+func (p *peer) sendState() {
+	p.tl.send.Lock()
+	defer p.tl.send.Unlock()
+	p.send(transport.Data, p.myState())
+}
+
+// handshake is WFReportParams (reference/drbd.md §3.4, §4.4): both sides
+// send their parameters, state and generations; each decides the same
+// way, mirrored. Application I/O waits meanwhile, so that no write falls
+// between the bitmap this node reports and the replication that follows.
+func (p *peer) handshake() error {
+	r := p.r
+	r.freezeFor(p)
+	defer r.thawIfFrozenBy(p)
+	gen, uuids := p.generation()
+	mine := p.myParams()
+	for _, m := range []wire.Message{mine, p.myState(), uuids} {
+		if err := p.send(transport.Data, m); err != nil {
+			return err
+		}
+	}
+	var msgs [3]wire.Message
+	for i, want := range []transport.Type{wire.TypeParams, wire.TypeState, wire.TypeUUIDs} {
+		m, err := p.recv(transport.Data)
+		if err != nil {
+			return err
+		}
+		if m.Type() != want {
+			return fmt.Errorf("%w: handshake message %d is of type %d, expected %d", transport.ErrProtocol, i, m.Type(), want)
+		}
+		msgs[i] = m
+	}
+	theirs, st, pu := msgs[0].(wire.Params), msgs[1].(wire.State), msgs[2].(wire.UUIDs)
+	p.theirs = theirs
+	if err := p.checkParams(mine, theirs); err != nil {
+		return err
+	}
+	peerRole, peerDisk := Role(st.Role), DiskState(st.Disk)
+	peerGen := Generation{UUIDs: UUIDs{Current: pu.Current, Bitmap: pu.Bitmap, History: pu.History}, Bits: pu.BitsSet,
+		CrashedPrimary: pu.Flags&wire.UUIDCrashedPrimary != 0, DiscardMyData: pu.Flags&wire.UUIDDiscardMyData != 0}
+	r.mu.Lock()
+	selfRole, selfDisk := r.role, r.disk
+	r.setPeerState(peerRole, peerDisk)
+	r.mu.Unlock()
+	n := r.cfg.Net
+	hs, err := Decide(Peering{Self: gen, Peer: peerGen, SelfRole: selfRole, PeerRole: peerRole,
+		SelfDisk: selfDisk, PeerDisk: peerDisk, ResolveConflicts: r.host.Name() < r.peer,
+		Policies: Policies{AfterSB0Pri: n.AfterSB0Pri, AfterSB1Pri: n.AfterSB1Pri, AfterSB2Pri: n.AfterSB2Pri, RRConflict: n.RRConflict}})
+	for _, l := range hs.Log {
+		r.log.Info(l)
+	}
+	for _, h := range hs.Handlers {
+		r.log.Info("handler would run (handlers are not configured)", "handler", h)
+	}
+	if err != nil {
+		msg := err.Error()
+		if errors.Is(err, ErrSplitBrain) {
+			msg = "Split-Brain detected but unresolved, dropping connection!"
+		}
+		return &errRefused{reason: msg}
+	}
+	// The discard-my-data request is used up by a handshake that decided.
+	r.mu.Lock()
+	r.discard = false
+	r.mu.Unlock()
+	switch hs.Conn {
+	case WFBitMapS:
+		return p.startSync(true, hs.FullSync, nil)
+	case WFBitMapT:
+		return p.startSync(false, hs.FullSync, nil)
+	}
+	r.mu.Lock()
+	r.setConn(Connected)
+	// Same data as an UpToDate peer: this disk is UpToDate too.
+	upgrade := r.disk >= Outdated && r.disk < UpToDate && peerDisk == UpToDate
+	r.mu.Unlock()
+	if upgrade {
+		p.becomeUpToDate(nil)
+	}
+	r.change()
+	return nil
+}
+
+// checkParams refuses a peer whose settings cannot work with these, and
+// agrees the size: the smaller disk wins, unless that would shrink a
+// device in use.
+func (p *peer) checkParams(mine, theirs wire.Params) error {
+	var bad []string
+	if mine.Protocol != theirs.Protocol {
+		bad = append(bad, fmt.Sprintf("protocol %c here, %c on the peer", mine.Protocol, theirs.Protocol))
+	}
+	for i, pair := range [3][2]uint8{{mine.AfterSB0, theirs.AfterSB0}, {mine.AfterSB1, theirs.AfterSB1}, {mine.AfterSB2, theirs.AfterSB2}} {
+		if pair[0] != pair[1] {
+			bad = append(bad, fmt.Sprintf("after-sb-%dpri %s here, %s on the peer", i, afterSBName(i, pair[0]), afterSBName(i, pair[1])))
+		}
+	}
+	if mine.CsumsAlg != theirs.CsumsAlg {
+		bad = append(bad, fmt.Sprintf("csums-alg %q here, %q on the peer", mine.CsumsAlg, theirs.CsumsAlg))
+	}
+	if mine.VerifyAlg != theirs.VerifyAlg {
+		bad = append(bad, fmt.Sprintf("verify-alg %q here, %q on the peer", mine.VerifyAlg, theirs.VerifyAlg))
+	}
+	if len(bad) > 0 {
+		return &errRefused{reason: "incompatible settings, dropping connection (make the net sections agree): " + strings.Join(bad, "; ")}
+	}
+	if theirs.DiskSize == 0 {
+		return &errRefused{reason: "the peer has no disk; diskless peers are not supported, dropping connection"}
+	}
+	size := min(mine.DiskSize, theirs.DiskSize)
+	size -= size % bitmap.BlockSize
+	r := p.r
+	r.mu.Lock()
+	role := r.role
+	r.mu.Unlock()
+	if size < uint64(r.size.Load()) && role == RolePrimary {
+		return &errRefused{reason: fmt.Sprintf("The peer's disk size is too small! (%d bytes, this Primary exports %d): dropping connection", theirs.DiskSize, r.size.Load())}
+	}
+	if size != uint64(r.size.Load()) {
+		r.log.Info("size agreed with the peer", "bytes", size, "was", r.size.Load())
+		r.size.Store(int64(size))
+	}
+	p.size = int64(size)
+	return nil
+}
+
+// controlLoop receives acks on the control stream.
+func (p *peer) controlLoop() {
+	defer p.wg.Done()
+	for {
+		m, err := p.recv(transport.Control)
+		if err != nil {
+			p.fail(err)
+			return
+		}
+		switch m := m.(type) {
+		case wire.BarrierAck:
+			err = p.tl.barrierAck(m)
+		case wire.WriteAck:
+			err = p.tl.writeAck(m)
+		case wire.VerifyReply:
+			err = p.verifyReply(m)
+		default:
+			err = fmt.Errorf("%w: message type %d on the control stream", transport.ErrProtocol, m.Type())
+		}
+		if err != nil {
+			p.fail(err)
+			return
+		}
+	}
+}
+
+// barrierLoop sends the barrier of an epoch closed by a completed write
+// when no further write does it first (DRBD's maybe_send_barrier).
+func (p *peer) barrierLoop() {
+	defer p.wg.Done()
+	for {
+		select {
+		case <-p.ctx.Done():
+			return
+		case <-p.tl.kick:
+			p.tl.mu.Lock()
+			closing := p.tl.closing
+			p.tl.mu.Unlock()
+			if closing {
+				p.tl.barrierNow(false)
+			}
+		}
+	}
+}
+
+// protoErr is a protocol violation by the peer.
+func protoErr(format string, args ...any) error {
+	return fmt.Errorf("%w: %s", transport.ErrProtocol, fmt.Sprintf(format, args...))
+}
+
+// checkRange checks that a range from the peer lies inside the device.
+func (p *peer) checkRange(what string, off uint64, n uint32) error {
+	if off+uint64(n) > uint64(p.size) {
+		return protoErr("%s of %d bytes at %d lies past the end of the device (%d bytes)", what, n, off, p.size)
+	}
+	return nil
+}
+
+// dataLoop receives the data stream until the session ends.
+func (p *peer) dataLoop() error {
+	for {
+		m, err := p.recv(transport.Data)
+		if err != nil {
+			return err
+		}
+		if err := p.handle(m); err != nil {
+			return err
+		}
+	}
+}
+
+func (p *peer) handle(m wire.Message) error {
+	r := p.r
+	switch m := m.(type) {
+	case wire.State:
+		r.mu.Lock()
+		r.setPeerState(Role(m.Role), DiskState(m.Disk))
+		r.mu.Unlock()
+		r.change()
+	case wire.Write:
+		return p.receiveWrite(m)
+	case wire.Barrier:
+		return p.receiveBarrier(m)
+	case wire.Bitmap:
+		return p.receiveBitmap(m)
+	case wire.SyncUUID:
+		return p.receiveSyncUUID(m)
+	case wire.UUIDs:
+		return p.receiveUUIDs(m)
+	case wire.ResyncRequest:
+		return p.serveResync(m)
+	case wire.ResyncReply:
+		return p.receiveResyncReply(m)
+	case wire.ResyncAck:
+		return p.receiveResyncAck(m)
+	case wire.VerifyRequest:
+		return p.serveVerify(m)
+	case wire.Command:
+		return p.receiveCommand(m)
+	default:
+		return protoErr("message type %d on the data stream", m.Type())
+	}
+	return nil
+}
+
+// receiveWrite applies one of the Primary's writes. Writes of one epoch
+// run in parallel (the Primary never puts overlapping writes in one
+// epoch; the range lock keeps stream order if it did).
+func (p *peer) receiveWrite(m wire.Write) error {
+	r := p.r
+	r.mu.Lock()
+	role, peerRole := r.role, r.peerRole
+	r.mu.Unlock()
+	switch {
+	case role == RolePrimary:
+		return protoErr("the peer replicates writes to a Primary (two primaries)")
+	case peerRole != RolePrimary:
+		return protoErr("write from a peer that is not Primary")
+	case m.Epoch != p.epoch:
+		return protoErr("write in epoch %d, expected %d", m.Epoch, p.epoch)
+	}
+	if err := p.checkRange("write", m.Offset, m.Length); err != nil {
+		return err
+	}
+	off, n := int64(m.Offset), int64(m.Length)
+	unlock := p.recvLock.lock(off, n)
+	p.epWrites++
+	p.epWG.Add(1)
+	select {
+	case p.apply <- struct{}{}:
+	case <-p.ctx.Done():
+		unlock()
+		p.epWG.Done()
+		return p.ctx.Err()
+	}
+	go func() {
+		defer p.epWG.Done()
+		defer func() { <-p.apply }()
+		r.local.Add(1)
+		var err error
+		fua := m.Flags&wire.WriteFUA != 0
+		switch m.Kind {
+		case wire.WriteData:
+			err = p.dev.WriteAt(m.Data, off, fua)
+		case wire.WriteTrim:
+			err = p.dev.Trim(off, n, fua)
+		case wire.WriteZeroes:
+			err = p.dev.WriteZeroes(off, n, false, fua)
+		}
+		r.local.Add(-1)
+		unlock()
+		if err == nil {
+			r.written.Add(uint64(n))
+		} else {
+			// The blocks differ from the Primary's now: marked here, and
+			// the failed ack makes the Primary mark them too.
+			p.md.MarkOutOfSync(off, n)
+			r.log.Error("writing replicated data failed", "offset", off, "length", n, "err", err)
+		}
+		if m.Flags&wire.WriteAckWanted != 0 {
+			st := uint8(wire.AckOK)
+			if err != nil {
+				st = wire.AckFailed
+			}
+			p.send(transport.Control, wire.WriteAck{Seq: m.Seq, Status: st})
+		}
+	}()
+	return nil
+}
+
+// receiveBarrier ends an epoch: once its writes are done the disk is
+// flushed (unless disk-flushes no) and the barrier acked, before any
+// write of the next epoch is applied (reference/drbd.md §5.5).
+func (p *peer) receiveBarrier(m wire.Barrier) error {
+	if m.Epoch != p.epoch {
+		return protoErr("barrier for epoch %d, expected %d", m.Epoch, p.epoch)
+	}
+	p.epWG.Wait()
+	if m.Writes != p.epWrites {
+		return protoErr("barrier for epoch %d counts %d writes, %d arrived", m.Epoch, m.Writes, p.epWrites)
+	}
+	if p.epWrites > 0 && p.r.cfg.Disk.DiskFlushes {
+		if err := p.dev.Flush(); err != nil {
+			return fmt.Errorf("flushing the disk at a barrier: %w", err)
+		}
+	}
+	p.epoch++
+	p.epWrites = 0
+	return p.send(transport.Control, wire.BarrierAck{Epoch: m.Epoch, Writes: m.Writes})
+}
+
+// receiveUUIDs takes the peer's generations after a resync (the target
+// adopts the source's) or records them.
+func (p *peer) receiveUUIDs(m wire.UUIDs) error {
+	r := p.r
+	r.mu.Lock()
+	rs := r.rsRunning(p)
+	finished := rs != nil && !rs.source && rs.finished
+	r.mu.Unlock()
+	if !finished {
+		return nil // informational
+	}
+	return p.finishTarget(m)
+}
+
+// becomeUpToDate records this disk as UpToDate (after a resync, with the
+// source's generations, or when the handshake found it equal to an
+// UpToDate peer's).
+func (p *peer) becomeUpToDate(adopt *wire.UUIDs) {
+	r := p.r
+	err := p.md.UpdateSuperblock(func(sb *metadisk.Superblock) {
+		if adopt != nil {
+			role := sb.UUIDs.Current & 1
+			sb.UUIDs = metadisk.UUIDs{Current: adopt.Current&^1 | role, Bitmap: 0, History: adopt.History}
+		}
+		sb.Flags |= metadisk.FlagConsistent | metadisk.FlagWasUpToDate
+	})
+	if err != nil {
+		r.log.Error("writing the metadata failed; the disk stays as it was", "err", err)
+		p.fail(fmt.Errorf("metadata: %w", err))
+		return
+	}
+	r.mu.Lock()
+	r.setState(r.role, UpToDate)
+	r.mu.Unlock()
+	p.sendState()
+}
+
+// receiveCommand handles a peer's admin request or resync signal.
+func (p *peer) receiveCommand(m wire.Command) error {
+	r := p.r
+	switch m.Code {
+	case wire.CmdInvalidate: // the peer discards its data (Arg 1: the marked blocks only): this node is the source
+		r.mu.Lock()
+		disk, conn := r.disk, r.conn
+		r.mu.Unlock()
+		if disk != UpToDate || conn != Connected {
+			return protoErr("asked to be SyncSource while %s/%s", conn, disk)
+		}
+		return p.startSync(true, m.Arg == 0, nil)
+	case wire.CmdInvalidateRemote: // this node's data is to be replaced
+		r.mu.Lock()
+		role, conn := r.role, r.conn
+		r.mu.Unlock()
+		if role == RolePrimary || conn != Connected {
+			return protoErr("asked to be SyncTarget while %s/%s", role, conn)
+		}
+		if err := p.markInconsistent(); err != nil {
+			return err
+		}
+		return p.startSync(false, m.Arg == 0, nil)
+	case wire.CmdResyncDone:
+		return p.finishSource(m.Arg)
+	case wire.CmdPauseSync, wire.CmdResumeSync:
+		r.mu.Lock()
+		r.peerPaused = m.Code == wire.CmdPauseSync
+		r.mu.Unlock()
+		r.change()
+	case wire.CmdVerifyStart:
+		return p.startVerifyTarget(m.Arg)
+	case wire.CmdVerifyDone:
+		return p.verifyTargetDone(m.Arg)
+	default:
+		return protoErr("unknown command %d", m.Code)
+	}
+	return nil
+}
+
+// markInconsistent makes this disk Inconsistent durably, before any of
+// its blocks is replaced by a resync.
+func (p *peer) markInconsistent() error {
+	r := p.r
+	if err := p.md.UpdateSuperblock(func(sb *metadisk.Superblock) {
+		sb.Flags &^= metadisk.FlagConsistent | metadisk.FlagWasUpToDate
+	}); err != nil {
+		return fmt.Errorf("metadata: %w", err)
+	}
+	r.mu.Lock()
+	r.setState(r.role, Inconsistent)
+	r.mu.Unlock()
+	p.sendState()
+	return nil
+}

@@ -1,0 +1,612 @@
+package replicator
+
+import (
+	"bytes"
+	"crypto/md5"
+	"crypto/sha1"
+	"crypto/sha256"
+	"encoding/binary"
+	"fmt"
+	"hash"
+	"hash/crc32"
+	"sync"
+	"time"
+
+	"github.com/cespare/xxhash/v2"
+
+	"github.com/nbdmirror/nbdmirror/bitmap"
+	"github.com/nbdmirror/nbdmirror/metadisk"
+	"github.com/nbdmirror/nbdmirror/replicator/wire"
+	"github.com/nbdmirror/nbdmirror/transport"
+)
+
+// Resync (reference/drbd.md §6): after the bitmaps are exchanged and ORed
+// (WFBitMapS/T), the source hands over a sync UUID and the SyncTarget
+// drives: it walks the bitmap in ascending order, coalescing dirty runs
+// into requests of up to resyncMaxReq, with a bounded number in flight,
+// paced by the rate limit. The source reads each range under the same
+// range lock as application writes, so an application write and resync
+// data of the same blocks reach the target in the order they happened on
+// the source, and the newer data wins on both sides. The target writes
+// what arrives, and at each commit (every resyncCommit, and at the end)
+// flushes its disk, clears the bits, writes the bitmap and acknowledges
+// the ranges, on which the source clears its bits: a bit is cleared only
+// once the data is durable, so an interrupted resync resumes where the
+// last commit left it.
+
+const (
+	resyncMaxReq    = 1 << 20 // largest request, bytes
+	resyncMaxFlight = 8       // requests in flight at once (fixed rate)
+	resyncCommit    = 500 * time.Millisecond
+)
+
+// resync is a running resync or verify, seen from this node.
+type resync struct {
+	source   bool
+	verify   bool
+	full     bool
+	start    time.Time
+	total    uint64 // blocks to do when it started
+	finished bool   // the target sent (or the source received) the end
+
+	// progress samples for the speed lines: (time, blocks left)
+	samples []rsSample
+	done    uint64 // verify: blocks checked
+
+	// target side
+	mu      sync.Mutex
+	ids     uint64
+	pending map[uint64][2]int64 // request id → [off, len]
+	landed  [][2]int64          // written, not yet committed
+	failed  uint64              // blocks the source could not read
+	same    uint64              // blocks with equal checksums (csums)
+	sent    uint64              // bytes of data received
+	slots   chan struct{}
+	found   uint64 // verify: differing blocks
+}
+
+type rsSample struct {
+	at   time.Time
+	left uint64
+}
+
+// rsRunning returns the resync of session p; call with mu held.
+func (r *Resource) rsRunning(p *peer) *resync {
+	if r.p != p || p == nil {
+		return nil
+	}
+	return p.rs
+}
+
+// rsDone drops the resync of the current session; call with mu held.
+func (r *Resource) rsDone() {
+	if r.p != nil {
+		r.p.rs = nil
+	}
+}
+
+// startSync enters WFBitMapS (source) or WFBitMapT (target). With full
+// every block is marked first. The source sends its bitmap now (after
+// cmd, if any, which makes the peer start too); the target sends its
+// own when the source's has arrived.
+func (p *peer) startSync(source, full bool, cmd *wire.Command) error {
+	r := p.r
+	if full {
+		p.md.MarkOutOfSync(0, p.size)
+	}
+	r.mu.Lock()
+	p.bmNext = 0
+	st := WFBitMapT
+	if source {
+		st = WFBitMapS
+	}
+	r.setConn(st)
+	r.mu.Unlock()
+	r.change()
+	if cmd != nil {
+		if err := p.send(transport.Data, *cmd); err != nil {
+			return err
+		}
+	}
+	if source {
+		return p.sendBitmap()
+	}
+	return nil
+}
+
+// sendBitmap sends this node's bitmap, run-length encoded, in order with
+// the writes on the data stream.
+func (p *peer) sendBitmap() error {
+	p.tl.send.Lock()
+	defer p.tl.send.Unlock()
+	blocks := bitmap.Blocks(p.size)
+	for _, c := range wire.BitmapChunks(0, blocks, bitmapChunk, p.md.NextRun) {
+		if err := p.send(transport.Data, c); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// receiveBitmap ORs a chunk of the peer's bitmap into this node's.
+func (p *peer) receiveBitmap(m wire.Bitmap) error {
+	r := p.r
+	r.mu.Lock()
+	conn := r.conn
+	r.mu.Unlock()
+	blocks := bitmap.Blocks(p.size)
+	switch {
+	case conn != WFBitMapS && conn != WFBitMapT:
+		return protoErr("bitmap while %s", conn)
+	case m.Start != p.bmNext || m.Start+m.Count > blocks:
+		return protoErr("bitmap chunk of blocks [%d, +%d), expected from %d of %d", m.Start, m.Count, p.bmNext, blocks)
+	}
+	m.Each(func(s, n uint64) { p.md.MarkOutOfSync(int64(s)*bitmap.BlockSize, int64(n)*bitmap.BlockSize) })
+	p.bmNext += m.Count
+	if !m.Last {
+		return nil
+	}
+	if p.bmNext != blocks {
+		return protoErr("bitmap ended at block %d of %d", p.bmNext, blocks)
+	}
+	if conn == WFBitMapT {
+		if err := p.sendBitmap(); err != nil {
+			return err
+		}
+		r.mu.Lock()
+		r.setConn(WFSyncUUID)
+		r.mu.Unlock()
+		r.change()
+		return nil
+	}
+	// Source: a new bitmap UUID marks the start of this resync; the
+	// target takes it as its current UUID (reference/drbd.md §4.2).
+	var uuid uint64
+	err := p.md.UpdateSuperblock(func(sb *metadisk.Superblock) {
+		u := &sb.UUIDs
+		old := u.Bitmap
+		if old != 0 && old&^1 != metadisk.UUIDJustCreated {
+			uuid = old + 1<<48
+		} else {
+			uuid = randomUUID()
+		}
+		if old != 0 {
+			u.History[1], u.History[0] = u.History[0], old
+		}
+		u.Bitmap = uuid
+	})
+	if err != nil {
+		return fmt.Errorf("metadata: %w", err)
+	}
+	if err := p.send(transport.Data, wire.SyncUUID{UUID: uuid}); err != nil {
+		return err
+	}
+	r.log.Info("resync starting as SyncSource", "out_of_sync_bytes", p.md.OutOfSync()*bitmap.BlockSize)
+	r.mu.Lock()
+	p.rs = &resync{source: true, start: time.Now(), total: p.md.OutOfSync()}
+	r.setConn(SyncSource)
+	if r.peerDisk > Inconsistent {
+		r.setPeerState(r.peerRole, Inconsistent)
+	}
+	r.mu.Unlock()
+	r.change()
+	return nil
+}
+
+// receiveSyncUUID starts SyncTarget: the disk is Inconsistent (durably)
+// before the first block is replaced.
+func (p *peer) receiveSyncUUID(m wire.SyncUUID) error {
+	r := p.r
+	r.mu.Lock()
+	conn := r.conn
+	r.mu.Unlock()
+	if conn != WFSyncUUID {
+		return protoErr("sync UUID while %s", conn)
+	}
+	err := p.md.UpdateSuperblock(func(sb *metadisk.Superblock) {
+		sb.UUIDs.Current = m.UUID&^1 | sb.UUIDs.Current&1
+		sb.UUIDs.Bitmap = 0
+		sb.Flags &^= metadisk.FlagConsistent | metadisk.FlagWasUpToDate
+	})
+	if err != nil {
+		return fmt.Errorf("metadata: %w", err)
+	}
+	total := p.md.OutOfSync()
+	r.log.Info("resync starting as SyncTarget", "out_of_sync_bytes", total*bitmap.BlockSize)
+	rs := &resync{start: time.Now(), total: total, pending: map[uint64][2]int64{}}
+	r.mu.Lock()
+	p.rs = rs
+	r.setState(r.role, Inconsistent)
+	r.setConn(SyncTarget)
+	r.mu.Unlock()
+	p.sendState()
+	r.change()
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		if err := p.driveResync(rs); err != nil && p.ctx.Err() == nil {
+			p.fail(err)
+		}
+	}()
+	return nil
+}
+
+// limits returns the resync rate limit (bytes/s, 0 = none) and the
+// bytes that may be in flight, from the disk section: a fixed
+// resync-rate when c-plan-ahead is 0, else c-max-rate with
+// c-fill-target in flight (at least one request).
+func (r *Resource) limits() (rate, flight int64) {
+	d := r.cfg.Disk
+	if d.CPlanAhead == 0 {
+		return d.ResyncRate, resyncMaxFlight * resyncMaxReq
+	}
+	return d.CMaxRate, max(d.CFillTarget, resyncMaxReq)
+}
+
+// driveResync is the SyncTarget's walk over the bitmap.
+func (p *peer) driveResync(rs *resync) error {
+	r := p.r
+	rate, flight := r.limits()
+	lim := transport.NewLimiter(rate)
+	slots := int(max(1, flight/resyncMaxReq))
+	rs.slots = make(chan struct{}, slots)
+	digest := newDigest(r.cfg.Net.CsumsAlg)
+	blocks := bitmap.Blocks(p.size)
+	lastCommit := time.Now()
+	for pos := uint64(0); pos < blocks; {
+		if err := p.waitUnpaused(); err != nil {
+			return err
+		}
+		start, n, ok := p.md.NextRun(pos)
+		if !ok || start >= blocks {
+			break
+		}
+		n = min(n, resyncMaxReq/bitmap.BlockSize, blocks-start)
+		off, length := int64(start)*bitmap.BlockSize, int64(n)*bitmap.BlockSize
+		if err := lim.Wait(p.ctx, int(length)); err != nil {
+			return err
+		}
+		select {
+		case rs.slots <- struct{}{}:
+		case <-p.ctx.Done():
+			return p.ctx.Err()
+		}
+		req := wire.ResyncRequest{Offset: uint64(off), Length: uint32(length)}
+		if digest != nil {
+			buf := make([]byte, length)
+			if _, err := p.dev.ReadAt(buf, off); err == nil {
+				req.Digest = digest(buf)
+			}
+		}
+		rs.mu.Lock()
+		rs.ids++
+		req.ID = rs.ids
+		rs.pending[req.ID] = [2]int64{off, length}
+		rs.mu.Unlock()
+		if err := p.send(transport.Data, req); err != nil {
+			return err
+		}
+		pos = start + n
+		if time.Since(lastCommit) >= resyncCommit {
+			if err := p.commitResync(rs, false); err != nil {
+				return err
+			}
+			lastCommit = time.Now()
+		}
+	}
+	// Wait for every reply, then commit the rest.
+	for range cap(rs.slots) {
+		select {
+		case rs.slots <- struct{}{}:
+		case <-p.ctx.Done():
+			return p.ctx.Err()
+		}
+	}
+	if err := p.commitResync(rs, true); err != nil {
+		return err
+	}
+	rs.mu.Lock()
+	failed := rs.failed
+	rs.mu.Unlock()
+	left := p.md.OutOfSync()
+	if failed == 0 && left != 0 {
+		failed = left
+	}
+	r.mu.Lock()
+	rs.finished = true
+	r.mu.Unlock()
+	rs.mu.Lock()
+	same, sent := rs.same, rs.sent
+	rs.mu.Unlock()
+	r.log.Info("resync done on the SyncTarget side", "seconds", time.Since(rs.start).Seconds(),
+		"equal_checksum_bytes", same*bitmap.BlockSize, "transferred_bytes", sent, "failed_blocks", failed)
+	return p.send(transport.Data, wire.Command{Code: wire.CmdResyncDone, Arg: failed})
+}
+
+// waitUnpaused waits while pause-sync holds the resync on either side.
+func (p *peer) waitUnpaused() error {
+	r := p.r
+	for {
+		r.mu.Lock()
+		paused := r.userPaused || r.peerPaused
+		r.mu.Unlock()
+		if !paused {
+			return nil
+		}
+		select {
+		case <-p.ctx.Done():
+			return p.ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// commitResync makes the landed resync data durable, clears its bits,
+// persists the bitmap (at the end, or when asked) and acknowledges the
+// ranges to the source.
+func (p *peer) commitResync(rs *resync, final bool) error {
+	rs.mu.Lock()
+	landed := rs.landed
+	rs.landed = nil
+	rs.mu.Unlock()
+	if len(landed) == 0 && !final {
+		return nil
+	}
+	if err := p.dev.Flush(); err != nil {
+		return fmt.Errorf("flushing resync data: %w", err)
+	}
+	for _, l := range landed {
+		p.md.MarkInSync(l[0], l[1])
+	}
+	if err := p.md.FlushBitmap(); err != nil {
+		return fmt.Errorf("writing the bitmap: %w", err)
+	}
+	for _, l := range landed {
+		if err := p.send(transport.Data, wire.ResyncAck{Offset: uint64(l[0]), Length: uint32(l[1]), Status: wire.AckOK}); err != nil {
+			return err
+		}
+	}
+	p.r.change()
+	return nil
+}
+
+// serveResync answers a SyncTarget's request (source side), in a
+// goroutine of its own: the range lock orders it with application writes.
+func (p *peer) serveResync(m wire.ResyncRequest) error {
+	r := p.r
+	r.mu.Lock()
+	conn := r.conn
+	r.mu.Unlock()
+	if conn != SyncSource && conn != PausedSyncS {
+		return protoErr("resync request while %s", conn)
+	}
+	if err := p.checkRange("resync request", m.Offset, m.Length); err != nil {
+		return err
+	}
+	select {
+	case p.serve <- struct{}{}:
+	case <-p.ctx.Done():
+		return p.ctx.Err()
+	}
+	digest := newDigest(r.cfg.Net.CsumsAlg)
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		defer func() { <-p.serve }()
+		off, n := int64(m.Offset), int64(m.Length)
+		unlock := r.ranges.lock(off, n)
+		defer unlock()
+		buf := make([]byte, n)
+		reply := wire.ResyncReply{ID: m.ID, Offset: m.Offset, Length: m.Length}
+		r.local.Add(1)
+		_, err := p.dev.ReadAt(buf, off)
+		r.local.Add(-1)
+		switch {
+		case err != nil:
+			r.log.Error("reading for the resync failed", "offset", off, "length", n, "err", err)
+			reply.Status = wire.ReplyError
+		case digest != nil && len(m.Digest) > 0 && bytes.Equal(digest(buf), m.Digest):
+			reply.Status = wire.ReplyInSync
+		default:
+			reply.Status, reply.Data = wire.ReplyData, buf
+			r.read.Add(uint64(n))
+		}
+		if err := p.send(transport.Data, reply); err != nil {
+			p.fail(err)
+		}
+	}()
+	return nil
+}
+
+// receiveResyncReply writes resync data (target side). The range lock is
+// taken in stream order, so a write of the same blocks that arrived
+// earlier lands first and one that arrives later lands after.
+func (p *peer) receiveResyncReply(m wire.ResyncReply) error {
+	r := p.r
+	r.mu.Lock()
+	rs := r.rsRunning(p)
+	r.mu.Unlock()
+	if rs == nil || rs.source || rs.verify {
+		return protoErr("resync data while not SyncTarget")
+	}
+	rs.mu.Lock()
+	want, ok := rs.pending[m.ID]
+	delete(rs.pending, m.ID)
+	rs.mu.Unlock()
+	if !ok || want != [2]int64{int64(m.Offset), int64(m.Length)} {
+		return protoErr("resync reply %d for [%d, +%d) was not requested", m.ID, m.Offset, m.Length)
+	}
+	off, n := want[0], want[1]
+	unlock := p.recvLock.lock(off, n)
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		defer func() { <-rs.slots }()
+		defer unlock()
+		switch m.Status {
+		case wire.ReplyError:
+			rs.mu.Lock()
+			rs.failed += uint64(n / bitmap.BlockSize)
+			rs.mu.Unlock()
+			return
+		case wire.ReplyInSync:
+			rs.mu.Lock()
+			rs.same += uint64(n / bitmap.BlockSize)
+			rs.landed = append(rs.landed, want)
+			rs.mu.Unlock()
+			return
+		}
+		r.local.Add(1)
+		err := p.dev.WriteAt(m.Data, off, false)
+		r.local.Add(-1)
+		if err != nil {
+			r.log.Error("writing resync data failed", "offset", off, "length", n, "err", err)
+			rs.mu.Lock()
+			rs.failed += uint64(n / bitmap.BlockSize)
+			rs.mu.Unlock()
+			return
+		}
+		r.written.Add(uint64(n))
+		rs.mu.Lock()
+		rs.sent += uint64(n)
+		rs.landed = append(rs.landed, want)
+		rs.mu.Unlock()
+	}()
+	return nil
+}
+
+// receiveResyncAck clears the source's bits of a range the target holds
+// durably.
+func (p *peer) receiveResyncAck(m wire.ResyncAck) error {
+	r := p.r
+	r.mu.Lock()
+	rs := r.rsRunning(p)
+	r.mu.Unlock()
+	if rs == nil || !rs.source {
+		return protoErr("resync ack while not SyncSource")
+	}
+	if err := p.checkRange("resync ack", m.Offset, m.Length); err != nil {
+		return err
+	}
+	if m.Status == wire.AckOK {
+		p.md.MarkInSync(int64(m.Offset), int64(m.Length))
+	}
+	return nil
+}
+
+// finishSource ends the resync on the source: unless blocks failed, the
+// bitmap UUID goes to the history and the source's generations are sent
+// for the target to adopt (reference/drbd.md §4.2).
+func (p *peer) finishSource(failed uint64) error {
+	r := p.r
+	r.mu.Lock()
+	rs := r.rsRunning(p)
+	r.mu.Unlock()
+	if rs == nil || !rs.source {
+		return protoErr("resync end while not SyncSource")
+	}
+	if left := p.md.OutOfSync(); left != 0 && failed == 0 {
+		r.log.Warn("resync ended with blocks still marked on the SyncSource", "blocks", left)
+	}
+	if failed == 0 {
+		err := p.md.UpdateSuperblock(func(sb *metadisk.Superblock) {
+			u := &sb.UUIDs
+			if u.Bitmap != 0 {
+				u.History[1], u.History[0] = u.History[0], u.Bitmap
+			}
+			u.Bitmap = 0
+		})
+		if err != nil {
+			return fmt.Errorf("metadata: %w", err)
+		}
+	}
+	if err := p.md.FlushBitmap(); err != nil {
+		return fmt.Errorf("writing the bitmap: %w", err)
+	}
+	_, uuids := p.generation()
+	r.mu.Lock()
+	rs.finished = true
+	p.rs = nil
+	r.setConn(Connected)
+	if failed == 0 {
+		r.setPeerState(r.peerRole, UpToDate)
+	}
+	r.mu.Unlock()
+	if failed == 0 {
+		r.log.Info("Resync done", "seconds", time.Since(rs.start).Seconds(), "bytes", rs.total*bitmap.BlockSize)
+	} else {
+		r.log.Error("resync done, but blocks failed: the SyncTarget stays Inconsistent", "failed_blocks", failed)
+	}
+	r.change()
+	if failed != 0 {
+		return nil
+	}
+	return p.send(transport.Data, uuids)
+}
+
+// finishTarget adopts the source's generations and becomes UpToDate.
+func (p *peer) finishTarget(u wire.UUIDs) error {
+	r := p.r
+	p.becomeUpToDate(&u)
+	r.mu.Lock()
+	p.rs = nil
+	r.setConn(Connected)
+	r.mu.Unlock()
+	r.log.Info("resync done: the disk is UpToDate")
+	r.change()
+	return nil
+}
+
+// newDigest returns the checksum of csums-alg/verify-alg, nil for "".
+func newDigest(alg string) func([]byte) []byte {
+	var h func() hash.Hash
+	switch alg {
+	case "":
+		return nil
+	case "sha256":
+		h = sha256.New
+	case "sha1":
+		h = sha1.New
+	case "md5":
+		h = md5.New
+	case "crc32c":
+		tab := crc32.MakeTable(crc32.Castagnoli)
+		return func(b []byte) []byte { return binary.BigEndian.AppendUint32(nil, crc32.Checksum(b, tab)) }
+	case "xxh64":
+		return func(b []byte) []byte { return binary.BigEndian.AppendUint64(nil, xxhash.Sum64(b)) }
+	default:
+		h = sha256.New // the configuration parser accepts only the names above
+	}
+	return func(b []byte) []byte {
+		d := h()
+		d.Write(b)
+		return d.Sum(nil)
+	}
+}
+
+// progress computes the status lines' figures from the blocks left now,
+// keeping a sample a second for the recent speed (over ~18 s, as
+// /proc/drbd's).
+func (rs *resync) progress(left uint64, now time.Time) *Resync {
+	rs.mu.Lock()
+	defer rs.mu.Unlock()
+	if n := len(rs.samples); n == 0 || now.Sub(rs.samples[n-1].at) >= time.Second {
+		rs.samples = append(rs.samples, rsSample{at: now, left: left})
+		for len(rs.samples) > 1 && now.Sub(rs.samples[0].at) > 18*time.Second {
+			rs.samples = rs.samples[1:]
+		}
+	}
+	total := max(rs.total, left)
+	p := &Resync{Verify: rs.verify, TotalBytes: total * bitmap.BlockSize, LeftBytes: left * bitmap.BlockSize}
+	if el := now.Sub(rs.start).Seconds(); el > 0 {
+		p.SpeedAverage = int64(float64((total-left)*bitmap.BlockSize) / el)
+	}
+	p.SpeedRecent = p.SpeedAverage
+	if first := rs.samples[0]; now.Sub(first.at) >= time.Second && first.left >= left {
+		p.SpeedRecent = int64(float64((first.left-left)*bitmap.BlockSize) / now.Sub(first.at).Seconds())
+	}
+	if p.SpeedRecent > 0 {
+		p.ETA = time.Duration(float64(left*bitmap.BlockSize) / float64(p.SpeedRecent) * float64(time.Second))
+	}
+	return p
+}

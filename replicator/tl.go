@@ -1,0 +1,274 @@
+package replicator
+
+import (
+	"fmt"
+	"sync"
+
+	"github.com/nbdmirror/nbdmirror/metadisk"
+	"github.com/nbdmirror/nbdmirror/replicator/wire"
+	"github.com/nbdmirror/nbdmirror/transport"
+)
+
+// The transfer log (DESIGN.md §4, reference/drbd.md §5.4): every write a
+// Primary sends to its peer stays here, holding its activity-log extents,
+// until the peer acknowledges the barrier that closes its epoch, i.e.
+// until the write is on the peer's stable storage. If the session ends
+// first, its blocks are marked out of sync.
+
+// tlEntry is one replicated write.
+type tlEntry struct {
+	seq, epoch uint64
+	off, n     int64
+	span       metadisk.Span
+	local      bool          // the local disk write finished
+	net        bool          // barrier-acked, or marked out of sync at a loss
+	acked      chan struct{} // closed on the peer's write ack, or at a loss (protocol C)
+	ackFailed  bool          // the peer could not write it
+}
+
+// tlEpoch is the writes of one epoch, awaiting their barrier ack.
+type tlEpoch struct {
+	num     uint64
+	entries []*tlEntry
+	closed  bool          // its barrier was sent
+	done    chan struct{} // closed on the barrier ack, or at a loss
+}
+
+// tlog is the transfer log of one session.
+type tlog struct {
+	md   *metadisk.Meta
+	sess *transport.Session
+	ackC bool // protocol C: writes want a write ack
+
+	// send orders the data stream: a write's epoch and sequence number are
+	// assigned and the frame sent under it, so frames leave in epoch order.
+	// It is never taken with mu held the other way round, and mu is never
+	// held across a send.
+	send sync.Mutex
+
+	mu      sync.Mutex
+	lost    bool // the session ended: nothing more is sent or logged
+	seq     uint64
+	closing bool       // a write of the open epoch completed: close it before the next
+	epochs  []*tlEpoch // oldest first; the last is the open one
+	bySeq   map[uint64]*tlEntry
+	pending int64 // bytes sent, not yet barrier-acked
+	kick    chan struct{}
+}
+
+func newTlog(md *metadisk.Meta, s *transport.Session, protocolC bool) *tlog {
+	t := &tlog{md: md, sess: s, ackC: protocolC, bySeq: map[uint64]*tlEntry{}, kick: make(chan struct{}, 1)}
+	t.epochs = []*tlEpoch{{num: 1, done: make(chan struct{})}}
+	return t
+}
+
+func (t *tlog) open() *tlEpoch { return t.epochs[len(t.epochs)-1] }
+
+// closeEpoch closes the open epoch if it has writes (or if force) and
+// returns the barrier to send; call with mu and send held.
+func (t *tlog) closeEpoch(force bool) (wire.Barrier, *tlEpoch, bool) {
+	ep := t.open()
+	if len(ep.entries) == 0 && !force {
+		return wire.Barrier{}, nil, false
+	}
+	ep.closed = true
+	t.closing = false
+	t.epochs = append(t.epochs, &tlEpoch{num: ep.num + 1, done: make(chan struct{})})
+	return wire.Barrier{Epoch: ep.num, Writes: uint32(len(ep.entries))}, ep, true
+}
+
+// submit logs a write and sends it to the peer. It returns nil if the
+// session is already lost (the caller marks the blocks itself). A send
+// error is not returned: the session's end marks every logged write.
+func (t *tlog) submit(off, n int64, span metadisk.Span, kind uint8, fua bool, data []byte) *tlEntry {
+	t.send.Lock()
+	defer t.send.Unlock()
+	t.mu.Lock()
+	if t.lost {
+		t.mu.Unlock()
+		return nil
+	}
+	var barrier wire.Barrier
+	var sendBarrier bool
+	if t.closing {
+		barrier, _, sendBarrier = t.closeEpoch(false)
+	}
+	t.seq++
+	ep := t.open()
+	e := &tlEntry{seq: t.seq, epoch: ep.num, off: off, n: n, span: span}
+	if t.ackC {
+		e.acked = make(chan struct{})
+		t.bySeq[e.seq] = e
+	}
+	ep.entries = append(ep.entries, e)
+	t.pending += n
+	t.mu.Unlock()
+	if sendBarrier {
+		t.sess.Send(transport.Data, wire.TypeBarrier, wire.Encode(barrier))
+	}
+	w := wire.Write{Seq: e.seq, Epoch: e.epoch, Offset: uint64(off), Length: uint32(n), Kind: kind, Data: data}
+	if fua {
+		w.Flags |= wire.WriteFUA
+	}
+	if t.ackC {
+		w.Flags |= wire.WriteAckWanted
+	}
+	t.sess.Send(transport.Data, wire.TypeWrite, wire.Encode(w))
+	return e
+}
+
+// localDone records that the local write of e finished. Under protocol A
+// the write is complete for the application: its epoch closes before the
+// next write (anything submitted later may depend on it).
+func (t *tlog) localDone(e *tlEntry) {
+	t.mu.Lock()
+	e.local = true
+	if e.net {
+		t.md.EndWrite(e.span)
+	}
+	t.mu.Unlock()
+}
+
+// completed records that e was completed to the application: its epoch is
+// closed before the next write, and the barrier goes out soon even if no
+// write follows.
+func (t *tlog) completed(e *tlEntry) {
+	t.mu.Lock()
+	if !t.lost && e.epoch == t.open().num {
+		t.closing = true
+	}
+	t.mu.Unlock()
+	select {
+	case t.kick <- struct{}{}:
+	default:
+	}
+}
+
+// barrierNow closes the open epoch (with force even when empty) and sends
+// its barrier; it returns a channel closed when the barrier is acked or
+// the session ends, nil if there was nothing to close.
+func (t *tlog) barrierNow(force bool) <-chan struct{} {
+	t.send.Lock()
+	defer t.send.Unlock()
+	t.mu.Lock()
+	if t.lost {
+		t.mu.Unlock()
+		return nil
+	}
+	b, ep, ok := t.closeEpoch(force)
+	t.mu.Unlock()
+	if !ok {
+		return nil
+	}
+	t.sess.Send(transport.Data, wire.TypeBarrier, wire.Encode(b))
+	return ep.done
+}
+
+// barrierAck frees the writes of an acked epoch: they are on the peer's
+// stable storage. The ack must be for the oldest closed epoch, with its
+// number of writes.
+func (t *tlog) barrierAck(a wire.BarrierAck) error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.lost {
+		return nil
+	}
+	ep := t.epochs[0]
+	if !ep.closed || ep.num != a.Epoch || uint32(len(ep.entries)) != a.Writes {
+		return fmt.Errorf("%w: barrier ack for epoch %d with %d writes, expected epoch %d with %d",
+			transport.ErrProtocol, a.Epoch, a.Writes, ep.num, len(ep.entries))
+	}
+	t.epochs = t.epochs[1:]
+	for _, e := range ep.entries {
+		if t.ackC {
+			delete(t.bySeq, e.seq)
+			select {
+			case <-e.acked:
+			default:
+				return fmt.Errorf("%w: barrier ack for epoch %d before the write ack of write %d", transport.ErrProtocol, a.Epoch, e.seq)
+			}
+			if e.ackFailed {
+				t.md.MarkOutOfSync(e.off, e.n)
+			}
+		}
+		e.net = true
+		t.pending -= e.n
+		if e.local {
+			t.md.EndWrite(e.span)
+		}
+	}
+	close(ep.done)
+	return nil
+}
+
+// writeAck records a protocol C write ack.
+func (t *tlog) writeAck(a wire.WriteAck) error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.lost {
+		return nil
+	}
+	e, ok := t.bySeq[a.Seq]
+	if !ok {
+		return fmt.Errorf("%w: write ack for unknown write %d", transport.ErrProtocol, a.Seq)
+	}
+	select {
+	case <-e.acked:
+		return fmt.Errorf("%w: second write ack for write %d", transport.ErrProtocol, a.Seq)
+	default:
+	}
+	e.ackFailed = a.Status != wire.AckOK
+	close(e.acked)
+	return nil
+}
+
+// lose ends the log with its session: every write not barrier-acked is
+// marked out of sync (before its activity-log extents are released), and
+// everyone waiting is woken. It returns how many bytes were marked.
+func (t *tlog) lose() int64 {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.lost {
+		return 0
+	}
+	t.lost = true
+	var marked int64
+	for _, ep := range t.epochs {
+		for _, e := range ep.entries {
+			t.md.MarkOutOfSync(e.off, e.n)
+			marked += e.n
+			e.net = true
+			if e.local {
+				t.md.EndWrite(e.span)
+			}
+			if t.ackC {
+				select {
+				case <-e.acked:
+				default:
+					close(e.acked)
+				}
+			}
+		}
+		close(ep.done)
+	}
+	t.epochs, t.bySeq, t.pending = nil, nil, 0
+	return marked
+}
+
+// inFlight returns the bytes sent and not yet barrier-acked.
+func (t *tlog) inFlight() int64 {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.pending
+}
+
+// entriesInFlight returns the writes sent and not yet barrier-acked.
+func (t *tlog) entriesInFlight() int64 {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	var n int64
+	for _, ep := range t.epochs {
+		n += int64(len(ep.entries))
+	}
+	return n
+}

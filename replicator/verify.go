@@ -1,0 +1,223 @@
+package replicator
+
+import (
+	"bytes"
+	"fmt"
+	"time"
+
+	"github.com/nbdmirror/nbdmirror/bitmap"
+	"github.com/nbdmirror/nbdmirror/replicator/wire"
+	"github.com/nbdmirror/nbdmirror/transport"
+)
+
+// Online verify (reference/drbd.md §6.5): the node where it is started is
+// VerifyS and walks every block, paced by the resync rate limit, sending
+// the digest (verify-alg) of its own copy; VerifyT compares it with its
+// copy's and answers; both mark a differing block out of sync. Verify
+// only marks: a resync (after a Primary's reconnect, or invalidate
+// --reset-bitmap=no) repairs.
+
+const verifyFlight = 64 // blocks being compared at once
+
+// Verify starts an online verify from this node (VerifyS).
+func (r *Resource) Verify() error {
+	r.admin.Lock()
+	defer r.admin.Unlock()
+	r.mu.Lock()
+	conn, p := r.conn, r.p
+	r.mu.Unlock()
+	switch {
+	case r.cfg.Net.VerifyAlg == "":
+		return r.refuse(codeNoVerifyAlg, "set verify-alg in the net section on both nodes")
+	case conn.Syncing():
+		return r.refuse(codeAlreadyActive, "")
+	case conn != Connected || p == nil:
+		return r.refuse(codeNeedConnection, "")
+	}
+	rs := &resync{source: true, verify: true, start: time.Now(), total: bitmap.Blocks(p.size)}
+	r.mu.Lock()
+	p.rs = rs
+	r.setConn(VerifyS)
+	r.mu.Unlock()
+	r.change()
+	r.log.Info("Starting Online Verify from sector 0")
+	if err := p.send(transport.Data, wire.Command{Code: wire.CmdVerifyStart}); err != nil {
+		return fmt.Errorf("%s: verify: %w", r.name, err)
+	}
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		if err := p.driveVerify(rs); err != nil && p.ctx.Err() == nil {
+			p.fail(err)
+		}
+	}()
+	return nil
+}
+
+// driveVerify is VerifyS's walk.
+func (p *peer) driveVerify(rs *resync) error {
+	r := p.r
+	rate, _ := r.limits()
+	lim := transport.NewLimiter(rate)
+	digest := newDigest(r.cfg.Net.VerifyAlg)
+	rs.slots = make(chan struct{}, verifyFlight)
+	rs.pending = map[uint64][2]int64{}
+	buf := make([]byte, bitmap.BlockSize)
+	for b := uint64(0); b < rs.total; b++ {
+		if err := p.waitUnpaused(); err != nil {
+			return err
+		}
+		if err := lim.Wait(p.ctx, bitmap.BlockSize); err != nil {
+			return err
+		}
+		select {
+		case rs.slots <- struct{}{}:
+		case <-p.ctx.Done():
+			return p.ctx.Err()
+		}
+		off := int64(b) * bitmap.BlockSize
+		unlock := r.ranges.lock(off, bitmap.BlockSize)
+		_, err := p.dev.ReadAt(buf, off)
+		unlock()
+		if err != nil {
+			return fmt.Errorf("verify: reading block %d: %w", b, err)
+		}
+		rs.mu.Lock()
+		rs.pending[b+1] = [2]int64{off, bitmap.BlockSize}
+		rs.mu.Unlock()
+		req := wire.VerifyRequest{ID: b + 1, Offset: uint64(off), Length: bitmap.BlockSize, Digest: digest(buf)}
+		if err := p.send(transport.Data, req); err != nil {
+			return err
+		}
+	}
+	for range cap(rs.slots) {
+		select {
+		case rs.slots <- struct{}{}:
+		case <-p.ctx.Done():
+			return p.ctx.Err()
+		}
+	}
+	rs.mu.Lock()
+	found := rs.found
+	rs.mu.Unlock()
+	if err := p.send(transport.Data, wire.Command{Code: wire.CmdVerifyDone, Arg: found}); err != nil {
+		return err
+	}
+	p.verifyEnded(rs, found)
+	return nil
+}
+
+// verifyEnded logs the result DRBD's way and returns to Connected.
+func (p *peer) verifyEnded(rs *resync, found uint64) {
+	r := p.r
+	secs := time.Since(rs.start).Seconds()
+	r.log.Info(fmt.Sprintf("Online verify done (total %.0f sec; paused 0 sec; %.0f K/sec)", secs,
+		float64(rs.total*bitmap.BlockSize/1024)/max(secs, 0.001)))
+	if found > 0 {
+		r.log.Warn(fmt.Sprintf("Online verify found %d 4k block out of sync!", found))
+	}
+	if err := p.md.FlushBitmap(); err != nil {
+		r.log.Error("writing the bitmap after verify failed", "err", err)
+	}
+	r.mu.Lock()
+	if p.rs == rs {
+		p.rs = nil
+	}
+	r.lastVerify = found
+	r.setConn(Connected)
+	r.mu.Unlock()
+	r.change()
+}
+
+// startVerifyTarget enters VerifyT at the peer's request.
+func (p *peer) startVerifyTarget(from uint64) error {
+	r := p.r
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.conn != Connected || r.cfg.Net.VerifyAlg == "" {
+		return protoErr("verify start while %s", r.conn)
+	}
+	p.rs = &resync{verify: true, start: time.Now(), total: bitmap.Blocks(p.size) - min(from, bitmap.Blocks(p.size))}
+	r.setConn(VerifyT)
+	go r.change()
+	return nil
+}
+
+// serveVerify compares one block with VerifyS's digest (VerifyT).
+func (p *peer) serveVerify(m wire.VerifyRequest) error {
+	r := p.r
+	r.mu.Lock()
+	rs := r.rsRunning(p)
+	r.mu.Unlock()
+	if rs == nil || !rs.verify || rs.source {
+		return protoErr("verify request while not VerifyT")
+	}
+	if err := p.checkRange("verify request", m.Offset, m.Length); err != nil {
+		return err
+	}
+	buf := make([]byte, m.Length)
+	off := int64(m.Offset)
+	unlock := p.recvLock.lock(off, int64(m.Length))
+	_, err := p.dev.ReadAt(buf, off)
+	unlock()
+	st := uint8(wire.VerifyEqual)
+	switch {
+	case err != nil:
+		r.log.Error("verify: reading failed", "offset", off, "err", err)
+		st = wire.VerifyError
+	case !bytes.Equal(newDigest(r.cfg.Net.VerifyAlg)(buf), m.Digest):
+		st = wire.VerifyDiffers
+		p.md.MarkOutOfSync(off, int64(m.Length))
+		rs.mu.Lock()
+		rs.found += uint64(m.Length) / bitmap.BlockSize
+		rs.mu.Unlock()
+	}
+	rs.mu.Lock()
+	rs.done += uint64(m.Length) / bitmap.BlockSize
+	rs.mu.Unlock()
+	return p.send(transport.Control, wire.VerifyReply{ID: m.ID, Offset: m.Offset, Length: m.Length, Status: st})
+}
+
+// verifyReply is VerifyT's answer for one block (VerifyS, control stream).
+func (p *peer) verifyReply(m wire.VerifyReply) error {
+	r := p.r
+	r.mu.Lock()
+	rs := r.rsRunning(p)
+	r.mu.Unlock()
+	if rs == nil || !rs.verify || !rs.source {
+		return protoErr("verify reply while not VerifyS")
+	}
+	rs.mu.Lock()
+	want, ok := rs.pending[m.ID]
+	delete(rs.pending, m.ID)
+	rs.mu.Unlock()
+	if !ok || want != [2]int64{int64(m.Offset), int64(m.Length)} {
+		return protoErr("verify reply %d was not asked for", m.ID)
+	}
+	if m.Status != wire.VerifyEqual {
+		p.md.MarkOutOfSync(want[0], want[1])
+		sectors := want[1] / 512
+		r.log.Warn(fmt.Sprintf("Out of sync: start=%d, size=%d (sectors)", want[0]/512, sectors))
+		rs.mu.Lock()
+		rs.found += uint64(want[1]) / bitmap.BlockSize
+		rs.mu.Unlock()
+	}
+	rs.mu.Lock()
+	rs.done += uint64(want[1]) / bitmap.BlockSize
+	rs.mu.Unlock()
+	<-rs.slots
+	return nil
+}
+
+// verifyTargetDone ends VerifyT.
+func (p *peer) verifyTargetDone(found uint64) error {
+	r := p.r
+	r.mu.Lock()
+	rs := r.rsRunning(p)
+	r.mu.Unlock()
+	if rs == nil || !rs.verify || rs.source {
+		return protoErr("verify end while not VerifyT")
+	}
+	p.verifyEnded(rs, found)
+	return nil
+}
