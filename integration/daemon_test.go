@@ -717,16 +717,29 @@ type rawClient struct {
 
 func dialNBD(t *testing.T, sock, export string) *rawClient {
 	t.Helper()
-	c, err := net.Dial("unix", sock)
+	rc, err := dialNBDErr(sock, export)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { c.Close() })
+	t.Cleanup(func() { rc.c.Close() })
+	return rc
+}
+
+// dialNBDErr connects to export on the Unix socket sock with NBD_OPT_GO.
+func dialNBDErr(sock, export string) (*rawClient, error) {
+	c, err := net.Dial("unix", sock)
+	if err != nil {
+		return nil, err
+	}
+	fail := func(format string, args ...any) (*rawClient, error) {
+		c.Close()
+		return nil, fmt.Errorf(format, args...)
+	}
 	c.SetDeadline(time.Now().Add(20 * time.Second))
 	r := bufio.NewReader(c)
 	var greet [18]byte
 	if _, err := io.ReadFull(r, greet[:]); err != nil || string(greet[:16]) != "NBDMAGICIHAVEOPT" {
-		t.Fatalf("NBD greeting %q: %v", greet, err)
+		return fail("NBD greeting %q: %v", greet, err)
 	}
 	msg := binenc.BigEndian.AppendUint32(nil, 3) // FIXED_NEWSTYLE | NO_ZEROES
 	msg = binenc.BigEndian.AppendUint64(msg, 0x49484156454f5054)
@@ -736,25 +749,51 @@ func dialNBD(t *testing.T, sock, export string) *rawClient {
 	msg = append(msg, export...)
 	msg = binenc.BigEndian.AppendUint16(msg, 0)
 	if _, err := c.Write(msg); err != nil {
-		t.Fatal(err)
+		return fail("NBD option: %v", err)
 	}
 	for {
 		var hdr [20]byte
 		if _, err := io.ReadFull(r, hdr[:]); err != nil {
-			t.Fatalf("NBD option reply: %v", err)
+			return fail("NBD option reply: %v", err)
 		}
 		body := make([]byte, binenc.BigEndian.Uint32(hdr[16:]))
 		if _, err := io.ReadFull(r, body); err != nil {
-			t.Fatalf("NBD option reply: %v", err)
+			return fail("NBD option reply: %v", err)
 		}
 		switch typ := binenc.BigEndian.Uint32(hdr[12:]); {
 		case typ == 1: // NBD_REP_ACK
 			c.SetDeadline(time.Time{})
-			return &rawClient{c: c, r: r}
+			return &rawClient{c: c, r: r}, nil
 		case typ&0x80000000 != 0:
-			t.Fatalf("NBD_OPT_GO %s refused: %s", export, body)
+			return fail("NBD_OPT_GO %s refused: %s", export, body)
 		}
 	}
+}
+
+// writeErr writes data at off (handle h) and waits for the reply; an
+// error reply or a broken connection is returned, not fatal.
+func (rc *rawClient) writeErr(h uint64, off int64, data []byte) error {
+	msg := binenc.BigEndian.AppendUint32(nil, 0x25609513)
+	msg = binenc.BigEndian.AppendUint16(msg, 0)
+	msg = binenc.BigEndian.AppendUint16(msg, 1)
+	msg = binenc.BigEndian.AppendUint64(msg, h)
+	msg = binenc.BigEndian.AppendUint64(msg, uint64(off))
+	msg = binenc.BigEndian.AppendUint32(msg, uint32(len(data)))
+	rc.c.SetDeadline(time.Now().Add(30 * time.Second))
+	if _, err := rc.c.Write(append(msg, data...)); err != nil {
+		return err
+	}
+	var hdr [16]byte
+	if _, err := io.ReadFull(rc.r, hdr[:]); err != nil {
+		return err
+	}
+	if binenc.BigEndian.Uint32(hdr[:]) != 0x67446698 || binenc.BigEndian.Uint64(hdr[8:]) != h {
+		return fmt.Errorf("NBD reply header %x", hdr)
+	}
+	if e := binenc.BigEndian.Uint32(hdr[4:]); e != 0 {
+		return fmt.Errorf("NBD write error %d", e)
+	}
+	return nil
 }
 
 // send sends one request (NBD_CMD_READ = 0, NBD_CMD_WRITE = 1).

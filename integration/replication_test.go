@@ -10,8 +10,10 @@ import (
 	"bytes"
 	"crypto/rand"
 	"fmt"
+	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -174,5 +176,197 @@ func TestReplication_Failover(t *testing.T) {
 		t.Fatalf("alpha after rejoining: %+v", st)
 	}
 	c.beta.demote()
+	c.sameData()
+}
+
+// TestReplication_FailoverPrefix (P10): protocol A, alpha killed while a
+// sequence writer runs; beta's disk is a consistent prefix of the writes;
+// beta is promoted and alpha, back, becomes SyncTarget by the generation
+// UUIDs (no split brain) and ends with beta's data.
+func TestReplication_FailoverPrefix(t *testing.T) {
+	c := newCluster(t, 64*mib, "net { protocol A; } disk { c-plan-ahead 0; resync-rate 500M; }")
+	c.initialSync()
+	w := newSeqWriter(t, 32*mib)
+	done := make(chan uint64, 1)
+	go func() { done <- w.run(c.alpha, -1) }()
+	eventually(t, time.Minute, "300 acknowledged writes", func() (bool, string) {
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		return w.acked >= 300, fmt.Sprint(w.acked)
+	})
+	c.alpha.kill()
+	acked := <-done
+	c.beta.waitState(time.Minute, "WFConnection", "UpToDate", "DUnknown")
+	s := w.check(c.beta)
+	t.Logf("acknowledged %d writes, beta holds the prefix up to %d", acked, s)
+	if s == 0 || s > uint64(len(w.issued)) {
+		t.Fatalf("beta holds prefix %d of %d issued", s, len(w.issued))
+	}
+	c.beta.must("primary", "r0")
+	c.alpha.start()
+	c.alpha.must("up", "r0")
+	c.alpha.must("wait-connect", "--timeout", "60s", "r0")
+	c.alpha.must("wait-sync", "--timeout", "2m", "r0")
+	c.alpha.waitState(time.Minute, "Connected", "UpToDate", "UpToDate")
+	for _, n := range c.nodes() {
+		if strings.Contains(n.d.out.String(), "Split-Brain") {
+			t.Fatalf("%s reported a split brain", n.name)
+		}
+	}
+	if !strings.Contains(c.alpha.d.out.String(), "resync starting as SyncTarget") {
+		t.Errorf("alpha did not rejoin as SyncTarget")
+	}
+	c.beta.demote()
+	c.sameData()
+}
+
+// TestReplication_Switchover (P11): three planned switchovers with a
+// sequence writer: the new Primary has every acknowledged write.
+func TestReplication_Switchover(t *testing.T) {
+	c := newCluster(t, 64*mib, "net { protocol A; } disk { c-plan-ahead 0; resync-rate 500M; }")
+	c.initialSync()
+	w := newSeqWriter(t, 16*mib)
+	from, to := c.alpha, c.beta
+	for round := range 3 {
+		acked := w.run(from, 200)
+		from.demote()
+		to.must("primary", "r0")
+		if s := w.check(to); s != acked {
+			t.Fatalf("round %d: %s holds writes up to %d, %d were acknowledged", round, to.name, s, acked)
+		}
+		from, to = to, from
+	}
+	from.demote()
+	c.sameData()
+}
+
+// TestReplication_StaleNode (S2): beta stops, alpha writes, beta returns:
+// beta becomes SyncTarget by the generation UUIDs, never source.
+func TestReplication_StaleNode(t *testing.T) {
+	c := newCluster(t, 64*mib, "net { protocol C; } disk { c-plan-ahead 0; resync-rate 500M; }")
+	c.initialSync()
+	c.beta.d.stop(syscall.SIGTERM)
+	data := make([]byte, 512<<10)
+	rand.Read(data)
+	c.alpha.writeAt(10*mib, data)
+	c.beta.start()
+	c.beta.must("up", "r0")
+	c.beta.must("wait-connect", "--timeout", "60s", "r0")
+	c.beta.must("wait-sync", "--timeout", "2m", "r0")
+	c.beta.waitState(time.Minute, "Connected", "UpToDate", "UpToDate")
+	if !strings.Contains(c.beta.d.out.String(), "resync starting as SyncTarget") ||
+		!strings.Contains(c.alpha.d.out.String(), "resync starting as SyncSource") {
+		t.Fatalf("beta did not rejoin as SyncTarget of alpha")
+	}
+	c.alpha.demote()
+	c.sameData()
+}
+
+// TestReplication_Verify (V1): four blocks (two adjacent) corrupted on
+// beta's disk while it was down; verify reports exactly those, on both
+// nodes; a Primary's disconnect/connect resyncs them; a second verify
+// finds nothing.
+func TestReplication_Verify(t *testing.T) {
+	c := newCluster(t, 64*mib, "net { protocol C; verify-alg sha256; } disk { c-plan-ahead 0; resync-rate 500M; }")
+	c.initialSync()
+	c.beta.must("down", "r0")
+	f, err := os.OpenFile(c.beta.disk, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	blocks := []int64{100, 5000, 5001, 12000}
+	for _, b := range blocks {
+		junk := make([]byte, 4096)
+		rand.Read(junk)
+		if _, err := f.WriteAt(junk, b*4096); err != nil {
+			t.Fatal(err)
+		}
+	}
+	f.Close()
+	c.beta.must("up", "r0")
+	c.beta.must("wait-connect", "--timeout", "60s", "r0")
+	c.beta.must("wait-sync", "--timeout", "2m", "r0")
+	c.beta.waitState(time.Minute, "Connected", "UpToDate", "UpToDate")
+	c.alpha.must("verify", "r0")
+	want := uint64(len(blocks) * 4096)
+	for _, n := range c.nodes() {
+		eventually(t, 2*time.Minute, n.name+": verify done", func() (bool, string) {
+			st := n.status()
+			return st.CState == "Connected" && st.OutOfSyncBytes == want, fmt.Sprintf("%+v", st)
+		})
+	}
+	log := c.alpha.d.out.String()
+	for _, r := range []string{"Out of sync: start=800, size=8 (sectors)", "Out of sync: start=40000, size=8 (sectors)",
+		"Out of sync: start=40008, size=8 (sectors)", "Out of sync: start=96000, size=8 (sectors)",
+		"Online verify found 4 4k block out of sync!"} {
+		if !strings.Contains(log, r) {
+			t.Errorf("alpha's log lacks %q", r)
+		}
+	}
+	// Repair: the Primary's reconnect resyncs exactly the marked blocks.
+	before := c.beta.status().Counters.DW
+	c.alpha.must("disconnect", "r0")
+	c.alpha.must("connect", "r0")
+	c.alpha.must("wait-connect", "--timeout", "60s", "r0")
+	c.beta.must("wait-sync", "--timeout", "2m", "r0")
+	c.beta.waitState(time.Minute, "Connected", "UpToDate", "UpToDate")
+	if got := (c.beta.status().Counters.DW - before) * 1024; got != want {
+		t.Errorf("the repair resync wrote %d bytes on beta, want %d", got, want)
+	}
+	c.alpha.must("verify", "r0")
+	eventually(t, 2*time.Minute, "second verify done", func() (bool, string) {
+		return strings.Count(c.alpha.d.out.String(), "Online verify done") == 2, ""
+	})
+	if st := c.alpha.status(); st.OutOfSyncBytes != 0 {
+		t.Errorf("the second verify marked %d bytes", st.OutOfSyncBytes)
+	}
+	c.alpha.demote()
+	c.sameData()
+}
+
+// TestReplication_ResyncRate: new-current-uuid --clear-bitmap on one of
+// two fresh connected nodes skips the initial sync; then a resync of 6 MiB
+// at resync-rate 1M runs at 1 MiB/s ± 10 %.
+func TestReplication_ResyncRate(t *testing.T) {
+	c := newCluster(t, 64*mib, "net { protocol A; } disk { c-plan-ahead 0; resync-rate 1M; }")
+	c.upBoth()
+	c.alpha.must("new-current-uuid", "--clear-bitmap", "r0")
+	for _, n := range c.nodes() {
+		n.waitState(30*time.Second, "Connected", "UpToDate", "UpToDate")
+	}
+	if a, b := c.alpha.status().UUIDs.Current, c.beta.status().UUIDs.Current; a != b {
+		t.Fatalf("after skipping the initial sync the current UUIDs differ: %s, %s", a, b)
+	}
+	c.alpha.must("primary", "r0")
+	c.dataSize = c.alpha.status().SizeBytes
+	c.beta.must("disconnect", "r0")
+	const size = 6 * mib
+	data := make([]byte, size)
+	rand.Read(data)
+	c.alpha.writeAt(8*mib, data)
+	c.beta.must("connect", "r0")
+	var start, end time.Time
+	eventually(t, time.Minute, "resync starts", func() (bool, string) {
+		st := c.beta.status()
+		if st.CState == "SyncTarget" {
+			start = time.Now()
+			return true, ""
+		}
+		return false, st.CState
+	})
+	eventually(t, time.Minute, "resync ends", func() (bool, string) {
+		st := c.beta.status()
+		if st.CState == "Connected" && st.Disk == "UpToDate" {
+			end = time.Now()
+			return true, ""
+		}
+		return false, fmt.Sprintf("%s %d left", st.CState, st.OutOfSyncBytes)
+	})
+	rate := float64(size) / end.Sub(start).Seconds() / mib
+	t.Logf("6 MiB resynced in %v: %.3f MiB/s", end.Sub(start), rate)
+	if rate < 0.9 || rate > 1.1 {
+		t.Errorf("resync at %.3f MiB/s with resync-rate 1M, want 1 ± 10 %%", rate)
+	}
+	c.alpha.demote()
 	c.sameData()
 }

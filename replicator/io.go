@@ -8,6 +8,7 @@ import (
 	"github.com/nbdmirror/nbdmirror/blockdev"
 	"github.com/nbdmirror/nbdmirror/metadisk"
 	"github.com/nbdmirror/nbdmirror/replicator/wire"
+	"github.com/nbdmirror/nbdmirror/transport"
 )
 
 // ErrNotPrimary refuses application I/O on a node that is not Primary
@@ -16,10 +17,13 @@ var ErrNotPrimary = fmt.Errorf("replicator: the resource is not Primary here: %w
 
 // hold is one application request's hold on the disk and the metadata.
 type hold struct {
-	md  *metadisk.Meta
-	dev *blockdev.Device
-	tl  *tlog // the transfer log while replicating, else nil
-	c   bool  // protocol C
+	md    *metadisk.Meta
+	dev   *blockdev.Device
+	tl    *tlog // the transfer log while replicating, else nil
+	c     bool  // protocol C
+	p     *peer // the session, if any
+	ahead bool  // Ahead: mark and announce, do not replicate
+	conn  ConnState
 }
 
 // beginIO admits an application request: only on a Primary with a disk.
@@ -34,8 +38,12 @@ func (r *Resource) beginIO() (hold, error) {
 		return hold{}, ErrNotPrimary
 	}
 	r.inflight++
-	h := hold{md: r.md, dev: r.dev}
-	if r.p != nil && r.conn >= Connected {
+	h := hold{md: r.md, dev: r.dev, p: r.p, conn: r.conn}
+	switch {
+	case r.p == nil:
+	case r.conn == Ahead:
+		h.ahead = true
+	case r.conn >= Connected:
 		h.tl, h.c = r.p.tl, r.p.tl.ackC
 	}
 	return h, nil
@@ -105,6 +113,12 @@ func (r *Resource) modify(off, length int64, kind uint8, data []byte, fua bool, 
 	defer r.endIO()
 	unlock := r.ranges.lock(off, length)
 	defer unlock()
+	if x.conn == Connected {
+		if congested, why := r.congested(x.p, x.md); congested {
+			r.goAhead(x.p, why)
+			x.tl, x.c, x.ahead = nil, false, true
+		}
+	}
 	start := off
 	maxSpan := int64(x.md.ALCapacity()) * bitmap.ExtentSize
 	var sent []*tlEntry
@@ -124,6 +138,9 @@ func (r *Resource) modify(off, length int64, kind uint8, data []byte, fua bool, 
 		}
 		if e == nil {
 			x.md.MarkOutOfSync(off, n)
+			if x.ahead {
+				x.p.announce(off, n)
+			}
 		}
 		r.local.Add(1)
 		err = do(x.dev, off, n)
@@ -181,4 +198,13 @@ func (r *Resource) Flush() error {
 		<-done
 	}
 	return nil
+}
+
+// announce tells the peer, while Ahead, which blocks changed.
+func (p *peer) announce(off, n int64) {
+	p.tl.send.Lock()
+	defer p.tl.send.Unlock()
+	if err := p.send(transport.Data, wire.OutOfSync{Offset: uint64(off), Length: uint32(n)}); err != nil {
+		p.fail(err)
+	}
 }

@@ -162,7 +162,7 @@ func (p *peer) end(err error) bool {
 	// A Primary that loses its peer's up-to-date copy starts a new
 	// generation, so that the peer's data is recognisably older
 	// (reference/drbd.md §4.2).
-	if role == RolePrimary && disk == UpToDate && peerDisk >= Outdated && wasConn >= Connected {
+	if role == RolePrimary && disk == UpToDate && peerDisk >= Outdated && peerDisk != DUnknown {
 		var newUUID bool
 		err := p.md.UpdateSuperblock(func(sb *metadisk.Superblock) {
 			if sb.UUIDs.Bitmap == 0 {
@@ -451,6 +451,8 @@ func (p *peer) handle(m wire.Message) error {
 		return p.serveVerify(m)
 	case wire.Command:
 		return p.receiveCommand(m)
+	case wire.OutOfSync:
+		return p.receiveOutOfSync(m)
 	default:
 		return protoErr("message type %d on the data stream", m.Type())
 	}
@@ -547,6 +549,9 @@ func (p *peer) receiveBarrier(m wire.Barrier) error {
 // adopts the source's) or records them.
 func (p *peer) receiveUUIDs(m wire.UUIDs) error {
 	r := p.r
+	if m.Flags&wire.UUIDSkipInitialSync != 0 {
+		return p.adoptSkippedSync(m)
+	}
 	r.mu.Lock()
 	rs := r.rsRunning(p)
 	finished := rs != nil && !rs.source && rs.finished
@@ -555,6 +560,61 @@ func (p *peer) receiveUUIDs(m wire.UUIDs) error {
 		return nil // informational
 	}
 	return p.finishTarget(m)
+}
+
+// skipInitialSync declares two fresh, connected disks equal (DRBD's
+// new-current-uuid --clear-bitmap on a just-created pair): a new
+// generation, the bitmap cleared, UpToDate; the peer adopts the same.
+func (p *peer) skipInitialSync() error {
+	r := p.r
+	r.freeze()
+	defer r.thaw()
+	err := p.md.UpdateSuperblock(func(sb *metadisk.Superblock) {
+		newCurrent(sb)
+		sb.UUIDs.Bitmap = 0
+		sb.Flags |= metadisk.FlagConsistent | metadisk.FlagWasUpToDate
+	})
+	if err != nil {
+		return err
+	}
+	p.md.MarkInSync(0, p.size)
+	if err := p.md.FlushBitmap(); err != nil {
+		return err
+	}
+	r.mu.Lock()
+	r.setState(r.role, UpToDate)
+	r.mu.Unlock()
+	r.log.Info("initial sync skipped: both disks declared equal (new-current-uuid --clear-bitmap)")
+	_, u := p.generation()
+	u.Flags |= wire.UUIDSkipInitialSync
+	p.tl.send.Lock()
+	err = p.send(transport.Data, u)
+	p.tl.send.Unlock()
+	if err != nil {
+		return err
+	}
+	p.sendState()
+	r.change()
+	return nil
+}
+
+// adoptSkippedSync is the peer's side of skipInitialSync.
+func (p *peer) adoptSkippedSync(m wire.UUIDs) error {
+	r := p.r
+	r.mu.Lock()
+	conn, disk := r.conn, r.disk
+	r.mu.Unlock()
+	if conn != Connected || p.md.Superblock().UUIDs.Current&^1 != metadisk.UUIDJustCreated {
+		return protoErr("the peer skipped the initial sync while this node is %s/%s with data of its own", conn, disk)
+	}
+	p.md.MarkInSync(0, p.size)
+	if err := p.md.FlushBitmap(); err != nil {
+		return err
+	}
+	p.becomeUpToDate(&m)
+	r.log.Info("initial sync skipped by the peer: both disks declared equal")
+	r.change()
+	return nil
 }
 
 // becomeUpToDate records this disk as UpToDate (after a resync, with the
@@ -596,7 +656,7 @@ func (p *peer) receiveCommand(m wire.Command) error {
 		r.mu.Lock()
 		role, conn := r.role, r.conn
 		r.mu.Unlock()
-		if role == RolePrimary || conn != Connected {
+		if role == RolePrimary || conn != Connected && conn != Behind {
 			return protoErr("asked to be SyncTarget while %s/%s", role, conn)
 		}
 		if err := p.markInconsistent(); err != nil {
@@ -614,6 +674,8 @@ func (p *peer) receiveCommand(m wire.Command) error {
 		return p.startVerifyTarget(m.Arg)
 	case wire.CmdVerifyDone:
 		return p.verifyTargetDone(m.Arg)
+	case wire.CmdAhead:
+		return p.goBehind()
 	default:
 		return protoErr("unknown command %d", m.Code)
 	}

@@ -545,10 +545,21 @@ func (r *Resource) NewCurrentUUID(clearBitmap bool) error {
 	r.admin.Lock()
 	defer r.admin.Unlock()
 	r.mu.Lock()
-	md := r.md
+	md, p, conn := r.md, r.p, r.conn
 	r.mu.Unlock()
 	if md == nil {
 		return r.refuse(codeNoDiskConfig, "attach it first")
+	}
+	if p != nil && conn >= WFReportParams {
+		// Connected, only the skip of the initial sync of two fresh nodes
+		// is allowed (reference/drbd.md §4.2, §6.7).
+		if !clearBitmap || conn != Connected || md.Superblock().UUIDs.Current&^1 != metadisk.UUIDJustCreated {
+			return r.refuse(codeNeedStandAloneF, "connected, only '--clear-bitmap' on two freshly created nodes skips the initial sync; disconnect first")
+		}
+		if err := p.skipInitialSync(); err != nil {
+			return fmt.Errorf("%s: new-current-uuid: %w", r.name, err)
+		}
+		return nil
 	}
 	if err := md.UpdateSuperblock(newCurrent); err != nil {
 		return fmt.Errorf("%s: new-current-uuid: %w", r.name, err)
@@ -803,6 +814,9 @@ func (r *Resource) Snapshot() Snapshot {
 	}
 	if s.Conn >= Unconnected {
 		s.Protocol = r.cfg.Net.Protocol
+	}
+	if s.Conn == Ahead {
+		s.Congestion = 'a'
 	}
 	if md != nil {
 		st := md.Stats()

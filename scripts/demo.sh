@@ -1,113 +1,184 @@
 #!/usr/bin/env bash
-# make demo: one node of a resource, run by the node daemon. create-md, start
-# `nbdmirror daemon`, bring r0 up and make it Primary; its NBD export gets an
-# ext4 file system through a real NBD client (nbdfuse + a loop device); files
-# are written and read back after dropping the caches; the status file and
-# `nbdmirror status` are shown; then unmount, secondary, down, and SIGTERM.
-# Needs root (loop devices, mount). Leaves nothing running or mounted.
+# make demo: two nodes, alpha and beta, replicating resource r0 on one
+# machine (loopback addresses 127.0.0.1 and 127.0.0.2, one disk file, one
+# run directory and one daemon each). Initial full sync, ext4 on alpha's
+# export through a real NBD client (nbdfuse + a loop device), a disconnect
+# and the resync that follows, a planned switchover to beta, and a final
+# comparison of the two disks. Needs root (loop devices, mount). Prints each
+# command it runs; leaves nothing running or mounted.
 set -euo pipefail
 
-bin=${NBDMIRROR_BIN:-$PWD/bin/nbdmirror}
-[[ -x $bin ]] || { echo "demo: $bin not built (run 'make build')" >&2; exit 1; }
-[[ $(id -u) == 0 ]] || { echo "demo: needs root for the loop device and mount (run 'sudo make demo')" >&2; exit 1; }
+[[ $(id -u) == 0 ]] || { echo "demo: needs root for the loop devices and mount (run 'sudo make demo')" >&2; exit 1; }
+for t in nbdfuse fusermount3 losetup mkfs.ext4 ss; do
+	command -v "$t" >/dev/null || { echo "demo: $t not found (run 'make deps')" >&2; exit 1; }
+done
+
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+indent() { sed 's/^/    /'; }
+# run NODE CMD...: print a shell command as typed on NODE, then run it.
+run() { local n=$1; shift; echo "$n# $*"; "$@"; }
+# nbdm NODE ARGS...: nbdmirror as NODE, with this demo's configuration and NODE's run directory.
+nbdm() { local n=$1; shift; "$bin" --config "$conf" --node "$n" --run-dir "$work/$n/run" "$@"; }
+# on NODE ARGS...: print an nbdmirror command as typed on NODE, run it, indent its output.
+on() { local n=$1; shift; echo "$n# nbdmirror $*"; nbdm "$n" "$@" 2>&1 | indent; }
+# status NODE: the resource lines of NODE's /proc/drbd-style status file.
+status() { echo "$1# cat $work/$1/run/status"; tail -n +3 "$work/$1/run/status" | indent; }
+# watch_sync NODE: print NODE's status file every 0.5 s until `wait-sync` returns.
+watch_sync() {
+	echo "$1# nbdmirror wait-sync --timeout 5m r0   (meanwhile, every 0.5 s: the status file)"
+	nbdm "$1" wait-sync --timeout 5m r0 & waiter=$!
+	while kill -0 "$waiter" 2>/dev/null; do status "$1"; sleep 0.5; done
+	wait "$waiter"; waiter=
+	status "$1"
+}
+
+bin=${NBDMIRROR_BIN:-}
+if [[ -z $bin ]]; then
+	step "build"
+	make --no-print-directory build
+	bin=$PWD/bin/nbdmirror
+fi
 
 work=$(mktemp -d /tmp/nbdmirror-demo.XXXXXX)
-run=$work/run conf=$work/nbdmirror.conf
-daemon_pid= fuse_pid= loop=
-step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-# nbdm runs nbdmirror as node alpha with this demo's configuration and run directory.
-nbdm() { "$bin" --config "$conf" --node alpha --run-dir "$run" "$@"; }
-# show prints a command line, runs it and indents its output.
-show() { echo "\$ nbdmirror $*"; nbdm "$@" 2>&1 | sed 's/^/    /'; }
+conf=$work/nbdmirror.conf
+alpha_pid= beta_pid= fuse_pid= fuse_dir= loop= mnt=$work/mnt waiter=
+# fuse_up NODE: NODE's export as a file (nbdfuse), then as a block device ($loop).
+fuse_up() {
+	fuse_dir=$work/$1/fuse
+	echo "$1# nbdfuse $fuse_dir/disk 'nbd+unix:///r0?socket=$work/$1/run/nbd.sock' &"
+	nbdfuse "$fuse_dir/disk" "nbd+unix:///r0?socket=$work/$1/run/nbd.sock" & fuse_pid=$!
+	for _ in $(seq 100); do [[ -s $fuse_dir/disk ]] && break; sleep 0.1; done
+	echo "$1# losetup -f --show $fuse_dir/disk"
+	loop=$(losetup -f --show "$fuse_dir/disk"); echo "    $loop"
+}
+# fuse_down NODE: unmount, release the loop device, stop nbdfuse (its NBD client leaves).
+fuse_down() {
+	run "$1" sync
+	run "$1" umount "$mnt"
+	run "$1" losetup -d "$loop"; loop=
+	run "$1" fusermount3 -u "$fuse_dir"; wait "$fuse_pid" || true; fuse_pid=
+}
+# demote NODE: secondary, retried for up to 10 s while the NBD client that
+# just left is still counted (its disconnect reaches the daemon a moment later).
+demote() {
+	echo "$1# nbdmirror secondary r0"
+	local out
+	for _ in $(seq 100); do
+		out=$(nbdm "$1" secondary r0 2>&1) && { [[ -z $out ]] || indent <<<"$out"; return 0; }
+		[[ $out == *"held open"* ]] || break
+		sleep 0.1
+	done
+	indent <<<"$out"; return 1
+}
 cleanup() {
+	local rc=$?
 	set +e
-	mountpoint -q "$work/mnt" && umount "$work/mnt"
+	[[ -n $waiter ]] && kill "$waiter" 2>/dev/null
+	mountpoint -q "$mnt" && umount "$mnt"
 	[[ -n $loop ]] && losetup -d "$loop"
-	[[ -n $fuse_pid ]] && { fusermount3 -u "$work/fuse" 2>/dev/null; wait "$fuse_pid" 2>/dev/null; }
-	[[ -n $daemon_pid ]] && { kill "$daemon_pid" 2>/dev/null; wait "$daemon_pid" 2>/dev/null; }
+	[[ -n $fuse_pid ]] && { fusermount3 -u "$fuse_dir"; wait "$fuse_pid"; }
+	for n in alpha beta; do
+		pid=${n}_pid
+		[[ -n ${!pid} ]] && { kill "${!pid}" 2>/dev/null; wait "${!pid}" 2>/dev/null; }
+		if ((rc != 0)) && [[ -f $work/$n/daemon.log ]]; then
+			echo "--- $n daemon log (last 30 lines)"; tail -n 30 "$work/$n/daemon.log"
+		fi
+	done
 	rm -rf "$work"
+	((rc == 0)) || echo "demo FAILED (exit $rc)" >&2
 }
 trap cleanup EXIT
 
-step "a configuration: resource r0 on a 256 MiB disk file, this node is alpha"
-truncate -s 256M "$work/d0"
-mkdir -p "$work/fuse" "$work/mnt"
+step "a configuration for both nodes: r0 on a sparse 256 MiB disk file each"
+port=7789
+while [[ -n $(ss -Hltn "sport = :$port") ]]; do port=$((RANDOM % 20000 + 30000)); done
+mkdir -p "$work"/{alpha,beta}/fuse "$mnt"
+truncate -s 256M "$work/alpha/disk.img" "$work/beta/disk.img"
 cat >"$conf" <<EOF
 resource r0 {
-  disk { al-extents 7; }
-  disk $work/d0;
-  meta-disk internal;
-  on alpha { address 127.0.0.1:7000; }
-  on beta  { address 127.0.0.2:7000; }
+  net  { protocol A; shared-secret "demo-secret"; }
+  disk { c-plan-ahead 0; resync-rate 64M; }      # a fixed rate, slow enough to watch
+  on alpha { disk $work/alpha/disk.img; meta-disk internal; address 127.0.0.1:$port; }
+  on beta  { disk $work/beta/disk.img;  meta-disk internal; address 127.0.0.2:$port; }
 }
 EOF
-sed 's/^/    /' "$conf"
-show create-md r0
+echo "$conf:"; indent <"$conf"
+echo "(each nbdmirror command below runs as: nbdmirror --config $conf --node NODE --run-dir $work/NODE/run ...)"
+on alpha create-md r0
+on beta create-md r0
 
-step "start the node daemon (control socket, status file and NBD socket in $run)"
-"$bin" --config "$conf" --node alpha --run-dir "$run" daemon 2>"$work/daemon.log" &
-daemon_pid=$!
-for _ in $(seq 100); do [[ -S $run/control.sock ]] && break; sleep 0.1; done
-show status r0
+step "start both daemons (logs in $work/NODE/daemon.log), bring r0 up, wait for the connection"
+for n in alpha beta; do
+	echo "$n# nbdmirror daemon 2>$work/$n/daemon.log &"
+	nbdm "$n" daemon 2>"$work/$n/daemon.log" &
+	printf -v "${n}_pid" %s $!
+done
+for _ in $(seq 100); do [[ -S $work/alpha/run/control.sock && -S $work/beta/run/control.sock ]] && break; sleep 0.1; done
+on alpha up r0
+on beta up r0
+on alpha wait-connect --timeout 30s r0
+on beta wait-connect --timeout 30s r0
+echo "beta# cat $work/beta/run/status"; indent <"$work/beta/run/status"
 
-step "up: attach the disk; primary --force: this node's data is the valid copy, the export r0 appears"
-show up r0
-show primary --force r0
-show role r0
-show dstate r0
-uri="nbd+unix:///r0?socket=$run/nbd.sock"
-echo "\$ nbdinfo '$uri'"
-nbdinfo "$uri" | sed 's/^/    /'
+step "initial sync: alpha's data is declared the valid copy; beta becomes SyncTarget"
+on alpha primary --force r0
+watch_sync beta
 
-step "a real client: nbdfuse exposes the export as a file, losetup makes it a block device"
-nbdfuse "$work/fuse/disk" "$uri" &
-fuse_pid=$!
-for _ in $(seq 100); do [[ -s $work/fuse/disk ]] && break; sleep 0.1; done
-loop=$(losetup -f --show "$work/fuse/disk")
-echo "loop device: $loop"
+step "ext4 on alpha's export; write files and record their sha256"
+fuse_up alpha
+run alpha mkfs.ext4 -q "$loop"
+run alpha mount "$loop" "$mnt"
+mkdir -p "$mnt/blobs" "$mnt/notes"
+echo "alpha# (write 8 random 4 MiB blobs and 200 small notes into $mnt)"
+for i in $(seq 1 8); do head -c 4M /dev/urandom >"$mnt/blobs/blob-$i"; done
+for i in $(seq 1 200); do echo "note $i written on alpha at $(date -Is)" >"$mnt/notes/note-$i.txt"; done
+record() { (cd "$mnt" && find blobs notes -type f -print0 | sort -z | xargs -0 sha256sum) >"$work/files.sha256"; }
+record
+echo "    $(wc -l <"$work/files.sha256") files, $(du -sh "$mnt" | cut -f1) in $mnt"
+run alpha sync
+on alpha status r0
 
-step "mkfs.ext4 and mount"
-mkfs.ext4 -q -F "$loop"
-mount "$loop" "$work/mnt"
-df -h "$work/mnt" | sed 's/^/    /'
+step "beta disconnects; alpha writes on and counts the blocks beta misses (oos:)"
+on beta disconnect r0
+echo "alpha# (write 12 more 4 MiB blobs)"
+for i in $(seq 9 20); do head -c 4M /dev/urandom >"$mnt/blobs/blob-$i"; done
+record
+run alpha sync
+status alpha
 
-step "write files, sync, drop the page cache, read them back"
-head -c 32M /dev/urandom >"$work/payload.bin"
-cp "$work/payload.bin" "$work/mnt/"
-for i in $(seq 1 100); do echo "file $i" >"$work/mnt/note-$i.txt"; done
-sync
-echo 3 >/proc/sys/vm/drop_caches
-cmp "$work/payload.bin" "$work/mnt/payload.bin" && echo "payload.bin: identical after the round trip"
-[[ $(cat "$work/mnt/note-42.txt") == "file 42" ]] && echo "100 small files: read back"
+step "beta reconnects: only the blocks marked out of sync are resynchronised"
+on beta connect r0
+on beta wait-connect --timeout 30s r0
+watch_sync beta
+on alpha status r0
 
-step "the status file ($run/status, /proc/drbd's layout) and nbdmirror status"
-echo "\$ cat $run/status"
-sed 's/^/    /' "$run/status"
-show status --statistics r0
+step "planned switchover: alpha lets go, beta becomes Primary and mounts the same file system"
+fuse_down alpha
+demote alpha
+on beta primary r0
+fuse_up beta
+run beta mount "$loop" "$mnt"
+echo "beta# (cd $mnt && sha256sum -c --quiet files.sha256)"
+(cd "$mnt" && sha256sum -c --quiet "$work/files.sha256")
+echo "    OK: all $(wc -l <"$work/files.sha256") files read back on beta with the sha256 recorded on alpha"
+on beta status r0
 
-step "secondary is refused while the file system is mounted (exit 20)"
-echo "\$ nbdmirror secondary r0"
-code=0
-nbdm secondary r0 >"$work/secondary.out" 2>&1 || code=$?
-sed 's/^/    /' "$work/secondary.out"
-echo "    (exit $code)"
-[[ $code == 20 ]] || { echo "demo: secondary was not refused while mounted" >&2; exit 1; }
-
-step "unmount and check the file system; the NBD client leaves"
-umount "$work/mnt"
-e2fsck -fn "$loop" | tail -1
-losetup -d "$loop"; loop=
-fusermount3 -u "$work/fuse"; wait "$fuse_pid" || true; fuse_pid=
-
-step "secondary (once the client has disconnected), then down: the bitmap is written, the metadata clean"
-for _ in $(seq 100); do nbdm secondary r0 2>/dev/null && break; sleep 0.1; done
-show role r0
-show down r0
-show status r0
-
-step "stop the daemon (SIGTERM: finish in-flight requests, flush, mark the metadata clean, exit)"
-kill "$daemon_pid"; wait "$daemon_pid"; daemon_pid=
-sed 's/^/    /' "$work/daemon.log"
-show dump-md r0
+step "shut down: beta lets go, r0 down on both, daemons stopped; compare the two disks"
+fuse_down beta
+demote beta
+size=$(nbdm beta status --json r0 | grep -o '"size_bytes": *[0-9]*' | grep -o '[0-9]*$')
+echo "    data area: $size bytes (status --json: size_bytes)"
+on beta down r0
+on alpha down r0
+for n in alpha beta; do
+	pid=${n}_pid
+	run "$n" kill "${!pid}"; wait "${!pid}"; printf -v "$pid" %s ""
+done
+a=$(head -c "$size" "$work/alpha/disk.img" | sha256sum | cut -d' ' -f1)
+b=$(head -c "$size" "$work/beta/disk.img" | sha256sum | cut -d' ' -f1)
+echo "alpha# head -c $size disk.img | sha256sum"; echo "    $a"
+echo "beta#  head -c $size disk.img | sha256sum"; echo "    $b"
+[[ $a == "$b" ]] || { echo "demo: the disks differ" >&2; exit 1; }
+echo "    disks equal"
 echo
 echo "demo finished: nothing left running or mounted"

@@ -179,7 +179,8 @@
 //	offset size field
 //	0      1    version: 1
 //	1      1    code: 1 invalidate, 2 invalidate-remote, 3 verify start,
-//	            4 pause sync, 5 resume sync, 6 resync done, 7 verify done
+//	            4 pause sync, 5 resume sync, 6 resync done, 7 verify done,
+//	            8 ahead (the receiver is Behind)
 //	2      8    argument: first block (3), blocks not synced (6),
 //	            differing blocks (7); 0 otherwise (not checked)
 package wire

@@ -229,7 +229,7 @@ func decodeSyncUUID(p []byte) (Message, error) {
 // Command is an admin request or a resync control between the peers
 // (Data stream).
 type Command struct {
-	Code uint8  // CmdInvalidate … CmdVerifyDone
+	Code uint8  // CmdInvalidate … CmdAhead
 	Arg  uint64 // see the codes; zero for those without an argument
 }
 
@@ -253,6 +253,10 @@ const (
 	// CmdVerifyDone: the verify finished; Arg is the number of differing
 	// blocks found.
 	CmdVerifyDone = 7
+	// CmdAhead: the sender is Ahead (on-congestion pull-ahead): it no
+	// longer replicates writes but sends OutOfSync for them; the receiver
+	// is Behind, its disk Outdated, until a resync brings it up to date.
+	CmdAhead = 8
 )
 
 // Type returns TypeCommand.
@@ -266,7 +270,7 @@ func (m Command) Append(dst []byte) []byte {
 // Validate reports the first field that Decode would reject. Arg is not
 // checked: the replicator gives it its meaning.
 func (m Command) Validate() error {
-	if m.Code < CmdInvalidate || m.Code > CmdVerifyDone {
+	if m.Code < CmdInvalidate || m.Code > CmdAhead {
 		return malformed("Command", "code %d unknown", m.Code)
 	}
 	return nil

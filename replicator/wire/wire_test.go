@@ -74,6 +74,7 @@ func samples() []sample {
 		{"command", Command{Code: CmdResyncDone, Arg: 42}},
 		{"command-invalidate", Command{Code: CmdInvalidate}},
 		{"command-verify-done", Command{Code: CmdVerifyDone, Arg: math.MaxUint64}},
+		{"command-ahead", Command{Code: CmdAhead}},
 	}
 }
 
@@ -347,7 +348,7 @@ func malformedCases() []bad {
 		enc("out-of-sync-overflow", OutOfSync{Offset: math.MaxUint64 &^ 4095, Length: 4096}, "offset 18446744073709547520 + length 4096 overflows"),
 
 		enc("command-0", Command{}, "Command: code 0 unknown"),
-		enc("command-8", Command{Code: 8}, "Command: code 8 unknown"),
+		enc("command-9", Command{Code: 9}, "Command: code 9 unknown"),
 		enc("command-255", Command{Code: 255, Arg: 1}, "Command: code 255 unknown"),
 	)
 	return cases

@@ -1,0 +1,121 @@
+//go:build integration
+
+package integration
+
+// The sequence writer (reference/testing.md §5): one write at a time, each
+// a 4 KiB block holding (magic, seq, offset, filler, crc), logged when it
+// is acknowledged. Its checker finds the largest seq S present on a
+// replica and asserts that every block written holds the last write with
+// seq ≤ S that touched it: the replica is a consistent prefix of the
+// writes (what a Secondary must be, protocol A included).
+
+import (
+	binenc "encoding/binary"
+	"hash/crc32"
+	"math/rand/v2"
+	"os"
+	"sync"
+	"testing"
+)
+
+const seqMagic = "NBMSEQ01"
+
+type seqWriter struct {
+	t      *testing.T
+	span   int64 // blocks are written in [0, span)
+	rng    *rand.Rand
+	mu     sync.Mutex
+	issued []int64 // offset of write seq i+1
+	acked  uint64  // highest acknowledged seq
+}
+
+func newSeqWriter(t *testing.T, span int64) *seqWriter {
+	return &seqWriter{t: t, span: span, rng: rand.New(rand.NewPCG(1, 2))}
+}
+
+// block returns write seq's 4 KiB block for offset off.
+func seqBlock(seq uint64, off int64) []byte {
+	b := make([]byte, 4096)
+	copy(b, seqMagic)
+	binenc.BigEndian.PutUint64(b[8:], seq)
+	binenc.BigEndian.PutUint64(b[16:], uint64(off))
+	for i := 24; i < 4092; i += 8 {
+		binenc.BigEndian.PutUint64(b[i:], seq*0x9E3779B97F4A7C15^uint64(i))
+	}
+	binenc.BigEndian.PutUint32(b[4092:], crc32.ChecksumIEEE(b[:4092]))
+	return b
+}
+
+// parseSeq returns the seq a block holds (0: not a sequence block).
+func parseSeq(b []byte, off int64) uint64 {
+	if string(b[:8]) != seqMagic || binenc.BigEndian.Uint32(b[4092:]) != crc32.ChecksumIEEE(b[:4092]) ||
+		int64(binenc.BigEndian.Uint64(b[16:])) != off {
+		return 0
+	}
+	return binenc.BigEndian.Uint64(b[8:])
+}
+
+// run writes n blocks (n < 0: until the connection fails) through node's
+// export and returns how many were acknowledged.
+func (w *seqWriter) run(n *rnode, count int) uint64 {
+	rc, err := dialNBDErr(n.sock(), "r0")
+	if err != nil {
+		w.t.Fatalf("sequence writer: %v", err)
+	}
+	defer rc.c.Close()
+	for i := 0; count < 0 || i < count; i++ {
+		w.mu.Lock()
+		seq := uint64(len(w.issued) + 1)
+		off := w.rng.Int64N(w.span/4096) * 4096
+		w.issued = append(w.issued, off)
+		w.mu.Unlock()
+		if err := rc.writeErr(seq, off, seqBlock(seq, off)); err != nil {
+			break
+		}
+		w.mu.Lock()
+		w.acked = seq
+		w.mu.Unlock()
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.acked
+}
+
+// check reads the node's disk and asserts the consistent prefix; it
+// returns S, the largest seq present.
+func (w *seqWriter) check(n *rnode) uint64 {
+	w.t.Helper()
+	f, err := os.Open(n.disk)
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	defer f.Close()
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	got := map[int64]uint64{}
+	var s uint64
+	buf := make([]byte, 4096)
+	for _, off := range w.issued {
+		if _, ok := got[off]; ok {
+			continue
+		}
+		if _, err := f.ReadAt(buf, off); err != nil {
+			w.t.Fatal(err)
+		}
+		seq := parseSeq(buf, off)
+		got[off] = seq
+		s = max(s, seq)
+	}
+	want := map[int64]uint64{}
+	for i, off := range w.issued {
+		if seq := uint64(i + 1); seq <= s {
+			want[off] = seq
+		}
+	}
+	for off, seq := range got {
+		if want[off] != seq {
+			w.t.Errorf("%s: block at %d holds write %d, but the prefix up to write %d says %d", n.name, off, seq, s, want[off])
+		}
+	}
+	return s
+}
