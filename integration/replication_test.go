@@ -152,21 +152,31 @@ func TestReplication_SplitBrain(t *testing.T) {
 	}
 }
 
-// TestReplication_Failover (P10, P11 start): alpha crashes while Primary;
-// beta is promoted and written to; alpha comes back, joins as SyncTarget
-// and ends with beta's data.
+// TestReplication_Failover (protocol C): alpha crashes while Primary
+// under a sequence writer; beta, promoted, holds every acknowledged
+// write; beta is written to; alpha comes back, joins as SyncTarget and
+// ends with beta's data.
 func TestReplication_Failover(t *testing.T) {
 	c := newCluster(t, 64*mib, "net { protocol C; } disk { c-plan-ahead 0; resync-rate 500M; }")
 	c.initialSync()
-	data := make([]byte, 256<<10)
-	rand.Read(data)
-	c.alpha.writeAt(4*mib, data)
+	w := newSeqWriter(t, 32*mib)
+	done := make(chan uint64, 1)
+	go func() { done <- w.run(c.alpha, -1) }()
+	eventually(t, time.Minute, "200 acknowledged writes", func() (bool, string) {
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		return w.acked >= 200, fmt.Sprint(w.acked)
+	})
 	c.alpha.kill()
+	acked := <-done
 	c.beta.waitState(time.Minute, "WFConnection", "UpToDate", "DUnknown")
+	if s := w.check(c.beta); s < acked {
+		t.Fatalf("protocol C: beta holds writes up to %d, %d were acknowledged", s, acked)
+	}
 	c.beta.must("primary", "r0")
 	more := make([]byte, 128<<10)
 	rand.Read(more)
-	c.beta.writeAt(20*mib, more)
+	c.beta.writeAt(40*mib, more)
 	c.alpha.start()
 	c.alpha.must("up", "r0")
 	c.alpha.must("wait-connect", "--timeout", "60s", "r0")
@@ -366,6 +376,184 @@ func TestReplication_ResyncRate(t *testing.T) {
 	t.Logf("6 MiB resynced in %v: %.3f MiB/s", end.Sub(start), rate)
 	if rate < 0.9 || rate > 1.1 {
 		t.Errorf("resync at %.3f MiB/s with resync-rate 1M, want 1 ± 10 %%", rate)
+	}
+	c.alpha.demote()
+	c.sameData()
+}
+
+// TestReplication_ResyncInterrupted (P8): a resync of 16 MiB at 4 MiB/s
+// is interrupted by a disconnect, a kill -9 of the SyncTarget and a
+// silent partition; each time it resumes where its last commit left it
+// instead of starting again, and the disks end equal.
+func TestReplication_ResyncInterrupted(t *testing.T) {
+	c := newCluster(t, 64*mib, "net { protocol C; } disk { c-plan-ahead 0; resync-rate 4M; }")
+	c.upBoth()
+	c.alpha.must("new-current-uuid", "--clear-bitmap", "r0")
+	c.beta.waitState(30*time.Second, "Connected", "UpToDate", "UpToDate")
+	c.alpha.must("primary", "r0")
+	c.dataSize = c.alpha.status().SizeBytes
+	c.beta.must("disconnect", "r0")
+	const total = 16 * mib
+	data := make([]byte, total)
+	rand.Read(data)
+	c.alpha.writeAt(4*mib, data)
+	c.beta.must("connect", "r0")
+	left := uint64(total)
+	// waitProgress waits until the target has less than below left.
+	waitProgress := func(below uint64) uint64 {
+		t.Helper()
+		var st rstatus
+		eventually(t, time.Minute, fmt.Sprintf("beta below %d bytes out of sync", below), func() (bool, string) {
+			st = c.beta.status()
+			return st.CState == "SyncTarget" && st.OutOfSyncBytes < below, fmt.Sprintf("%+v", st)
+		})
+		return st.OutOfSyncBytes
+	}
+	// resumed checks the target's bitmap after an interruption: the work
+	// committed before it is not redone (one commit of slack).
+	resumed := func(how string, before uint64) {
+		t.Helper()
+		after := c.beta.status().OutOfSyncBytes
+		t.Logf("%s: %d bytes left before, %d after", how, before, after)
+		if after > before+3*mib || after >= total {
+			t.Fatalf("%s: the resync restarted: %d bytes out of sync on beta, %d before", how, after, before)
+		}
+	}
+	for _, step := range []struct {
+		name string
+		cut  func()
+		heal func()
+	}{
+		{"disconnect", func() { c.beta.must("disconnect", "r0") }, func() { c.beta.must("connect", "r0") }},
+		{"kill -9 of the SyncTarget", func() { c.beta.kill() }, func() {
+			c.beta.start()
+			c.beta.must("up", "r0")
+		}},
+		{"silent partition", func() {
+			c.h.nft(c.h.nsB, fmt.Sprintf(`add chain inet chaos in { type filter hook input priority 0; policy accept; }
+				add chain inet chaos out { type filter hook output priority 0; policy accept; }
+				add rule inet chaos in ip saddr %s drop
+				add rule inet chaos out ip daddr %s drop`, c.h.ipA, c.h.ipA))
+			c.alpha.waitState(time.Minute, "WFConnection", "", "")
+			c.beta.waitState(time.Minute, "WFConnection", "", "")
+		}, func() { c.h.heal(c.h.nsB) }},
+	} {
+		left = waitProgress(left - 2*mib)
+		step.cut()
+		if step.name != "silent partition" {
+			c.alpha.waitState(time.Minute, "WFConnection", "", "")
+		}
+		step.heal()
+		resumed(step.name, left)
+		c.beta.must("wait-connect", "--timeout", "60s", "r0")
+	}
+	c.beta.must("wait-sync", "--timeout", "2m", "r0")
+	c.beta.waitState(time.Minute, "Connected", "UpToDate", "UpToDate")
+	c.alpha.demote()
+	c.sameData()
+}
+
+// TestReplication_CrashRestart (P9): the Primary's daemon is killed under
+// a sequence writer and restarted: it keeps every acknowledged write, and
+// the resync to beta covers only what its activity log held.
+func TestReplication_CrashRestart(t *testing.T) {
+	const alExtents = 7
+	c := newCluster(t, 64*mib, fmt.Sprintf("net { protocol A; } disk { al-extents %d; c-plan-ahead 0; resync-rate 500M; }", alExtents))
+	c.initialSync()
+	w := newSeqWriter(t, 48*mib)
+	done := make(chan uint64, 1)
+	go func() { done <- w.run(c.alpha, -1) }()
+	eventually(t, time.Minute, "300 acknowledged writes", func() (bool, string) {
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		return w.acked >= 300, fmt.Sprint(w.acked)
+	})
+	c.alpha.kill()
+	acked := <-done
+	c.alpha.start()
+	c.alpha.must("up", "r0")
+	if s := w.check(c.alpha); s < acked {
+		t.Fatalf("alpha holds writes up to %d after the restart, %d were acknowledged", s, acked)
+	}
+	before := c.beta.status().Counters.DW
+	c.alpha.must("wait-connect", "--timeout", "60s", "r0")
+	c.beta.must("wait-sync", "--timeout", "2m", "r0")
+	c.beta.waitState(time.Minute, "Connected", "UpToDate", "UpToDate")
+	resynced := (c.beta.status().Counters.DW - before) * 1024
+	t.Logf("resync after the crash: %d bytes (al-extents %d = %d bytes)", resynced, alExtents, alExtents*extentSize)
+	if resynced > alExtents*extentSize {
+		t.Errorf("the resync after the crash moved %d bytes, more than the activity log covers", resynced)
+	}
+	c.sameData()
+	if s := w.check(c.beta); s < acked {
+		t.Errorf("beta holds writes up to %d after the resync, %d were acknowledged", s, acked)
+	}
+}
+
+// TestReplication_ChecksumResync (P6): with csums-alg, a resync of 24 MiB
+// rewritten with identical data plus 1 MiB of new data over a 4 Mbit/s
+// link moves about 1 MiB: it finishes in a time only possible if the
+// identical blocks were skipped.
+func TestReplication_ChecksumResync(t *testing.T) {
+	c := newCluster(t, 64*mib, "net { protocol A; csums-alg sha256; } disk { c-plan-ahead 0; resync-rate 500M; }")
+	c.upBoth()
+	c.alpha.must("new-current-uuid", "--clear-bitmap", "r0")
+	c.beta.waitState(30*time.Second, "Connected", "UpToDate", "UpToDate")
+	c.alpha.must("primary", "r0")
+	c.dataSize = c.alpha.status().SizeBytes
+	c.beta.must("disconnect", "r0")
+	c.alpha.writeAt(8*mib, make([]byte, 24*mib)) // zeros over zeros: identical
+	fresh := make([]byte, mib)
+	rand.Read(fresh)
+	c.alpha.writeAt(40*mib, fresh)
+	if st := c.alpha.status(); st.OutOfSyncBytes != 25*mib {
+		t.Fatalf("alpha marks %d bytes, want 25 MiB", st.OutOfSyncBytes)
+	}
+	c.h.in(c.h.nsA, "tc", "qdisc", "add", "dev", c.h.devA, "root", "tbf", "rate", "4mbit", "burst", "32kb", "latency", "200ms")
+	sent := c.alpha.status().Counters.NS
+	start := time.Now()
+	c.beta.must("connect", "r0")
+	c.beta.must("wait-connect", "--timeout", "60s", "r0")
+	// 25 MiB at 4 Mbit/s would take 52 s.
+	c.beta.must("wait-sync", "--timeout", "25s", "r0")
+	c.beta.waitState(time.Minute, "Connected", "UpToDate", "UpToDate")
+	wire := (c.alpha.status().Counters.NS - sent) * 1024
+	t.Logf("csums resync of 25 MiB marked (1 MiB different) in %v, %d bytes sent", time.Since(start), wire)
+	if wire > 2*mib || wire < mib {
+		t.Errorf("alpha sent %d bytes in the csums resync, want about 1 MiB", wire)
+	}
+	c.alpha.demote()
+	c.sameData()
+}
+
+// TestReplication_PullAhead: on-congestion pull-ahead over a 1 Mbit/s
+// link: alpha goes Ahead (beta Behind, Outdated) instead of slowing the
+// writer, then once the link drains a resync brings beta back.
+func TestReplication_PullAhead(t *testing.T) {
+	c := newCluster(t, 64*mib, "net { protocol A; on-congestion pull-ahead; congestion-fill 256k; sndbuf-size 128k; } disk { c-plan-ahead 0; resync-rate 500M; }")
+	c.upBoth()
+	c.alpha.must("new-current-uuid", "--clear-bitmap", "r0")
+	c.beta.waitState(30*time.Second, "Connected", "UpToDate", "UpToDate")
+	c.alpha.must("primary", "r0")
+	c.dataSize = c.alpha.status().SizeBytes
+	c.h.in(c.h.nsA, "tc", "qdisc", "add", "dev", c.h.devA, "root", "tbf", "rate", "1mbit", "burst", "10kb", "latency", "400ms")
+	start := time.Now()
+	for i := range 8 {
+		chunk := make([]byte, mib)
+		rand.Read(chunk)
+		c.alpha.writeAt(int64(i)*mib, chunk)
+	}
+	t.Logf("8 MiB written in %v over a 1 Mbit/s link", time.Since(start))
+	if !strings.Contains(c.alpha.d.out.String(), "Congestion-fill threshold reached") {
+		t.Fatalf("alpha never went Ahead")
+	}
+	c.h.in(c.h.nsA, "tc", "qdisc", "del", "dev", c.h.devA, "root")
+	c.beta.waitState(2*time.Minute, "Connected", "UpToDate", "UpToDate")
+	c.alpha.waitState(time.Minute, "Connected", "UpToDate", "UpToDate")
+	for _, l := range []string{"conn( Connected -> Behind )", "disk( UpToDate -> Outdated )", "resync starting as SyncTarget"} {
+		if !strings.Contains(c.beta.d.out.String(), l) {
+			t.Errorf("beta's log lacks %q", l)
+		}
 	}
 	c.alpha.demote()
 	c.sameData()

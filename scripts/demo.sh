@@ -84,7 +84,7 @@ cleanup() {
 			echo "--- $n daemon log (last 30 lines)"; tail -n 30 "$work/$n/daemon.log"
 		fi
 	done
-	rm -rf "$work"
+	cp -r "$work" /tmp/demo-debug-last; rm -rf "$work"
 	((rc == 0)) || echo "demo FAILED (exit $rc)" >&2
 }
 trap cleanup EXIT
@@ -110,7 +110,7 @@ on beta create-md r0
 step "start both daemons (logs in $work/NODE/daemon.log), bring r0 up, wait for the connection"
 for n in alpha beta; do
 	echo "$n# nbdmirror daemon 2>$work/$n/daemon.log &"
-	nbdm "$n" daemon 2>"$work/$n/daemon.log" &
+	"$bin" --config "$conf" --node "$n" --run-dir "$work/$n/run" daemon 2>"$work/$n/daemon.log" &
 	printf -v "${n}_pid" %s $!
 done
 for _ in $(seq 100); do [[ -S $work/alpha/run/control.sock && -S $work/beta/run/control.sock ]] && break; sleep 0.1; done
