@@ -558,3 +558,36 @@ func TestReplication_PullAhead(t *testing.T) {
 	c.alpha.demote()
 	c.sameData()
 }
+
+// TestReplication_ResyncUnderLoad (P7): beta invalidates itself (a full
+// resync from alpha) while fio writes on alpha; the resync completes, the
+// disks end equal, and fio verifies its data through beta after a
+// switchover.
+func TestReplication_ResyncUnderLoad(t *testing.T) {
+	need(t, "fio")
+	c := newCluster(t, 64*mib, "net { protocol A; } disk { c-plan-ahead 0; resync-rate 20M; }")
+	c.initialSync()
+	fioDir := t.TempDir()
+	job := []string{"--name=p7", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--size=48m", "--offset=8m",
+		"--randseed=7", "--verify=crc32c", "--iodepth=8", "--number_ios=8000", "--verify_state_save=0"}
+	f := startIn(t, fioDir, "fio", append(job, "--uri="+c.alpha.uri(), "--do_verify=0", "--rate_iops=2000")...)
+	eventually(t, time.Minute, "fio writing", func() (bool, string) {
+		st := c.alpha.status()
+		return st.Counters.DW > 1024, fmt.Sprint(st.Counters.DW)
+	})
+	c.beta.must("invalidate", "r0")
+	c.beta.waitState(time.Minute, "SyncTarget", "Inconsistent", "")
+	if err := f.wait(3 * time.Minute); err != nil {
+		t.Fatalf("fio: %v\n%s", err, f.out.String())
+	}
+	if st := c.beta.status(); st.Counters.DW < 60*1024 {
+		t.Errorf("beta wrote only %d KiB: the full resync did not run", st.Counters.DW)
+	}
+	c.beta.must("wait-sync", "--timeout", "2m", "r0")
+	c.beta.waitState(time.Minute, "Connected", "UpToDate", "UpToDate")
+	c.alpha.demote()
+	c.sameData()
+	c.beta.must("primary", "r0")
+	run(t, 3*time.Minute, "fio", append(job, "--uri="+c.beta.uri(), "--verify_only")...)
+	c.beta.demote()
+}
