@@ -11,10 +11,13 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/urfave/cli/v2"
+	"golang.org/x/sys/unix"
 
 	"github.com/nbdmirror/nbdmirror/replicator"
 )
@@ -301,9 +304,88 @@ func (m *Main) wait(c *cli.Context) error {
 	} else if d < 0 {
 		return failf(ExitUsage, "nbdmirror %s: --timeout must not be negative", c.Command.Name)
 	}
+	if what == "sync" {
+		stop := m.showProgress(c, res)
+		defer stop()
+	}
 	resp, err := m.client(c).do(c.Context, http.MethodGet, "/wait?"+q.Encode(), nil)
 	if err != nil {
 		return err
 	}
 	return m.results(resp)
+}
+
+// showProgress prints the resync progress of res while wait-sync waits:
+// on a terminal one line redrawn every second with a bar, otherwise a
+// plain line every 5 seconds. The returned stop ends it.
+func (m *Main) showProgress(c *cli.Context, res string) (stop func()) {
+	tty := isTerminal(m.Stdout)
+	every := 5 * time.Second
+	if tty {
+		every = time.Second
+	}
+	done := make(chan struct{})
+	finished := make(chan struct{})
+	go func() {
+		defer close(finished)
+		drawn := false
+		t := time.NewTicker(every)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				if drawn {
+					fmt.Fprintln(m.Stdout)
+				}
+				return
+			case <-t.C:
+			}
+			st, err := m.statusJSON(c, res)
+			if err != nil {
+				continue
+			}
+			for _, s := range st {
+				if s.Resync == nil {
+					continue
+				}
+				line := progressLine(s)
+				if tty {
+					fmt.Fprintf(m.Stdout, "\r%s\x1b[K", line)
+					drawn = true
+				} else {
+					fmt.Fprintln(m.Stdout, line)
+				}
+			}
+		}
+	}()
+	return func() {
+		close(done)
+		<-finished
+	}
+}
+
+// progressLine is "r0 SyncTarget [=====>..............] 27.5% 93 MiB left
+// at 41.2 MiB/s, finish 0:00:02".
+func progressLine(s replicator.StatusJSON) string {
+	r := s.Resync
+	const width = 20
+	n := int(r.Percent / 100 * width)
+	bar := strings.Repeat("=", n) + ">" + strings.Repeat(".", width-n)
+	finish := "∞"
+	if r.SpeedBytesPerSecond > 0 {
+		e := r.ETASeconds
+		finish = fmt.Sprintf("%d:%02d:%02d", e/3600, e%3600/60, e%60)
+	}
+	return fmt.Sprintf("%s %s [%s] %.1f%% %.1f MiB left at %.1f MiB/s, finish %s", s.Name, s.CState, bar[:width+1],
+		r.Percent, float64(r.RemainingBytes)/(1<<20), float64(r.SpeedBytesPerSecond)/(1<<20), finish)
+}
+
+// isTerminal reports whether w is a terminal.
+func isTerminal(w io.Writer) bool {
+	f, ok := w.(*os.File)
+	if !ok {
+		return false
+	}
+	_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
+	return err == nil
 }
