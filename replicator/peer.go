@@ -61,7 +61,7 @@ const (
 func newPeer(r *Resource, s *transport.Session) *peer {
 	return &peer{r: r, s: s, md: r.md, dev: r.dev, log: r.log, recvLock: newRangeLock(), epoch: 1,
 		apply: make(chan struct{}, maxApply), serve: make(chan struct{}, maxServe),
-		tl: newTlog(r.md, s, r.cfg.Net.Protocol == 'C')}
+		tl: newTlog(r.md, s, r.cfg.Net.Protocol == 'C', r.cfg.Net.MaxEpochSize)}
 }
 
 // fail ends the session with err (the first error wins).
@@ -474,6 +474,8 @@ func (p *peer) receiveWrite(m wire.Write) error {
 		return protoErr("write from a peer that is not Primary")
 	case m.Epoch != p.epoch:
 		return protoErr("write in epoch %d, expected %d", m.Epoch, p.epoch)
+	case p.epWrites >= p.theirs.MaxEpoch:
+		return protoErr("epoch %d has more than the %d writes the peer's max-epoch-size allows", m.Epoch, p.theirs.MaxEpoch)
 	}
 	if err := p.checkRange("write", m.Offset, m.Length); err != nil {
 		return err

@@ -39,6 +39,8 @@ type tlog struct {
 	md   *metadisk.Meta
 	sess *transport.Session
 	ackC bool // protocol C: writes want a write ack
+	// maxEpoch closes an epoch at max-epoch-size writes.
+	maxEpoch int
 
 	// send orders the data stream: a write's epoch and sequence number are
 	// assigned and the frame sent under it, so frames leave in epoch order.
@@ -56,8 +58,11 @@ type tlog struct {
 	kick    chan struct{}
 }
 
-func newTlog(md *metadisk.Meta, s *transport.Session, protocolC bool) *tlog {
-	t := &tlog{md: md, sess: s, ackC: protocolC, bySeq: map[uint64]*tlEntry{}, kick: make(chan struct{}, 1)}
+func newTlog(md *metadisk.Meta, s *transport.Session, protocolC bool, maxEpoch int) *tlog {
+	if maxEpoch <= 0 {
+		maxEpoch = 2048
+	}
+	t := &tlog{md: md, sess: s, ackC: protocolC, maxEpoch: maxEpoch, bySeq: map[uint64]*tlEntry{}, kick: make(chan struct{}, 1)}
 	t.epochs = []*tlEpoch{{num: 1, done: make(chan struct{})}}
 	return t
 }
@@ -90,7 +95,7 @@ func (t *tlog) submit(off, n int64, span metadisk.Span, kind uint8, fua bool, da
 	}
 	var barrier wire.Barrier
 	var sendBarrier bool
-	if t.closing {
+	if t.closing || len(t.open().entries) >= t.maxEpoch {
 		barrier, _, sendBarrier = t.closeEpoch(false)
 	}
 	t.seq++
@@ -145,8 +150,9 @@ func (t *tlog) completed(e *tlEntry) {
 }
 
 // barrierNow closes the open epoch (with force even when empty) and sends
-// its barrier; it returns a channel closed when the barrier is acked or
-// the session ends, nil if there was nothing to close.
+// its barrier; it returns a channel closed when every write logged so far
+// is barrier-acked (barriers are acked in order) or the session ends, nil
+// if nothing is waiting for an ack.
 func (t *tlog) barrierNow(force bool) <-chan struct{} {
 	t.send.Lock()
 	defer t.send.Unlock()
@@ -156,10 +162,16 @@ func (t *tlog) barrierNow(force bool) <-chan struct{} {
 		return nil
 	}
 	b, ep, ok := t.closeEpoch(force)
-	t.mu.Unlock()
 	if !ok {
-		return nil
+		// Nothing open: wait for the newest closed epoch, if any.
+		var done <-chan struct{}
+		if n := len(t.epochs); n >= 2 {
+			done = t.epochs[n-2].done
+		}
+		t.mu.Unlock()
+		return done
 	}
+	t.mu.Unlock()
 	t.sess.Send(transport.Data, wire.TypeBarrier, wire.Encode(b))
 	return ep.done
 }

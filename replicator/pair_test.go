@@ -1,0 +1,238 @@
+package replicator
+
+import (
+	"bytes"
+	"crypto/rand"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"testing/fstest"
+	"time"
+
+	"github.com/nbdmirror/nbdmirror/metadisk"
+	"github.com/nbdmirror/nbdmirror/replicator/config"
+)
+
+// pair is two resources r0, alpha and beta, in this process, each over a
+// 32 MiB file with internal metadata, linked over loopback TCP.
+type pair struct {
+	t           *testing.T
+	alpha, beta *Resource
+	disks       [2]string
+	logs        [2]*logBuf
+}
+
+func freePort(t *testing.T) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+func newPair(t *testing.T, opts string) *pair {
+	t.Helper()
+	dir := t.TempDir()
+	p := &pair{t: t}
+	for i := range p.disks {
+		p.disks[i] = filepath.Join(dir, fmt.Sprintf("d%d", i))
+		if err := os.WriteFile(p.disks[i], nil, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Truncate(p.disks[i], 32<<20); err != nil {
+			t.Fatal(err)
+		}
+	}
+	src := fmt.Sprintf(`resource r0 { %s
+  on alpha { disk %s; meta-disk internal; address 127.0.0.1:%d; }
+  on beta { disk %s; meta-disk internal; address 127.0.0.1:%d; } }`, opts, p.disks[0], freePort(t), p.disks[1], freePort(t))
+	c, err := config.Parse(fstest.MapFS{"r.conf": {Data: []byte(src)}}, "r.conf", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := c.Resources[0]
+	for i, node := range []string{"alpha", "beta"} {
+		host, _ := cfg.Host(node)
+		dev, err := OpenMetaDevice(host, true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = metadisk.Create(dev.File, dev.Layout, node, "r0", false, metadisk.Options{})
+		dev.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		p.logs[i] = &logBuf{}
+		r, err := New(Options{Config: cfg, Node: node, Logger: slog.New(slog.NewTextHandler(p.logs[i], nil))})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := r.Attach(); err != nil {
+			t.Fatal(err)
+		}
+		if i == 0 {
+			p.alpha = r
+		} else {
+			p.beta = r
+		}
+	}
+	t.Cleanup(func() {
+		for i, r := range []*Resource{p.alpha, p.beta} {
+			if err := r.Stop(); err != nil {
+				t.Errorf("stop: %v", err)
+			}
+			if t.Failed() {
+				t.Logf("%s log:\n%s", []string{"alpha", "beta"}[i], p.logs[i].String())
+			}
+		}
+	})
+	return p
+}
+
+// wait waits until cond holds for r's snapshot.
+func (p *pair) wait(r *Resource, what string, cond func(Snapshot) bool) {
+	p.t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		s := r.Snapshot()
+		if cond(s) {
+			return
+		}
+		if time.Now().After(deadline) {
+			p.t.Fatalf("%s: %s not within 30s: %s %s/%s %s/%s", r.host.Name(), what, s.Conn, s.Disk, s.PeerDisk, s.Role, s.PeerRole)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func (p *pair) inSync() {
+	p.t.Helper()
+	for _, r := range []*Resource{p.alpha, p.beta} {
+		p.wait(r, "Connected UpToDate/UpToDate", func(s Snapshot) bool {
+			return s.Conn == Connected && s.Disk == UpToDate && s.PeerDisk == UpToDate
+		})
+	}
+}
+
+// same compares the data areas of both disks.
+func (p *pair) same() {
+	p.t.Helper()
+	size := p.alpha.Size()
+	var data [2][]byte
+	for i, d := range p.disks {
+		b, err := os.ReadFile(d)
+		if err != nil {
+			p.t.Fatal(err)
+		}
+		data[i] = b[:size]
+	}
+	if !bytes.Equal(data[0], data[1]) {
+		p.t.Fatalf("the disks differ")
+	}
+}
+
+// TestPair_Lifecycle: connect, full sync after primary --force, protocol
+// A/C writes of every kind, a disconnect with writes (bitmap resync of
+// exactly those), a switchover; the disks end equal.
+func TestPair_Lifecycle(t *testing.T) {
+	for _, proto := range []string{"A", "C"} {
+		t.Run("protocol "+proto, func(t *testing.T) {
+			p := newPair(t, fmt.Sprintf("net { protocol %s; } disk { c-plan-ahead 0; resync-rate 1G; }", proto))
+			for _, r := range []*Resource{p.alpha, p.beta} {
+				if err := r.Connect(false); err != nil {
+					t.Fatal(err)
+				}
+			}
+			p.wait(p.beta, "Connected", func(s Snapshot) bool { return s.Conn == Connected })
+			if err := p.alpha.Primary(true); err != nil {
+				t.Fatal(err)
+			}
+			p.inSync()
+			buf := make([]byte, 256<<10)
+			rand.Read(buf)
+			for _, w := range []func() error{
+				func() error { return p.alpha.WriteAt(buf, 1<<20, false) },
+				func() error { return p.alpha.WriteAt(buf[:4096], 9<<20, true) },
+				func() error { return p.alpha.WriteZeroes(1<<20, 8192, true, false) },
+				func() error { return p.alpha.Trim(2<<20, 65536, false) },
+				p.alpha.Flush,
+			} {
+				if err := w(); err != nil {
+					t.Fatal(err)
+				}
+			}
+			// Protocol C: the flush returned after the barrier ack, so nothing
+			// is pending; protocol A: pending writes are acked soon.
+			if proto == "C" {
+				if pe := p.alpha.Snapshot().Counters.PE; pe != 0 {
+					t.Fatalf("protocol C: %d writes not barrier-acked after a flush", pe)
+				}
+			}
+			p.wait(p.alpha, "every write barrier-acked", func(s Snapshot) bool { return s.Counters.PE == 0 })
+			if err := p.beta.Disconnect(); err != nil {
+				t.Fatal(err)
+			}
+			p.wait(p.alpha, "WFConnection", func(s Snapshot) bool { return s.Conn == WFConnection })
+			if err := p.alpha.WriteAt(buf, 20<<20, false); err != nil {
+				t.Fatal(err)
+			}
+			if got := p.alpha.Snapshot().OutOfSyncBytes; got != uint64(len(buf)) {
+				t.Fatalf("out of sync after a disconnected write: %d bytes, want %d", got, len(buf))
+			}
+			if err := p.beta.Connect(false); err != nil {
+				t.Fatal(err)
+			}
+			p.inSync()
+			if err := p.alpha.Secondary(); err != nil {
+				t.Fatal(err)
+			}
+			// The demotion is seen by beta before Secondary returns.
+			if err := p.beta.Primary(false); err != nil {
+				t.Fatal(err)
+			}
+			p.same()
+			if !strings.Contains(p.logs[1].String(), "resync starting as SyncTarget") {
+				t.Errorf("beta never was SyncTarget")
+			}
+		})
+	}
+}
+
+// TestPair_Refusals: the admin refusals that need a peer.
+func TestPair_Refusals(t *testing.T) {
+	p := newPair(t, "net { protocol C; } disk { c-plan-ahead 0; resync-rate 1G; }")
+	for _, r := range []*Resource{p.alpha, p.beta} {
+		if err := r.Connect(false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	stateErr(t, p.alpha.Connect(false), codeHasNetConfig, "(125) Device has a net-config (use disconnect first)")
+	p.wait(p.beta, "Connected", func(s Snapshot) bool { return s.Conn == Connected })
+	if err := p.alpha.Primary(true); err != nil {
+		t.Fatal(err)
+	}
+	p.inSync()
+	stateErr(t, p.beta.Primary(false), codeTwoPrimaries, "(-1) Multiple primaries not allowed by config")
+	stateErr(t, p.beta.NewCurrentUUID(false), codeNeedStandAloneF, "(151) Need to be StandAlone")
+	stateErr(t, p.alpha.Verify(), codeNoVerifyAlg, "(-14) Need a verify algorithm")
+	stateErr(t, p.alpha.Invalidate(true), codeNeedConnection, "(-15)")
+	stateErr(t, p.beta.InvalidateRemote(true), codeNeedConnection, "the peer is Primary")
+	if err := p.beta.PauseSync(); err != nil {
+		t.Fatal(err)
+	}
+	stateErr(t, p.beta.PauseSync(), codePauseSet, "(134) Sync-pause flag is already set")
+	if err := p.beta.ResumeSync(); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.alpha.Disconnect(); err != nil {
+		t.Fatal(err)
+	}
+	stateErr(t, p.alpha.Disconnect(), codeStandAlone, "(-9) Can not disconnect a StandAlone device")
+	stateErr(t, p.alpha.Connect(true), codeDiscardPrimary, "(123) --discard-my-data not allowed when primary.")
+}
