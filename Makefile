@@ -51,7 +51,7 @@ lint: ## gofmt and go vet (with and without the integration tag)
 bench: deps build ## benchmarks against qemu-nbd, nbdkit and nbd-server, and of the resource path; updates BENCHMARKS.md
 	./scripts/bench.sh
 
-demo: deps build ## one node: daemon, up, primary, ext4 through a real NBD client, status (root)
+demo: deps build ## two nodes on loopback: initial sync, ext4 on the Primary, disconnect and resync, switchover, disks compared (root)
 	./scripts/demo.sh
 
 clean: ## remove build output

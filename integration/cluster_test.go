@@ -255,6 +255,9 @@ func (c *cluster) initialSync() {
 // is recorded at the initial sync).
 func (c *cluster) sameData() {
 	c.t.Helper()
+	for _, n := range c.nodes() {
+		n.checkLog()
+	}
 	size := c.dataSize
 	a, b := c.alpha.dataHash(size), c.beta.dataHash(size)
 	if a != b {

@@ -36,6 +36,13 @@ func TestReplication_Baseline(t *testing.T) {
 				"--offset=16m", "--randseed=77", "--verify=crc32c", "--iodepth=16", "--number_ios=6000", "--verify_state_save=0"}
 			run(t, 3*time.Minute, "fio", append(job, "--uri="+c.alpha.uri(), "--do_verify=1",
 				"--output="+filepath.Join(fioDir, "w.txt"))...)
+			// A TRIM larger than one peer message (40 MiB) replicates in pieces.
+			rc := dialNBD(t, c.alpha.sock(), "r0")
+			rc.send(t, 4, 1, 82*mib, 40*mib, nil) // NBD_CMD_TRIM
+			if e := rc.reply(t, 1); e != 0 {
+				t.Fatalf("TRIM of 40 MiB: error %d", e)
+			}
+			rc.c.Close()
 			// Demotion returns only after beta has seen it (and every write).
 			c.alpha.demote()
 			c.sameData()

@@ -123,7 +123,9 @@ func (r *Resource) modify(off, length int64, kind uint8, data []byte, fua bool, 
 	maxSpan := int64(x.md.ALCapacity()) * bitmap.ExtentSize
 	var sent []*tlEntry
 	for length > 0 {
-		n := min(length, off-off%bitmap.ExtentSize+maxSpan-off)
+		// A piece fits the activity log and one peer message (a TRIM of
+		// the whole device is sent in 32 MiB pieces).
+		n := min(length, off-off%bitmap.ExtentSize+maxSpan-off, wire.MaxData)
 		span, err := x.md.BeginWrite(off, n)
 		if err != nil {
 			return fmt.Errorf("%s: activity log: %w", r.name, err) // EIO to the client

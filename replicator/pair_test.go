@@ -2,6 +2,7 @@ package replicator
 
 import (
 	"bytes"
+	"context"
 	"crypto/rand"
 	"fmt"
 	"log/slog"
@@ -15,6 +16,8 @@ import (
 
 	"github.com/nbdmirror/nbdmirror/metadisk"
 	"github.com/nbdmirror/nbdmirror/replicator/config"
+	"github.com/nbdmirror/nbdmirror/replicator/wire"
+	"github.com/nbdmirror/nbdmirror/transport"
 )
 
 // pair is two resources r0, alpha and beta, in this process, each over a
@@ -235,4 +238,126 @@ func TestPair_Refusals(t *testing.T) {
 	}
 	stateErr(t, p.alpha.Disconnect(), codeStandAlone, "(-9) Can not disconnect a StandAlone device")
 	stateErr(t, p.alpha.Connect(true), codeDiscardPrimary, "(123) --discard-my-data not allowed when primary.")
+}
+
+// fakePeer is beta spoken by the test itself over the real transport: it
+// completes the handshake with the given state and generations, then
+// sends whatever the test wants.
+type fakePeer struct {
+	tr *transport.Transport
+	s  *transport.Session
+}
+
+func newFakePeer(t *testing.T, p *pair, st wire.State) *fakePeer {
+	t.Helper()
+	cfg, err := p.beta.transportConfig()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr, err := transport.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := tr.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { tr.Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	s, err := tr.Next(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := &fakePeer{tr: tr, s: s}
+	sb := p.alpha.md.Superblock()
+	for _, m := range []wire.Message{
+		wire.Params{DiskSize: uint64(p.alpha.Size()), Size: uint64(p.alpha.Size()), Protocol: 'C', MaxEpoch: 2048},
+		st,
+		wire.UUIDs{Current: sb.UUIDs.Current &^ 1, Bitmap: sb.UUIDs.Bitmap, History: sb.UUIDs.History},
+	} {
+		f.send(t, m)
+	}
+	return f
+}
+
+func (f *fakePeer) send(t *testing.T, m wire.Message) {
+	t.Helper()
+	if err := f.s.Send(transport.Data, m.Type(), wire.Encode(m)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestPair_HostilePeer: messages a peer must not send in the state the
+// node is in end the session as a protocol error, and no write is applied.
+func TestPair_HostilePeer(t *testing.T) {
+	data := bytes.Repeat([]byte{0xAB}, 4096)
+	primary := wire.State{Role: uint8(RolePrimary), Disk: uint8(UpToDate)}
+	secondary := wire.State{Role: uint8(RoleSecondary), Disk: uint8(UpToDate)}
+	for _, tc := range []struct {
+		name  string
+		state wire.State
+		msgs  func(size uint64) []wire.Message
+		want  string
+	}{
+		{"write from a Secondary", secondary, func(uint64) []wire.Message {
+			return []wire.Message{wire.Write{Seq: 1, Epoch: 1, Offset: 0, Length: 4096, Data: data}}
+		}, "write from a peer that is not Primary"},
+		{"write past the end", primary, func(size uint64) []wire.Message {
+			return []wire.Message{wire.Write{Seq: 1, Epoch: 1, Offset: size, Length: 4096, Data: data}}
+		}, "past the end of the device"},
+		{"write in a future epoch", primary, func(uint64) []wire.Message {
+			return []wire.Message{wire.Write{Seq: 1, Epoch: 7, Offset: 0, Length: 4096, Data: data}}
+		}, "write in epoch 7, expected 1"},
+		{"barrier with a wrong count", primary, func(uint64) []wire.Message {
+			return []wire.Message{wire.Barrier{Epoch: 1, Writes: 3}}
+		}, "counts 3 writes, 0 arrived"},
+		{"resync data never asked for", primary, func(uint64) []wire.Message {
+			return []wire.Message{wire.ResyncReply{ID: 9, Offset: 0, Length: 4096, Status: wire.ReplyData, Data: data}}
+		}, "resync data while not SyncTarget"},
+		{"bitmap while Connected", primary, func(uint64) []wire.Message {
+			return []wire.Message{wire.Bitmap{Start: 0, Count: 1, Last: true, Runs: []uint64{0, 1}}}
+		}, "bitmap while Connected"},
+		{"handshake message again", primary, func(uint64) []wire.Message {
+			return []wire.Message{wire.Params{Protocol: 'C', MaxEpoch: 1}}
+		}, "message type 16 on the data stream"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := newPair(t, "net { protocol C; } disk { c-plan-ahead 0; resync-rate 1G; }")
+			if err := p.alpha.NewCurrentUUID(true); err != nil { // a generation of its own
+				t.Fatal(err)
+			}
+			p.alpha.md.UpdateSuperblock(func(sb *metadisk.Superblock) {
+				sb.Flags |= metadisk.FlagConsistent | metadisk.FlagWasUpToDate
+			})
+			// Attached again, the disk is UpToDate: the handshake then finds
+			// the fake peer's equal generation and goes Connected.
+			if err := p.alpha.Detach(); err != nil {
+				t.Fatal(err)
+			}
+			if err := p.alpha.Attach(); err != nil {
+				t.Fatal(err)
+			}
+			if err := p.alpha.Connect(false); err != nil {
+				t.Fatal(err)
+			}
+			f := newFakePeer(t, p, tc.state)
+			p.wait(p.alpha, "Connected", func(s Snapshot) bool { return s.Conn == Connected })
+			for _, m := range tc.msgs(uint64(p.alpha.Size())) {
+				f.send(t, m)
+			}
+			p.wait(p.alpha, "ProtocolError", func(Snapshot) bool {
+				return strings.Contains(p.logs[0].String(), "conn( Connected -> ProtocolError )")
+			})
+			if !strings.Contains(p.logs[0].String(), tc.want) {
+				t.Errorf("the log does not say %q", tc.want)
+			}
+			b, err := os.ReadFile(p.disks[0])
+			if err != nil {
+				t.Fatal(err)
+			}
+			if bytes.Contains(b, data[:64]) {
+				t.Errorf("the hostile peer's data reached the disk")
+			}
+		})
+	}
 }

@@ -259,7 +259,8 @@ func (d *daemon) handleEvents(w http.ResponseWriter, req *http.Request) {
 }
 
 // handleWait waits until every selected resource is connected (for =
-// connect) or has no resync running (for = sync), or the timeout passes.
+// connect) or connected with no resync running or due (for = sync), or the
+// timeout passes.
 func (d *daemon) handleWait(w http.ResponseWriter, req *http.Request) {
 	q := req.URL.Query()
 	rs, ok := d.resourcesFor(w, q.Get("res"))
@@ -270,22 +271,24 @@ func (d *daemon) handleWait(w http.ResponseWriter, req *http.Request) {
 	switch q.Get("for") {
 	case "connect":
 		done = func(s replicator.Snapshot) bool { return s.Conn >= replicator.Connected }
-		if q.Get("timeout") == "" { // StandAlone does not try: waiting for ever would hang
-			for _, r := range rs {
-				if s := r.Snapshot(); s.Conn == replicator.StandAlone {
-					writeJSON(w, http.StatusOK, verbResponse{Results: []verbResult{{Resource: r.Name(), Code: ExitRefused,
-						Error: r.Name() + ": StandAlone: it is not trying to connect, so there is nothing to wait for"}}})
-					return
-				}
-			}
-		}
 	case "sync":
+		// As drbdadm's: connected, and no resync running or due (a disk
+		// still Inconsistent on either side is waiting for one).
 		done = func(s replicator.Snapshot) bool {
-			return !s.Conn.Syncing() && s.Conn != replicator.PausedSyncS && s.Conn != replicator.PausedSyncT
+			return s.Conn == replicator.Connected && s.Disk != replicator.Inconsistent && s.PeerDisk != replicator.Inconsistent
 		}
 	default:
 		apiError(w, http.StatusBadRequest, ExitUsage, "for=%q: want connect or sync", q.Get("for"))
 		return
+	}
+	if q.Get("timeout") == "" { // StandAlone does not try: waiting for ever would hang
+		for _, r := range rs {
+			if s := r.Snapshot(); s.Conn == replicator.StandAlone {
+				writeJSON(w, http.StatusOK, verbResponse{Results: []verbResult{{Resource: r.Name(), Code: ExitRefused,
+					Error: r.Name() + ": StandAlone: it is not trying to connect, so there is nothing to wait for"}}})
+				return
+			}
+		}
 	}
 	ctx := req.Context()
 	if t := q.Get("timeout"); t != "" {
