@@ -6,7 +6,6 @@ import (
 
 	"github.com/nbdmirror/nbdmirror/metadisk"
 	"github.com/nbdmirror/nbdmirror/replicator/wire"
-	"github.com/nbdmirror/nbdmirror/transport"
 )
 
 // Congestion (reference/drbd.md §7). With on-congestion block, a writer
@@ -48,7 +47,7 @@ func (r *Resource) goAhead(p *peer, why string) {
 		return
 	}
 	r.mu.Lock()
-	if r.p != p || r.conn != Connected {
+	if !p.current() || r.conn != Connected {
 		r.mu.Unlock()
 		return
 	}
@@ -57,15 +56,12 @@ func (r *Resource) goAhead(p *peer, why string) {
 	r.mu.Unlock()
 	r.change()
 	p.tl.barrierNow(false)
-	if err := p.send(transport.Data, wire.Command{Code: wire.CmdAhead}); err != nil {
-		p.fail(err)
+	if !p.sendAfterHello(func() wire.Message { return wire.Command{Code: wire.CmdAhead} }) {
 		return
 	}
-	p.wg.Add(1)
-	go func() {
-		defer p.wg.Done()
-		p.leaveAhead()
-	}()
+	r.mu.Lock()
+	p.goSession(p.leaveAhead)
+	r.mu.Unlock()
 }
 
 // leaveAhead waits until nothing has been in flight for aheadDrain, then

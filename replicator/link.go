@@ -32,6 +32,7 @@ const (
 	codeNeedStandAloneF = 151
 	codePauseSet        = 134
 	codePauseClear      = 135
+	codeTransient       = -18
 )
 
 func init() {
@@ -47,6 +48,7 @@ func init() {
 		codeNeedStandAloneF: "Need to be StandAlone",
 		codePauseSet:        "Sync-pause flag is already set",
 		codePauseClear:      "Sync-pause flag is already cleared",
+		codeTransient:       "In transient state, retry after next state change",
 	} {
 		stateTexts[code] = text
 	}
@@ -142,8 +144,7 @@ func (r *Resource) disconnect(reason string) {
 }
 
 // standAlone ends connecting from inside the connection loop (a refused
-// handshake): the transport is closed by a goroutine of its own, since
-// Close waits for the loop's caller.
+// handshake), after the loop closed the transport.
 func (r *Resource) standAlone(tr *transport.Transport) {
 	r.mu.Lock()
 	if r.tr == tr {
@@ -227,8 +228,8 @@ func (r *Resource) connLoop(ctx context.Context, tr *transport.Transport) {
 			return
 		}
 		if keep := r.runSession(ctx, s); !keep {
+			tr.Close()
 			r.standAlone(tr)
-			go tr.Close()
 			return
 		}
 	}
@@ -248,13 +249,18 @@ func (r *Resource) runSession(ctx context.Context, s *transport.Session) (keep b
 		s.Close("the peer has no disk here")
 		return true
 	}
-	p := newPeer(r, s)
+	// A promotion in progress finishes first: the handshake reports
+	// the role it ends with.
+	for r.promoting {
+		r.idle.Wait()
+	}
+	p := newPeer(ctx, r, s)
 	r.p = p
 	r.setConn(WFReportParams)
 	r.mu.Unlock()
 	r.change()
 	r.log.Info("handshake with peer", "peer", s.Peer(), "address", s.RemoteAddr())
-	err := p.run(ctx)
+	err := p.run()
 	keep = p.end(err)
 	return keep
 }
@@ -271,10 +277,9 @@ func (r *Resource) sendState() {
 // then a barrier, whose ack follows the state on the same stream.
 func (r *Resource) demotePeerSync() {
 	p := r.currentPeer()
-	if p == nil {
+	if p == nil || !p.sendState() {
 		return
 	}
-	p.sendState()
 	done := p.tl.barrierNow(true)
 	if done == nil {
 		return

@@ -37,6 +37,10 @@ type peer struct {
 	failOnce sync.Once
 	failErr  error
 
+	hello   bool // the handshake messages are sent (under tl.send): others may send now
+	decided bool // the handshake decided to connect (session goroutine only, read in end)
+	ending  bool // end began: no new session goroutine (under r.mu)
+
 	// Receiving side (the data loop's, unless noted).
 	recvLock *rangeLock
 	epoch    uint64 // epoch of the peer's writes now arriving
@@ -46,22 +50,27 @@ type peer struct {
 	bmNext   uint64        // next block of the peer's bitmap
 	serve    chan struct{} // bounds resync requests served at once
 
-	rs *resync // the running resync, nil if none (under r.mu)
+	rs     *resync          // the running resync, nil if none (under r.mu)
+	served map[[2]int64]int // resync ranges served, not yet acked (data loop only)
 }
 
 // Bounds of work done for the peer at once.
 const (
-	maxApply      = 64 // disk writes of replicated data
-	maxServe      = 16 // resync requests being read
+	maxApply      = 64      // MiB of replicated data being written at once
+	applyUnit     = 1 << 20 // a token of maxApply
+	maxServe      = 16      // resync requests being read
 	bitmapChunk   = 64 << 10
 	handshakeWait = 30 * time.Second
 )
 
-// newPeer returns the state of session s; call with r.mu held.
-func newPeer(r *Resource, s *transport.Session) *peer {
-	return &peer{r: r, s: s, md: r.md, dev: r.dev, log: r.log, recvLock: newRangeLock(), epoch: 1,
+// newPeer returns the state of session s under the connection loop's
+// context; call with r.mu held.
+func newPeer(ctx context.Context, r *Resource, s *transport.Session) *peer {
+	p := &peer{r: r, s: s, md: r.md, dev: r.dev, log: r.log, recvLock: newRangeLock(), epoch: 1,
 		apply: make(chan struct{}, maxApply), serve: make(chan struct{}, maxServe),
-		tl: newTlog(r.md, s, r.cfg.Net.Protocol == 'C', r.cfg.Net.MaxEpochSize)}
+		tl: newTlog(r.md, s, r.cfg.Net.Protocol == 'C', r.cfg.Net.MaxEpochSize), parent: ctx}
+	p.ctx, p.cancel = context.WithCancel(ctx)
+	return p
 }
 
 // fail ends the session with err (the first error wins).
@@ -92,12 +101,17 @@ func (p *peer) recv(st transport.Stream) (wire.Message, error) {
 }
 
 // run handshakes, then receives until the session ends.
-func (p *peer) run(ctx context.Context) error {
-	p.parent = ctx
-	p.ctx, p.cancel = context.WithCancel(ctx)
+func (p *peer) run() error {
 	stop := context.AfterFunc(p.ctx, func() { p.s.Close("disconnecting") })
 	defer stop()
-	if err := p.handshake(); err != nil {
+	// A peer that keeps the link alive but never completes its part of
+	// the handshake does not hold application I/O back for ever.
+	timer := time.AfterFunc(handshakeWait, func() {
+		p.fail(fmt.Errorf("%w: no handshake from the peer within %v", transport.ErrProtocol, handshakeWait))
+	})
+	err := p.handshake()
+	timer.Stop()
+	if err != nil {
 		return err
 	}
 	p.wg.Add(2)
@@ -117,52 +131,29 @@ func (p *peer) end(err error) bool {
 	if err != nil {
 		reason = err.Error()
 	}
+	r := p.r
+	// No new session goroutine from here on (goSession checks ending).
+	r.mu.Lock()
+	p.ending = true
+	r.mu.Unlock()
 	p.s.Close(reason)
-	if p.cancel != nil {
-		p.cancel()
-	}
+	p.cancel()
+	// Marking the unconfirmed writes first wakes the writers waiting for
+	// the peer (protocol C acks, flushes): they may hold ranges that the
+	// goroutines waited for below need.
+	marked := p.tl.lose()
 	p.epWG.Wait()
 	p.wg.Wait()
-	r := p.r
-	marked := p.tl.lose()
 	var refused *errRefused
 	isRefused := errors.As(err, &refused)
 	r.mu.Lock()
-	r.p = nil
-	peerDisk := r.peerDisk
-	wasConn := r.conn
-	r.rsDone()
-	r.setPeerState(RoleUnknown, DUnknown)
-	// Disconnect and down cancel the connection loop's context.
-	cancelled := p.parent != nil && p.parent.Err() != nil && !isRefused
-	switch {
-	case isRefused:
-	case cancelled:
-	default:
-		st := NetworkFailure
-		if errors.Is(err, transport.ErrProtocol) {
-			st = ProtocolError
-		} else if errors.Is(err, transport.ErrPingTimeout) {
-			st = Timeout
-		}
-		r.setConn(st)
-		r.setConn(WFConnection)
-	}
-	role, disk := r.role, r.disk
+	peerDisk, wasConn, role, disk := r.peerDisk, r.conn, r.role, r.disk
 	r.mu.Unlock()
-	r.thawIfFrozenBy(p)
-	if isRefused {
-		r.log.Error(refused.reason)
-	} else {
-		r.log.Warn("connection to the peer lost", "was", wasConn.String(), "err", reason, "unconfirmed_bytes_marked", marked)
-	}
-	if err := p.md.FlushBitmap(); err != nil {
-		r.log.Error("writing the bitmap after the connection loss failed", "err", err)
-	}
 	// A Primary that loses its peer's up-to-date copy starts a new
 	// generation, so that the peer's data is recognisably older
-	// (reference/drbd.md §4.2).
-	if role == RolePrimary && disk == UpToDate && peerDisk >= Outdated && peerDisk != DUnknown {
+	// (reference/drbd.md §4.2); before the session is gone, so that no
+	// write is taken under the old generation meanwhile.
+	if p.decided && role == RolePrimary && disk == UpToDate && peerDisk >= Outdated && peerDisk != DUnknown {
 		var newUUID bool
 		err := p.md.UpdateSuperblock(func(sb *metadisk.Superblock) {
 			if sb.UUIDs.Bitmap == 0 {
@@ -176,9 +167,56 @@ func (p *peer) end(err error) bool {
 			r.log.Info("Lost contact to peer's copy of the data: new current UUID")
 		}
 	}
+	r.mu.Lock()
+	r.p = nil
+	r.peerPaused = false
+	r.setPeerState(RoleUnknown, DUnknown)
+	// Disconnect and down cancel the connection loop's context.
+	cancelled := p.parent.Err() != nil && !isRefused
+	switch {
+	case isRefused:
+	case cancelled:
+	default:
+		st := NetworkFailure
+		if errors.Is(err, transport.ErrProtocol) {
+			st = ProtocolError
+		} else if errors.Is(err, transport.ErrPingTimeout) {
+			st = Timeout
+		}
+		r.setConn(st)
+		r.setConn(WFConnection)
+	}
+	r.mu.Unlock()
+	r.thawIfFrozenBy(p)
+	if isRefused {
+		r.log.Error(refused.reason)
+	} else {
+		r.log.Warn("connection to the peer lost", "was", wasConn.String(), "err", reason, "unconfirmed_bytes_marked", marked)
+	}
+	if err := p.md.FlushBitmap(); err != nil {
+		r.log.Error("writing the bitmap after the connection loss failed", "err", err)
+	}
 	r.change()
 	return !isRefused
 }
+
+// goSession runs f in a goroutine of the session, unless the session is
+// ending; it reports whether f runs. Call with r.mu held.
+func (p *peer) goSession(f func()) bool {
+	if p.r.p != p || p.ending {
+		return false
+	}
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		f()
+	}()
+	return true
+}
+
+// current reports whether p is the resource's session and not ending;
+// call with r.mu held.
+func (p *peer) current() bool { return p.r.p == p && !p.ending }
 
 // myParams are this node's parameters for the peer.
 func (p *peer) myParams() wire.Params {
@@ -227,10 +265,29 @@ func (p *peer) myState() wire.State {
 
 // sendState tells the peer this node's role and disk, in order with the
 // writes on the data stream.
-func (p *peer) sendState() {
+//
+// Nothing is sent before the handshake's own messages (which carry the
+// state of that moment, and the handshake sends it again at its end): it
+// reports whether the state went out.
+func (p *peer) sendState() bool {
+	return p.sendAfterHello(func() wire.Message { return p.myState() })
+}
+
+// sendAfterHello sends the message m returns on the data stream, in order
+// with the writes, if the handshake's messages are out; m is called with
+// the data stream held, so a state it reads is the one the peer sees
+// next.
+func (p *peer) sendAfterHello(m func() wire.Message) bool {
 	p.tl.send.Lock()
 	defer p.tl.send.Unlock()
-	p.send(transport.Data, p.myState())
+	if !p.hello {
+		return false
+	}
+	if err := p.send(transport.Data, m()); err != nil {
+		p.fail(err)
+		return false
+	}
+	return true
 }
 
 // handshake is WFReportParams (reference/drbd.md §3.4, §4.4): both sides
@@ -243,11 +300,15 @@ func (p *peer) handshake() error {
 	defer r.thawIfFrozenBy(p)
 	gen, uuids := p.generation()
 	mine := p.myParams()
+	p.tl.send.Lock()
 	for _, m := range []wire.Message{mine, p.myState(), uuids} {
 		if err := p.send(transport.Data, m); err != nil {
+			p.tl.send.Unlock()
 			return err
 		}
 	}
+	p.hello = true
+	p.tl.send.Unlock()
 	var msgs [3]wire.Message
 	for i, want := range []transport.Type{wire.TypeParams, wire.TypeState, wire.TypeUUIDs} {
 		m, err := p.recv(transport.Data)
@@ -291,7 +352,15 @@ func (p *peer) handshake() error {
 	// The discard-my-data request is used up by a handshake that decided.
 	r.mu.Lock()
 	r.discard = false
+	paused := r.userPaused
 	r.mu.Unlock()
+	p.decided = true
+	// What changed here since the handshake's messages, the peer learns
+	// now: the role and disk, and a pause-sync.
+	p.sendState()
+	if paused {
+		p.sendAfterHello(func() wire.Message { return wire.Command{Code: wire.CmdPauseSync} })
+	}
 	switch hs.Conn {
 	case WFBitMapS:
 		return p.startSync(true, hs.FullSync, nil)
@@ -300,8 +369,9 @@ func (p *peer) handshake() error {
 	}
 	r.mu.Lock()
 	r.setConn(Connected)
-	// Same data as an UpToDate peer: this disk is UpToDate too.
-	upgrade := r.disk >= Outdated && r.disk < UpToDate && peerDisk == UpToDate
+	// Same data as an UpToDate peer, and nothing marked on either side:
+	// this disk is UpToDate too.
+	upgrade := r.disk >= Outdated && r.disk < UpToDate && peerDisk == UpToDate && gen.Bits == 0 && pu.BitsSet == 0
 	r.mu.Unlock()
 	if upgrade {
 		p.becomeUpToDate(nil)
@@ -484,16 +554,31 @@ func (p *peer) receiveWrite(m wire.Write) error {
 	unlock := p.recvLock.lock(off, n)
 	p.epWrites++
 	p.epWG.Add(1)
-	select {
-	case p.apply <- struct{}{}:
-	case <-p.ctx.Done():
-		unlock()
-		p.epWG.Done()
-		return p.ctx.Err()
+	// One token per MiB of data (trims and zeroes carry none): at most
+	// maxApply MiB of the peer's writes are held here at once.
+	tokens := 1
+	if m.Kind == wire.WriteData {
+		tokens = max(1, (len(m.Data)+applyUnit-1)/applyUnit)
+	}
+	for i := range tokens {
+		select {
+		case p.apply <- struct{}{}:
+		case <-p.ctx.Done():
+			for range i {
+				<-p.apply
+			}
+			unlock()
+			p.epWG.Done()
+			return p.ctx.Err()
+		}
 	}
 	go func() {
 		defer p.epWG.Done()
-		defer func() { <-p.apply }()
+		defer func() {
+			for range tokens {
+				<-p.apply
+			}
+		}()
 		r.local.Add(1)
 		var err error
 		fua := m.Flags&wire.WriteFUA != 0
@@ -510,10 +595,12 @@ func (p *peer) receiveWrite(m wire.Write) error {
 		if err == nil {
 			r.written.Add(uint64(n))
 		} else {
-			// The blocks differ from the Primary's now: marked here, and
-			// the failed ack makes the Primary mark them too.
+			// The blocks differ from the Primary's now. The session ends
+			// before this epoch's barrier can be acked, so the Primary
+			// marks them (its transfer log still holds them).
 			p.md.MarkOutOfSync(off, n)
 			r.log.Error("writing replicated data failed", "offset", off, "length", n, "err", err)
+			p.fail(fmt.Errorf("the disk failed a replicated write: %w", err))
 		}
 		if m.Flags&wire.WriteAckWanted != 0 {
 			st := uint8(wire.AckOK)
@@ -661,11 +748,14 @@ func (p *peer) receiveCommand(m wire.Command) error {
 		if role == RolePrimary || conn != Connected && conn != Behind {
 			return protoErr("asked to be SyncTarget while %s/%s", role, conn)
 		}
-		if err := p.markInconsistent(); err != nil {
-			return err
-		}
 		return p.startSync(false, m.Arg == 0, nil)
 	case wire.CmdResyncDone:
+		r.mu.Lock()
+		rs := r.rsRunning(p)
+		r.mu.Unlock()
+		if rs != nil && !rs.source && !rs.verify {
+			return p.resyncFailedAtSource(m.Arg)
+		}
 		return p.finishSource(m.Arg)
 	case wire.CmdPauseSync, wire.CmdResumeSync:
 		r.mu.Lock()

@@ -61,11 +61,12 @@ type Resource struct {
 	idle  sync.Cond // signalled when inflight drops to 0, or frozen is cleared
 	// frozen holds new application requests back (while the bitmap is
 	// cleared under them).
-	frozen   int   // holds by freeze and freezeFor
-	frozenBy *peer // the session whose handshake holds requests back
-	role     Role
-	disk     DiskState
-	conn     ConnState
+	frozen    int   // holds by freeze and freezeFor
+	frozenBy  *peer // the session whose handshake holds requests back
+	promoting bool  // Primary is at work: a handshake waits (idle is signalled)
+	role      Role
+	disk      DiskState
+	conn      ConnState
 	// inflight counts requests between beginIO and endIO; the disk and
 	// metadata stay open while it is above 0.
 	inflight int
@@ -383,10 +384,29 @@ func (r *Resource) Primary(force bool) error {
 	}
 	r.mu.Lock()
 	role, disk, md, conn, p, peerDisk := r.role, r.disk, r.md, r.conn, r.p, r.peerDisk
-	r.mu.Unlock()
 	if role == RolePrimary {
+		r.mu.Unlock()
 		return nil
 	}
+	switch conn {
+	case WFReportParams, WFBitMapT, WFSyncUUID:
+		// The handshake or a resync toward this node is starting: its
+		// decision was made with this node Secondary.
+		r.mu.Unlock()
+		return r.refuse(codeTransient, fmt.Sprintf("%s: this node is about to be resynced from the peer", conn))
+	case SyncTarget, PausedSyncT, Behind:
+		r.mu.Unlock()
+		return r.refuse(codeNoUpToDate, fmt.Sprintf("%s: local disk %s until the resync from the peer ends", conn, disk))
+	}
+	// No handshake starts until the promotion is done (runSession waits).
+	r.promoting = true
+	r.mu.Unlock()
+	defer func() {
+		r.mu.Lock()
+		r.promoting = false
+		r.idle.Broadcast()
+		r.mu.Unlock()
+	}()
 	connected := p != nil && conn >= Connected
 	forced := false
 	switch {
@@ -426,14 +446,26 @@ func (r *Resource) Primary(force bool) error {
 	if err != nil {
 		return fmt.Errorf("%s: promote: write the metadata: %w", r.name, err)
 	}
+	if connected {
+		// The peer hears of the promotion before any write of the new
+		// Primary: both go in order on the data stream.
+		p.tl.send.Lock()
+	}
 	r.mu.Lock()
 	r.setState(RolePrimary, UpToDate)
 	r.mu.Unlock()
+	if connected {
+		if p.hello {
+			if err := p.send(transport.Data, p.myState()); err != nil {
+				p.fail(err)
+			}
+		}
+		p.tl.send.Unlock()
+	}
 	r.change()
 	if !connected {
 		return nil
 	}
-	p.sendState()
 	if forced {
 		// The peer's data is replaced by this node's: a full sync.
 		if err := p.startSync(true, true, &wire.Command{Code: wire.CmdInvalidateRemote}); err != nil {
@@ -676,9 +708,6 @@ func (r *Resource) Invalidate(resetBitmap bool) error {
 		if peerDisk != UpToDate {
 			return r.refuse(codeNoUpToDate, fmt.Sprintf("the peer's disk is %s", peerDisk))
 		}
-		if err := p.markInconsistent(); err != nil {
-			return fmt.Errorf("%s: invalidate: %w", r.name, err)
-		}
 		r.log.Warn("invalidated: this node's data is replaced by a resync from the peer", "full", resetBitmap)
 		if err := p.startSync(false, resetBitmap, nil); err != nil {
 			return fmt.Errorf("%s: invalidate: %w", r.name, err)
@@ -785,9 +814,8 @@ func (r *Resource) setPause(pause bool) error {
 		if pause {
 			code = wire.CmdPauseSync
 		}
-		if err := p.send(transport.Data, wire.Command{Code: code}); err != nil {
-			return fmt.Errorf("%s: tell the peer: %w", r.name, err)
-		}
+		// Before the handshake's end the peer learns it there.
+		p.sendAfterHello(func() wire.Message { return wire.Command{Code: code} })
 	}
 	return nil
 }
@@ -885,13 +913,24 @@ func (r *Resource) Stop() error {
 // crash would: the next attach applies the activity log. Requests in
 // flight finish first. It is the second-signal stop of the daemon.
 func (r *Resource) Abandon() {
+	// The session goes first: its goroutines use the disk.
 	r.mu.Lock()
-	if r.connCancel != nil {
-		r.connCancel()
+	cancel, p, done := r.connCancel, r.p, r.connDone
+	r.mu.Unlock()
+	if cancel != nil {
+		cancel()
 	}
-	if r.p != nil {
-		r.p.s.Close("hard stop")
+	if p != nil {
+		p.s.Close("hard stop")
 	}
+	if done != nil {
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			r.log.Error("the session did not end within 10 s of a hard stop")
+		}
+	}
+	r.mu.Lock()
 	r.role = RoleSecondary // no new requests
 	for r.inflight > 0 {   // the disk stays open under those in flight
 		r.idle.Wait()

@@ -50,8 +50,10 @@ type resync struct {
 	finished bool   // the target sent (or the source received) the end
 
 	// progress samples for the speed lines: (time, blocks left)
-	samples []rsSample
-	done    uint64 // verify: blocks checked
+	samples    []rsSample
+	lastLeft   uint64    // blocks left at the last change
+	lastChange time.Time // when the blocks left last changed (stalled after 3 minutes)
+	done       uint64    // verify: blocks checked
 
 	// target side
 	mu      sync.Mutex
@@ -63,6 +65,13 @@ type resync struct {
 	sent    uint64              // bytes of data received
 	slots   chan struct{}
 	found   uint64 // verify: differing blocks
+}
+
+// newResync returns a resync starting now with total blocks to do and
+// room for slots requests in flight.
+func newResync(source, verify bool, total uint64, slots int) *resync {
+	return &resync{source: source, verify: verify, start: time.Now(), total: total,
+		pending: map[uint64][2]int64{}, slots: make(chan struct{}, max(slots, 1))}
 }
 
 type rsSample struct {
@@ -91,10 +100,22 @@ func (r *Resource) rsDone() {
 // own when the source's has arrived.
 func (p *peer) startSync(source, full bool, cmd *wire.Command) error {
 	r := p.r
+	if !source {
+		// Durably Inconsistent before anything of the source's lands
+		// here (its writes are replicated from now on): if the source is
+		// lost midway, this disk is not promoted as it is.
+		if err := p.markInconsistent(); err != nil {
+			return err
+		}
+	}
 	if full {
 		p.md.MarkOutOfSync(0, p.size)
 	}
 	r.mu.Lock()
+	if !p.current() {
+		r.mu.Unlock()
+		return fmt.Errorf("%w: the session ended", transport.ErrClosed)
+	}
 	p.bmNext = 0
 	st := WFBitMapT
 	if source {
@@ -183,7 +204,7 @@ func (p *peer) receiveBitmap(m wire.Bitmap) error {
 	}
 	r.log.Info("resync starting as SyncSource", "out_of_sync_bytes", p.md.OutOfSync()*bitmap.BlockSize)
 	r.mu.Lock()
-	p.rs = &resync{source: true, start: time.Now(), total: p.md.OutOfSync()}
+	p.rs = newResync(true, false, p.md.OutOfSync(), 0)
 	r.setConn(SyncSource)
 	if r.peerDisk > Inconsistent {
 		r.setPeerState(r.peerRole, Inconsistent)
@@ -213,7 +234,8 @@ func (p *peer) receiveSyncUUID(m wire.SyncUUID) error {
 	}
 	total := p.md.OutOfSync()
 	r.log.Info("resync starting as SyncTarget", "out_of_sync_bytes", total*bitmap.BlockSize)
-	rs := &resync{start: time.Now(), total: total, pending: map[uint64][2]int64{}}
+	_, flight := r.limits()
+	rs := newResync(false, false, total, int(flight/resyncMaxReq))
 	r.mu.Lock()
 	p.rs = rs
 	r.setState(r.role, Inconsistent)
@@ -246,10 +268,8 @@ func (r *Resource) limits() (rate, flight int64) {
 // driveResync is the SyncTarget's walk over the bitmap.
 func (p *peer) driveResync(rs *resync) error {
 	r := p.r
-	rate, flight := r.limits()
+	rate, _ := r.limits()
 	lim := transport.NewLimiter(rate)
-	slots := int(max(1, flight/resyncMaxReq))
-	rs.slots = make(chan struct{}, slots)
 	digest := newDigest(r.cfg.Net.CsumsAlg)
 	blocks := bitmap.Blocks(p.size)
 	lastCommit := time.Now()
@@ -383,11 +403,18 @@ func (p *peer) serveResync(m wire.ResyncRequest) error {
 	if err := p.checkRange("resync request", m.Offset, m.Length); err != nil {
 		return err
 	}
+	if m.Length > resyncMaxReq {
+		return protoErr("resync request of %d bytes, above the %d a SyncTarget asks for", m.Length, resyncMaxReq)
+	}
 	select {
 	case p.serve <- struct{}{}:
 	case <-p.ctx.Done():
 		return p.ctx.Err()
 	}
+	if p.served == nil {
+		p.served = map[[2]int64]int{}
+	}
+	p.served[[2]int64{int64(m.Offset), int64(m.Length)}]++
 	digest := newDigest(r.cfg.Net.CsumsAlg)
 	p.wg.Add(1)
 	go func() {
@@ -485,8 +512,13 @@ func (p *peer) receiveResyncAck(m wire.ResyncAck) error {
 	if rs == nil || !rs.source {
 		return protoErr("resync ack while not SyncSource")
 	}
-	if err := p.checkRange("resync ack", m.Offset, m.Length); err != nil {
-		return err
+	// Only ranges this node served are acknowledged.
+	key := [2]int64{int64(m.Offset), int64(m.Length)}
+	if p.served[key] == 0 {
+		return protoErr("resync ack for [%d, +%d), which was not served", m.Offset, m.Length)
+	}
+	if p.served[key]--; p.served[key] == 0 {
+		delete(p.served, key)
 	}
 	if m.Status == wire.AckOK {
 		p.md.MarkInSync(int64(m.Offset), int64(m.Length))
@@ -506,7 +538,9 @@ func (p *peer) finishSource(failed uint64) error {
 		return protoErr("resync end while not SyncSource")
 	}
 	if left := p.md.OutOfSync(); left != 0 && failed == 0 {
-		r.log.Warn("resync ended with blocks still marked on the SyncSource", "blocks", left)
+		// Blocks the target never acknowledged: not a finished resync.
+		r.log.Error("resync ended with blocks still marked on the SyncSource", "blocks", left)
+		failed = left
 	}
 	if failed == 0 {
 		err := p.md.UpdateSuperblock(func(sb *metadisk.Superblock) {
@@ -539,9 +573,30 @@ func (p *peer) finishSource(failed uint64) error {
 	}
 	r.change()
 	if failed != 0 {
-		return nil
+		// The target stays Inconsistent; it learns the count.
+		return p.send(transport.Data, wire.Command{Code: wire.CmdResyncDone, Arg: failed})
 	}
 	return p.send(transport.Data, uuids)
+}
+
+// resyncFailedAtSource ends a SyncTarget's resync that did not complete
+// (blocks failed on either side): the disk stays Inconsistent, the
+// connection goes back to Connected; another resync (invalidate, or a
+// reconnect) may complete it.
+func (p *peer) resyncFailedAtSource(failed uint64) error {
+	r := p.r
+	r.mu.Lock()
+	rs := r.rsRunning(p)
+	if rs == nil || !rs.finished {
+		r.mu.Unlock()
+		return protoErr("resync end from the source before this target finished")
+	}
+	p.rs = nil
+	r.setConn(Connected)
+	r.mu.Unlock()
+	r.log.Error("resync failed: the disk stays Inconsistent", "failed_blocks", failed)
+	r.change()
+	return nil
 }
 
 // finishTarget adopts the source's generations and becomes UpToDate.
@@ -605,8 +660,15 @@ func (rs *resync) progress(left uint64, now time.Time) *Resync {
 	if first := rs.samples[0]; now.Sub(first.at) >= time.Second && first.left >= left {
 		p.SpeedRecent = int64(float64((first.left-left)*bitmap.BlockSize) / now.Sub(first.at).Seconds())
 	}
-	if p.SpeedRecent > 0 {
+	switch {
+	case p.SpeedRecent > 0:
 		p.ETA = time.Duration(float64(left*bitmap.BlockSize) / float64(p.SpeedRecent) * float64(time.Second))
+	case left > 0:
+		p.ETA = -1 // not shrinking: no finish time ("finish: ∞")
 	}
+	if rs.lastChange.IsZero() || left != rs.lastLeft {
+		rs.lastLeft, rs.lastChange = left, now
+	}
+	p.Stalled = left > 0 && now.Sub(rs.lastChange) >= 3*time.Minute
 	return p
 }

@@ -68,8 +68,10 @@ type Resync struct {
 	// (pauses excluded), Want the controller's target (0: not this node's
 	// to show), all in bytes per second.
 	SpeedRecent, SpeedAverage, Want int64
-	ETA                             time.Duration
-	Stalled                         bool // no progress for 3 minutes
+	// ETA is the time left at the recent speed; negative when the resync
+	// is not progressing (shown as ∞).
+	ETA     time.Duration
+	Stalled bool // no progress for 3 minutes
 }
 
 // Percent returns how much is done, from 0 to 100.

@@ -155,8 +155,12 @@ func writeProcProgress(b *bytes.Buffer, conn ConnState, r *Resync) {
 	} else {
 		fmt.Fprintf(b, "(%d/%d)K", left<<2, total<<2)
 	}
-	rt := max(int64(r.ETA/time.Second), 0)
-	fmt.Fprintf(b, "\n\tfinish: %d:%02d:%02d speed: ", rt/3600, rt%3600/60, rt%60)
+	if r.ETA < 0 {
+		b.WriteString("\n\tfinish: ∞ speed: ")
+	} else {
+		rt := int64(r.ETA / time.Second)
+		fmt.Fprintf(b, "\n\tfinish: %d:%02d:%02d speed: ", rt/3600, rt%3600/60, rt%60)
+	}
 	procThousands(b, r.SpeedRecent/1024)
 	b.WriteString(" (")
 	procThousands(b, r.SpeedAverage/1024)
@@ -395,7 +399,11 @@ func writeStatusPeerDevice(l *statusLine, s *Snapshot, verbose, statistics bool)
 				l.add(in, " unacked:"+strconv.FormatInt(s.Counters.UA, 10))
 				if running {
 					l.add(in, fmt.Sprintf(" dbdt1:%.2f", float64(r.SpeedRecent)/(1<<20)))
-					l.add(in, fmt.Sprintf(" eta:%.0f", r.ETA.Seconds()))
+					if r.ETA < 0 {
+						l.add(in, " eta:∞")
+					} else {
+						l.add(in, fmt.Sprintf(" eta:%.0f", r.ETA.Seconds()))
+					}
 				}
 			}
 		}
@@ -550,9 +558,17 @@ func NewStatusJSON(s Snapshot) StatusJSON {
 		// The same two decimals as the text status's done:.
 		pct, _ := strconv.ParseFloat(strconv.FormatFloat(r.Percent(), 'f', 2, 64), 64)
 		j.Resync = &ResyncJSON{Percent: pct, RemainingBytes: r.LeftBytes, TotalBytes: r.TotalBytes,
-			SpeedBytesPerSecond: r.SpeedRecent, ETASeconds: int64(r.ETA / time.Second), Verify: r.Verify}
+			SpeedBytesPerSecond: r.SpeedRecent, ETASeconds: etaSeconds(r.ETA), Verify: r.Verify}
 	}
 	return j
 }
 
 func statusUUID(u uint64) string { return fmt.Sprintf("%016X", u) }
+
+// etaSeconds is the JSON eta: −1 when the resync is not progressing.
+func etaSeconds(d time.Duration) int64 {
+	if d < 0 {
+		return -1
+	}
+	return int64(d / time.Second)
+}

@@ -580,8 +580,9 @@ func TestWriteProc_Finish(t *testing.T) {
 			"finish: 0:00:00 speed: 999 (1,000) want: 1,234,567 K/sec"},
 		{"hours unbounded, seconds truncated", Resync{SpeedRecent: 1023, SpeedAverage: 2047, ETA: 123*time.Hour + 4*time.Minute + 5*time.Second + 999*time.Millisecond},
 			"finish: 123:04:05 speed: 0 (1) K/sec"},
-		{"negative values", Resync{SpeedRecent: -kib, SpeedAverage: -1, ETA: -time.Second},
+		{"negative speeds", Resync{SpeedRecent: -kib, SpeedAverage: -1},
 			"finish: 0:00:00 speed: 0 (0) K/sec"},
+		{"not shrinking", Resync{ETA: -1}, "finish: ∞ speed: 0 (0) K/sec"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

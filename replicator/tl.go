@@ -190,15 +190,21 @@ func (t *tlog) barrierAck(a wire.BarrierAck) error {
 		return fmt.Errorf("%w: barrier ack for epoch %d with %d writes, expected epoch %d with %d",
 			transport.ErrProtocol, a.Epoch, a.Writes, ep.num, len(ep.entries))
 	}
-	t.epochs = t.epochs[1:]
-	for _, e := range ep.entries {
-		if t.ackC {
-			delete(t.bySeq, e.seq)
+	// Checked before anything changes: a refused ack leaves the log whole
+	// for lose() to mark.
+	if t.ackC {
+		for _, e := range ep.entries {
 			select {
 			case <-e.acked:
 			default:
 				return fmt.Errorf("%w: barrier ack for epoch %d before the write ack of write %d", transport.ErrProtocol, a.Epoch, e.seq)
 			}
+		}
+	}
+	t.epochs = t.epochs[1:]
+	for _, e := range ep.entries {
+		if t.ackC {
+			delete(t.bySeq, e.seq)
 			if e.ackFailed {
 				t.md.MarkOutOfSync(e.off, e.n)
 			}

@@ -34,23 +34,22 @@ func (r *Resource) Verify() error {
 	case conn != Connected || p == nil:
 		return r.refuse(codeNeedConnection, "")
 	}
-	rs := &resync{source: true, verify: true, start: time.Now(), total: bitmap.Blocks(p.size)}
+	rs := newResync(true, true, bitmap.Blocks(p.size), verifyFlight)
 	r.mu.Lock()
+	if !p.current() || r.conn != Connected {
+		r.mu.Unlock()
+		return r.refuse(codeNeedConnection, "")
+	}
 	p.rs = rs
 	r.setConn(VerifyS)
-	r.mu.Unlock()
-	r.change()
-	r.log.Info("Starting Online Verify from sector 0")
-	if err := p.send(transport.Data, wire.Command{Code: wire.CmdVerifyStart}); err != nil {
-		return fmt.Errorf("%s: verify: %w", r.name, err)
-	}
-	p.wg.Add(1)
-	go func() {
-		defer p.wg.Done()
+	p.goSession(func() {
 		if err := p.driveVerify(rs); err != nil && p.ctx.Err() == nil {
 			p.fail(err)
 		}
-	}()
+	})
+	r.mu.Unlock()
+	r.change()
+	r.log.Info("Starting Online Verify from sector 0")
 	return nil
 }
 
@@ -60,9 +59,10 @@ func (p *peer) driveVerify(rs *resync) error {
 	rate, _ := r.limits()
 	lim := transport.NewLimiter(rate)
 	digest := newDigest(r.cfg.Net.VerifyAlg)
-	rs.slots = make(chan struct{}, verifyFlight)
-	rs.pending = map[uint64][2]int64{}
 	buf := make([]byte, bitmap.BlockSize)
+	if err := p.send(transport.Data, wire.Command{Code: wire.CmdVerifyStart}); err != nil {
+		return err
+	}
 	for b := uint64(0); b < rs.total; b++ {
 		if err := p.waitUnpaused(); err != nil {
 			return err
@@ -132,14 +132,14 @@ func (p *peer) verifyEnded(rs *resync, found uint64) {
 // startVerifyTarget enters VerifyT at the peer's request.
 func (p *peer) startVerifyTarget(from uint64) error {
 	r := p.r
+	defer r.change()
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.conn != Connected || r.cfg.Net.VerifyAlg == "" {
 		return protoErr("verify start while %s", r.conn)
 	}
-	p.rs = &resync{verify: true, start: time.Now(), total: bitmap.Blocks(p.size) - min(from, bitmap.Blocks(p.size))}
+	p.rs = newResync(false, true, bitmap.Blocks(p.size)-min(from, bitmap.Blocks(p.size)), 0)
 	r.setConn(VerifyT)
-	go r.change()
 	return nil
 }
 
