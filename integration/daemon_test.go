@@ -35,6 +35,18 @@ import (
 
 const extentSize = 4 * mib // an activity-log extent
 
+// freePort returns a TCP port nothing listens on now, so that daemons of
+// tests running at the same time can each listen for their (absent) peer.
+func freePort(t *testing.T) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
 // node is one nbdmirror node (alpha) with resource r0 over a file disk.
 type node struct {
 	t      *testing.T
@@ -51,8 +63,9 @@ func newNode(t *testing.T, size int64, alExtents int) *node {
 	dir := t.TempDir()
 	n := &node{t: t, dir: dir, disk: sparseFile(t, dir, "d0", size), conf: filepath.Join(dir, "nbdmirror.conf"),
 		runDir: filepath.Join(dir, "run")}
+	port := freePort(t)
 	conf := fmt.Sprintf("resource r0 { disk { al-extents %d; } disk %s; meta-disk internal;\n"+
-		"  on alpha { address 127.0.0.1:7000; } on beta { address 127.0.0.2:7000; } }\n", alExtents, n.disk)
+		"  on alpha { address 127.0.0.1:%d; } on beta { address 127.0.0.2:%d; } }\n", alExtents, n.disk, port, port)
 	if err := os.WriteFile(n.conf, []byte(conf), 0o644); err != nil {
 		t.Fatal(err)
 	}

@@ -32,7 +32,7 @@ func TestDaemon_KernelDevice(t *testing.T) {
 	disk := sparseFile(t, dir, "d0", 128*mib)
 	conf := filepath.Join(dir, "nbdmirror.conf")
 	src := fmt.Sprintf(`resource r0 { device %s; disk %s; meta-disk internal;
-  on alpha { address 127.0.0.1:7000; } on beta { address 127.0.0.2:7000; } }`, dev, disk)
+  on alpha { address 127.0.0.1:%d; } on beta { address 127.0.0.2:%[3]d; } }`, dev, disk, freePort(t))
 	if err := os.WriteFile(conf, []byte(src), 0o644); err != nil {
 		t.Fatal(err)
 	}
