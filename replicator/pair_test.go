@@ -361,3 +361,34 @@ func TestPair_HostilePeer(t *testing.T) {
 		})
 	}
 }
+
+// TestPair_Controller: with the dynamic controller (c-plan-ahead 2 s, as
+// DRBD's default; c-fill-target 2 MiB instead of 50 KiB, which ramps up
+// too slowly for a unit test) a full sync completes and shows the
+// controller's rate as want.
+func TestPair_Controller(t *testing.T) {
+	p := newPair(t, "net { protocol A; } disk { c-fill-target 2M; }")
+	for _, r := range []*Resource{p.alpha, p.beta} {
+		if err := r.Connect(false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	p.wait(p.beta, "Connected", func(s Snapshot) bool { return s.Conn == Connected })
+	start := time.Now()
+	if err := p.alpha.Primary(true); err != nil {
+		t.Fatal(err)
+	}
+	var want int64
+	p.wait(p.beta, "a controller rate", func(s Snapshot) bool {
+		if s.Resync != nil {
+			want = max(want, s.Resync.Want)
+		}
+		return want > 0 || s.Conn == Connected && s.Disk == UpToDate
+	})
+	p.inSync()
+	t.Logf("full sync of %d bytes in %v; want seen %d B/s", p.alpha.Size(), time.Since(start), want)
+	if want == 0 {
+		t.Errorf("the SyncTarget never showed the controller's rate")
+	}
+	p.same()
+}

@@ -2,6 +2,7 @@ package replicator
 
 import (
 	"bytes"
+	"context"
 	"crypto/md5"
 	"crypto/sha1"
 	"crypto/sha256"
@@ -63,6 +64,8 @@ type resync struct {
 	failed  uint64              // blocks the source could not read
 	same    uint64              // blocks with equal checksums (csums)
 	sent    uint64              // bytes of data received
+	arrived int64               // bytes of replies received (the controller's input)
+	want    int64               // the controller's rate, bytes/s (0: fixed rate)
 	slots   chan struct{}
 	found   uint64 // verify: differing blocks
 }
@@ -253,23 +256,77 @@ func (p *peer) receiveSyncUUID(m wire.SyncUUID) error {
 	return nil
 }
 
-// limits returns the resync rate limit (bytes/s, 0 = none) and the
-// bytes that may be in flight, from the disk section: a fixed
-// resync-rate when c-plan-ahead is 0, else c-max-rate with
-// c-fill-target in flight (at least one request).
+// limits returns the fixed resync rate limit (bytes/s; 0 = the dynamic
+// controller decides, c-plan-ahead > 0) and the bytes that may be
+// requested and not arrived.
 func (r *Resource) limits() (rate, flight int64) {
 	d := r.cfg.Disk
 	if d.CPlanAhead == 0 {
 		return d.ResyncRate, resyncMaxFlight * resyncMaxReq
 	}
-	return d.CMaxRate, max(d.CFillTarget, resyncMaxReq)
+	return 0, resyncMaxFlight * resyncMaxReq
+}
+
+// pacer paces the SyncTarget's requests: a token bucket at resync-rate,
+// or the dynamic controller's budget, recomputed every step.
+type pacer struct {
+	lim       *transport.Limiter
+	ctl       *rsController
+	rs        *resync
+	next      time.Time
+	budget    int64
+	requested int64
+	seen      int64 // rs.arrived at the last step
+}
+
+func (p *peer) newPacer(rs *resync) *pacer {
+	d := p.r.cfg.Disk
+	if d.CPlanAhead == 0 {
+		return &pacer{lim: transport.NewLimiter(d.ResyncRate), rs: rs}
+	}
+	return &pacer{ctl: newRSController(d), rs: rs, next: time.Now()}
+}
+
+// grant waits until up to length bytes may be requested and returns how
+// many (a multiple of 4 KiB, at least one block).
+func (pc *pacer) grant(ctx context.Context, length int64) (int64, error) {
+	if pc.ctl == nil {
+		return length, pc.lim.Wait(ctx, int(length))
+	}
+	for pc.budget < bitmap.BlockSize {
+		if d := time.Until(pc.next); d > 0 {
+			t := time.NewTimer(d)
+			select {
+			case <-t.C:
+			case <-ctx.Done():
+				t.Stop()
+				return 0, ctx.Err()
+			}
+		}
+		pc.next = pc.next.Add(controllerStep)
+		if time.Since(pc.next) > controllerStep { // fell behind (a pause): restart the clock
+			pc.next = time.Now().Add(controllerStep)
+		}
+		pc.rs.mu.Lock()
+		arrived := pc.rs.arrived
+		pc.rs.mu.Unlock()
+		step := pc.ctl.step(arrived-pc.seen, pc.requested-arrived)
+		pc.seen = arrived
+		pc.budget += step
+		pc.rs.mu.Lock()
+		pc.rs.want = step * int64(time.Second/controllerStep)
+		pc.rs.mu.Unlock()
+	}
+	n := min(length, pc.budget-pc.budget%bitmap.BlockSize)
+	pc.budget -= n
+	pc.requested += n
+	return n, nil
 }
 
 // driveResync is the SyncTarget's walk over the bitmap.
 func (p *peer) driveResync(rs *resync) error {
 	r := p.r
-	rate, _ := r.limits()
-	lim := transport.NewLimiter(rate)
+	pace := p.newPacer(rs)
 	digest := newDigest(r.cfg.Net.CsumsAlg)
 	blocks := bitmap.Blocks(p.size)
 	lastCommit := time.Now()
@@ -283,9 +340,11 @@ func (p *peer) driveResync(rs *resync) error {
 		}
 		n = min(n, resyncMaxReq/bitmap.BlockSize, blocks-start)
 		off, length := int64(start)*bitmap.BlockSize, int64(n)*bitmap.BlockSize
-		if err := lim.Wait(p.ctx, int(length)); err != nil {
+		length, err := pace.grant(p.ctx, length)
+		if err != nil {
 			return err
 		}
+		n = uint64(length / bitmap.BlockSize)
 		select {
 		case rs.slots <- struct{}{}:
 		case <-p.ctx.Done():
@@ -466,6 +525,9 @@ func (p *peer) receiveResyncReply(m wire.ResyncReply) error {
 	off, n := want[0], want[1]
 	unlock := p.recvLock.lock(off, n)
 	p.wg.Add(1)
+	rs.mu.Lock()
+	rs.arrived += n
+	rs.mu.Unlock()
 	go func() {
 		defer p.wg.Done()
 		defer func() { <-rs.slots }()
@@ -652,7 +714,7 @@ func (rs *resync) progress(left uint64, now time.Time) *Resync {
 		}
 	}
 	total := max(rs.total, left)
-	p := &Resync{Verify: rs.verify, TotalBytes: total * bitmap.BlockSize, LeftBytes: left * bitmap.BlockSize}
+	p := &Resync{Verify: rs.verify, TotalBytes: total * bitmap.BlockSize, LeftBytes: left * bitmap.BlockSize, Want: rs.want}
 	if el := now.Sub(rs.start).Seconds(); el > 0 {
 		p.SpeedAverage = int64(float64((total-left)*bitmap.BlockSize) / el)
 	}

@@ -56,8 +56,7 @@ func (r *Resource) Verify() error {
 // driveVerify is VerifyS's walk.
 func (p *peer) driveVerify(rs *resync) error {
 	r := p.r
-	rate, _ := r.limits()
-	lim := transport.NewLimiter(rate)
+	pace := p.newPacer(rs)
 	digest := newDigest(r.cfg.Net.VerifyAlg)
 	buf := make([]byte, bitmap.BlockSize)
 	if err := p.send(transport.Data, wire.Command{Code: wire.CmdVerifyStart}); err != nil {
@@ -67,7 +66,7 @@ func (p *peer) driveVerify(rs *resync) error {
 		if err := p.waitUnpaused(); err != nil {
 			return err
 		}
-		if err := lim.Wait(p.ctx, bitmap.BlockSize); err != nil {
+		if _, err := pace.grant(p.ctx, bitmap.BlockSize); err != nil {
 			return err
 		}
 		select {
@@ -204,6 +203,7 @@ func (p *peer) verifyReply(m wire.VerifyReply) error {
 	}
 	rs.mu.Lock()
 	rs.done += uint64(want[1]) / bitmap.BlockSize
+	rs.arrived += want[1]
 	rs.mu.Unlock()
 	<-rs.slots
 	return nil
