@@ -352,9 +352,13 @@ func (p *peer) driveResync(rs *resync) error {
 		}
 		req := wire.ResyncRequest{Offset: uint64(off), Length: uint32(length)}
 		if digest != nil {
+			// One digest per block: the source sends only the blocks
+			// that differ.
 			buf := make([]byte, length)
 			if _, err := p.dev.ReadAt(buf, off); err == nil {
-				req.Digest = digest(buf)
+				for b := int64(0); b < length; b += bitmap.BlockSize {
+					req.Digests = append(req.Digests, digest(buf[b:b+bitmap.BlockSize])...)
+				}
 			}
 		}
 		rs.mu.Lock()
@@ -465,6 +469,11 @@ func (p *peer) serveResync(m wire.ResyncRequest) error {
 	if m.Length > resyncMaxReq {
 		return protoErr("resync request of %d bytes, above the %d a SyncTarget asks for", m.Length, resyncMaxReq)
 	}
+	if len(m.Digests) > 0 {
+		if d := newDigest(r.cfg.Net.CsumsAlg); d == nil || len(d(nil)) != m.DigestSize() {
+			return protoErr("resync request with %d-byte digests, csums-alg here is %q", m.DigestSize(), r.cfg.Net.CsumsAlg)
+		}
+	}
 	select {
 	case p.serve <- struct{}{}:
 	case <-p.ctx.Done():
@@ -491,8 +500,9 @@ func (p *peer) serveResync(m wire.ResyncRequest) error {
 		case err != nil:
 			r.log.Error("reading for the resync failed", "offset", off, "length", n, "err", err)
 			reply.Status = wire.ReplyError
-		case digest != nil && len(m.Digest) > 0 && bytes.Equal(digest(buf), m.Digest):
-			reply.Status = wire.ReplyInSync
+		case digest != nil && len(m.Digests) > 0:
+			reply = csumsReply(reply, buf, m.Digests, m.DigestSize(), digest)
+			r.read.Add(uint64(len(reply.Data)))
 		default:
 			reply.Status, reply.Data = wire.ReplyData, buf
 			r.read.Add(uint64(n))
@@ -502,6 +512,32 @@ func (p *peer) serveResync(m wire.ResyncRequest) error {
 		}
 	}()
 	return nil
+}
+
+// csumsReply answers a request with per-block digests: the blocks of buf
+// whose digest differs, all of them (ReplyData), or none (ReplyInSync).
+func csumsReply(reply wire.ResyncReply, buf, digests []byte, size int, digest func([]byte) []byte) wire.ResyncReply {
+	blocks := len(buf) / bitmap.BlockSize
+	present := make([]byte, (blocks+7)/8)
+	var data []byte
+	differ := 0
+	for i := range blocks {
+		block := buf[i*bitmap.BlockSize : (i+1)*bitmap.BlockSize]
+		if !bytes.Equal(digest(block), digests[i*size:(i+1)*size]) {
+			present[i/8] |= 1 << (i % 8)
+			data = append(data, block...)
+			differ++
+		}
+	}
+	switch differ {
+	case 0:
+		reply.Status = wire.ReplyInSync
+	case blocks:
+		reply.Status, reply.Data = wire.ReplyData, buf
+	default:
+		reply.Status, reply.Present, reply.Data = wire.ReplyPartial, present, data
+	}
+	return reply
 }
 
 // receiveResyncReply writes resync data (target side). The range lock is
@@ -546,7 +582,15 @@ func (p *peer) receiveResyncReply(m wire.ResyncReply) error {
 			return
 		}
 		r.local.Add(1)
-		err := p.dev.WriteAt(m.Data, off, false)
+		var err error
+		if m.Status == wire.ReplyPartial {
+			err = p.writePresent(m)
+			rs.mu.Lock()
+			rs.same += uint64(n/bitmap.BlockSize) - uint64(m.PresentBlocks())
+			rs.mu.Unlock()
+		} else {
+			err = p.dev.WriteAt(m.Data, off, false)
+		}
 		r.local.Add(-1)
 		if err != nil {
 			r.log.Error("writing resync data failed", "offset", off, "length", n, "err", err)
@@ -555,12 +599,36 @@ func (p *peer) receiveResyncReply(m wire.ResyncReply) error {
 			rs.mu.Unlock()
 			return
 		}
-		r.written.Add(uint64(n))
+		r.written.Add(uint64(len(m.Data)))
 		rs.mu.Lock()
-		rs.sent += uint64(n)
+		rs.sent += uint64(len(m.Data))
 		rs.landed = append(rs.landed, want)
 		rs.mu.Unlock()
 	}()
+	return nil
+}
+
+// writePresent writes the blocks a partial reply carries, each run of
+// consecutive blocks at once.
+func (p *peer) writePresent(m wire.ResyncReply) error {
+	blocks := int(m.Length / bitmap.BlockSize)
+	data := m.Data
+	for i := 0; i < blocks; {
+		if m.Present[i/8]&(1<<(i%8)) == 0 {
+			i++
+			continue
+		}
+		j := i
+		for j < blocks && m.Present[j/8]&(1<<(j%8)) != 0 {
+			j++
+		}
+		n := (j - i) * bitmap.BlockSize
+		if err := p.dev.WriteAt(data[:n], int64(m.Offset)+int64(i)*bitmap.BlockSize, false); err != nil {
+			return err
+		}
+		data = data[n:]
+		i = j
+	}
 	return nil
 }
 

@@ -137,15 +137,25 @@
 //	1      8    seq of the Write
 //	9      1    status: 0 ok, 1 failed
 //
-// ResyncRequest (25) and VerifyRequest (28):
+// ResyncRequest (25):
 //
 //	offset size field
 //	0      1    version: 1
 //	1      8    id
 //	9      8    offset in bytes: multiple of 4096
 //	17     4    length in bytes: multiple of 4096, 1..MaxData
-//	21     1+n  digest: length n, then n bytes; n ≤ 64, and ≥ 1 in a
-//	            VerifyRequest
+//	21     2+n  digests: length n (big-endian), then n bytes: none, or one
+//	            digest of 1..64 bytes per 4 KiB block of the range
+//	            (at most 256 blocks), all of one size
+//
+// VerifyRequest (28):
+//
+//	offset size field
+//	0      1    version: 1
+//	1      8    id
+//	9      8    offset in bytes: multiple of 4096
+//	17     4    length in bytes: multiple of 4096, 1..MaxData
+//	21     1+n  digest: length n, then n bytes; 1 ≤ n ≤ 64
 //
 // ResyncReply (26):
 //
@@ -154,8 +164,13 @@
 //	1      8    id of the request
 //	9      8    offset in bytes: multiple of 4096
 //	17     4    length in bytes: multiple of 4096, 1..MaxData
-//	21     1    status: 0 data, 1 in sync, 2 read error
-//	22     n    data: length bytes with status 0, none otherwise
+//	21     1    status: 0 data, 1 in sync, 2 read error, 3 partial
+//	22     m    block map (status 3 only): one bit per 4 KiB block of the
+//	            range, bit i%8 of byte i/8 for block i, m = ⌈blocks/8⌉;
+//	            set for the blocks whose digests differ, at least one,
+//	            none past the range
+//	22+m   n    data: length bytes with status 0, the marked blocks in
+//	            order with status 3, none otherwise
 //
 // ResyncAck (27) and VerifyReply (29):
 //

@@ -2,6 +2,7 @@ package wire
 
 import (
 	"encoding/binary"
+	"math/bits"
 	"slices"
 
 	"github.com/nbdmirror/nbdmirror/transport"
@@ -9,10 +10,15 @@ import (
 
 // ResyncReply.Status values. Part of the wire format.
 const (
-	ReplyData   = 0 // Data holds Length bytes
-	ReplyInSync = 1 // the source's digest equals the request's: no data
-	ReplyError  = 2 // the source could not read the range: no data
+	ReplyData    = 0 // Data holds Length bytes
+	ReplyInSync  = 1 // every block's digest equals the request's: no data
+	ReplyError   = 2 // the source could not read the range: no data
+	ReplyPartial = 3 // Present marks the blocks whose digests differ; Data holds them, in order
 )
+
+// MaxCsumsBlocks bounds the blocks of a ResyncRequest with digests (one
+// digest per 4 KiB block): 256 blocks, 1 MiB.
+const MaxCsumsBlocks = 256
 
 // VerifyReply.Status values. Part of the wire format.
 const (
@@ -26,13 +32,16 @@ const (
 const rangeHeader = 21
 
 // ResyncRequest asks the SyncSource for [Offset, Offset+Length) (Data
-// stream). With a Digest (resync by checksum), the source answers
-// ReplyInSync when the digest of its own data is equal.
+// stream). With Digests (resync by checksum), one digest of the target's
+// copy of each 4 KiB block, all of one size, the source sends only the
+// blocks whose digest differs from its own (ReplyInSync, ReplyPartial).
 type ResyncRequest struct {
 	ID     uint64
 	Offset uint64 // bytes, a multiple of 4096
-	Length uint32 // bytes, a multiple of 4096, 1..MaxData
-	Digest []byte // 0..MaxDigest bytes; aliases the payload when decoded
+	Length uint32 // bytes, a multiple of 4096, 1..MaxData (1..MaxCsumsBlocks blocks with digests)
+	// Digests is empty, or Length/4096 digests of 1..MaxDigest bytes each,
+	// concatenated; it aliases the payload when decoded.
+	Digests []byte
 }
 
 // Type returns TypeResyncRequest.
@@ -40,22 +49,41 @@ func (ResyncRequest) Type() transport.Type { return TypeResyncRequest }
 
 // Append appends m's payload to dst.
 func (m ResyncRequest) Append(dst []byte) []byte {
-	dst = appendRange(dst, 1+len(m.Digest), m.ID, m.Offset, m.Length)
-	return appendBytes8(dst, m.Digest)
+	dst = appendRange(dst, 2+len(m.Digests), m.ID, m.Offset, m.Length)
+	return appendBytes16(dst, m.Digests)
+}
+
+// DigestSize returns the size of one block's digest (0 without digests).
+func (m ResyncRequest) DigestSize() int {
+	if len(m.Digests) == 0 {
+		return 0
+	}
+	return len(m.Digests) / int(m.Length/blockSize)
 }
 
 // Validate reports the first field that Decode would reject.
 func (m ResyncRequest) Validate() error {
-	if err := checkRange("ResyncRequest", m.Offset, m.Length, blockSize); err != nil {
+	const msg = "ResyncRequest"
+	if err := checkRange(msg, m.Offset, m.Length, blockSize); err != nil {
 		return err
 	}
-	return checkDigest("ResyncRequest", m.Digest, 0)
+	if len(m.Digests) == 0 {
+		return nil
+	}
+	blocks := int(m.Length / blockSize)
+	switch {
+	case blocks > MaxCsumsBlocks:
+		return malformed(msg, "digests for %d blocks, at most %d", blocks, MaxCsumsBlocks)
+	case len(m.Digests)%blocks != 0 || len(m.Digests)/blocks > MaxDigest:
+		return malformed(msg, "digests of %d bytes for %d blocks: want 1 to %d bytes per block", len(m.Digests), blocks, MaxDigest)
+	}
+	return nil
 }
 
 func decodeResyncRequest(p []byte) (Message, error) {
 	d := newDecoder("ResyncRequest", p)
 	m := ResyncRequest{ID: d.u64("id"), Offset: d.u64("offset"), Length: d.u32("length")}
-	m.Digest = d.bytes8("digest")
+	m.Digests = d.bytes16("digests")
 	return finish(&d, m)
 }
 
@@ -65,8 +93,14 @@ type ResyncReply struct {
 	ID     uint64
 	Offset uint64 // bytes, a multiple of 4096
 	Length uint32 // bytes, a multiple of 4096, 1..MaxData
-	Status uint8  // ReplyData, ReplyInSync or ReplyError
-	Data   []byte // Length bytes for ReplyData, empty otherwise; aliases the payload when decoded
+	Status uint8  // ReplyData, ReplyInSync, ReplyError or ReplyPartial
+	// Present (ReplyPartial only) has one bit per block of the range,
+	// bit i%8 of byte i/8 for block i, set for the blocks Data holds; at
+	// least one bit set, none past the range.
+	Present []byte
+	// Data is Length bytes for ReplyData, the present blocks for
+	// ReplyPartial, empty otherwise; it aliases the payload when decoded.
+	Data []byte
 }
 
 // Type returns TypeResyncReply.
@@ -74,9 +108,21 @@ func (ResyncReply) Type() transport.Type { return TypeResyncReply }
 
 // Append appends m's payload to dst.
 func (m ResyncReply) Append(dst []byte) []byte {
-	dst = appendRange(dst, 1+len(m.Data), m.ID, m.Offset, m.Length)
-	return append(append(dst, m.Status), m.Data...)
+	dst = appendRange(dst, 1+len(m.Present)+len(m.Data), m.ID, m.Offset, m.Length)
+	return append(append(append(dst, m.Status), m.Present...), m.Data...)
 }
+
+// PresentBlocks returns how many blocks Present marks.
+func (m ResyncReply) PresentBlocks() int {
+	n := 0
+	for _, b := range m.Present {
+		n += bits.OnesCount8(b)
+	}
+	return n
+}
+
+// presentLen is the size of Present for a range of length bytes.
+func presentLen(length uint32) int { return (int(length/blockSize) + 7) / 8 }
 
 // Validate reports the first field that Decode would reject.
 func (m ResyncReply) Validate() error {
@@ -85,12 +131,24 @@ func (m ResyncReply) Validate() error {
 		return err
 	}
 	switch {
-	case m.Status > ReplyError:
+	case m.Status > ReplyPartial:
 		return malformed(msg, "status %d unknown", m.Status)
+	case m.Status != ReplyPartial && len(m.Present) != 0:
+		return malformed(msg, "a block map with status %d", m.Status)
 	case m.Status == ReplyData && len(m.Data) != int(m.Length):
 		return malformed(msg, "data of %d bytes for length %d", len(m.Data), m.Length)
-	case m.Status != ReplyData && len(m.Data) != 0:
+	case m.Status == ReplyInSync && len(m.Data) != 0, m.Status == ReplyError && len(m.Data) != 0:
 		return malformed(msg, "data of %d bytes with status %d", len(m.Data), m.Status)
+	case m.Status != ReplyPartial:
+		return nil
+	case len(m.Present) != presentLen(m.Length):
+		return malformed(msg, "block map of %d bytes for %d blocks", len(m.Present), m.Length/blockSize)
+	}
+	if blocks := int(m.Length / blockSize); blocks%8 != 0 && m.Present[len(m.Present)-1]>>(blocks%8) != 0 {
+		return malformed(msg, "block map marks blocks past the range")
+	}
+	if n := m.PresentBlocks(); n == 0 || len(m.Data) != n*blockSize {
+		return malformed(msg, "data of %d bytes for %d blocks marked", len(m.Data), n)
 	}
 	return nil
 }
@@ -98,6 +156,11 @@ func (m ResyncReply) Validate() error {
 func decodeResyncReply(p []byte) (Message, error) {
 	d := newDecoder("ResyncReply", p)
 	m := ResyncReply{ID: d.u64("id"), Offset: d.u64("offset"), Length: d.u32("length"), Status: d.u8("status")}
+	if m.Status == ReplyPartial && d.err == nil {
+		if b := d.take("block map", presentLen(m.Length)); len(b) > 0 {
+			m.Present = b
+		}
+	}
 	m.Data = d.rest()
 	return finish(&d, m)
 }

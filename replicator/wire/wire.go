@@ -206,6 +206,15 @@ func (d *decoder) bytes8(field string) []byte {
 	return nil
 }
 
+// bytes16 reads a two-byte length and that many bytes (nil when 0).
+func (d *decoder) bytes16(field string) []byte {
+	hi, lo := d.u8(field+" length"), d.u8(field+" length")
+	if b := d.take(field, int(hi)<<8|int(lo)); len(b) > 0 {
+		return b
+	}
+	return nil
+}
+
 // rest returns the bytes left, nil when there are none.
 func (d *decoder) rest() []byte {
 	if d.err != nil || d.off == len(d.p) {
@@ -248,6 +257,11 @@ func checkDigest(msg string, d []byte, least int) error {
 		return malformed(msg, "digest of %d bytes, want %d to %d", len(d), least, MaxDigest)
 	}
 	return nil
+}
+
+// appendBytes16 appends a two-byte length and b. Validate bounds len(b).
+func appendBytes16(dst, b []byte) []byte {
+	return append(append(dst, byte(len(b)>>8), byte(len(b))), b...)
 }
 
 // appendBytes8 appends a one-byte length and b. Validate bounds len(b).

@@ -57,12 +57,14 @@ func samples() []sample {
 		{"barrier-ack", BarrierAck{Epoch: 3, Writes: 2}},
 		{"write-ack", WriteAck{Seq: 7, Status: AckOK}},
 		{"write-ack-failed", WriteAck{Seq: math.MaxUint64, Status: AckFailed}},
-		{"resync-request", ResyncRequest{ID: 1, Offset: 8192, Length: 4096, Digest: digest}},
+		{"resync-request", ResyncRequest{ID: 1, Offset: 8192, Length: 4096, Digests: digest}},
+		{"resync-request-batch", ResyncRequest{ID: 6, Offset: 0, Length: MaxCsumsBlocks * 4096, Digests: bytes.Repeat([]byte{7}, MaxCsumsBlocks*MaxDigest)}},
 		{"resync-request-plain", ResyncRequest{ID: 2, Offset: 0, Length: MaxData}},
-		{"resync-request-max", ResyncRequest{ID: 3, Offset: math.MaxUint64 - 8191, Length: 4096, Digest: bytes.Repeat([]byte{1}, MaxDigest)}},
+		{"resync-request-max", ResyncRequest{ID: 3, Offset: math.MaxUint64 - 8191, Length: 4096, Digests: bytes.Repeat([]byte{1}, MaxDigest)}},
 		{"resync-reply", ResyncReply{ID: 1, Offset: 8192, Length: 4096, Status: ReplyData, Data: block}},
 		{"resync-reply-insync", ResyncReply{ID: 1, Offset: 8192, Length: 4096, Status: ReplyInSync}},
 		{"resync-reply-error", ResyncReply{ID: 1, Offset: 8192, Length: 8192, Status: ReplyError}},
+		{"resync-reply-partial", ResyncReply{ID: 1, Offset: 0, Length: 9 * 4096, Status: ReplyPartial, Present: []byte{0x81, 0x01}, Data: bytes.Repeat(block, 3)}},
 		{"resync-ack", ResyncAck{ID: 1, Offset: 8192, Length: 4096, Status: AckOK}},
 		{"resync-ack-failed", ResyncAck{ID: 1, Offset: 8192, Length: 4096, Status: AckFailed}},
 		{"verify-request", VerifyRequest{ID: 4, Offset: 4096, Length: 4096, Digest: digest}},
@@ -91,10 +93,11 @@ func normalize(m Message) Message {
 		v.Data = orNil(v.Data)
 		return v
 	case ResyncRequest:
-		v.Digest = orNil(v.Digest)
+		v.Digests = orNil(v.Digests)
 		return v
 	case ResyncReply:
 		v.Data = orNil(v.Data)
+		v.Present = orNil(v.Present)
 		return v
 	case VerifyRequest:
 		v.Digest = orNil(v.Digest)
@@ -172,8 +175,8 @@ func TestEncoding(t *testing.T) {
 		{"write", Write{Seq: 1, Epoch: 2, Offset: 512, Length: 512, Kind: WriteTrim, Flags: WriteAckWanted},
 			"01" + "0000000000000001" + "0000000000000002" + "0000000000000200" + "00000200" + "01" + "02"},
 		{"write-ack", WriteAck{Seq: 5, Status: AckFailed}, "01" + "0000000000000005" + "01"},
-		{"resync-request", ResyncRequest{ID: 9, Offset: 4096, Length: 8192, Digest: []byte{0xab, 0xcd}},
-			"01" + "0000000000000009" + "0000000000001000" + "00002000" + "02abcd"},
+		{"resync-request", ResyncRequest{ID: 9, Offset: 4096, Length: 8192, Digests: []byte{0xab, 0xcd}},
+			"01" + "0000000000000009" + "0000000000001000" + "00002000" + "0002abcd"},
 		{"verify-reply", VerifyReply{ID: 9, Offset: 4096, Length: 4096, Status: VerifyError},
 			"01" + "0000000000000009" + "0000000000001000" + "00001000" + "02"},
 		{"out-of-sync", OutOfSync{Offset: 4096, Length: 4096}, "01" + "0000000000001000" + "00001000"},
@@ -319,9 +322,14 @@ func malformedCases() []bad {
 		enc("resync-request-length-0", ResyncRequest{}, "ResyncRequest: length 0"),
 		enc("resync-request-length-over", ResyncRequest{Length: MaxData + 4096}, "above the 32 MiB maximum"),
 		enc("resync-request-overflow", ResyncRequest{Offset: math.MaxUint64 &^ 4095, Length: 8192}, "overflows"),
-		enc("resync-request-digest", ResyncRequest{Length: 4096, Digest: make([]byte, MaxDigest+1)}, "digest of 65 bytes"),
+		enc("resync-request-digest", ResyncRequest{Length: 4096, Digests: make([]byte, MaxDigest+1)}, "digests of 65 bytes for 1 blocks"),
+		enc("resync-request-digests-uneven", ResyncRequest{Length: 8192, Digests: make([]byte, 3)}, "digests of 3 bytes for 2 blocks"),
+		enc("resync-request-digests-blocks", ResyncRequest{Length: (MaxCsumsBlocks + 1) * 4096, Digests: make([]byte, MaxCsumsBlocks+1)}, "digests for 257 blocks"),
 
-		enc("resync-reply-status", ResyncReply{Length: 4096, Status: 3}, "ResyncReply: status 3 unknown"),
+		enc("resync-reply-status", ResyncReply{Length: 4096, Status: 4}, "ResyncReply: status 4 unknown"),
+		enc("resync-reply-partial-none", ResyncReply{Length: 4096, Status: ReplyPartial, Present: []byte{0}}, "data of 0 bytes for 0 blocks marked"),
+		enc("resync-reply-partial-past", ResyncReply{Length: 4096, Status: ReplyPartial, Present: []byte{3}, Data: make([]byte, 8192)}, "marks blocks past the range"),
+		enc("resync-reply-partial-data", ResyncReply{Length: 8192, Status: ReplyPartial, Present: []byte{3}, Data: make([]byte, 4096)}, "data of 4096 bytes for 2 blocks marked"),
 		enc("resync-reply-offset", ResyncReply{Offset: 100, Length: 4096, Status: ReplyInSync}, "offset 100 not a multiple"),
 		enc("resync-reply-length-0", ResyncReply{Status: ReplyError}, "length 0"),
 		enc("resync-reply-overflow", ResyncReply{Offset: math.MaxUint64 &^ 4095, Length: 4096, Status: ReplyInSync}, "overflows"),
