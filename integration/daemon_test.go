@@ -315,7 +315,7 @@ func TestDaemon_Ext4Lifecycle(t *testing.T) {
 	d := n.daemon(nil)
 	n.must("up", "r0")
 	n.must("primary", "--force", "r0")
-	if st := n.status(); st.Role != "Primary" || st.Disk != "UpToDate" || st.CState != "StandAlone" {
+	if st := n.status(); st.Role != "Primary" || st.Disk != "UpToDate" || st.CState != "WFConnection" {
 		t.Fatalf("after primary --force: %+v", st)
 	}
 	fs := mountNBD(t, n.dir, n.uri(), true)
@@ -338,7 +338,7 @@ func TestDaemon_Ext4Lifecycle(t *testing.T) {
 	run(t, time.Minute, "sync")
 
 	statusFile, err := os.ReadFile(filepath.Join(n.runDir, "status"))
-	if err != nil || !strings.Contains(string(statusFile), " 0: cs:StandAlone ro:Primary/Unknown ds:UpToDate/DUnknown ") {
+	if err != nil || !strings.Contains(string(statusFile), " 0: cs:WFConnection ro:Primary/Unknown ds:UpToDate/DUnknown ") {
 		t.Errorf("status file: %v\n%s", err, statusFile)
 	}
 
