@@ -20,7 +20,7 @@ type hold struct {
 	md    *metadisk.Meta
 	dev   *blockdev.Device
 	tl    *tlog // the transfer log while replicating, else nil
-	c     bool  // protocol C
+	c     bool  // protocol B or C: complete on the peer's ack
 	p     *peer // the session, if any
 	ahead bool  // Ahead: mark and announce, do not replicate
 	conn  ConnState

@@ -68,7 +68,7 @@ const (
 func newPeer(ctx context.Context, r *Resource, s *transport.Session) *peer {
 	p := &peer{r: r, s: s, md: r.md, dev: r.dev, log: r.log, recvLock: newRangeLock(), epoch: 1,
 		apply: make(chan struct{}, maxApply), serve: make(chan struct{}, maxServe),
-		tl: newTlog(r.md, s, r.cfg.Net.Protocol == 'C', r.cfg.Net.MaxEpochSize), parent: ctx}
+		tl: newTlog(r.md, s, r.cfg.Net.Protocol != 'A', r.cfg.Net.MaxEpochSize, &r.netSent), parent: ctx}
 	p.ctx, p.cancel = context.WithCancel(ctx)
 	return p
 }
@@ -340,7 +340,7 @@ func (p *peer) handshake() error {
 		r.log.Info(l)
 	}
 	for _, h := range hs.Handlers {
-		r.log.Info("handler would run (handlers are not configured)", "handler", h)
+		r.log.Info("handler not run: handlers are logged only in this version", "handler", h)
 	}
 	if err != nil {
 		msg := err.Error()
@@ -367,6 +367,7 @@ func (p *peer) handshake() error {
 	case WFBitMapT:
 		return p.startSync(false, hs.FullSync, nil)
 	}
+	p.clearCrashedPrimary()
 	r.mu.Lock()
 	r.setConn(Connected)
 	// Same data as an UpToDate peer, and nothing marked on either side:
@@ -572,6 +573,20 @@ func (p *peer) receiveWrite(m wire.Write) error {
 			return p.ctx.Err()
 		}
 	}
+	// Protocol B: the write is acknowledged once received; a disk error
+	// after that ends the session, so the Primary marks it.
+	ackWanted := m.Flags&wire.WriteAckWanted != 0
+	if ackWanted && p.theirs.Protocol == 'B' {
+		if err := p.send(transport.Control, wire.WriteAck{Seq: m.Seq, Status: wire.AckOK}); err != nil {
+			unlock()
+			p.epWG.Done()
+			for range tokens {
+				<-p.apply
+			}
+			return err
+		}
+		ackWanted = false
+	}
 	go func() {
 		defer p.epWG.Done()
 		defer func() {
@@ -602,7 +617,7 @@ func (p *peer) receiveWrite(m wire.Write) error {
 			r.log.Error("writing replicated data failed", "offset", off, "length", n, "err", err)
 			p.fail(fmt.Errorf("the disk failed a replicated write: %w", err))
 		}
-		if m.Flags&wire.WriteAckWanted != 0 {
+		if ackWanted {
 			st := uint8(wire.AckOK)
 			if err != nil {
 				st = wire.AckFailed
@@ -717,6 +732,7 @@ func (p *peer) becomeUpToDate(adopt *wire.UUIDs) {
 			sb.UUIDs = metadisk.UUIDs{Current: adopt.Current&^1 | role, Bitmap: 0, History: adopt.History}
 		}
 		sb.Flags |= metadisk.FlagConsistent | metadisk.FlagWasUpToDate
+		sb.Flags &^= metadisk.FlagCrashedPrimary
 	})
 	if err != nil {
 		r.log.Error("writing the metadata failed; the disk stays as it was", "err", err)
@@ -727,6 +743,18 @@ func (p *peer) becomeUpToDate(adopt *wire.UUIDs) {
 	r.setState(r.role, UpToDate)
 	r.mu.Unlock()
 	p.sendState()
+}
+
+// clearCrashedPrimary drops the crashed-primary flag once the two nodes
+// agree on the data again (connected without a resync, or a resync
+// finished): from then on the crash is no reason to prefer this node.
+func (p *peer) clearCrashedPrimary() {
+	if p.md.Superblock().Flags&metadisk.FlagCrashedPrimary == 0 {
+		return
+	}
+	if err := p.md.UpdateSuperblock(func(sb *metadisk.Superblock) { sb.Flags &^= metadisk.FlagCrashedPrimary }); err != nil {
+		p.r.log.Error("clearing crashed-primary failed", "err", err)
+	}
 }
 
 // receiveCommand handles a peer's admin request or resync signal.

@@ -423,7 +423,10 @@ func (r *Resource) Primary(force bool) error {
 		if connected {
 			detail = fmt.Sprintf("local disk %s, peer disk %s", disk, peerDisk)
 		}
-		if disk >= Inconsistent && disk <= Consistent {
+		switch {
+		case connected && peerDisk == UpToDate:
+			detail += "; the peer has the data: promote it, or wait for the resync"
+		case disk >= Inconsistent && disk <= Consistent:
 			detail += "; 'primary --force' makes this node's data the valid copy"
 		}
 		return r.refuse(codeNoUpToDate, detail)
@@ -736,7 +739,11 @@ func (r *Resource) Invalidate(resetBitmap bool) error {
 	if err := md.FlushBitmap(); err != nil {
 		return fmt.Errorf("%s: invalidate: %w", r.name, err)
 	}
-	r.log.Warn("invalidated: every block marked out of sync", "blocks_newly_marked", n)
+	if resetBitmap {
+		r.log.Warn("invalidated: every block marked out of sync, for a full resync at the next connect", "blocks_newly_marked", n)
+	} else {
+		r.log.Warn("invalidated: the blocks already marked are resynced at the next connect", "blocks", md.OutOfSync())
+	}
 	return nil
 }
 
@@ -889,9 +896,16 @@ func (r *Resource) Stop() error {
 	for r.inflight > 0 {
 		r.idle.Wait()
 	}
-	md := r.md
+	md, dev := r.md, r.dev
 	r.mu.Unlock()
-	r.sendState()
+	// A connected peer gets every write and the demotion before the
+	// session ends, as after `secondary`: nothing is left for it to miss.
+	if dev != nil {
+		if err := dev.Flush(); err != nil {
+			r.log.Error("flushing the disk at stop failed", "err", err)
+		}
+	}
+	r.demotePeerSync()
 	r.disconnect("the daemon stops")
 	if md == nil {
 		return nil

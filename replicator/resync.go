@@ -679,6 +679,7 @@ func (p *peer) finishSource(failed uint64) error {
 				u.History[1], u.History[0] = u.History[0], u.Bitmap
 			}
 			u.Bitmap = 0
+			sb.Flags &^= metadisk.FlagCrashedPrimary
 		})
 		if err != nil {
 			return fmt.Errorf("metadata: %w", err)

@@ -3,6 +3,7 @@ package replicator
 import (
 	"fmt"
 	"sync"
+	"sync/atomic"
 
 	"github.com/nbdmirror/nbdmirror/metadisk"
 	"github.com/nbdmirror/nbdmirror/replicator/wire"
@@ -38,9 +39,10 @@ type tlEpoch struct {
 type tlog struct {
 	md   *metadisk.Meta
 	sess *transport.Session
-	ackC bool // protocol C: writes want a write ack
+	ackC bool // protocol B or C: writes want a write ack
 	// maxEpoch closes an epoch at max-epoch-size writes.
 	maxEpoch int
+	sent     *atomic.Uint64 // the resource's bytes-sent counter
 
 	// send orders the data stream: a write's epoch and sequence number are
 	// assigned and the frame sent under it, so frames leave in epoch order.
@@ -58,11 +60,11 @@ type tlog struct {
 	kick    chan struct{}
 }
 
-func newTlog(md *metadisk.Meta, s *transport.Session, protocolC bool, maxEpoch int) *tlog {
+func newTlog(md *metadisk.Meta, s *transport.Session, protocolC bool, maxEpoch int, sent *atomic.Uint64) *tlog {
 	if maxEpoch <= 0 {
 		maxEpoch = 2048
 	}
-	t := &tlog{md: md, sess: s, ackC: protocolC, maxEpoch: maxEpoch, bySeq: map[uint64]*tlEntry{}, kick: make(chan struct{}, 1)}
+	t := &tlog{md: md, sess: s, ackC: protocolC, maxEpoch: maxEpoch, bySeq: map[uint64]*tlEntry{}, kick: make(chan struct{}, 1), sent: sent}
 	t.epochs = []*tlEpoch{{num: 1, done: make(chan struct{})}}
 	return t
 }
@@ -109,7 +111,7 @@ func (t *tlog) submit(off, n int64, span metadisk.Span, kind uint8, fua bool, da
 	t.pending += n
 	t.mu.Unlock()
 	if sendBarrier {
-		t.sess.Send(transport.Data, wire.TypeBarrier, wire.Encode(barrier))
+		t.sendMsg(barrier)
 	}
 	w := wire.Write{Seq: e.seq, Epoch: e.epoch, Offset: uint64(off), Length: uint32(n), Kind: kind, Data: data}
 	if fua {
@@ -118,8 +120,16 @@ func (t *tlog) submit(off, n int64, span metadisk.Span, kind uint8, fua bool, da
 	if t.ackC {
 		w.Flags |= wire.WriteAckWanted
 	}
-	t.sess.Send(transport.Data, wire.TypeWrite, wire.Encode(w))
+	t.sendMsg(w)
 	return e
+}
+
+// sendMsg sends m on the data stream (call with send held); an error is
+// not returned: the session's end marks every logged write.
+func (t *tlog) sendMsg(m wire.Message) {
+	b := wire.Encode(m)
+	t.sent.Add(uint64(len(b)))
+	t.sess.Send(transport.Data, m.Type(), b)
 }
 
 // localDone records that the local write of e finished. Under protocol A
@@ -172,7 +182,7 @@ func (t *tlog) barrierNow(force bool) <-chan struct{} {
 		return done
 	}
 	t.mu.Unlock()
-	t.sess.Send(transport.Data, wire.TypeBarrier, wire.Encode(b))
+	t.sendMsg(b)
 	return ep.done
 }
 

@@ -63,7 +63,7 @@
 //	0      1    version: 1
 //	1      8    disk size: usable bytes of the backing disk, 0 diskless
 //	9      8    size: the size exported or last agreed, 0 none
-//	17     1    protocol: 'A' or 'C'
+//	17     1    protocol: 'A', 'B' or 'C'
 //	18     1    after-sb-0pri: policy code 0..7
 //	19     1    after-sb-1pri: policy code 0..7
 //	20     1    after-sb-2pri: policy code 0..7

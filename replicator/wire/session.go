@@ -49,7 +49,7 @@ const (
 type Params struct {
 	DiskSize  uint64 // usable bytes of this node's backing disk (0 = diskless)
 	Size      uint64 // the size this node exports or last agreed (0 = none)
-	Protocol  byte   // 'A' or 'C'
+	Protocol  byte   // 'A', 'B' or 'C'
 	AfterSB0  uint8  // after-sb-0pri policy, an opaque code 0..7
 	AfterSB1  uint8  // after-sb-1pri policy, an opaque code 0..7
 	AfterSB2  uint8  // after-sb-2pri policy, an opaque code 0..7
@@ -79,8 +79,8 @@ func (m Params) Append(dst []byte) []byte {
 func (m Params) Validate() error {
 	const msg = "Params"
 	switch {
-	case m.Protocol != 'A' && m.Protocol != 'C':
-		return malformed(msg, "protocol %q, want 'A' or 'C'", m.Protocol)
+	case m.Protocol != 'A' && m.Protocol != 'B' && m.Protocol != 'C':
+		return malformed(msg, "protocol %q, want 'A', 'B' or 'C'", m.Protocol)
 	case m.AfterSB0 > 7:
 		return malformed(msg, "after-sb-0pri %d above 7", m.AfterSB0)
 	case m.AfterSB1 > 7:

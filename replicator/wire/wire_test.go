@@ -261,7 +261,7 @@ func malformedCases() []bad {
 		bad{"unknown-type-32", 32, []byte{1}, "unknown message type 32"},
 		bad{"unknown-type-max", math.MaxUint16, nil, "unknown message type"},
 
-		enc("params-protocol-B", params(func(m *Params) { m.Protocol = 'B' }), "Params: protocol"),
+		enc("params-protocol-D", params(func(m *Params) { m.Protocol = 'D' }), "Params: protocol 'D'"),
 		enc("params-protocol-0", params(func(m *Params) { m.Protocol = 0 }), "Params: protocol"),
 		enc("params-after-sb-0pri", params(func(m *Params) { m.AfterSB0 = 8 }), "after-sb-0pri 8"),
 		enc("params-after-sb-1pri", params(func(m *Params) { m.AfterSB1 = 0xff }), "after-sb-1pri 255"),
