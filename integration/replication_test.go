@@ -388,19 +388,19 @@ func TestReplication_ResyncRate(t *testing.T) {
 	c.sameData()
 }
 
-// TestReplication_ResyncInterrupted (P8): a resync of 16 MiB at 4 MiB/s
+// TestReplication_ResyncInterrupted (P8): a resync of 24 MiB at 2 MiB/s
 // is interrupted by a disconnect, a kill -9 of the SyncTarget and a
 // silent partition; each time it resumes where its last commit left it
 // instead of starting again, and the disks end equal.
 func TestReplication_ResyncInterrupted(t *testing.T) {
-	c := newCluster(t, 64*mib, "net { protocol C; } disk { c-plan-ahead 0; resync-rate 4M; }")
+	c := newCluster(t, 64*mib, "net { protocol C; } disk { c-plan-ahead 0; resync-rate 2M; }")
 	c.upBoth()
 	c.alpha.must("new-current-uuid", "--clear-bitmap", "r0")
 	c.beta.waitState(30*time.Second, "Connected", "UpToDate", "UpToDate")
 	c.alpha.must("primary", "r0")
 	c.dataSize = c.alpha.status().SizeBytes
 	c.beta.must("disconnect", "r0")
-	const total = 16 * mib
+	const total = 24 * mib
 	data := make([]byte, total)
 	rand.Read(data)
 	c.alpha.writeAt(4*mib, data)
