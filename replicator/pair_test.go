@@ -436,3 +436,87 @@ func TestPair_Csums(t *testing.T) {
 		})
 	}
 }
+
+// TestPair_AfterSBPolicies: a split brain after both nodes were Primary
+// apart (then demoted) is resolved by after-sb-0pri without an operator;
+// with the default it is not.
+func TestPair_AfterSBPolicies(t *testing.T) {
+	for _, tc := range []struct {
+		policy string
+		// alphaWrites and betaWrites: 4 KiB blocks each writes apart
+		alphaWrites, betaWrites int
+		survivor                string // "alpha", "beta", or "" when refused
+	}{
+		{"disconnect", 2, 1, ""},
+		{"discard-zero-changes", 3, 0, "alpha"},
+		{"discard-zero-changes", 0, 2, "beta"},
+		{"discard-least-changes", 1, 5, "beta"},
+		{"discard-least-changes", 6, 2, "alpha"},
+	} {
+		t.Run(fmt.Sprintf("%s %d/%d", tc.policy, tc.alphaWrites, tc.betaWrites), func(t *testing.T) {
+			p := newPair(t, fmt.Sprintf("net { protocol C; after-sb-0pri %s; } disk { c-plan-ahead 0; resync-rate 1G; }", tc.policy))
+			for _, r := range []*Resource{p.alpha, p.beta} {
+				if err := r.Connect(false); err != nil {
+					t.Fatal(err)
+				}
+			}
+			p.wait(p.beta, "Connected", func(s Snapshot) bool { return s.Conn == Connected })
+			if err := p.alpha.NewCurrentUUID(true); err != nil {
+				t.Fatal(err)
+			}
+			p.inSync()
+			for _, r := range []*Resource{p.alpha, p.beta} {
+				if err := r.Disconnect(); err != nil {
+					t.Fatal(err)
+				}
+			}
+			for i, r := range []*Resource{p.alpha, p.beta} {
+				if err := r.Primary(false); err != nil {
+					t.Fatal(err)
+				}
+				n := []int{tc.alphaWrites, tc.betaWrites}[i]
+				for b := range n {
+					blk := bytes.Repeat([]byte{byte(i + 1)}, 4096)
+					if err := r.WriteAt(blk, int64(i*64+b)*4096, false); err != nil {
+						t.Fatal(err)
+					}
+				}
+				if err := r.Secondary(); err != nil {
+					t.Fatal(err)
+				}
+			}
+			var before [2][]byte
+			for i, d := range p.disks {
+				b, err := os.ReadFile(d)
+				if err != nil {
+					t.Fatal(err)
+				}
+				before[i] = b[:p.alpha.Size()]
+			}
+			for _, r := range []*Resource{p.alpha, p.beta} {
+				if err := r.Connect(false); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if tc.survivor == "" {
+				for i, r := range []*Resource{p.alpha, p.beta} {
+					p.wait(r, "StandAlone", func(s Snapshot) bool { return s.Conn == StandAlone })
+					b, _ := os.ReadFile(p.disks[i])
+					if !bytes.Equal(b[:p.alpha.Size()], before[i]) {
+						t.Errorf("node %d's data changed after an unresolved split brain", i)
+					}
+					if !strings.Contains(p.logs[i].String(), "Split-Brain detected but unresolved, dropping connection!") {
+						t.Errorf("node %d did not log the unresolved split brain", i)
+					}
+				}
+				return
+			}
+			p.inSync()
+			p.same()
+			got, _ := os.ReadFile(p.disks[0])
+			if want := before[map[string]int{"alpha": 0, "beta": 1}[tc.survivor]]; !bytes.Equal(got[:p.alpha.Size()], want) {
+				t.Errorf("the disks agree, but not on %s's data from before the connect", tc.survivor)
+			}
+		})
+	}
+}
