@@ -251,6 +251,17 @@ func (c *cluster) initialSync() {
 	}
 }
 
+// skipInitialSync brings both nodes up, declares their fresh disks equal
+// (new-current-uuid --clear-bitmap on alpha) and makes alpha Primary.
+func (c *cluster) skipInitialSync() {
+	c.t.Helper()
+	c.upBoth()
+	c.alpha.must("new-current-uuid", "--clear-bitmap", "r0")
+	c.beta.waitState(30*time.Second, "Connected", "UpToDate", "UpToDate")
+	c.alpha.must("primary", "r0")
+	c.dataSize = c.alpha.status().SizeBytes
+}
+
 // sameData fails unless both disks hold the same data (the size agreed
 // is recorded at the initial sync).
 func (c *cluster) sameData() {

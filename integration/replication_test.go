@@ -167,15 +167,7 @@ func TestReplication_Failover(t *testing.T) {
 	c := newCluster(t, 64*mib, "net { protocol C; } disk { c-plan-ahead 0; resync-rate 500M; }")
 	c.initialSync()
 	w := newSeqWriter(t, 32*mib)
-	done := make(chan uint64, 1)
-	go func() { done <- w.run(c.alpha, -1) }()
-	eventually(t, time.Minute, "200 acknowledged writes", func() (bool, string) {
-		w.mu.Lock()
-		defer w.mu.Unlock()
-		return w.acked >= 200, fmt.Sprint(w.acked)
-	})
-	c.alpha.kill()
-	acked := <-done
+	acked := w.killDuring(c.alpha, 200)
 	c.beta.waitState(time.Minute, "WFConnection", "UpToDate", "DUnknown")
 	if s := w.check(c.beta); s < acked {
 		t.Fatalf("protocol C: beta holds writes up to %d, %d were acknowledged", s, acked)
@@ -204,15 +196,7 @@ func TestReplication_FailoverPrefix(t *testing.T) {
 	c := newCluster(t, 64*mib, "net { protocol A; } disk { c-plan-ahead 0; resync-rate 500M; }")
 	c.initialSync()
 	w := newSeqWriter(t, 32*mib)
-	done := make(chan uint64, 1)
-	go func() { done <- w.run(c.alpha, -1) }()
-	eventually(t, time.Minute, "300 acknowledged writes", func() (bool, string) {
-		w.mu.Lock()
-		defer w.mu.Unlock()
-		return w.acked >= 300, fmt.Sprint(w.acked)
-	})
-	c.alpha.kill()
-	acked := <-done
+	acked := w.killDuring(c.alpha, 300)
 	c.beta.waitState(time.Minute, "WFConnection", "UpToDate", "DUnknown")
 	s := w.check(c.beta)
 	t.Logf("acknowledged %d writes, beta holds the prefix up to %d", acked, s)
@@ -394,11 +378,7 @@ func TestReplication_ResyncRate(t *testing.T) {
 // instead of starting again, and the disks end equal.
 func TestReplication_ResyncInterrupted(t *testing.T) {
 	c := newCluster(t, 64*mib, "net { protocol C; } disk { c-plan-ahead 0; resync-rate 2M; }")
-	c.upBoth()
-	c.alpha.must("new-current-uuid", "--clear-bitmap", "r0")
-	c.beta.waitState(30*time.Second, "Connected", "UpToDate", "UpToDate")
-	c.alpha.must("primary", "r0")
-	c.dataSize = c.alpha.status().SizeBytes
+	c.skipInitialSync()
 	c.beta.must("disconnect", "r0")
 	const total = 24 * mib
 	data := make([]byte, total)
@@ -468,15 +448,7 @@ func TestReplication_CrashRestart(t *testing.T) {
 	c := newCluster(t, 64*mib, fmt.Sprintf("net { protocol A; } disk { al-extents %d; c-plan-ahead 0; resync-rate 500M; }", alExtents))
 	c.initialSync()
 	w := newSeqWriter(t, 48*mib)
-	done := make(chan uint64, 1)
-	go func() { done <- w.run(c.alpha, -1) }()
-	eventually(t, time.Minute, "300 acknowledged writes", func() (bool, string) {
-		w.mu.Lock()
-		defer w.mu.Unlock()
-		return w.acked >= 300, fmt.Sprint(w.acked)
-	})
-	c.alpha.kill()
-	acked := <-done
+	acked := w.killDuring(c.alpha, 300)
 	c.alpha.start()
 	c.alpha.must("up", "r0")
 	if s := w.check(c.alpha); s < acked {
@@ -503,11 +475,7 @@ func TestReplication_CrashRestart(t *testing.T) {
 // identical blocks were skipped.
 func TestReplication_ChecksumResync(t *testing.T) {
 	c := newCluster(t, 64*mib, "net { protocol A; csums-alg sha256; } disk { c-plan-ahead 0; resync-rate 500M; }")
-	c.upBoth()
-	c.alpha.must("new-current-uuid", "--clear-bitmap", "r0")
-	c.beta.waitState(30*time.Second, "Connected", "UpToDate", "UpToDate")
-	c.alpha.must("primary", "r0")
-	c.dataSize = c.alpha.status().SizeBytes
+	c.skipInitialSync()
 	c.beta.must("disconnect", "r0")
 	c.alpha.writeAt(8*mib, make([]byte, 24*mib)) // zeros over zeros: identical
 	fresh := make([]byte, mib)
@@ -538,11 +506,7 @@ func TestReplication_ChecksumResync(t *testing.T) {
 // writer, then once the link drains a resync brings beta back.
 func TestReplication_PullAhead(t *testing.T) {
 	c := newCluster(t, 64*mib, "net { protocol A; on-congestion pull-ahead; congestion-fill 256k; sndbuf-size 128k; } disk { c-plan-ahead 0; resync-rate 500M; }")
-	c.upBoth()
-	c.alpha.must("new-current-uuid", "--clear-bitmap", "r0")
-	c.beta.waitState(30*time.Second, "Connected", "UpToDate", "UpToDate")
-	c.alpha.must("primary", "r0")
-	c.dataSize = c.alpha.status().SizeBytes
+	c.skipInitialSync()
 	c.h.in(c.h.nsA, "tc", "qdisc", "add", "dev", c.h.devA, "root", "tbf", "rate", "1mbit", "burst", "10kb", "latency", "400ms")
 	start := time.Now()
 	for i := range 8 {

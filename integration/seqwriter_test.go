@@ -11,11 +11,13 @@ package integration
 
 import (
 	binenc "encoding/binary"
+	"fmt"
 	"hash/crc32"
 	"math/rand/v2"
 	"os"
 	"sync"
 	"testing"
+	"time"
 )
 
 const seqMagic = "NBMSEQ01"
@@ -79,6 +81,22 @@ func (w *seqWriter) run(n *rnode, count int) uint64 {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	return w.acked
+}
+
+// killDuring runs the writer on node's export until at least n writes
+// are acknowledged, kills the node's daemon (kill -9) and returns how many
+// writes were acknowledged in all.
+func (w *seqWriter) killDuring(node *rnode, n uint64) uint64 {
+	w.t.Helper()
+	done := make(chan uint64, 1)
+	go func() { done <- w.run(node, -1) }()
+	eventually(w.t, time.Minute, fmt.Sprintf("%d acknowledged writes", n), func() (bool, string) {
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		return w.acked >= n, fmt.Sprint(w.acked)
+	})
+	node.kill()
+	return <-done
 }
 
 // check reads the node's disk and asserts the consistent prefix; it

@@ -325,12 +325,18 @@ func TestCrash_Kill9(t *testing.T) {
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
 		}
-		killAt := time.Now().Add(time.Duration(50+r.IntN(250)) * time.Millisecond)
+		wait := time.Duration(r.IntN(250)) * time.Millisecond
 		sc := bufio.NewScanner(stdout)
 		done := make(chan struct{})
+		started := make(chan struct{}) // closed at the writer's first line: its metadata is in use
 		go func() {
 			defer close(done)
+			first := true
 			for sc.Scan() {
+				if first {
+					close(started)
+					first = false
+				}
 				fields := strings.Fields(sc.Text())
 				if len(fields) != 3 {
 					continue
@@ -343,7 +349,17 @@ func TestCrash_Kill9(t *testing.T) {
 				lines++
 			}
 		}()
-		time.Sleep(time.Until(killAt))
+		// The kill lands a random time after the writer began, however
+		// long a loaded machine takes to start it.
+		select {
+		case <-started:
+		case <-done:
+			t.Fatalf("round %d: the writer ended before writing", round)
+		case <-time.After(time.Minute):
+			cmd.Process.Kill()
+			t.Fatalf("round %d: the writer wrote nothing in a minute", round)
+		}
+		time.Sleep(wait)
 		cmd.Process.Signal(syscall.SIGKILL)
 		<-done
 		cmd.Wait()

@@ -98,6 +98,16 @@ func newPair(t *testing.T, opts string) *pair {
 	return p
 }
 
+// connect starts both nodes connecting.
+func (p *pair) connect() {
+	p.t.Helper()
+	for _, r := range []*Resource{p.alpha, p.beta} {
+		if err := r.Connect(false); err != nil {
+			p.t.Fatal(err)
+		}
+	}
+}
+
 // wait waits until cond holds for r's snapshot.
 func (p *pair) wait(r *Resource, what string, cond func(Snapshot) bool) {
 	p.t.Helper()
@@ -147,11 +157,7 @@ func TestPair_Lifecycle(t *testing.T) {
 	for _, proto := range []string{"A", "B", "C"} {
 		t.Run("protocol "+proto, func(t *testing.T) {
 			p := newPair(t, fmt.Sprintf("net { protocol %s; } disk { c-plan-ahead 0; resync-rate 1G; }", proto))
-			for _, r := range []*Resource{p.alpha, p.beta} {
-				if err := r.Connect(false); err != nil {
-					t.Fatal(err)
-				}
-			}
+			p.connect()
 			p.wait(p.beta, "Connected", func(s Snapshot) bool { return s.Conn == Connected })
 			if err := p.alpha.Primary(true); err != nil {
 				t.Fatal(err)
@@ -210,11 +216,7 @@ func TestPair_Lifecycle(t *testing.T) {
 // TestPair_Refusals: the admin refusals that need a peer.
 func TestPair_Refusals(t *testing.T) {
 	p := newPair(t, "net { protocol C; } disk { c-plan-ahead 0; resync-rate 1G; }")
-	for _, r := range []*Resource{p.alpha, p.beta} {
-		if err := r.Connect(false); err != nil {
-			t.Fatal(err)
-		}
-	}
+	p.connect()
 	stateErr(t, p.alpha.Connect(false), codeHasNetConfig, "(125) Device has a net-config (use disconnect first)")
 	p.wait(p.beta, "Connected", func(s Snapshot) bool { return s.Conn == Connected })
 	if err := p.alpha.Primary(true); err != nil {
@@ -368,11 +370,7 @@ func TestPair_HostilePeer(t *testing.T) {
 // controller's rate as want.
 func TestPair_Controller(t *testing.T) {
 	p := newPair(t, "net { protocol A; } disk { c-fill-target 2M; }")
-	for _, r := range []*Resource{p.alpha, p.beta} {
-		if err := r.Connect(false); err != nil {
-			t.Fatal(err)
-		}
-	}
+	p.connect()
 	p.wait(p.beta, "Connected", func(s Snapshot) bool { return s.Conn == Connected })
 	start := time.Now()
 	if err := p.alpha.Primary(true); err != nil {
@@ -399,11 +397,7 @@ func TestPair_Csums(t *testing.T) {
 	for _, alg := range []string{"sha256", "xxh64", "md5", "sha1", "crc32c"} {
 		t.Run(alg, func(t *testing.T) {
 			p := newPair(t, fmt.Sprintf("net { protocol C; csums-alg %s; } disk { c-plan-ahead 0; resync-rate 1G; }", alg))
-			for _, r := range []*Resource{p.alpha, p.beta} {
-				if err := r.Connect(false); err != nil {
-					t.Fatal(err)
-				}
-			}
+			p.connect()
 			p.wait(p.beta, "Connected", func(s Snapshot) bool { return s.Conn == Connected })
 			if err := p.alpha.NewCurrentUUID(true); err != nil {
 				t.Fatal(err)
@@ -455,11 +449,7 @@ func TestPair_AfterSBPolicies(t *testing.T) {
 	} {
 		t.Run(fmt.Sprintf("%s %d/%d", tc.policy, tc.alphaWrites, tc.betaWrites), func(t *testing.T) {
 			p := newPair(t, fmt.Sprintf("net { protocol C; after-sb-0pri %s; } disk { c-plan-ahead 0; resync-rate 1G; }", tc.policy))
-			for _, r := range []*Resource{p.alpha, p.beta} {
-				if err := r.Connect(false); err != nil {
-					t.Fatal(err)
-				}
-			}
+			p.connect()
 			p.wait(p.beta, "Connected", func(s Snapshot) bool { return s.Conn == Connected })
 			if err := p.alpha.NewCurrentUUID(true); err != nil {
 				t.Fatal(err)
@@ -493,11 +483,7 @@ func TestPair_AfterSBPolicies(t *testing.T) {
 				}
 				before[i] = b[:p.alpha.Size()]
 			}
-			for _, r := range []*Resource{p.alpha, p.beta} {
-				if err := r.Connect(false); err != nil {
-					t.Fatal(err)
-				}
-			}
+			p.connect()
 			if tc.survivor == "" {
 				for i, r := range []*Resource{p.alpha, p.beta} {
 					p.wait(r, "StandAlone", func(s Snapshot) bool { return s.Conn == StandAlone })

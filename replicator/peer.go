@@ -778,9 +778,7 @@ func (p *peer) receiveCommand(m wire.Command) error {
 		}
 		return p.startSync(false, m.Arg == 0, nil)
 	case wire.CmdResyncDone:
-		r.mu.Lock()
-		rs := r.rsRunning(p)
-		r.mu.Unlock()
+		rs := p.running()
 		if rs != nil && !rs.source && !rs.verify {
 			return p.resyncFailedAtSource(m.Arg)
 		}

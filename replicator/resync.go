@@ -90,11 +90,11 @@ func (r *Resource) rsRunning(p *peer) *resync {
 	return p.rs
 }
 
-// rsDone drops the resync of the current session; call with mu held.
-func (r *Resource) rsDone() {
-	if r.p != nil {
-		r.p.rs = nil
-	}
+// running returns the resync of session p, if it is the current session.
+func (p *peer) running() *resync {
+	p.r.mu.Lock()
+	defer p.r.mu.Unlock()
+	return p.r.rsRunning(p)
 }
 
 // startSync enters WFBitMapS (source) or WFBitMapT (target). With full
@@ -545,9 +545,7 @@ func csumsReply(reply wire.ResyncReply, buf, digests []byte, size int, digest fu
 // earlier lands first and one that arrives later lands after.
 func (p *peer) receiveResyncReply(m wire.ResyncReply) error {
 	r := p.r
-	r.mu.Lock()
-	rs := r.rsRunning(p)
-	r.mu.Unlock()
+	rs := p.running()
 	if rs == nil || rs.source || rs.verify {
 		return protoErr("resync data while not SyncTarget")
 	}
@@ -635,10 +633,7 @@ func (p *peer) writePresent(m wire.ResyncReply) error {
 // receiveResyncAck clears the source's bits of a range the target holds
 // durably.
 func (p *peer) receiveResyncAck(m wire.ResyncAck) error {
-	r := p.r
-	r.mu.Lock()
-	rs := r.rsRunning(p)
-	r.mu.Unlock()
+	rs := p.running()
 	if rs == nil || !rs.source {
 		return protoErr("resync ack while not SyncSource")
 	}
@@ -661,9 +656,7 @@ func (p *peer) receiveResyncAck(m wire.ResyncAck) error {
 // for the target to adopt (reference/drbd.md §4.2).
 func (p *peer) finishSource(failed uint64) error {
 	r := p.r
-	r.mu.Lock()
-	rs := r.rsRunning(p)
-	r.mu.Unlock()
+	rs := p.running()
 	if rs == nil || !rs.source {
 		return protoErr("resync end while not SyncSource")
 	}

@@ -145,9 +145,7 @@ func (p *peer) startVerifyTarget(from uint64) error {
 // serveVerify compares one block with VerifyS's digest (VerifyT).
 func (p *peer) serveVerify(m wire.VerifyRequest) error {
 	r := p.r
-	r.mu.Lock()
-	rs := r.rsRunning(p)
-	r.mu.Unlock()
+	rs := p.running()
 	if rs == nil || !rs.verify || rs.source {
 		return protoErr("verify request while not VerifyT")
 	}
@@ -180,9 +178,7 @@ func (p *peer) serveVerify(m wire.VerifyRequest) error {
 // verifyReply is VerifyT's answer for one block (VerifyS, control stream).
 func (p *peer) verifyReply(m wire.VerifyReply) error {
 	r := p.r
-	r.mu.Lock()
-	rs := r.rsRunning(p)
-	r.mu.Unlock()
+	rs := p.running()
 	if rs == nil || !rs.verify || !rs.source {
 		return protoErr("verify reply while not VerifyS")
 	}
@@ -211,10 +207,7 @@ func (p *peer) verifyReply(m wire.VerifyReply) error {
 
 // verifyTargetDone ends VerifyT.
 func (p *peer) verifyTargetDone(found uint64) error {
-	r := p.r
-	r.mu.Lock()
-	rs := r.rsRunning(p)
-	r.mu.Unlock()
+	rs := p.running()
 	if rs == nil || !rs.verify || rs.source {
 		return protoErr("verify end while not VerifyT")
 	}
