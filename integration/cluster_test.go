@@ -9,12 +9,15 @@ package integration
 // both from the test's own namespace.
 
 import (
+	"bufio"
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -124,60 +127,84 @@ func (n *rnode) must(args ...string) string {
 	return out
 }
 
-// rstatus is the part of `status --json` these tests read.
+// rstatus is the part of `status --json` (and of each `events` line)
+// these tests read.
 type rstatus struct {
-	Role, PeerRole, CState, Disk, PeerDisk string
-	SizeBytes                              int64
-	OutOfSyncBytes                         uint64
-	Counters                               struct{ NS, NR, DW, DR uint64 }
-	UUIDs                                  struct{ Current, Bitmap string }
+	Event          string `json:"event"` // events only: exists, change
+	Role           string `json:"role"`
+	PeerRole       string `json:"peer_role"`
+	CState         string `json:"cstate"`
+	Disk           string `json:"disk"`
+	PeerDisk       string `json:"peer_disk"`
+	SizeBytes      int64  `json:"size_bytes"`
+	OutOfSyncBytes uint64 `json:"out_of_sync_bytes"`
+	Counters       struct {
+		NS uint64 `json:"ns"` // KiB sent to the peer
+		NR uint64 `json:"nr"`
+		DW uint64 `json:"dw"` // KiB written to the disk
+		DR uint64 `json:"dr"`
+	} `json:"counters"`
+	UUIDs struct {
+		Current string `json:"current"`
+		Bitmap  string `json:"bitmap"`
+	} `json:"uuids"`
 }
 
 func (n *rnode) status() rstatus {
 	n.t.Helper()
 	out := n.must("status", "--json", "r0")
-	var raw []struct {
-		Role           string `json:"role"`
-		PeerRole       string `json:"peer_role"`
-		CState         string `json:"cstate"`
-		Disk           string `json:"disk"`
-		PeerDisk       string `json:"peer_disk"`
-		SizeBytes      int64  `json:"size_bytes"`
-		OutOfSyncBytes uint64 `json:"out_of_sync_bytes"`
-		Counters       struct {
-			NS uint64 `json:"ns"`
-			NR uint64 `json:"nr"`
-			DW uint64 `json:"dw"`
-			DR uint64 `json:"dr"`
-		} `json:"counters"`
-		UUIDs struct {
-			Current string `json:"current"`
-			Bitmap  string `json:"bitmap"`
-		} `json:"uuids"`
-	}
-	if err := json.Unmarshal([]byte(out), &raw); err != nil || len(raw) != 1 {
+	var st []rstatus
+	if err := json.Unmarshal([]byte(out), &st); err != nil || len(st) != 1 {
 		n.t.Fatalf("%s: status --json: %v\n%s", n.name, err, out)
 	}
-	s := raw[0]
-	st := rstatus{Role: s.Role, PeerRole: s.PeerRole, CState: s.CState, Disk: s.Disk, PeerDisk: s.PeerDisk,
-		SizeBytes: s.SizeBytes, OutOfSyncBytes: s.OutOfSyncBytes}
-	st.Counters.NS, st.Counters.NR, st.Counters.DW, st.Counters.DR = s.Counters.NS, s.Counters.NR, s.Counters.DW, s.Counters.DR
-	st.UUIDs.Current, st.UUIDs.Bitmap = s.UUIDs.Current, s.UUIDs.Bitmap
-	return st
+	return st[0]
 }
 
-// waitState waits until the node's connection and disk states are the
-// given ones ("" = any), failing on a forbidden state in the log.
+// waitState waits, reading the node's `events --now` stream, until its
+// connection and disk states are the given ones ("" = any). It fails at
+// the deadline, on a ProtocolError in the stream, and on a panic, data
+// race or protocol error in the daemon's log.
 func (n *rnode) waitState(timeout time.Duration, cstate, disk, peerDisk string) rstatus {
 	n.t.Helper()
-	var st rstatus
-	eventually(n.t, timeout, fmt.Sprintf("%s: %s %s/%s", n.name, cstate, disk, peerDisk), func() (bool, string) {
-		n.checkLog()
-		st = n.status()
-		ok := (cstate == "" || st.CState == cstate) && (disk == "" || st.Disk == disk) && (peerDisk == "" || st.PeerDisk == peerDisk)
-		return ok, fmt.Sprintf("%+v", st)
-	})
-	return st
+	n.checkLog()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, binary, "--config", n.conf, "--node", n.name, "--run-dir", n.run_, "events", "--now", "r0")
+	cmd.Env = append(os.Environ(), "GORACE="+strings.TrimSpace(os.Getenv("GORACE")+" atexit_sleep_ms=0"))
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		n.t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		n.t.Fatal(err)
+	}
+	defer cmd.Wait()
+	defer cancel()
+	sc := bufio.NewScanner(out)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	var last rstatus
+	seen := 0
+	for sc.Scan() {
+		var st rstatus
+		if err := json.Unmarshal(sc.Bytes(), &st); err != nil {
+			n.t.Fatalf("%s: events: %v: %s", n.name, err, sc.Text())
+		}
+		if st.Event == "overflow" {
+			n.t.Fatalf("%s: events: %s", n.name, sc.Text())
+		}
+		seen++
+		last = st
+		if st.CState == "ProtocolError" {
+			n.t.Fatalf("%s: ProtocolError in the event stream: %s", n.name, sc.Text())
+		}
+		if (cstate == "" || st.CState == cstate) && (disk == "" || st.Disk == disk) && (peerDisk == "" || st.PeerDisk == peerDisk) {
+			n.checkLog()
+			return st
+		}
+	}
+	n.checkLog()
+	n.t.Fatalf("%s: %s %s/%s: not within %v (%d events, the last %+v)", n.name, cstate, disk, peerDisk, timeout, seen, last)
+	return last
 }
 
 // checkLog fails the test on a panic, a data race or a protocol error.
