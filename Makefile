@@ -48,7 +48,7 @@ lint: ## gofmt and go vet (with and without the integration tag)
 	$(GO) vet ./...
 	$(GO) vet -tags integration ./...
 
-bench: deps build ## benchmarks against qemu-nbd, nbdkit and nbd-server, and of the resource path; updates BENCHMARKS.md
+bench: deps build ## benchmarks against qemu-nbd, nbdkit and nbd-server, of the resource path and of two-node replication (root); updates BENCHMARKS.md
 	./scripts/bench.sh
 
 demo: deps build ## two nodes on loopback: initial sync, ext4 on the Primary, disconnect and resync, switchover, disks compared (root)

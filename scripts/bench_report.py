@@ -7,8 +7,10 @@ Replaces the text between the markers of the "NBD front end" section (or
 appends the section) with medians over rounds, ratios against nbdkit, the
 1 ms latency scaling table, the machine and the commands; likewise the
 "Resource write path" section (ratios against `nbdmirror serve`, activity-log
-transactions per 1,000 writes), the bitmap and metadata section and the peer
-transport section, each only when its part ran.
+transactions per 1,000 writes), the bitmap and metadata section, the peer
+transport section and the "Replication" section (fio alone / protocol A /
+protocol C, replication lag, resync against rsync), each only when its part
+ran.
 """
 import datetime
 import glob
@@ -28,6 +30,8 @@ TR_START = "<!-- bench:transport:start -->"
 TR_END = "<!-- bench:transport:end -->"
 RES_START = "<!-- bench:resource:start -->"
 RES_END = "<!-- bench:resource:end -->"
+REP_START = "<!-- bench:replication:start -->"
+REP_END = "<!-- bench:replication:end -->"
 
 
 def load(outdir, sub="json"):
@@ -324,6 +328,293 @@ def resource_section(outdir):
     return "\n".join(lines)
 
 
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_text(path, default=""):
+    if not os.path.exists(path):
+        return default
+    with open(path) as f:
+        return f.read().strip()
+
+
+def rounds_of(pattern):
+    """{round: path} of the files matching pattern (with {} for the round)."""
+    out = {}
+    name = re.compile(re.escape(os.path.basename(pattern)).replace(r"\{\}", r"(\d+)"))
+    for path in glob.glob(pattern.format("*")):
+        m = name.fullmatch(os.path.basename(path))
+        if m:
+            out[int(m.group(1))] = path
+    return dict(sorted(out.items()))
+
+
+def mib(n):
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def secs(t):
+    return f"{t * 1000:,.0f} ms" if t < 10 else f"{t:,.1f} s"
+
+
+def rsync_stat(text, name):
+    m = re.search(rf"^{re.escape(name)}: ([\d,]+)", text, re.M)
+    return int(m.group(1).replace(",", "")) if m else None
+
+
+def log_field(line, key):
+    m = re.search(rf"\b{key}=(\S+)", line)
+    return float(m.group(1)) if m else None
+
+
+def replication_section(outdir):
+    rdir = os.path.join(outdir, "replication")
+    runs = load(outdir, "replication/json")
+    lags = rounds_of(os.path.join(rdir, "lag.r{}.json"))
+    bitmap = rounds_of(os.path.join(rdir, "resync.bitmap.r{}.json"))
+    if not runs and not lags and not bitmap:
+        return None
+    lines = [REP_START, "## Replication (two nodes)", ""] + machine()
+    for name in ("version.txt", "rsync-version.txt"):
+        v = read_text(os.path.join(rdir, name))
+        if v:
+            lines.append(f"- {' '.join(v.splitlines()[0].split())}")
+    took = read_text(os.path.join(rdir, "seconds.txt"))
+    load_start = read_text(os.path.join(rdir, "loadavg.start")).split()[:3]
+    load_end = read_text(os.path.join(rdir, "loadavg.end")).split()[:3]
+    if took:
+        lines.append(f"- `BENCH=replication make bench` took {int(took) / 60:.1f} min; load average "
+                     f"{' '.join(load_start)} before, {' '.join(load_end)} after")
+    lines += [
+        "",
+        "alpha and beta are two node daemons (`nbdmirror daemon`, log level info), each in its own network "
+        "namespace, joined by a veth pair with 10.x addresses; each has a 1 GiB disk file with internal "
+        "metadata (a data area of 1,023 MiB). fio and the admin verbs run in the script's namespace and "
+        "reach alpha's export and both control sockets through their Unix sockets, so the NBD path is the "
+        "same in every configuration. Both nodes and fio share the machine's CPUs. Peer options: "
+        "`c-plan-ahead 0; resync-rate 4G` (the limiter never limits), everything else default "
+        "(al-extents 1237, max-epoch-size 2048, no link compression, no shared secret).",
+    ]
+
+    # 1. fio
+    if runs:
+        n = max(len(v) for v in runs.values())
+        lines += [
+            "",
+            "### Write throughput: alone, protocol A, protocol C",
+            "",
+            "fio's nbd engine on `nbd+unix:///r0?socket=<alpha>/nbd.sock`, one connection, over the first "
+            "1000 MiB, RUNTIME seconds per job. *alone*: only alpha's daemon, `up`, `disconnect` "
+            "(StandAlone), `primary --force` — the resource path of the section above. *protocol A / C*: "
+            "both daemons, `up`, `wait-connect`, `new-current-uuid --clear-bitmap` on alpha (skips the "
+            "initial sync), `primary` on alpha. Every configuration and round gets fresh sparse disks, "
+            "`create-md` and new daemons; the configurations alternate with the order rotated each round; "
+            "with a peer, the 1 MiB job starts once alpha's pe is back to 0. Medians of "
+            f"{n} round{'s' if n != 1 else ''}. Targets (this 2-CPU machine runs both nodes and fio): protocol A ≥ 0.5 × alone, "
+            "protocol C ≥ 0.35 × alone.",
+            "",
+            "| job | configuration | IOPS | MiB/s | mean lat µs | p99 lat µs | IOPS ÷ alone | p99 ÷ alone "
+            "| rounds (IOPS) |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        verdicts = []
+        for rw, bs, qd, title in (("randwrite", "4k", "qd32", "4 KiB random write, iodepth 32"),
+                                  ("write", "1M", "qd8", "1 MiB sequential write, iodepth 8")):
+            base = runs.get(("alone", rw, bs, qd))
+            for cfg, label, target in (("alone", "alone (StandAlone)", None), ("protoA", "protocol A", 0.5),
+                                       ("protoC", "protocol C", 0.35)):
+                r = runs.get((cfg, rw, bs, qd))
+                if not r:
+                    continue
+                ratio = p99r = ""
+                if base:
+                    q = med(r, "iops") / med(base, "iops")
+                    ratio, p99r = f"{q:.2f}×", f"{med(r, 'p99_us') / med(base, 'p99_us'):.2f}×"
+                    if target:
+                        verdicts.append(f"{title}, {label}: {ratio} alone ({med(r, 'iops'):,.0f} vs "
+                                        f"{med(base, 'iops'):,.0f} IOPS), p99 {p99r} — "
+                                        f"{'meets' if q >= target else 'MISSES'} the target (≥ {target}×)")
+                each = " / ".join(f"{x['iops']:,.0f}" for x in r)
+                lines.append(f"| {title} | {label} | {med(r, 'iops'):,.0f} | {med(r, 'mibs'):,.0f} | "
+                             f"{med(r, 'mean_us'):,.0f} | {med(r, 'p99_us'):,.0f} | {ratio} | {p99r} | {each} |")
+        lines += ["", "Verdict:", ""] + [f"- {v}" for v in verdicts]
+
+    # 2. lag
+    if lags:
+        lines += [
+            "",
+            "### Replication lag after a burst (protocol A)",
+            "",
+            "fio 4 KiB random writes, iodepth 32, for 10 s on a freshly connected pair; then alpha's `pe` "
+            "(writes awaiting a barrier ack) and beta's `dw` are read from the control sockets "
+            "(`GET /v1/status`, about 1 ms a poll) every 10 ms until pe is 0 and dw has not changed for "
+            "1 s. The lag is the time from fio's exit to the first poll with pe 0 and dw at its final "
+            "value; beta's dw growth is checked against alpha's (every write arrived). Target: < 1 s.",
+            "",
+            "| round | IOPS during the burst | pe at fio's end | beta behind at fio's end | lag "
+            "| beta dw = alpha dw |",
+            "|---:|---:|---:|---:|---:|---|",
+        ]
+        vals = []
+        for rnd, path in lags.items():
+            d = read_json(path)
+            fio_path = path[: -len(".json")] + ".fio.json"
+            iops = "–"
+            if os.path.exists(fio_path):
+                iops = f"{read_json(fio_path)['jobs'][0]['write']['iops']:,.0f}"
+            lag = d["lag_s"]
+            if lag is not None:
+                vals.append(lag)
+            same = "yes" if d["beta_dw_kib"] == d["alpha_dw_kib"] else \
+                f"NO ({d['beta_dw_kib']:,} of {d['alpha_dw_kib']:,} KiB)"
+            lines.append(f"| {rnd} | {iops} | {d['pe_at_end']:,} writes | {mib(d['behind_kib_at_end'] * 1024)} | "
+                         f"{secs(lag) if lag is not None else 'not caught up in 120 s'} | {same} |")
+        if vals and len(vals) == len(lags):
+            m = statistics.median(vals)
+            lines += ["", "Verdict:", "",
+                      f"- median lag {secs(m)} — {'meets' if m < 1 else 'MISSES'} the target (< 1 s)"]
+        else:
+            lines += ["", "Verdict:", "", "- beta did not catch up in some round — MISSES the target (< 1 s)"]
+
+    # 3. resync
+    csums = rounds_of(os.path.join(rdir, "resync.csums.r{}.json"))
+    rsyncs = rounds_of(os.path.join(rdir, "rsync.r{}.json"))
+    if bitmap or csums or rsyncs:
+        size = None
+        rows = {}
+        for method, paths in (("bitmap", bitmap), ("csums", csums)):
+            for rnd, path in paths.items():
+                d = read_json(path)
+                size = d["size"]
+                changed = read_text(path[: -len(".json")] + ".changed").split()
+                logline = read_text(path[: -len(".json")] + ".log")
+                vb, va = [int(x) for x in d["veth_before"].split()], [int(x) for x in d["veth_after"].split()]
+                rows.setdefault(method, []).append({
+                    "round": rnd,
+                    "time": d["t_uptodate"] - d["t0"],
+                    "waitsync": d["t_waitsync"] - d["t0"],
+                    "state": d["state_at_waitsync"],
+                    "sent": d["ns_alpha_kib"] * 1024,
+                    "recv": d["ns_beta_kib"] * 1024,
+                    "veth_tx": va[0] - vb[0],
+                    "veth_rx": va[1] - vb[1],
+                    "identical": d["identical"],
+                    "blocks": int(changed[0]) if changed else None,
+                    "marked": int(changed[1]) if len(changed) > 1 else None,
+                    "equal": log_field(logline, "equal_checksum_bytes"),
+                    "transferred": log_field(logline, "transferred_bytes"),
+                    "daemon_s": log_field(logline, "seconds"),
+                })
+        for rnd, path in rsyncs.items():
+            d = read_json(path)
+            stats = read_text(os.path.join(rdir, f"rsync.r{rnd}.stats"))
+            rows.setdefault("rsync", []).append({
+                "round": rnd,
+                "time": d["t_rsync"] - d["t0"],
+                "fsync": d["t_fsync"] - d["t_rsync"],
+                "sent": rsync_stat(stats, "Total bytes sent"),
+                "recv": rsync_stat(stats, "Total bytes received"),
+                "literal": rsync_stat(stats, "Literal data"),
+                "matched": rsync_stat(stats, "Matched data"),
+                "identical": d["identical"],
+            })
+        mdn = lambda method, key: statistics.median(x[key] for x in rows[method])  # noqa: E731
+        first = (rows.get("bitmap") or rows.get("csums") or [{}])[0]
+        blocks = first.get("blocks")
+        lines += [
+            "",
+            "### Resync of 1 % of the blocks, against rsync",
+            "",
+            "Both disks start as copies of one 1 GiB file of seeded random data (`create-md` on each, "
+            "`new-current-uuid --clear-bitmap`: in sync without a resync), alpha Primary. beta "
+            "disconnects; then "
+            + (f"{blocks:,} random 4 KiB blocks (1 % of the data area's, the same seeded choice every "
+               f"time, {mib(blocks * 4096)})" if blocks else "1 % of the 4 KiB blocks")
+            + " get new random data through alpha's export (libnbd, one NBD write each, then a flush). "
+            "*bitmap*: beta `connect`s; the blocks marked in alpha's bitmap are resynced. *csums*: the "
+            "same with `csums-alg sha256` in the configuration, and beta runs `invalidate` before "
+            "`connect`: a full resync in which beta sends digests of what it requests and alpha sends data "
+            "only where they differ (beta's log counts the bytes found equal). Time: from `connect` until beta is Connected and UpToDate (polled "
+            "every 10 ms; `wait-connect` and `wait-sync` run in between). Bytes: `ns` of both daemons "
+            "(their peer-protocol messages, before transport framing), and alpha's veth counters (IP "
+            "packets both ways) as a cross-check. *rsync*: `rsync --inplace --no-whole-file "
+            "--ignore-times --stats` of alpha's disk file (after the bitmap resync, daemons stopped) onto "
+            "a copy of beta's taken right after it disconnected — the same two files, local, two "
+            "processes on a pipe; bytes are its \"Total bytes sent/received\"; the time is the rsync "
+            "command alone (the `sync FILE` after it, which makes its writes durable as a resync's "
+            "are, is listed apart and not counted). Fairness: before every timed run, `sync`, then both "
+            "files of the run are read through the page cache (`cat > /dev/null`): all three start "
+            "with both files cached and nothing being written back, so none waits for the disk on "
+            "reads; the page cache is not dropped. The disks are compared after every run (`cmp`).",
+            "",
+            "| method | time | sent (source → target) | received (target → source) | total bytes "
+            "| total ÷ data area | time ÷ rsync | rounds (time) |",
+            "|---|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        labels = {"bitmap": "bitmap resync", "csums": "csums resync (sha256, after invalidate)",
+                  "rsync": "rsync --inplace --no-whole-file"}
+        rs_time = mdn("rsync", "time") if rows.get("rsync") else None
+        for method in ("bitmap", "csums", "rsync"):
+            if not rows.get(method):
+                continue
+            t, sent, recv = mdn(method, "time"), mdn(method, "sent"), mdn(method, "recv")
+            total = statistics.median(x["sent"] + x["recv"] for x in rows[method])
+            denom = size if method != "rsync" or not size else 2**30
+            share = f"{100 * total / denom:.2f} %" if denom else "–"
+            tr = f"{t / rs_time:.2f}×" if rs_time else "–"
+            each = " / ".join(secs(x["time"]) for x in rows[method])
+            lines.append(f"| {labels[method]} | {secs(t)} | {mib(sent)} | {mib(recv)} | {mib(total)} | {share} | "
+                         f"{tr} | {each} |")
+        lines += ["", "Details (medians):", ""]
+        for method in ("bitmap", "csums"):
+            if not rows.get(method):
+                continue
+            r = rows[method]
+            veth = statistics.median(x["veth_tx"] + x["veth_rx"] for x in r)
+            early = [x for x in r if x["state"] != "Connected UpToDate"]
+            d = (f"- {labels[method]}: alpha's veth carried {mib(veth)} (both ways); "
+                 f"beta's log: {statistics.median(x['daemon_s'] or 0 for x in r):.3f} s from the sync UUID "
+                 f"to the end, {mib(statistics.median(x['transferred'] or 0 for x in r))} of data received")
+            if method == "csums":
+                d += f", {mib(statistics.median(x['equal'] or 0 for x in r))} found equal by checksum"
+            d += (f"; alpha marked {mib(statistics.median(x['marked'] or 0 for x in r))} before the connect; "
+                  f"`wait-sync` returned after {secs(statistics.median(x['waitsync'] for x in r))}")
+            if early:
+                d += f" (in {len(early)} of {len(r)} rounds before beta was UpToDate: " \
+                     + ", ".join(x["state"] for x in early) + ")"
+            bad = [x["round"] for x in r if x["identical"] != "yes"]
+            d += "; disks identical afterwards in every round" if not bad else \
+                f"; DISKS DIFFER afterwards in rounds {bad}"
+            lines.append(d)
+        if rows.get("rsync"):
+            r = rows["rsync"]
+            bad = [x["round"] for x in r if x["identical"] != "yes"]
+            lines.append(f"- rsync: literal data {mib(mdn('rsync', 'literal'))}, matched data "
+                         f"{mib(mdn('rsync', 'matched'))}; the `sync FILE` after it took "
+                         f"{secs(mdn('rsync', 'fsync'))}; "
+                         + ("files identical afterwards in every round" if not bad else
+                            f"FILES DIFFER afterwards in rounds {bad}"))
+        verdicts = []
+        if rs_time and rows.get("bitmap"):
+            q = mdn("bitmap", "time") / rs_time
+            verdicts.append(f"bitmap resync time ÷ rsync time: {q:.2f}× — "
+                            f"{'meets' if q <= 0.2 else 'MISSES'} the target (≤ 0.2×)")
+        if rs_time and rows.get("csums"):
+            q = mdn("csums", "time") / rs_time
+            verdicts.append(f"csums resync time ÷ rsync time: {q:.2f}× — "
+                            f"{'meets' if q <= 1.0 else 'MISSES'} the target (≤ 1.0×)")
+        if rows.get("csums") and size:
+            total = statistics.median(x["sent"] + x["recv"] for x in rows["csums"])
+            q = total / size
+            verdicts.append(f"csums resync bytes on the wire ÷ data area: {100 * q:.2f} % — "
+                            f"{'meets' if q <= 0.02 else 'MISSES'} the target (≤ 2 %)")
+        lines += ["", "Verdict:", ""] + [f"- {v}" for v in verdicts]
+    lines += ["", REP_END]
+    return "\n".join(lines)
+
+
 def replace(text, start, end, new):
     if start in text and end in text:
         return re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: new, text, flags=re.S)
@@ -344,6 +635,9 @@ def main():
     res = resource_section(outdir)
     if res:
         text = replace(text, RES_START, RES_END, res)
+    rep = replication_section(outdir)
+    if rep:
+        text = replace(text, REP_START, REP_END, rep)
     with open(md, "w") as f:
         f.write(text)
 
