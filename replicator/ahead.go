@@ -55,7 +55,7 @@ func (r *Resource) goAhead(p *peer, why string) {
 	r.setConn(Ahead)
 	r.mu.Unlock()
 	r.change()
-	p.tl.barrierNow(false)
+	p.tl.barrierNow(false, false)
 	if !p.sendAfterHello(func() wire.Message { return wire.Command{Code: wire.CmdAhead} }) {
 		return
 	}

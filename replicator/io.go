@@ -195,7 +195,7 @@ func (r *Resource) Flush() error {
 	if x.tl == nil {
 		return nil
 	}
-	done := x.tl.barrierNow(false)
+	done := x.tl.barrierNow(false, true)
 	if x.c && done != nil {
 		<-done
 	}

@@ -280,7 +280,7 @@ func (r *Resource) demotePeerSync() {
 	if p == nil || !p.sendState() {
 		return
 	}
-	done := p.tl.barrierNow(true)
+	done := p.tl.barrierNow(true, true)
 	if done == nil {
 		return
 	}

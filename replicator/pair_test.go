@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"testing/fstest"
@@ -29,14 +30,20 @@ type pair struct {
 	logs        [2]*logBuf
 }
 
-func freePort(t *testing.T) int {
+// freePorts returns two distinct free ports (both listeners are open at
+// once, so the kernel cannot hand out the same one twice).
+func freePorts(t *testing.T) (int, int) {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	var ports [2]int
+	for i := range ports {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer l.Close()
+		ports[i] = l.Addr().(*net.TCPAddr).Port
 	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
+	return ports[0], ports[1]
 }
 
 func newPair(t *testing.T, opts string) *pair {
@@ -52,9 +59,10 @@ func newPair(t *testing.T, opts string) *pair {
 			t.Fatal(err)
 		}
 	}
+	portA, portB := freePorts(t)
 	src := fmt.Sprintf(`resource r0 { %s
   on alpha { disk %s; meta-disk internal; address 127.0.0.1:%d; }
-  on beta { disk %s; meta-disk internal; address 127.0.0.1:%d; } }`, opts, p.disks[0], freePort(t), p.disks[1], freePort(t))
+  on beta { disk %s; meta-disk internal; address 127.0.0.1:%d; } }`, opts, p.disks[0], portA, p.disks[1], portB)
 	c, err := config.Parse(fstest.MapFS{"r.conf": {Data: []byte(src)}}, "r.conf", "")
 	if err != nil {
 		t.Fatal(err)
@@ -108,6 +116,15 @@ func (p *pair) connect() {
 	}
 }
 
+// connected waits until both nodes are Connected: each ends its own
+// handshake, so one being Connected says nothing about the other.
+func (p *pair) connected() {
+	p.t.Helper()
+	for _, r := range []*Resource{p.alpha, p.beta} {
+		p.wait(r, "Connected", func(s Snapshot) bool { return s.Conn == Connected })
+	}
+}
+
 // wait waits until cond holds for r's snapshot.
 func (p *pair) wait(r *Resource, what string, cond func(Snapshot) bool) {
 	p.t.Helper()
@@ -158,7 +175,7 @@ func TestPair_Lifecycle(t *testing.T) {
 		t.Run("protocol "+proto, func(t *testing.T) {
 			p := newPair(t, fmt.Sprintf("net { protocol %s; } disk { c-plan-ahead 0; resync-rate 1G; }", proto))
 			p.connect()
-			p.wait(p.beta, "Connected", func(s Snapshot) bool { return s.Conn == Connected })
+			p.connected()
 			if err := p.alpha.Primary(true); err != nil {
 				t.Fatal(err)
 			}
@@ -218,7 +235,7 @@ func TestPair_Refusals(t *testing.T) {
 	p := newPair(t, "net { protocol C; } disk { c-plan-ahead 0; resync-rate 1G; }")
 	p.connect()
 	stateErr(t, p.alpha.Connect(false), codeHasNetConfig, "(125) Device has a net-config (use disconnect first)")
-	p.wait(p.beta, "Connected", func(s Snapshot) bool { return s.Conn == Connected })
+	p.connected()
 	if err := p.alpha.Primary(true); err != nil {
 		t.Fatal(err)
 	}
@@ -289,6 +306,86 @@ func (f *fakePeer) send(t *testing.T, m wire.Message) {
 	}
 }
 
+// connectFake returns a pair whose alpha, UpToDate with a generation of
+// its own, is Connected to a fake beta in state st, speaking protocol C.
+func connectFake(t *testing.T, st wire.State) (*pair, *fakePeer) {
+	t.Helper()
+	p := newPair(t, "net { protocol C; } disk { c-plan-ahead 0; resync-rate 1G; }")
+	if err := p.alpha.NewCurrentUUID(true); err != nil { // a generation of its own
+		t.Fatal(err)
+	}
+	p.alpha.md.UpdateSuperblock(func(sb *metadisk.Superblock) {
+		sb.Flags |= metadisk.FlagConsistent | metadisk.FlagWasUpToDate
+	})
+	// Attached again, the disk is UpToDate: the handshake then finds the
+	// fake peer's equal generation and goes Connected.
+	if err := p.alpha.Detach(); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.alpha.Attach(); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.alpha.Connect(false); err != nil {
+		t.Fatal(err)
+	}
+	f := newFakePeer(t, p, st)
+	p.wait(p.alpha, "Connected", func(s Snapshot) bool { return s.Conn == Connected })
+	return p, f
+}
+
+// TestPair_BarrierAcks: the Secondary acks every epoch, in order, with its
+// count of writes, once its writes are on the disk; an empty epoch closed
+// by a flush is acked too; and ep counts the epochs not yet acked.
+func TestPair_BarrierAcks(t *testing.T) {
+	p, f := connectFake(t, wire.State{Role: uint8(RolePrimary), Disk: uint8(UpToDate)})
+	block := func(b byte) []byte { return bytes.Repeat([]byte{b}, 4096) }
+	msgs := []wire.Message{
+		wire.Write{Seq: 1, Epoch: 1, Offset: 0, Length: 4096, Data: block(1)},
+		wire.Write{Seq: 2, Epoch: 1, Offset: 8192, Length: 4096, Data: block(2)},
+		wire.Barrier{Epoch: 1, Writes: 2},
+		wire.Write{Seq: 3, Epoch: 2, Offset: 0, Length: 4096, Data: block(3)}, // overwrites seq 1
+		wire.Barrier{Epoch: 2, Writes: 1},
+		wire.Barrier{Epoch: 3, Writes: 0, Flags: wire.BarrierFlush},
+		wire.Write{Seq: 4, Epoch: 4, Offset: 4096, Length: 4096, Data: block(4), Flags: wire.WriteFUA},
+		wire.Barrier{Epoch: 4, Writes: 1, Flags: wire.BarrierFlush},
+	}
+	for _, m := range msgs {
+		f.send(t, m)
+	}
+	want := []wire.BarrierAck{{Epoch: 1, Writes: 2}, {Epoch: 2, Writes: 1}, {Epoch: 3, Writes: 0}, {Epoch: 4, Writes: 1}}
+	var got []wire.BarrierAck
+	for len(got) < len(want) {
+		m, err := f.s.Recv(transport.Control)
+		if err != nil {
+			t.Fatalf("after barrier acks %v: %v", got, err)
+		}
+		msg, err := wire.Decode(m.Type, m.Payload)
+		if err != nil {
+			t.Fatal(err)
+		}
+		switch msg := msg.(type) {
+		case wire.BarrierAck:
+			got = append(got, msg)
+		case wire.WriteAck: // protocol C: before its epoch's barrier ack
+		default:
+			t.Fatalf("unexpected %T on the control stream", msg)
+		}
+	}
+	if !slices.Equal(got, want) {
+		t.Fatalf("barrier acks %v, want %v", got, want)
+	}
+	b, err := os.ReadFile(p.disks[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(b[:12288], slices.Concat(block(3), block(4), block(2))) {
+		t.Errorf("the disk does not hold the epochs' writes in order")
+	}
+	if ep := p.alpha.Snapshot().Counters.EP; ep != 1 {
+		t.Errorf("ep %d once every epoch is acked, want 1", ep)
+	}
+}
+
 // TestPair_HostilePeer: messages a peer must not send in the state the
 // node is in end the session as a protocol error, and no write is applied.
 func TestPair_HostilePeer(t *testing.T) {
@@ -324,26 +421,7 @@ func TestPair_HostilePeer(t *testing.T) {
 		}, "message type 16 on the data stream"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			p := newPair(t, "net { protocol C; } disk { c-plan-ahead 0; resync-rate 1G; }")
-			if err := p.alpha.NewCurrentUUID(true); err != nil { // a generation of its own
-				t.Fatal(err)
-			}
-			p.alpha.md.UpdateSuperblock(func(sb *metadisk.Superblock) {
-				sb.Flags |= metadisk.FlagConsistent | metadisk.FlagWasUpToDate
-			})
-			// Attached again, the disk is UpToDate: the handshake then finds
-			// the fake peer's equal generation and goes Connected.
-			if err := p.alpha.Detach(); err != nil {
-				t.Fatal(err)
-			}
-			if err := p.alpha.Attach(); err != nil {
-				t.Fatal(err)
-			}
-			if err := p.alpha.Connect(false); err != nil {
-				t.Fatal(err)
-			}
-			f := newFakePeer(t, p, tc.state)
-			p.wait(p.alpha, "Connected", func(s Snapshot) bool { return s.Conn == Connected })
+			p, f := connectFake(t, tc.state)
 			for _, m := range tc.msgs(uint64(p.alpha.Size())) {
 				f.send(t, m)
 			}
@@ -371,7 +449,7 @@ func TestPair_HostilePeer(t *testing.T) {
 func TestPair_Controller(t *testing.T) {
 	p := newPair(t, "net { protocol A; } disk { c-fill-target 2M; }")
 	p.connect()
-	p.wait(p.beta, "Connected", func(s Snapshot) bool { return s.Conn == Connected })
+	p.connected()
 	start := time.Now()
 	if err := p.alpha.Primary(true); err != nil {
 		t.Fatal(err)
@@ -398,7 +476,7 @@ func TestPair_Csums(t *testing.T) {
 		t.Run(alg, func(t *testing.T) {
 			p := newPair(t, fmt.Sprintf("net { protocol C; csums-alg %s; } disk { c-plan-ahead 0; resync-rate 1G; }", alg))
 			p.connect()
-			p.wait(p.beta, "Connected", func(s Snapshot) bool { return s.Conn == Connected })
+			p.connected()
 			if err := p.alpha.NewCurrentUUID(true); err != nil {
 				t.Fatal(err)
 			}
@@ -450,7 +528,7 @@ func TestPair_AfterSBPolicies(t *testing.T) {
 		t.Run(fmt.Sprintf("%s %d/%d", tc.policy, tc.alphaWrites, tc.betaWrites), func(t *testing.T) {
 			p := newPair(t, fmt.Sprintf("net { protocol C; after-sb-0pri %s; } disk { c-plan-ahead 0; resync-rate 1G; }", tc.policy))
 			p.connect()
-			p.wait(p.beta, "Connected", func(s Snapshot) bool { return s.Conn == Connected })
+			p.connected()
 			if err := p.alpha.NewCurrentUUID(true); err != nil {
 				t.Fatal(err)
 			}

@@ -17,8 +17,8 @@ import (
 
 // peer is one session with the peer node: the handshake, the receiving
 // side of replication and resync, and the transfer log of what this node
-// sends. Its goroutines (control receiver, barrier sender, resync driver,
-// disk appliers) are owned by wg and end with the session.
+// sends. Its goroutines (control receiver, barrier sender, flusher, resync
+// driver, disk appliers) are owned by wg and end with the session.
 type peer struct {
 	r      *Resource
 	s      *transport.Session
@@ -47,8 +47,18 @@ type peer struct {
 	epWrites uint32
 	epWG     sync.WaitGroup
 	apply    chan struct{} // bounds disk writes in flight for the peer
-	bmNext   uint64        // next block of the peer's bitmap
-	serve    chan struct{} // bounds resync requests served at once
+
+	// Epochs drained, awaiting the flusher's flush and barrier ack.
+	ackMu     sync.Mutex
+	ackQueue  []wire.BarrierAck
+	ackDirty  bool          // an epoch in ackQueue had writes
+	ackUrgent bool          // an epoch in ackQueue was closed by a FLUSH
+	acked     uint64        // the newest epoch acked
+	ackedCh   chan struct{} // closed, and replaced, when acks went out
+	ackKick   chan struct{}
+
+	bmNext uint64        // next block of the peer's bitmap
+	serve  chan struct{} // bounds resync requests served at once
 
 	rs     *resync          // the running resync, nil if none (under r.mu)
 	served map[[2]int64]int // resync ranges served, not yet acked (data loop only)
@@ -68,6 +78,7 @@ const (
 func newPeer(ctx context.Context, r *Resource, s *transport.Session) *peer {
 	p := &peer{r: r, s: s, md: r.md, dev: r.dev, log: r.log, recvLock: newRangeLock(), epoch: 1,
 		apply: make(chan struct{}, maxApply), serve: make(chan struct{}, maxServe),
+		ackedCh: make(chan struct{}), ackKick: make(chan struct{}, 1),
 		tl: newTlog(r.md, s, r.cfg.Net.Protocol != 'A', r.cfg.Net.MaxEpochSize, &r.netSent), parent: ctx}
 	p.ctx, p.cancel = context.WithCancel(ctx)
 	return p
@@ -114,9 +125,10 @@ func (p *peer) run() error {
 	if err != nil {
 		return err
 	}
-	p.wg.Add(2)
+	p.wg.Add(3)
 	go p.controlLoop()
 	go p.barrierLoop()
+	go p.flusher()
 	return p.dataLoop()
 }
 
@@ -462,7 +474,7 @@ func (p *peer) barrierLoop() {
 			closing := p.tl.closing
 			p.tl.mu.Unlock()
 			if closing {
-				p.tl.barrierNow(false)
+				p.tl.barrierNow(false, false)
 			}
 		}
 	}
@@ -628,9 +640,11 @@ func (p *peer) receiveWrite(m wire.Write) error {
 	return nil
 }
 
-// receiveBarrier ends an epoch: once its writes are done the disk is
-// flushed (unless disk-flushes no) and the barrier acked, before any
-// write of the next epoch is applied (reference/drbd.md §5.5).
+// receiveBarrier ends an epoch: once its writes are done (drained) it is
+// queued for the flusher, which acks it once it is durable; no write of
+// the next epoch is applied before the drain (reference/drbd.md §5.5), so
+// this disk holds the writes in epoch order. An epoch closed by a FLUSH
+// (BarrierFlush) is also durable before any later write is applied.
 func (p *peer) receiveBarrier(m wire.Barrier) error {
 	if m.Epoch != p.epoch {
 		return protoErr("barrier for epoch %d, expected %d", m.Epoch, p.epoch)
@@ -639,14 +653,82 @@ func (p *peer) receiveBarrier(m wire.Barrier) error {
 	if m.Writes != p.epWrites {
 		return protoErr("barrier for epoch %d counts %d writes, %d arrived", m.Epoch, m.Writes, p.epWrites)
 	}
-	if p.epWrites > 0 && p.r.cfg.Disk.DiskFlushes {
-		if err := p.dev.Flush(); err != nil {
-			return fmt.Errorf("flushing the disk at a barrier: %w", err)
-		}
-	}
+	p.ackMu.Lock()
+	p.ackQueue = append(p.ackQueue, wire.BarrierAck{Epoch: m.Epoch, Writes: m.Writes})
+	p.ackDirty = p.ackDirty || p.epWrites > 0
+	p.ackMu.Unlock()
 	p.epoch++
 	p.epWrites = 0
-	return p.send(transport.Control, wire.BarrierAck{Epoch: m.Epoch, Writes: m.Writes})
+	select {
+	case p.ackKick <- struct{}{}:
+	default:
+	}
+	if m.Flags&wire.BarrierFlush == 0 {
+		return nil
+	}
+	for {
+		p.ackMu.Lock()
+		acked, ch := p.acked >= m.Epoch, p.ackedCh
+		p.ackMu.Unlock()
+		if acked {
+			return nil
+		}
+		select {
+		case <-ch:
+		case <-p.s.Done():
+			return p.s.Err()
+		case <-p.ctx.Done():
+			return p.ctx.Err()
+		}
+	}
+}
+
+// flusher acks the drained epochs: one flush of the disk (unless
+// disk-flushes no) makes every epoch drained so far durable, then their
+// barrier acks go out in order. A flush takes as long as it takes; the
+// epochs drained meanwhile share the next one (group commit).
+func (p *peer) flusher() {
+	defer p.wg.Done()
+	for {
+		select {
+		case <-p.ctx.Done():
+			return
+		case <-p.s.Done():
+			return
+		case <-p.ackKick:
+		}
+		p.ackMu.Lock()
+		batch, dirty := p.ackQueue, p.ackDirty
+		p.ackQueue, p.ackDirty = nil, false
+		p.ackMu.Unlock()
+		if len(batch) == 0 {
+			continue
+		}
+		if dirty && p.r.cfg.Disk.DiskFlushes {
+			if err := p.dev.Flush(); err != nil {
+				p.fail(fmt.Errorf("flushing the disk at a barrier: %w", err))
+				return
+			}
+		}
+		for _, a := range batch {
+			if err := p.send(transport.Control, a); err != nil {
+				return // the session ended; the peer marks what it did not get acked
+			}
+		}
+		p.ackMu.Lock()
+		p.acked = batch[len(batch)-1].Epoch
+		close(p.ackedCh)
+		p.ackedCh = make(chan struct{})
+		p.ackMu.Unlock()
+	}
+}
+
+// epochsAlive returns the peer's epochs not yet barrier-acked here: the
+// one arriving and those waiting for the flusher (/proc/drbd's ep).
+func (p *peer) epochsAlive() int64 {
+	p.ackMu.Lock()
+	defer p.ackMu.Unlock()
+	return 1 + int64(len(p.ackQueue))
 }
 
 // receiveUUIDs takes the peer's generations after a resync (the target

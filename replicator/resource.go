@@ -846,6 +846,7 @@ func (r *Resource) Snapshot() Snapshot {
 	}
 	if p != nil {
 		s.Counters.PE = p.tl.entriesInFlight()
+		s.Counters.EP = p.epochsAlive()
 	}
 	if s.Conn >= Unconnected {
 		s.Protocol = r.cfg.Net.Protocol

@@ -72,8 +72,9 @@ func newTlog(md *metadisk.Meta, s *transport.Session, protocolC bool, maxEpoch i
 func (t *tlog) open() *tlEpoch { return t.epochs[len(t.epochs)-1] }
 
 // closeEpoch closes the open epoch if it has writes (or if force) and
-// returns the barrier to send; call with mu and send held.
-func (t *tlog) closeEpoch(force bool) (wire.Barrier, *tlEpoch, bool) {
+// returns the barrier to send, with BarrierFlush if flush; call with mu
+// and send held.
+func (t *tlog) closeEpoch(force, flush bool) (wire.Barrier, *tlEpoch, bool) {
 	ep := t.open()
 	if len(ep.entries) == 0 && !force {
 		return wire.Barrier{}, nil, false
@@ -81,7 +82,11 @@ func (t *tlog) closeEpoch(force bool) (wire.Barrier, *tlEpoch, bool) {
 	ep.closed = true
 	t.closing = false
 	t.epochs = append(t.epochs, &tlEpoch{num: ep.num + 1, done: make(chan struct{})})
-	return wire.Barrier{Epoch: ep.num, Writes: uint32(len(ep.entries))}, ep, true
+	b := wire.Barrier{Epoch: ep.num, Writes: uint32(len(ep.entries))}
+	if flush {
+		b.Flags = wire.BarrierFlush
+	}
+	return b, ep, true
 }
 
 // submit logs a write and sends it to the peer. It returns nil if the
@@ -98,7 +103,7 @@ func (t *tlog) submit(off, n int64, span metadisk.Span, kind uint8, fua bool, da
 	var barrier wire.Barrier
 	var sendBarrier bool
 	if t.closing || len(t.open().entries) >= t.maxEpoch {
-		barrier, _, sendBarrier = t.closeEpoch(false)
+		barrier, _, sendBarrier = t.closeEpoch(false, false)
 	}
 	t.seq++
 	ep := t.open()
@@ -163,7 +168,12 @@ func (t *tlog) completed(e *tlEntry) {
 // its barrier; it returns a channel closed when every write logged so far
 // is barrier-acked (barriers are acked in order) or the session ends, nil
 // if nothing is waiting for an ack.
-func (t *tlog) barrierNow(force bool) <-chan struct{} {
+//
+// With flush (an NBD FLUSH, a demotion) the barrier carries BarrierFlush:
+// the peer makes everything up to it durable before it applies a later
+// write. If the open epoch is empty but earlier ones are not yet acked, an
+// empty epoch is closed to carry it.
+func (t *tlog) barrierNow(force, flush bool) <-chan struct{} {
 	t.send.Lock()
 	defer t.send.Unlock()
 	t.mu.Lock()
@@ -171,15 +181,11 @@ func (t *tlog) barrierNow(force bool) <-chan struct{} {
 		t.mu.Unlock()
 		return nil
 	}
-	b, ep, ok := t.closeEpoch(force)
+	b, ep, ok := t.closeEpoch(force || flush && len(t.epochs) >= 2, flush)
 	if !ok {
-		// Nothing open: wait for the newest closed epoch, if any.
-		var done <-chan struct{}
-		if n := len(t.epochs); n >= 2 {
-			done = t.epochs[n-2].done
-		}
+		// Nothing open and nothing unacked.
 		t.mu.Unlock()
-		return done
+		return nil
 	}
 	t.mu.Unlock()
 	t.sendMsg(b)

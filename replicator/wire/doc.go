@@ -123,7 +123,15 @@
 //	30     1    flags: 1 FUA, 2 ack wanted; others zero
 //	31     n    data: length bytes for kind 0, none otherwise
 //
-// Barrier (22) and BarrierAck (23):
+// Barrier (22):
+//
+//	offset size field
+//	0      1    version: 1
+//	1      8    epoch
+//	9      4    writes in the epoch
+//	13     1    flags: 1 flush (durable before any later write); others zero
+//
+// BarrierAck (23):
 //
 //	offset size field
 //	0      1    version: 1

@@ -54,6 +54,7 @@ func samples() []sample {
 		{"write-zeroes", Write{Seq: 9, Epoch: 4, Offset: math.MaxUint64 - 1023, Length: 512, Kind: WriteZeroes, Flags: WriteFUA}},
 		{"write-top", Write{Seq: 10, Offset: math.MaxUint64 - 8191, Length: 4096, Data: block}},
 		{"barrier", Barrier{Epoch: 3, Writes: 2}},
+		{"barrier-flush", Barrier{Epoch: 4, Writes: 0, Flags: BarrierFlush}},
 		{"barrier-ack", BarrierAck{Epoch: 3, Writes: 2}},
 		{"write-ack", WriteAck{Seq: 7, Status: AckOK}},
 		{"write-ack-failed", WriteAck{Seq: math.MaxUint64, Status: AckFailed}},
@@ -315,6 +316,7 @@ func malformedCases() []bad {
 		enc("write-trim-data", Write{Length: 512, Kind: WriteTrim, Data: data}, "data of 512 bytes in a trim"),
 		enc("write-zeroes-data", Write{Length: 512, Kind: WriteZeroes, Data: []byte{0}}, "data of 1 bytes in a trim"),
 
+		enc("barrier-flags", Barrier{Epoch: 1, Flags: 2}, "Barrier: reserved flags 0x2"),
 		enc("write-ack-status", WriteAck{Status: 2}, "WriteAck: status 2 unknown"),
 
 		enc("resync-request-offset", ResyncRequest{Offset: 512, Length: 4096}, "ResyncRequest: offset 512 not a multiple of 4096"),

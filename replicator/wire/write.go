@@ -93,10 +93,20 @@ func decodeWrite(p []byte) (Message, error) {
 	return finish(&d, m)
 }
 
+// Barrier.Flags bits. Part of the wire format.
+const (
+	// BarrierFlush: the epoch was closed by a FLUSH (or a demotion): the
+	// receiver makes it durable before it applies any later write.
+	BarrierFlush  = 1 << 0
+	barrierFlags  = BarrierFlush
+	barrierLength = 14
+)
+
 // Barrier closes epoch Epoch, which held Writes writes (Data stream).
 type Barrier struct {
 	Epoch  uint64
 	Writes uint32
+	Flags  uint8 // BarrierFlush; other bits zero
 }
 
 // Type returns TypeBarrier.
@@ -104,15 +114,21 @@ func (Barrier) Type() transport.Type { return TypeBarrier }
 
 // Append appends m's payload to dst.
 func (m Barrier) Append(dst []byte) []byte {
-	return appendEpoch(dst, m.Epoch, m.Writes)
+	dst = slices.Grow(dst, barrierLength)
+	return append(appendEpoch(dst, m.Epoch, m.Writes), m.Flags)
 }
 
-// Validate reports the first field that Decode would reject: none.
-func (m Barrier) Validate() error { return nil }
+// Validate reports the first field that Decode would reject.
+func (m Barrier) Validate() error {
+	if m.Flags&^barrierFlags != 0 {
+		return malformed("Barrier", "reserved flags %#x set", m.Flags&^barrierFlags)
+	}
+	return nil
+}
 
 func decodeBarrier(p []byte) (Message, error) {
 	d := newDecoder("Barrier", p)
-	m := Barrier{Epoch: d.u64("epoch"), Writes: d.u32("writes")}
+	m := Barrier{Epoch: d.u64("epoch"), Writes: d.u32("writes"), Flags: d.u8("flags")}
 	return finish(&d, m)
 }
 
