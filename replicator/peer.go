@@ -49,13 +49,12 @@ type peer struct {
 	apply    chan struct{} // bounds disk writes in flight for the peer
 
 	// Epochs drained, awaiting the flusher's flush and barrier ack.
-	ackMu     sync.Mutex
-	ackQueue  []wire.BarrierAck
-	ackDirty  bool          // an epoch in ackQueue had writes
-	ackUrgent bool          // an epoch in ackQueue was closed by a FLUSH
-	acked     uint64        // the newest epoch acked
-	ackedCh   chan struct{} // closed, and replaced, when acks went out
-	ackKick   chan struct{}
+	ackMu    sync.Mutex
+	ackQueue []wire.BarrierAck
+	ackDirty bool          // an epoch in ackQueue had writes
+	acked    uint64        // the newest epoch acked
+	ackedCh  chan struct{} // closed, and replaced, when acks went out
+	ackKick  chan struct{}
 
 	bmNext uint64        // next block of the peer's bitmap
 	serve  chan struct{} // bounds resync requests served at once
@@ -710,10 +709,12 @@ func (p *peer) flusher() {
 				return
 			}
 		}
-		for _, a := range batch {
-			if err := p.send(transport.Control, a); err != nil {
-				return // the session ended; the peer marks what it did not get acked
-			}
+		acks := make([]wire.Message, len(batch))
+		for i, a := range batch {
+			acks[i] = a
+		}
+		if err := p.s.SendMany(transport.Control, encodeAll(acks, &p.r.netSent)); err != nil {
+			return // the session ended; the peer marks what it did not get acked
 		}
 		p.ackMu.Lock()
 		p.acked = batch[len(batch)-1].Epoch

@@ -115,9 +115,6 @@ func (t *tlog) submit(off, n int64, span metadisk.Span, kind uint8, fua bool, da
 	ep.entries = append(ep.entries, e)
 	t.pending += n
 	t.mu.Unlock()
-	if sendBarrier {
-		t.sendMsg(barrier)
-	}
 	w := wire.Write{Seq: e.seq, Epoch: e.epoch, Offset: uint64(off), Length: uint32(n), Kind: kind, Data: data}
 	if fua {
 		w.Flags |= wire.WriteFUA
@@ -125,16 +122,29 @@ func (t *tlog) submit(off, n int64, span metadisk.Span, kind uint8, fua bool, da
 	if t.ackC {
 		w.Flags |= wire.WriteAckWanted
 	}
-	t.sendMsg(w)
+	if sendBarrier {
+		t.sendMsg(barrier, w) // one write to the socket
+	} else {
+		t.sendMsg(w)
+	}
 	return e
 }
 
-// sendMsg sends m on the data stream (call with send held); an error is
+// sendMsg sends ms on the data stream (call with send held); an error is
 // not returned: the session's end marks every logged write.
-func (t *tlog) sendMsg(m wire.Message) {
-	b := wire.Encode(m)
-	t.sent.Add(uint64(len(b)))
-	t.sess.Send(transport.Data, m.Type(), b)
+func (t *tlog) sendMsg(ms ...wire.Message) {
+	t.sess.SendMany(transport.Data, encodeAll(ms, t.sent))
+}
+
+// encodeAll encodes ms as transport frames, counting their bytes in sent.
+func encodeAll(ms []wire.Message, sent *atomic.Uint64) []transport.Message {
+	out := make([]transport.Message, len(ms))
+	for i, m := range ms {
+		b := wire.Encode(m)
+		sent.Add(uint64(len(b)))
+		out[i] = transport.Message{Type: m.Type(), Payload: b}
+	}
+	return out
 }
 
 // localDone records that the local write of e finished. Under protocol A

@@ -148,7 +148,30 @@ func (s *Session) Send(st Stream, typ Type, payload []byte) error {
 	return s.send(st, typ, payload)
 }
 
+// SendMany sends application frames on a stream, in order, with one
+// write to the socket: for frames that are ready together (a barrier and
+// the write after it, a batch of acks). Like Send, it returns once all are
+// handed to the socket; if one cannot be encoded, none is sent.
+func (s *Session) SendMany(st Stream, msgs []Message) error {
+	for _, m := range msgs {
+		if m.Type < FirstAppType || !s.t.known(m.Type) {
+			return fmt.Errorf("%w %d: register it in Config.Types", ErrFrameType, m.Type)
+		}
+		if len(m.Payload) > MaxPayload {
+			return fmt.Errorf("%w: %d bytes", ErrFrameTooLarge, len(m.Payload))
+		}
+	}
+	if st != Data && st != Control {
+		return fmt.Errorf("transport: no stream %d", st)
+	}
+	return s.sendFrames(st, msgs)
+}
+
 func (s *Session) send(st Stream, typ Type, payload []byte) error {
+	return s.sendFrames(st, []Message{{Type: typ, Payload: payload}})
+}
+
+func (s *Session) sendFrames(st Stream, msgs []Message) error {
 	select {
 	case <-s.done:
 		return s.Err()
@@ -157,9 +180,18 @@ func (s *Session) send(st Stream, typ Type, payload []byte) error {
 	str := s.stream(st)
 	str.wmu.Lock()
 	defer str.wmu.Unlock()
-	b, err := appendFrame(str.wbuf[:0], str.out, s.t.codecs, s.t.comp, typ, payload)
-	if err != nil {
-		return err
+	b := str.wbuf[:0]
+	var payload uint64
+	app := false
+	for _, m := range msgs {
+		var err error
+		// Only a payload above MaxPayload fails, before its frame takes a
+		// nonce (SendMany checks every payload first).
+		if b, err = appendFrame(b, str.out, s.t.codecs, s.t.comp, m.Type, m.Payload); err != nil {
+			return err
+		}
+		payload += uint64(len(m.Payload))
+		app = app || m.Type >= FirstAppType
 	}
 	if cap(b) <= 4<<20 {
 		str.wbuf = b // keep the buffer, unless a huge frame grew it
@@ -168,14 +200,14 @@ func (s *Session) send(st Stream, typ Type, payload []byte) error {
 		s.fail(fmt.Errorf("send on the %s stream: %w", st, err))
 		return s.Err()
 	}
-	if typ >= FirstAppType {
+	if app {
 		select {
 		case s.sent <- struct{}{}:
 		default:
 		}
 	}
-	s.t.stats.framesSent.Add(1)
-	s.t.stats.payloadSent.Add(uint64(len(payload)))
+	s.t.stats.framesSent.Add(uint64(len(msgs)))
+	s.t.stats.payloadSent.Add(payload)
 	s.t.stats.wireSent.Add(uint64(len(b)))
 	return nil
 }

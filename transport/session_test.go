@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"runtime"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -44,6 +45,10 @@ func exchange(t testing.TB, sa, sb *Session) {
 			if st == Control { // the control stream carries small messages
 				msgs = [][]byte{[]byte("ack"), bytes.Repeat([]byte("z"), 70000), nil}
 			}
+			batch := make([]Message, len(msgs))
+			for i, m := range msgs {
+				batch[i] = Message{Type: typeTest, Payload: m}
+			}
 			go func() {
 				for _, m := range msgs {
 					if err := dir.from.Send(st, typeTest, m); err != nil {
@@ -51,8 +56,12 @@ func exchange(t testing.TB, sa, sb *Session) {
 						return
 					}
 				}
+				// The same again, with one write.
+				if err := dir.from.SendMany(st, batch); err != nil {
+					t.Errorf("send many: %v", err)
+				}
 			}()
-			for i, want := range msgs {
+			for i, want := range slices.Concat(msgs, msgs) {
 				m, err := dir.to.Recv(st)
 				if err != nil || m.Type != typeTest || !bytes.Equal(m.Payload, want) {
 					t.Fatalf("%s message %d: %v (type %d, %d bytes)", st, i, err, m.Type, len(m.Payload))
@@ -90,6 +99,20 @@ func TestSession_OverLink(t *testing.T) {
 				}
 				if err := sa.Send(Data, typeTest+5, nil); !errors.Is(err, ErrFrameType) {
 					t.Errorf("sending an unregistered type: %v", err)
+				}
+				// A batch with a bad frame sends none of it, and the
+				// session goes on.
+				for _, bad := range []Message{{Type: typeTest + 5}, {Type: typeTest, Payload: make([]byte, MaxPayload+1)}} {
+					err := sa.SendMany(Data, []Message{{Type: typeTest, Payload: []byte("lost")}, bad})
+					if !errors.Is(err, ErrFrameType) && !errors.Is(err, ErrFrameTooLarge) {
+						t.Errorf("sending a batch with a bad frame: %v", err)
+					}
+				}
+				if err := sa.Send(Data, typeTest, []byte("after")); err != nil {
+					t.Fatal(err)
+				}
+				if m, err := sb.Recv(Data); err != nil || string(m.Payload) != "after" {
+					t.Errorf("after a refused batch: %q, %v", m.Payload, err)
 				}
 			})
 		}
