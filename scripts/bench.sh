@@ -229,7 +229,8 @@ run_resource() {
 #  1. fio 4 KiB random write iodepth 32 and 1 MiB sequential write iodepth 8
 #     on alpha alone (StandAlone, Primary --force: the resource path of the
 #     resource part), then connected with protocol A and with protocol C
-#     (the initial sync skipped with new-current-uuid --clear-bitmap); fresh
+#     (the initial sync skipped with new-current-uuid --clear-bitmap), and
+#     with protocol A and disk-flushes no (informational); fresh
 #     sparse disks and daemons for every configuration and round, the order
 #     rotated each round.
 #  2. Replication lag: a 10 s 4 KiB random-write burst with protocol A, then
@@ -613,17 +614,23 @@ run_replication() {
 	cat /proc/loadavg >"$rdir/loadavg.start"
 	rep_write_conf protoA 'net { protocol A; } disk { c-plan-ahead 0; resync-rate 4G; }'
 	rep_write_conf protoC 'net { protocol C; } disk { c-plan-ahead 0; resync-rate 4G; }'
+	rep_write_conf protoAnf 'net { protocol A; } disk { c-plan-ahead 0; resync-rate 4G; disk-flushes no; }'
+	# the ceiling of a peer that acks barriers only once the data is durable:
+	# what this machine's disk takes, made durable, in MB/s
+	dd if=/dev/zero of="$rdir/dd.img" bs=1M count=1024 conv=fdatasync 2>&1 |
+		sed -n 's/.* s, \([0-9.]*\) \([MG]\)B\/s$/\1 \2/p' >"$rdir/durable-rate.txt"
+	rm -f "$rdir/dd.img"
 	rep_write_conf csums 'net { protocol A; csums-alg sha256; } disk { c-plan-ahead 0; resync-rate 4G; }'
 
 	# 1. fio: alone, protocol A, protocol C
-	configs=(alone protoA protoC)
+	configs=(alone protoA protoC protoAnf)
 	for ((r = 1; r <= rounds; r++)); do
 		for ((i = 0; i < ${#configs[@]}; i++)); do
 			c=${configs[$(((i + r - 1) % ${#configs[@]}))]}
 			rep_label="fio $c, round $r"
 			echo "bench: round $r/$rounds: $rep_label"
 			rep_conf=$rdir/protoA.conf
-			[[ $c == protoC ]] && rep_conf=$rdir/protoC.conf
+			[[ $c == alone ]] || rep_conf=$rdir/$c.conf
 			rep_disks fresh
 			if [[ $c == alone ]]; then rep_alone; else rep_pair; fi
 			rep_fio "$c" "$r" randwrite 4k 32
