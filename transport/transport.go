@@ -365,6 +365,9 @@ func (t *Transport) install(s *Session) {
 	if host, _, err := net.SplitHostPort(s.remote); err == nil {
 		delete(t.blocked, host)
 	}
+	// Started under mu: a Close waits for its goroutines (the wait group
+	// must not grow from zero while Close waits).
+	s.start()
 	t.mu.Unlock()
 	if old != nil {
 		old.fail(ErrReplaced)
@@ -373,7 +376,6 @@ func (t *Transport) install(s *Session) {
 	if n > 1 {
 		t.stats.reconnects.Add(1)
 	}
-	s.start()
 	t.log.Info("session established", "remote", s.remote, "dialed", s.dialed,
 		"authenticated", t.cfg.Secret != nil, "tls", t.tls != nil)
 	// Drain and send under mu, so that installs cannot interleave: after
