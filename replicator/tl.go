@@ -137,12 +137,19 @@ func (t *tlog) sendMsg(ms ...wire.Message) {
 }
 
 // encodeAll encodes ms as transport frames, counting their bytes in sent.
-func encodeAll(ms []wire.Message, sent *atomic.Uint64) []transport.Message {
-	out := make([]transport.Message, len(ms))
+// A write's data is not copied here: it goes into the frame from where it
+// is.
+func encodeAll(ms []wire.Message, sent *atomic.Uint64) []transport.Out {
+	out := make([]transport.Out, len(ms))
 	for i, m := range ms {
-		b := wire.Encode(m)
-		sent.Add(uint64(len(b)))
-		out[i] = transport.Message{Type: m.Type(), Payload: b}
+		o := transport.Out{Type: m.Type()}
+		if w, ok := m.(wire.Write); ok {
+			o.Payload, o.Tail = w.AppendHeader(nil), w.Data
+		} else {
+			o.Payload = wire.Encode(m)
+		}
+		sent.Add(uint64(len(o.Payload) + len(o.Tail)))
+		out[i] = o
 	}
 	return out
 }

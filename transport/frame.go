@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 
 	"github.com/cespare/xxhash/v2"
 	"github.com/klauspost/compress/s2"
@@ -151,34 +152,59 @@ func (s *frameSealer) nonce() []byte {
 // appendFrame appends one frame to dst: header, payload (compressed if
 // that makes it smaller) and trailer. It is not safe for concurrent use.
 func appendFrame(dst []byte, s *frameSealer, c *codecs, comp Compression, typ Type, payload []byte) ([]byte, error) {
-	if len(payload) > MaxPayload {
-		return dst, fmt.Errorf("%w: %d bytes", ErrFrameTooLarge, len(payload))
+	return appendFrameParts(dst, s, c, comp, typ, payload, nil)
+}
+
+// appendFrameParts is appendFrame of the payload head followed by tail,
+// which are copied once, straight into the frame.
+func appendFrameParts(dst []byte, s *frameSealer, c *codecs, comp Compression, typ Type, head, tail []byte) ([]byte, error) {
+	n := len(head) + len(tail)
+	if n > MaxPayload {
+		return dst, fmt.Errorf("%w: %d bytes", ErrFrameTooLarge, n)
 	}
 	var flags uint16
-	body := payload
-	if comp != CompressNone && len(payload) >= minCompress {
-		var z []byte
+	var z []byte // the compressed payload, if smaller
+	if comp != CompressNone && n >= minCompress {
+		payload := head
+		if len(tail) > 0 {
+			payload = slices.Concat(head, tail)
+		}
 		switch comp {
 		case CompressS2:
-			z = s2.Encode(nil, payload)
+			z, flags = s2.Encode(nil, payload), flagS2
 		case CompressZstd:
-			z = c.zenc.EncodeAll(payload, nil)
+			z, flags = c.zenc.EncodeAll(payload, nil), flagZstd
 		}
-		if len(z) < len(payload) {
-			body, flags = z, flagS2
-			if comp == CompressZstd {
-				flags = flagZstd
-			}
+		if len(z) >= n {
+			z, flags = nil, 0
 		}
+	}
+	bodyLen := n
+	if z != nil {
+		bodyLen = len(z)
 	}
 	start := len(dst)
+	dst = slices.Grow(dst, headerSize+bodyLen+s.overhead())
 	dst = binary.BigEndian.AppendUint16(dst, uint16(typ))
 	dst = binary.BigEndian.AppendUint16(dst, flags)
-	dst = binary.BigEndian.AppendUint32(dst, uint32(len(body)))
-	if s.aead != nil {
+	dst = binary.BigEndian.AppendUint32(dst, uint32(bodyLen))
+	if s.aead != nil && (z != nil || len(tail) == 0) {
+		body := z
+		if z == nil {
+			body = head
+		}
 		return s.aead.Seal(dst, s.nonce(), body, dst[start:start+headerSize]), nil
 	}
-	dst = append(dst, body...)
+	bodyAt := len(dst)
+	if z != nil {
+		dst = append(dst, z...)
+	} else {
+		dst = append(append(dst, head...), tail...)
+	}
+	if s.aead != nil {
+		// Sealed in place: the ciphertext overwrites the plaintext exactly.
+		return s.aead.Seal(dst[:bodyAt], s.nonce(), dst[bodyAt:], dst[start:bodyAt]), nil
+	}
 	return binary.BigEndian.AppendUint64(dst, xxhash.Sum64(dst[start:])), nil
 }
 

@@ -148,17 +148,25 @@ func (s *Session) Send(st Stream, typ Type, payload []byte) error {
 	return s.send(st, typ, payload)
 }
 
+// Out is a frame for SendMany: its payload is Payload followed by Tail,
+// so that a large tail (a write's data) is not copied behind its header
+// first.
+type Out struct {
+	Type          Type
+	Payload, Tail []byte
+}
+
 // SendMany sends application frames on a stream, in order, with one
 // write to the socket: for frames that are ready together (a barrier and
 // the write after it, a batch of acks). Like Send, it returns once all are
 // handed to the socket; if one cannot be encoded, none is sent.
-func (s *Session) SendMany(st Stream, msgs []Message) error {
+func (s *Session) SendMany(st Stream, msgs []Out) error {
 	for _, m := range msgs {
 		if m.Type < FirstAppType || !s.t.known(m.Type) {
 			return fmt.Errorf("%w %d: register it in Config.Types", ErrFrameType, m.Type)
 		}
-		if len(m.Payload) > MaxPayload {
-			return fmt.Errorf("%w: %d bytes", ErrFrameTooLarge, len(m.Payload))
+		if n := len(m.Payload) + len(m.Tail); n > MaxPayload {
+			return fmt.Errorf("%w: %d bytes", ErrFrameTooLarge, n)
 		}
 	}
 	if st != Data && st != Control {
@@ -168,10 +176,10 @@ func (s *Session) SendMany(st Stream, msgs []Message) error {
 }
 
 func (s *Session) send(st Stream, typ Type, payload []byte) error {
-	return s.sendFrames(st, []Message{{Type: typ, Payload: payload}})
+	return s.sendFrames(st, []Out{{Type: typ, Payload: payload}})
 }
 
-func (s *Session) sendFrames(st Stream, msgs []Message) error {
+func (s *Session) sendFrames(st Stream, msgs []Out) error {
 	select {
 	case <-s.done:
 		return s.Err()
@@ -187,10 +195,10 @@ func (s *Session) sendFrames(st Stream, msgs []Message) error {
 		var err error
 		// Only a payload above MaxPayload fails, before its frame takes a
 		// nonce (SendMany checks every payload first).
-		if b, err = appendFrame(b, str.out, s.t.codecs, s.t.comp, m.Type, m.Payload); err != nil {
+		if b, err = appendFrameParts(b, str.out, s.t.codecs, s.t.comp, m.Type, m.Payload, m.Tail); err != nil {
 			return err
 		}
-		payload += uint64(len(m.Payload))
+		payload += uint64(len(m.Payload) + len(m.Tail))
 		app = app || m.Type >= FirstAppType
 	}
 	if cap(b) <= 4<<20 {

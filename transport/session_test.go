@@ -45,9 +45,10 @@ func exchange(t testing.TB, sa, sb *Session) {
 			if st == Control { // the control stream carries small messages
 				msgs = [][]byte{[]byte("ack"), bytes.Repeat([]byte("z"), 70000), nil}
 			}
-			batch := make([]Message, len(msgs))
+			batch := make([]Out, len(msgs))
 			for i, m := range msgs {
-				batch[i] = Message{Type: typeTest, Payload: m}
+				// The payload in two parts (the tail may be empty).
+				batch[i] = Out{Type: typeTest, Payload: m[:len(m)/3], Tail: m[len(m)/3:]}
 			}
 			go func() {
 				for _, m := range msgs {
@@ -102,8 +103,8 @@ func TestSession_OverLink(t *testing.T) {
 				}
 				// A batch with a bad frame sends none of it, and the
 				// session goes on.
-				for _, bad := range []Message{{Type: typeTest + 5}, {Type: typeTest, Payload: make([]byte, MaxPayload+1)}} {
-					err := sa.SendMany(Data, []Message{{Type: typeTest, Payload: []byte("lost")}, bad})
+				for _, bad := range []Out{{Type: typeTest + 5}, {Type: typeTest, Payload: make([]byte, MaxPayload), Tail: []byte{1}}} {
+					err := sa.SendMany(Data, []Out{{Type: typeTest, Payload: []byte("lost")}, bad})
 					if !errors.Is(err, ErrFrameType) && !errors.Is(err, ErrFrameTooLarge) {
 						t.Errorf("sending a batch with a bad frame: %v", err)
 					}

@@ -134,6 +134,19 @@ func TestTypes(t *testing.T) {
 	}
 }
 
+// TestWriteHeader: a Write's payload is its header followed by its data.
+func TestWriteHeader(t *testing.T) {
+	for _, s := range samples() {
+		w, ok := s.m.(Write)
+		if !ok {
+			continue
+		}
+		if got := append(w.AppendHeader(nil), w.Data...); !bytes.Equal(got, Encode(w)) {
+			t.Errorf("%s: header and data differ from the payload", s.name)
+		}
+	}
+}
+
 func TestRoundTrip(t *testing.T) {
 	for _, s := range samples() {
 		t.Run(s.name, func(t *testing.T) {

@@ -51,13 +51,19 @@ func (Write) Type() transport.Type { return TypeWrite }
 // Append appends m's payload to dst.
 func (m Write) Append(dst []byte) []byte {
 	dst = slices.Grow(dst, writeHeader+len(m.Data))
+	return append(m.AppendHeader(dst), m.Data...)
+}
+
+// AppendHeader appends m's payload without its data (the payload is the
+// header followed by Data), for a sender that sends the data from where
+// it is.
+func (m Write) AppendHeader(dst []byte) []byte {
 	dst = append(dst, version)
 	dst = binary.BigEndian.AppendUint64(dst, m.Seq)
 	dst = binary.BigEndian.AppendUint64(dst, m.Epoch)
 	dst = binary.BigEndian.AppendUint64(dst, m.Offset)
 	dst = binary.BigEndian.AppendUint32(dst, m.Length)
-	dst = append(dst, m.Kind, m.Flags)
-	return append(dst, m.Data...)
+	return append(dst, m.Kind, m.Flags)
 }
 
 // Validate reports the first field that Decode would reject.
