@@ -94,10 +94,10 @@ func (t *tlog) closeEpoch(force, flush bool) (wire.Barrier, *tlEpoch, bool) {
 // error is not returned: the session's end marks every logged write.
 func (t *tlog) submit(off, n int64, span metadisk.Span, kind uint8, fua bool, data []byte) *tlEntry {
 	t.send.Lock()
-	defer t.send.Unlock()
 	t.mu.Lock()
 	if t.lost {
 		t.mu.Unlock()
+		t.send.Unlock()
 		return nil
 	}
 	var barrier wire.Barrier
@@ -122,10 +122,16 @@ func (t *tlog) submit(off, n int64, span metadisk.Span, kind uint8, fua bool, da
 	if t.ackC {
 		w.Flags |= wire.WriteAckWanted
 	}
+	ms := []wire.Message{w}
 	if sendBarrier {
-		t.sendMsg(barrier, w) // one write to the socket
-	} else {
-		t.sendMsg(w)
+		ms = []wire.Message{barrier, w}
+	}
+	// Queued in order under send, written outside it: the frames of
+	// writers submitting meanwhile go out with the same write.
+	wait, err := t.sess.Queue(transport.Data, encodeAll(ms, t.sent))
+	t.send.Unlock()
+	if err == nil {
+		wait()
 	}
 	return e
 }

@@ -46,11 +46,20 @@ const writeChunk = 256 << 10
 type stream struct {
 	kind Stream
 	conn net.Conn
-	wmu  sync.Mutex // serialises frames: sealing and counter order
-	out  *frameSealer
-	wbuf []byte
 	in   frameReader
 	q    queue
+
+	// Sending combines: a sender seals its frames into pending (under emu,
+	// which orders the sealer's counter), then the first sender to get
+	// wmu writes everything pending with one write, its own frames and
+	// those of the senders that queued meanwhile.
+	emu     sync.Mutex // guards out, pending, spare, filling, written
+	out     *frameSealer
+	pending []byte     // sealed frames of batch filling, not yet written
+	spare   []byte     // a written batch's buffer, for reuse
+	filling uint64     // the batch that pending holds
+	written uint64     // every batch up to this one is written
+	wmu     sync.Mutex // held while a batch is written to the socket
 }
 
 func newStream(kind Stream, conn net.Conn, r *bufio.Reader, k streamKeys, t *Transport) (*stream, error) {
@@ -62,7 +71,7 @@ func newStream(kind Stream, conn net.Conn, r *bufio.Reader, k streamKeys, t *Tra
 	if err != nil {
 		return nil, err
 	}
-	s := &stream{kind: kind, conn: conn, out: out}
+	s := &stream{kind: kind, conn: conn, out: out, filling: 1}
 	s.in = frameReader{r: r, s: in, c: t.codecs, known: t.known}
 	s.q.init(recvQueueBytes)
 	return s, nil
@@ -161,18 +170,32 @@ type Out struct {
 // the write after it, a batch of acks). Like Send, it returns once all are
 // handed to the socket; if one cannot be encoded, none is sent.
 func (s *Session) SendMany(st Stream, msgs []Out) error {
+	wait, err := s.Queue(st, msgs)
+	if err != nil {
+		return err
+	}
+	return wait()
+}
+
+// Queue is SendMany in two steps: it puts the frames on the stream, in
+// order behind every frame queued before (their payloads are copied: the
+// caller may reuse them at once), and returns a function that waits until
+// they are handed to the socket. A caller that orders its frames under a
+// lock of its own can so wait outside it, and the frames of several such
+// callers go out with one write.
+func (s *Session) Queue(st Stream, msgs []Out) (wait func() error, err error) {
 	for _, m := range msgs {
 		if m.Type < FirstAppType || !s.t.known(m.Type) {
-			return fmt.Errorf("%w %d: register it in Config.Types", ErrFrameType, m.Type)
+			return nil, fmt.Errorf("%w %d: register it in Config.Types", ErrFrameType, m.Type)
 		}
 		if n := len(m.Payload) + len(m.Tail); n > MaxPayload {
-			return fmt.Errorf("%w: %d bytes", ErrFrameTooLarge, n)
+			return nil, fmt.Errorf("%w: %d bytes", ErrFrameTooLarge, n)
 		}
 	}
 	if st != Data && st != Control {
-		return fmt.Errorf("transport: no stream %d", st)
+		return nil, fmt.Errorf("transport: no stream %d", st)
 	}
-	return s.sendFrames(st, msgs)
+	return s.queueFrames(st, msgs)
 }
 
 func (s *Session) send(st Stream, typ Type, payload []byte) error {
@@ -180,44 +203,96 @@ func (s *Session) send(st Stream, typ Type, payload []byte) error {
 }
 
 func (s *Session) sendFrames(st Stream, msgs []Out) error {
+	wait, err := s.queueFrames(st, msgs)
+	if err != nil {
+		return err
+	}
+	return wait()
+}
+
+// queueFrames seals msgs onto the stream, behind every frame queued
+// before, and returns a function that waits until they are written.
+func (s *Session) queueFrames(st Stream, msgs []Out) (func() error, error) {
 	select {
 	case <-s.done:
-		return s.Err()
+		return nil, s.Err()
 	default:
 	}
 	str := s.stream(st)
-	str.wmu.Lock()
-	defer str.wmu.Unlock()
-	b := str.wbuf[:0]
 	var payload uint64
 	app := false
+	str.emu.Lock()
+	before := len(str.pending)
 	for _, m := range msgs {
 		var err error
 		// Only a payload above MaxPayload fails, before its frame takes a
 		// nonce (SendMany checks every payload first).
-		if b, err = appendFrameParts(b, str.out, s.t.codecs, s.t.comp, m.Type, m.Payload, m.Tail); err != nil {
-			return err
+		if str.pending, err = appendFrameParts(str.pending, str.out, s.t.codecs, s.t.comp, m.Type, m.Payload, m.Tail); err != nil {
+			str.pending = str.pending[:before]
+			str.emu.Unlock()
+			return nil, err
 		}
 		payload += uint64(len(m.Payload) + len(m.Tail))
 		app = app || m.Type >= FirstAppType
 	}
-	if cap(b) <= 4<<20 {
-		str.wbuf = b // keep the buffer, unless a huge frame grew it
-	}
-	if err := s.write(str, b); err != nil {
-		s.fail(fmt.Errorf("send on the %s stream: %w", st, err))
-		return s.Err()
-	}
-	if app {
-		select {
-		case s.sent <- struct{}{}:
-		default:
-		}
-	}
+	batch := str.filling
+	str.emu.Unlock()
 	s.t.stats.framesSent.Add(uint64(len(msgs)))
 	s.t.stats.payloadSent.Add(payload)
+	return func() error {
+		if err := s.writeBatch(str, batch); err != nil {
+			return err
+		}
+		if app {
+			select {
+			case s.sent <- struct{}{}:
+			default:
+			}
+		}
+		return nil
+	}, nil
+}
+
+// writeBatch returns once batch is written: by this call, with everything
+// queued up to now, or by another sender's.
+func (s *Session) writeBatch(str *stream, batch uint64) error {
+	str.wmu.Lock()
+	defer str.wmu.Unlock()
+	str.emu.Lock()
+	if str.written >= batch {
+		str.emu.Unlock()
+		return s.sendErr()
+	}
+	// batch is the one filling: nothing after the last written one.
+	b := str.pending
+	str.pending, str.spare = str.spare[:0], nil
+	str.filling++
+	str.emu.Unlock()
+	err := s.write(str, b)
+	str.emu.Lock()
+	str.written = batch
+	if cap(b) <= 4<<20 {
+		str.spare = b[:0] // keep the buffer, unless huge frames grew it
+	}
+	str.emu.Unlock()
 	s.t.stats.wireSent.Add(uint64(len(b)))
+	if err != nil {
+		// Before wmu goes: the senders whose frames were in b see it.
+		s.fail(fmt.Errorf("send on the %s stream: %w", str.kind, err))
+		return s.Err()
+	}
 	return nil
+}
+
+// sendErr is what a sender whose frames another wrote returns: nil,
+// unless the session has ended meanwhile (perhaps by that write failing).
+func (s *Session) sendErr() error {
+	select {
+	case <-s.done:
+		return s.Err()
+	default:
+		return nil
+	}
 }
 
 // write writes b in chunks, each with a fresh deadline.
@@ -369,8 +444,14 @@ func (s *Session) Close(reason string) error {
 		// it why; a stream busy with a stuck write is skipped.
 		for _, st := range s.streams {
 			if st.wmu.TryLock() {
-				st.conn.SetWriteDeadline(time.Now().Add(time.Second))
-				if b, err := appendFrame(nil, st.out, s.t.codecs, CompressNone, typeClose, []byte(reason)); err == nil {
+				// Behind the frames queued so far, which go out with it
+				// (the peer would refuse a frame out of sealing order).
+				st.emu.Lock()
+				b, err := appendFrame(st.pending, st.out, s.t.codecs, CompressNone, typeClose, []byte(reason))
+				st.pending = nil
+				st.emu.Unlock()
+				if err == nil {
+					st.conn.SetWriteDeadline(time.Now().Add(time.Second))
 					st.conn.Write(b)
 				}
 				st.wmu.Unlock()
