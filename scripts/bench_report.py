@@ -443,13 +443,14 @@ def replication_section(outdir):
         durable = read_text(os.path.join(rdir, "durable-rate.txt")).split()
         if len(durable) == 2:
             rate = float(durable[0]) * (1000 if durable[1] == "G" else 1) * 1e6 / (1 << 20)
-            lines += ["", f"The disk both nodes' files live on takes {rate:,.0f} MiB/s made durable "
-                      "(`dd bs=1M count=1024 conv=fdatasync`, measured in the same run). *alone* never "
-                      "waits for that disk: its 10 s of writes stay in the page cache. With a peer, "
-                      "every barrier ack means the epoch is on the Secondary's stable storage, so the "
-                      "Secondary flushes while it receives and the link carries only what that disk "
-                      "takes; *protocol A, `disk-flushes no`* (barrier acks after the writes are done, "
-                      "not flushed; informational, no target) shows the path without that bound."]
+            lines += ["", f"The disk both nodes' files live on took {rate:,.0f} MiB/s made durable "
+                      "in this run (`dd bs=1M count=1024 conv=fdatasync`; it varies a lot between runs "
+                      "on this shared machine). *alone* never waits for that disk: its 10 s of writes "
+                      "stay in the page cache. With a peer, a barrier ack means the epoch is on the "
+                      "Secondary's stable storage, so the Secondary writes the data back (flushes) "
+                      "while it receives, on the same two CPUs; *protocol A, `disk-flushes no`* "
+                      "(barrier acks once the writes are done, not flushed; informational, no target) "
+                      "shows the replication path without that work."]
         lines += ["", "Verdict:", ""] + [f"- {v}" for v in verdicts]
 
     # 2. lag
