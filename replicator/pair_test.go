@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -580,6 +581,40 @@ func TestPair_AfterSBPolicies(t *testing.T) {
 			got, _ := os.ReadFile(p.disks[0])
 			if want := before[map[string]int{"alpha": 0, "beta": 1}[tc.survivor]]; !bytes.Equal(got[:p.alpha.Size()], want) {
 				t.Errorf("the disks agree, but not on %s's data from before the connect", tc.survivor)
+			}
+		})
+	}
+}
+
+// TestPeerRefusal: a handshake the peer ended with a refusal both nodes
+// reach ends as that refusal here too; any other end stays an error that
+// redials.
+func TestPeerRefusal(t *testing.T) {
+	sb := &transport.PeerClosedError{Reason: ErrSplitBrain.Error()}
+	for _, tc := range []struct {
+		name    string
+		err     error
+		refused string // "" when not a refusal
+	}{
+		{"split brain", sb, ErrSplitBrain.Error()},
+		{"split brain, wrapped", fmt.Errorf("recv: %w", sb), ErrSplitBrain.Error()},
+		{"unrelated data", &transport.PeerClosedError{Reason: ErrUnrelatedData.Error()}, ErrUnrelatedData.Error()},
+		{"settings", &transport.PeerClosedError{Reason: incompatibleSettings + "protocol A here, C on the peer"},
+			incompatibleSettings + "protocol A here, C on the peer"},
+		{"disk too small (the Primary's refusal alone)", &transport.PeerClosedError{Reason: "The peer's disk size is too small! (1 bytes, this Primary exports 2): dropping connection"}, ""},
+		{"disconnect", &transport.PeerClosedError{Reason: "disconnect requested"}, ""},
+		{"network", transport.ErrClosed, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := peerRefusal(tc.err)
+			var refused *errRefused
+			switch {
+			case tc.refused == "" && errors.As(err, &refused):
+				t.Errorf("refused: %v", err)
+			case tc.refused == "" && err != tc.err:
+				t.Errorf("got %v, want the error unchanged", err)
+			case tc.refused != "" && (!errors.As(err, &refused) || refused.reason != tc.refused):
+				t.Errorf("got %v, want the refusal %q", err, tc.refused)
 			}
 		})
 	}

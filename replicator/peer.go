@@ -324,7 +324,7 @@ func (p *peer) handshake() error {
 	for i, want := range []transport.Type{wire.TypeParams, wire.TypeState, wire.TypeUUIDs} {
 		m, err := p.recv(transport.Data)
 		if err != nil {
-			return err
+			return peerRefusal(err)
 		}
 		if m.Type() != want {
 			return fmt.Errorf("%w: handshake message %d is of type %d, expected %d", transport.ErrProtocol, i, m.Type(), want)
@@ -412,7 +412,7 @@ func (p *peer) checkParams(mine, theirs wire.Params) error {
 		bad = append(bad, fmt.Sprintf("verify-alg %q here, %q on the peer", mine.VerifyAlg, theirs.VerifyAlg))
 	}
 	if len(bad) > 0 {
-		return &errRefused{reason: "incompatible settings, dropping connection (make the net sections agree): " + strings.Join(bad, "; ")}
+		return &errRefused{reason: incompatibleSettings + strings.Join(bad, "; ")}
 	}
 	if theirs.DiskSize == 0 {
 		return &errRefused{reason: "the peer has no disk; diskless peers are not supported, dropping connection"}
@@ -637,6 +637,29 @@ func (p *peer) receiveWrite(m wire.Write) error {
 		}
 	}()
 	return nil
+}
+
+// incompatibleSettings begins the refusal of a peer whose settings differ.
+const incompatibleSettings = "incompatible settings, dropping connection (make the net sections agree): "
+
+// peerRefusal returns, for a handshake ended by the peer's closing the
+// session with a refusal that both nodes reach from the same messages
+// (split brain, unrelated data, incompatible settings), that refusal: the
+// peer's close can overtake its handshake messages (the close frame on
+// the control stream ends the session before the data stream is read), and
+// this node would otherwise keep dialing a peer that went StandAlone.
+// Other errors are returned as they are.
+func peerRefusal(err error) error {
+	var closed *transport.PeerClosedError
+	if !errors.As(err, &closed) {
+		return err
+	}
+	for _, refusal := range []string{ErrSplitBrain.Error(), ErrUnrelatedData.Error(), incompatibleSettings} {
+		if strings.HasPrefix(closed.Reason, refusal) {
+			return &errRefused{reason: closed.Reason}
+		}
+	}
+	return err
 }
 
 // receiveBarrier ends an epoch: once its writes are done (drained) it is
