@@ -70,6 +70,7 @@ const (
 	maxServe      = 16      // resync requests being read
 	bitmapChunk   = 64 << 10
 	handshakeWait = 30 * time.Second
+	inlineApply   = 64 << 10 // writes up to this size are applied in the data loop
 )
 
 // newPeer returns the state of session s under the connection loop's
@@ -541,9 +542,10 @@ func (p *peer) handle(m wire.Message) error {
 	return nil
 }
 
-// receiveWrite applies one of the Primary's writes. Writes of one epoch
-// run in parallel (the Primary never puts overlapping writes in one
-// epoch; the range lock keeps stream order if it did).
+// receiveWrite applies one of the Primary's writes: up to inlineApply
+// bytes at once, larger ones in parallel with the rest of their epoch (the
+// Primary never puts overlapping writes in one epoch; the range lock keeps
+// stream order if it did).
 func (p *peer) receiveWrite(m wire.Write) error {
 	r := p.r
 	r.mu.Lock()
@@ -598,7 +600,7 @@ func (p *peer) receiveWrite(m wire.Write) error {
 		}
 		ackWanted = false
 	}
-	go func() {
+	apply := func() {
 		defer p.epWG.Done()
 		defer func() {
 			for range tokens {
@@ -635,7 +637,16 @@ func (p *peer) receiveWrite(m wire.Write) error {
 			}
 			p.send(transport.Control, wire.WriteAck{Seq: m.Seq, Status: st})
 		}
-	}()
+	}
+	// A small write is applied here: the loop would wait for it at the
+	// epoch's barrier anyway (under protocol A most epochs are one write),
+	// and a goroutine costs more than the write. Larger ones run in
+	// parallel with the rest of their epoch.
+	if n <= inlineApply {
+		apply()
+	} else {
+		go apply()
+	}
 	return nil
 }
 
