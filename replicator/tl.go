@@ -206,9 +206,14 @@ func (t *tlog) barrierNow(force, flush bool) <-chan struct{} {
 	}
 	b, ep, ok := t.closeEpoch(force || flush && len(t.epochs) >= 2, flush)
 	if !ok {
-		// Nothing open and nothing unacked.
+		// Nothing open: wait for the newest closed epoch, if any (with
+		// flush there is none, or an empty epoch was closed above).
+		var done <-chan struct{}
+		if n := len(t.epochs); n >= 2 {
+			done = t.epochs[n-2].done
+		}
 		t.mu.Unlock()
-		return nil
+		return done
 	}
 	t.mu.Unlock()
 	t.sendMsg(b)
