@@ -70,7 +70,8 @@ const (
 	maxServe      = 16      // resync requests being read
 	bitmapChunk   = 64 << 10
 	handshakeWait = 30 * time.Second
-	inlineApply   = 64 << 10 // writes up to this size are applied in the data loop
+	inlineApply   = 64 << 10               // writes up to this size are applied in the data loop
+	barrierIdle   = 200 * time.Microsecond // see barrierLoop
 )
 
 // newPeer returns the state of session s under the connection loop's
@@ -462,14 +463,27 @@ func (p *peer) controlLoop() {
 }
 
 // barrierLoop sends the barrier of an epoch closed by a completed write
-// when no further write does it first (DRBD's maybe_send_barrier).
+// when no further write does it first within barrierIdle (DRBD's
+// maybe_send_barrier, which sends it once the sender is idle): under load
+// the next write carries it in the same socket write.
 func (p *peer) barrierLoop() {
 	defer p.wg.Done()
+	idle := time.NewTimer(time.Hour)
+	idle.Stop()
 	for {
 		select {
 		case <-p.ctx.Done():
 			return
 		case <-p.tl.kick:
+			// A write submitted meanwhile takes the barrier with it (one
+			// frame less to send alone); the loop sends it only if none
+			// comes within barrierIdle.
+			idle.Reset(barrierIdle)
+			select {
+			case <-p.ctx.Done():
+				return
+			case <-idle.C:
+			}
 			p.tl.mu.Lock()
 			closing := p.tl.closing
 			p.tl.mu.Unlock()
