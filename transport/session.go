@@ -170,7 +170,12 @@ type Out struct {
 // the write after it, a batch of acks). Like Send, it returns once all are
 // handed to the socket; if one cannot be encoded, none is sent.
 func (s *Session) SendMany(st Stream, msgs []Out) error {
-	wait, err := s.Queue(st, msgs)
+	return waitSent(s.Queue(st, msgs))
+}
+
+// waitSent waits for frames a queue call put on a stream, or returns its
+// error.
+func waitSent(wait func() error, err error) error {
 	if err != nil {
 		return err
 	}
@@ -199,15 +204,7 @@ func (s *Session) Queue(st Stream, msgs []Out) (wait func() error, err error) {
 }
 
 func (s *Session) send(st Stream, typ Type, payload []byte) error {
-	return s.sendFrames(st, []Out{{Type: typ, Payload: payload}})
-}
-
-func (s *Session) sendFrames(st Stream, msgs []Out) error {
-	wait, err := s.queueFrames(st, msgs)
-	if err != nil {
-		return err
-	}
-	return wait()
+	return waitSent(s.queueFrames(st, []Out{{Type: typ, Payload: payload}}))
 }
 
 // queueFrames seals msgs onto the stream, behind every frame queued
