@@ -100,16 +100,23 @@ func (p *peer) send(st transport.Stream, m wire.Message) error {
 }
 
 func (p *peer) recv(st transport.Stream) (wire.Message, error) {
+	msg, _, err := p.recvPayload(st)
+	return msg, err
+}
+
+// recvPayload is recv that also returns the frame's payload, which the
+// decoded message's data aliases (see Session.Recycle).
+func (p *peer) recvPayload(st transport.Stream) (wire.Message, []byte, error) {
 	m, err := p.s.Recv(st)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	p.r.netRecv.Add(uint64(len(m.Payload)))
 	msg, err := wire.Decode(m.Type, m.Payload)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %w", transport.ErrProtocol, err)
+		return nil, nil, fmt.Errorf("%w: %w", transport.ErrProtocol, err)
 	}
-	return msg, nil
+	return msg, m.Payload, nil
 }
 
 // run handshakes, then receives until the session ends.
@@ -510,11 +517,16 @@ func (p *peer) checkRange(what string, off uint64, n uint32) error {
 // dataLoop receives the data stream until the session ends.
 func (p *peer) dataLoop() error {
 	for {
-		m, err := p.recv(transport.Data)
+		m, payload, err := p.recvPayload(transport.Data)
 		if err != nil {
 			return err
 		}
-		if err := p.handle(m); err != nil {
+		if w, ok := m.(wire.Write); ok {
+			err = p.receiveWrite(w, payload)
+		} else {
+			err = p.handle(m)
+		}
+		if err != nil {
 			return err
 		}
 	}
@@ -529,7 +541,7 @@ func (p *peer) handle(m wire.Message) error {
 		r.mu.Unlock()
 		r.change()
 	case wire.Write:
-		return p.receiveWrite(m)
+		return p.receiveWrite(m, nil)
 	case wire.Barrier:
 		return p.receiveBarrier(m)
 	case wire.Bitmap:
@@ -559,8 +571,9 @@ func (p *peer) handle(m wire.Message) error {
 // receiveWrite applies one of the Primary's writes: up to inlineApply
 // bytes at once, larger ones in parallel with the rest of their epoch (the
 // Primary never puts overlapping writes in one epoch; the range lock keeps
-// stream order if it did).
-func (p *peer) receiveWrite(m wire.Write) error {
+// stream order if it did). buf, if not nil, is the frame payload m was
+// decoded from: it goes back to the transport once the data is written.
+func (p *peer) receiveWrite(m wire.Write, buf []byte) error {
 	r := p.r
 	r.mu.Lock()
 	role, peerRole := r.role, r.peerRole
@@ -627,6 +640,10 @@ func (p *peer) receiveWrite(m wire.Write) error {
 		switch m.Kind {
 		case wire.WriteData:
 			err = p.dev.WriteAt(m.Data, off, fua)
+			if buf != nil {
+				m.Data = nil
+				p.s.Recycle(buf)
+			}
 		case wire.WriteTrim:
 			err = p.dev.Trim(off, n, fua)
 		case wire.WriteZeroes:

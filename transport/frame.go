@@ -215,6 +215,7 @@ type frameReader struct {
 	c     *codecs
 	known func(Type) bool
 	buf   []byte
+	pool  *bufPool // where frames above ownAbove are read into; nil: allocated
 	hdr   [headerSize]byte
 	wire  int  // bytes the last frame took on the wire
 	owned bool // the last payload is the caller's to keep (not the reused buffer)
@@ -251,7 +252,11 @@ func (fr *frameReader) readFrame() (Type, []byte, error) {
 	n := int(length) + fr.s.overhead()
 	var body []byte
 	if fr.owned = n > ownAbove; fr.owned {
-		body = make([]byte, n)
+		if fr.pool != nil {
+			body = fr.pool.get(n)
+		} else {
+			body = make([]byte, n)
+		}
 	} else {
 		if cap(fr.buf) < n {
 			fr.buf = make([]byte, n)

@@ -72,7 +72,7 @@ func newStream(kind Stream, conn net.Conn, r *bufio.Reader, k streamKeys, t *Tra
 		return nil, err
 	}
 	s := &stream{kind: kind, conn: conn, out: out, filling: 1}
-	s.in = frameReader{r: r, s: in, c: t.codecs, known: t.known}
+	s.in = frameReader{r: r, s: in, c: t.codecs, known: t.known, pool: &t.bufs}
 	s.q.init(recvQueueBytes)
 	return s, nil
 }
@@ -318,6 +318,11 @@ func (s *Session) Recv(st Stream) (Message, error) {
 	}
 	return m, nil
 }
+
+// Recycle hands back the payload of a message Recv returned, once the
+// receiver is done with it: a later large frame may be read into it. The
+// caller must not use p, or anything sliced from it, afterwards.
+func (s *Session) Recycle(p []byte) { s.t.bufs.put(p) }
 
 func (s *Session) readLoop(str *stream) {
 	for {

@@ -116,6 +116,7 @@ type Transport struct {
 	lastErrAt   time.Time
 
 	stats counters
+	bufs  bufPool // buffers of large received frames, shared by sessions
 	// dial opens a connection to the peer; tests replace it.
 	dial func(ctx context.Context) (net.Conn, error)
 	// now is the clock of the hold-off (block); tests replace it.
