@@ -5,8 +5,10 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -101,6 +103,11 @@ type Session struct {
 	pingIn  chan uint64   // pings received, to answer
 	sent    chan struct{} // application data was sent: ping soon
 	pingSeq uint64
+	// quietUntil (Unix ns) is when sending next prompts the pinger: no
+	// sooner than trafficPingGap after its last ping, never while it
+	// awaits a pong. Senders check it instead of waking the pinger for
+	// every write.
+	quietUntil atomic.Int64
 }
 
 // Peer returns the peer's node name.
@@ -240,7 +247,7 @@ func (s *Session) queueFrames(st Stream, msgs []Out) (func() error, error) {
 		if err := s.writeBatch(str, batch); err != nil {
 			return err
 		}
-		if app {
+		if app && time.Now().UnixNano() >= s.quietUntil.Load() {
 			select {
 			case s.sent <- struct{}{}:
 			default:
@@ -388,6 +395,7 @@ func (s *Session) pinger() {
 			return false
 		}
 		awaiting, last = true, time.Now()
+		s.quietUntil.Store(math.MaxInt64)
 		timeout.Reset(s.t.cfg.PingTimeout)
 		return true
 	}
@@ -402,6 +410,7 @@ func (s *Session) pinger() {
 		case seq := <-s.pong:
 			if awaiting && seq == s.pingSeq {
 				awaiting = false
+				s.quietUntil.Store(last.Add(trafficPingGap).UnixNano())
 				timeout.Stop()
 			}
 		case <-tick.C:
