@@ -53,8 +53,9 @@ type peer struct {
 	ackQueue []wire.BarrierAck
 	ackDirty bool          // an epoch in ackQueue had writes
 	acked    uint64        // the newest epoch acked
-	ackedCh  chan struct{} // closed, and replaced, when acks went out
+	ackedCh  chan struct{} // closed, and replaced, when epochs were made durable (their acks queued)
 	ackKick  chan struct{}
+	acks     *acker // write and barrier acks on their way to the peer
 
 	bmNext uint64        // next block of the peer's bitmap
 	serve  chan struct{} // bounds resync requests served at once
@@ -79,7 +80,7 @@ const (
 func newPeer(ctx context.Context, r *Resource, s *transport.Session) *peer {
 	p := &peer{r: r, s: s, md: r.md, dev: r.dev, log: r.log, recvLock: newRangeLock(), epoch: 1,
 		apply: make(chan struct{}, maxApply), serve: make(chan struct{}, maxServe),
-		ackedCh: make(chan struct{}), ackKick: make(chan struct{}, 1),
+		ackedCh: make(chan struct{}), ackKick: make(chan struct{}, 1), acks: newAcker(),
 		tl: newTlog(r.md, s, r.cfg.Net.Protocol != 'A', r.cfg.Net.MaxEpochSize, &r.netSent), parent: ctx}
 	p.ctx, p.cancel = context.WithCancel(ctx)
 	return p
@@ -133,10 +134,11 @@ func (p *peer) run() error {
 	if err != nil {
 		return err
 	}
-	p.wg.Add(3)
+	p.wg.Add(4)
 	go p.controlLoop()
 	go p.barrierLoop()
 	go p.flusher()
+	go p.ackSender()
 	return p.dataLoop()
 }
 
@@ -617,14 +619,7 @@ func (p *peer) receiveWrite(m wire.Write, buf []byte) error {
 	// after that ends the session, so the Primary marks it.
 	ackWanted := m.Flags&wire.WriteAckWanted != 0
 	if ackWanted && p.theirs.Protocol == 'B' {
-		if err := p.send(transport.Control, wire.WriteAck{Seq: m.Seq, Status: wire.AckOK}); err != nil {
-			unlock()
-			p.epWG.Done()
-			for range tokens {
-				<-p.apply
-			}
-			return err
-		}
+		p.acks.queue(wire.WriteAck{Seq: m.Seq, Status: wire.AckOK})
 		ackWanted = false
 	}
 	apply := func() {
@@ -666,7 +661,7 @@ func (p *peer) receiveWrite(m wire.Write, buf []byte) error {
 			if err != nil {
 				st = wire.AckFailed
 			}
-			p.send(transport.Control, wire.WriteAck{Seq: m.Seq, Status: st})
+			p.acks.queue(wire.WriteAck{Seq: m.Seq, Status: st})
 		}
 	}
 	// A small write is applied here: the loop would wait for it at the
@@ -778,9 +773,9 @@ func (p *peer) flusher() {
 		for i, a := range batch {
 			acks[i] = a
 		}
-		if err := p.s.SendMany(transport.Control, encodeAll(acks, &p.r.netSent)); err != nil {
-			return // the session ended; the peer marks what it did not get acked
-		}
+		// Behind the acks of these epochs' writes, queued before the
+		// data loop drained them.
+		p.acks.queue(acks...)
 		p.ackMu.Lock()
 		p.acked = batch[len(batch)-1].Epoch
 		close(p.ackedCh)
