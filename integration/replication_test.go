@@ -533,10 +533,11 @@ func TestReplication_PullAhead(t *testing.T) {
 // TestReplication_ResyncUnderLoad (P7): beta invalidates itself (a full
 // resync from alpha) while fio writes on alpha; the resync completes, the
 // disks end equal, and fio verifies its data through beta after a
-// switchover.
+// switchover. c-min-rate 0: the resync runs at its full rate alongside
+// the writes instead of yielding to them (TestPair_CMinRate covers that).
 func TestReplication_ResyncUnderLoad(t *testing.T) {
 	need(t, "fio")
-	c := newCluster(t, 64*mib, "net { protocol A; } disk { c-plan-ahead 0; resync-rate 20M; }")
+	c := newCluster(t, 64*mib, "net { protocol A; } disk { c-plan-ahead 0; resync-rate 20M; c-min-rate 0; }")
 	c.initialSync()
 	fioDir := t.TempDir()
 	job := []string{"--name=p7", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--size=48m", "--offset=8m",

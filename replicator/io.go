@@ -71,6 +71,7 @@ func (r *Resource) ReadAt(p []byte, off int64) (int, error) {
 	n, err := x.dev.ReadAt(p, off)
 	r.local.Add(-1)
 	r.read.Add(uint64(n))
+	r.appIO.Add(uint64(n))
 	return n, err
 }
 
@@ -162,6 +163,7 @@ func (r *Resource) modify(off, length int64, kind uint8, data []byte, fua bool, 
 			return err
 		}
 		r.written.Add(uint64(n))
+		r.appIO.Add(uint64(n))
 		off, length = off+n, length-n
 	}
 	r.complete(x, sent)

@@ -619,3 +619,63 @@ func TestPeerRefusal(t *testing.T) {
 		})
 	}
 }
+
+// TestPair_CMinRate: with application writes going on during a resync,
+// c-min-rate holds resync requests back on both sides once the resync
+// runs above it; with c-min-rate 0 nothing waits. Either way the resync
+// finishes once the writes stop, and the disks end equal.
+func TestPair_CMinRate(t *testing.T) {
+	for _, minRate := range []string{"0", "1"} {
+		t.Run("c-min-rate="+minRate, func(t *testing.T) {
+			// 32 MiB at 4 MiB/s: about 8 s of resync without throttling.
+			p := newPair(t, "net { protocol C; } disk { c-plan-ahead 0; resync-rate 4M; c-min-rate "+minRate+"; }")
+			p.connect()
+			p.connected()
+			if err := p.alpha.Primary(true); err != nil {
+				t.Fatal(err)
+			}
+			p.wait(p.beta, "SyncTarget", func(s Snapshot) bool { return s.Conn == SyncTarget })
+			stop, done := make(chan struct{}), make(chan struct{})
+			go func() {
+				defer close(done)
+				buf := make([]byte, 64<<10)
+				for i := 0; ; i++ {
+					select {
+					case <-stop:
+						return
+					case <-time.After(5 * time.Millisecond):
+					}
+					rand.Read(buf)
+					if err := p.alpha.WriteAt(buf, int64(i%256)*int64(len(buf)), false); err != nil {
+						t.Errorf("application write: %v", err)
+						return
+					}
+				}
+			}()
+			if minRate == "0" {
+				// A quarter of the resync with writes going on.
+				p.wait(p.beta, "a quarter of the resync", func(s Snapshot) bool {
+					return s.Resync == nil || s.Resync.LeftBytes <= s.Resync.TotalBytes*3/4
+				})
+			} else {
+				deadline := time.Now().Add(30 * time.Second)
+				for p.alpha.throttled.Load() == 0 || p.beta.throttled.Load() == 0 {
+					if time.Now().After(deadline) {
+						t.Fatalf("resync requests held back: %d on alpha (source), %d on beta (target)",
+							p.alpha.throttled.Load(), p.beta.throttled.Load())
+					}
+					time.Sleep(10 * time.Millisecond)
+				}
+			}
+			close(stop)
+			<-done
+			p.inSync()
+			a, b := p.alpha.throttled.Load(), p.beta.throttled.Load()
+			t.Logf("resync requests held back: %d on alpha (source), %d on beta (target)", a, b)
+			if minRate == "0" && a+b != 0 {
+				t.Errorf("c-min-rate 0 held %d+%d resync requests back", a, b)
+			}
+			p.same()
+		})
+	}
+}

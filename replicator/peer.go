@@ -648,6 +648,7 @@ func (p *peer) receiveWrite(m wire.Write, buf []byte) error {
 		unlock()
 		if err == nil {
 			r.written.Add(uint64(n))
+			r.appIO.Add(uint64(n)) // the Primary's application writes
 		} else {
 			// The blocks differ from the Primary's now. The session ends
 			// before this epoch's barrier can be acked, so the Primary

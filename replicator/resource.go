@@ -76,6 +76,8 @@ type Resource struct {
 	size     atomic.Int64 // bytes of data; 0 while Diskless
 
 	written, read atomic.Uint64 // bytes written to and read from the disk, since attach
+	appIO         atomic.Uint64 // bytes of application I/O on the disk (not resync): c-min-rate
+	throttled     atomic.Uint64 // resync requests c-min-rate held back, since the start
 	local         atomic.Int64  // requests in flight on the disk
 
 	// The link to the peer (link.go, peer.go): the transport while not

@@ -68,6 +68,9 @@ type resync struct {
 	want    int64               // the controller's rate, bytes/s (0: fixed rate)
 	slots   chan struct{}
 	found   uint64 // verify: differing blocks
+
+	served   int64       // source side: bytes of requests answered
+	throttle *rsThrottle // c-min-rate, made on first use
 }
 
 // newResync returns a resync starting now with total blocks to do and
@@ -323,6 +326,31 @@ func (pc *pacer) grant(ctx context.Context, length int64) (int64, error) {
 	return n, nil
 }
 
+// slowDown asks the c-min-rate throttle whether the next resync request
+// waits; done is the resync's counter of bytes done on this side (under
+// rs.mu).
+func (p *peer) slowDown(rs *resync, done *int64) bool {
+	rs.mu.Lock()
+	defer rs.mu.Unlock()
+	if rs.throttle == nil {
+		rs.throttle = newRSThrottle(p.r.cfg.Disk.CMinRate, p.r.appIO.Load(), rs.start)
+	}
+	if !rs.throttle.slowDown(p.r.appIO.Load(), *done, time.Now()) {
+		return false
+	}
+	p.r.throttled.Add(1)
+	return true
+}
+
+// throttleWaits returns how many requests the throttle held back; call
+// with rs.mu held.
+func (rs *resync) throttleWaits() uint64 {
+	if rs.throttle == nil {
+		return 0
+	}
+	return rs.throttle.waits
+}
+
 // driveResync is the SyncTarget's walk over the bitmap.
 func (p *peer) driveResync(rs *resync) error {
 	r := p.r
@@ -333,6 +361,15 @@ func (p *peer) driveResync(rs *resync) error {
 	for pos := uint64(0); pos < blocks; {
 		if err := p.waitUnpaused(); err != nil {
 			return err
+		}
+		// Application I/O first: with it present and the resync above
+		// c-min-rate, the next request waits (DRBD requeues it).
+		for p.slowDown(rs, &rs.arrived) {
+			select {
+			case <-p.ctx.Done():
+				return p.ctx.Err()
+			case <-time.After(throttleWait):
+			}
 		}
 		start, n, ok := p.md.NextRun(pos)
 		if !ok || start >= blocks {
@@ -399,10 +436,11 @@ func (p *peer) driveResync(rs *resync) error {
 	rs.finished = true
 	r.mu.Unlock()
 	rs.mu.Lock()
-	same, sent := rs.same, rs.sent
+	same, sent, waits := rs.same, rs.sent, rs.throttleWaits()
 	rs.mu.Unlock()
 	r.log.Info("resync done on the SyncTarget side", "seconds", time.Since(rs.start).Seconds(),
-		"equal_checksum_bytes", same*bitmap.BlockSize, "transferred_bytes", sent, "failed_blocks", failed)
+		"equal_checksum_bytes", same*bitmap.BlockSize, "transferred_bytes", sent, "failed_blocks", failed,
+		"throttled_requests", waits)
 	return p.send(transport.Data, wire.Command{Code: wire.CmdResyncDone, Arg: failed})
 }
 
@@ -484,11 +522,32 @@ func (p *peer) serveResync(m wire.ResyncRequest) error {
 	}
 	p.served[[2]int64{int64(m.Offset), int64(m.Length)}]++
 	digest := newDigest(r.cfg.Net.CsumsAlg)
+	rs := p.running()
 	p.wg.Add(1)
 	go func() {
 		defer p.wg.Done()
 		defer func() { <-p.serve }()
 		off, n := int64(m.Offset), int64(m.Length)
+		// Unless the target is Primary (its application waits for this
+		// data), a throttled request is served a moment later (DRBD:
+		// HZ/10).
+		r.mu.Lock()
+		peerPrimary := r.peerRole == RolePrimary
+		r.mu.Unlock()
+		if rs != nil && !peerPrimary && p.slowDown(rs, &rs.served) {
+			select {
+			case <-p.ctx.Done():
+				return
+			case <-time.After(throttleWait):
+			}
+		}
+		if rs != nil {
+			defer func() {
+				rs.mu.Lock()
+				rs.served += n
+				rs.mu.Unlock()
+			}()
+		}
 		unlock := r.ranges.lock(off, n)
 		defer unlock()
 		buf := make([]byte, n)
