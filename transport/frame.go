@@ -117,6 +117,7 @@ type frameSealer struct {
 	aead    cipher.AEAD
 	dirTag  [4]byte
 	counter uint64
+	sum     *xxhash.Digest // for frames whose tail is referenced (outBatch)
 }
 
 func newSealer(key []byte, dirTag [4]byte) (*frameSealer, error) {

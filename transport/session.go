@@ -57,11 +57,12 @@ type stream struct {
 	// those of the senders that queued meanwhile.
 	emu     sync.Mutex // guards out, pending, spare, filling, written
 	out     *frameSealer
-	pending []byte     // sealed frames of batch filling, not yet written
-	spare   []byte     // a written batch's buffer, for reuse
-	filling uint64     // the batch that pending holds
-	written uint64     // every batch up to this one is written
-	wmu     sync.Mutex // held while a batch is written to the socket
+	pending outBatch    // sealed frames of batch filling, not yet written
+	spare   outBatch    // a written batch's buffers, for reuse
+	filling uint64      // the batch that pending holds
+	written uint64      // every batch up to this one is written
+	wmu     sync.Mutex  // held while a batch is written to the socket
+	pieces  net.Buffers // the writer's scratch (under wmu)
 }
 
 func newStream(kind Stream, conn net.Conn, r *bufio.Reader, k streamKeys, t *Transport) (*stream, error) {
@@ -190,9 +191,11 @@ func waitSent(wait func() error, err error) error {
 }
 
 // Queue is SendMany in two steps: it puts the frames on the stream, in
-// order behind every frame queued before (their payloads are copied: the
-// caller may reuse them at once), and returns a function that waits until
-// they are handed to the socket. A caller that orders its frames under a
+// order behind every frame queued before, and returns a function that
+// waits until they are handed to the socket. Payloads are copied, and so
+// are tails, except a Tail of 64 KiB or more on a link without encryption
+// or compression: the socket write takes that from where it is (writev),
+// so the caller keeps it unchanged until wait returns. A caller that orders its frames under a
 // lock of its own can so wait outside it, and the frames of several such
 // callers go out with one write.
 func (s *Session) Queue(st Stream, msgs []Out) (wait func() error, err error) {
@@ -226,13 +229,12 @@ func (s *Session) queueFrames(st Stream, msgs []Out) (func() error, error) {
 	var payload uint64
 	app := false
 	str.emu.Lock()
-	before := len(str.pending)
+	before := str.pending.mark()
 	for _, m := range msgs {
-		var err error
 		// Only a payload above MaxPayload fails, before its frame takes a
 		// nonce (SendMany checks every payload first).
-		if str.pending, err = appendFrameParts(str.pending, str.out, s.t.codecs, s.t.comp, m.Type, m.Payload, m.Tail); err != nil {
-			str.pending = str.pending[:before]
+		if err := str.pending.appendFrame(str.out, s.t.codecs, s.t.comp, m.Type, m.Payload, m.Tail); err != nil {
+			str.pending.rollback(before)
 			str.emu.Unlock()
 			return nil, err
 		}
@@ -269,17 +271,19 @@ func (s *Session) writeBatch(str *stream, batch uint64) error {
 	}
 	// batch is the one filling: nothing after the last written one.
 	b := str.pending
-	str.pending, str.spare = str.spare[:0], nil
+	str.pending, str.spare = str.spare, outBatch{}
 	str.filling++
 	str.emu.Unlock()
-	err := s.write(str, b)
+	err := s.write(str, &b)
+	size := b.size()
+	b.reset()
 	str.emu.Lock()
 	str.written = batch
-	if cap(b) <= 4<<20 {
-		str.spare = b[:0] // keep the buffer, unless huge frames grew it
+	if cap(b.b) <= 4<<20 {
+		str.spare = b // keep the buffers, unless huge frames grew them
 	}
 	str.emu.Unlock()
-	s.t.stats.wireSent.Add(uint64(len(b)))
+	s.t.stats.wireSent.Add(uint64(size))
 	if err != nil {
 		// Before wmu goes: the senders whose frames were in b see it.
 		s.fail(fmt.Errorf("send on the %s stream: %w", str.kind, err))
@@ -299,18 +303,10 @@ func (s *Session) sendErr() error {
 	}
 }
 
-// write writes b in chunks, each with a fresh deadline.
-func (s *Session) write(str *stream, b []byte) error {
-	for len(b) > 0 {
-		n := min(len(b), writeChunk)
-		str.conn.SetWriteDeadline(time.Now().Add(s.t.cfg.Timeout))
-		w, err := str.conn.Write(b[:n])
-		if err != nil {
-			return err
-		}
-		b = b[w:]
-	}
-	return nil
+// write writes a batch in chunks, each with a fresh deadline; call with
+// str.wmu held.
+func (s *Session) write(str *stream, b *outBatch) error {
+	return b.writeTo(str.conn, writeChunk, func() time.Time { return time.Now().Add(s.t.cfg.Timeout) }, &str.pieces)
 }
 
 // Recv returns the next application frame of a stream. It fails once the
@@ -458,13 +454,15 @@ func (s *Session) Close(reason string) error {
 				// Behind the frames queued so far, which go out with it
 				// (the peer would refuse a frame out of sealing order).
 				st.emu.Lock()
-				b, err := appendFrame(st.pending, st.out, s.t.codecs, CompressNone, typeClose, []byte(reason))
-				st.pending = nil
+				b := st.pending
+				st.pending = outBatch{}
+				err := b.appendFrame(st.out, s.t.codecs, CompressNone, typeClose, []byte(reason), nil)
 				st.emu.Unlock()
 				if err == nil {
-					st.conn.SetWriteDeadline(time.Now().Add(time.Second))
-					st.conn.Write(b)
+					end := time.Now().Add(time.Second)
+					b.writeTo(st.conn, writeChunk, func() time.Time { return end }, &st.pieces)
 				}
+				b.reset()
 				st.wmu.Unlock()
 			}
 		}
