@@ -311,7 +311,17 @@ func (f *fakePeer) send(t *testing.T, m wire.Message) {
 // its own, is Connected to a fake beta in state st, speaking protocol C.
 func connectFake(t *testing.T, st wire.State) (*pair, *fakePeer) {
 	t.Helper()
+	return connectFakeWith(t, st, nil)
+}
+
+// connectFakeWith is connectFake with setup run on the pair before alpha
+// connects.
+func connectFakeWith(t *testing.T, st wire.State, setup func(*pair)) (*pair, *fakePeer) {
+	t.Helper()
 	p := newPair(t, "net { protocol C; } disk { c-plan-ahead 0; resync-rate 1G; }")
+	if setup != nil {
+		setup(p)
+	}
 	if err := p.alpha.NewCurrentUUID(true); err != nil { // a generation of its own
 		t.Fatal(err)
 	}
@@ -385,6 +395,63 @@ func TestPair_BarrierAcks(t *testing.T) {
 	if ep := p.alpha.Snapshot().Counters.EP; ep != 1 {
 		t.Errorf("ep %d once every epoch is acked, want 1", ep)
 	}
+}
+
+// TestPair_FlushGap: the flusher lets flushGap pass between two flushes,
+// holding barrier acks back, except for an epoch closed by a FLUSH, which
+// is flushed and acked at once, with those waiting before it.
+func TestPair_FlushGap(t *testing.T) {
+	p, f := connectFakeWith(t, wire.State{Role: uint8(RolePrimary), Disk: uint8(UpToDate)},
+		func(p *pair) { p.alpha.flushGap = time.Hour })
+	acks := make(chan wire.BarrierAck, 8)
+	go func() {
+		for {
+			m, err := f.s.Recv(transport.Control)
+			if err != nil {
+				return
+			}
+			if msg, err := wire.Decode(m.Type, m.Payload); err == nil {
+				if a, ok := msg.(wire.BarrierAck); ok {
+					acks <- a
+				}
+			}
+		}
+	}()
+	next := func(what string) wire.BarrierAck {
+		t.Helper()
+		select {
+		case a := <-acks:
+			return a
+		case <-time.After(30 * time.Second):
+			t.Fatalf("no barrier ack for %s within 30 s", what)
+			return wire.BarrierAck{}
+		}
+	}
+	block := bytes.Repeat([]byte{7}, 4096)
+	// The first flush does not wait.
+	f.send(t, wire.Write{Seq: 1, Epoch: 1, Offset: 0, Length: 4096, Data: block})
+	f.send(t, wire.Barrier{Epoch: 1, Writes: 1})
+	if a := next("epoch 1"); a != (wire.BarrierAck{Epoch: 1, Writes: 1}) {
+		t.Fatalf("ack %v, want epoch 1", a)
+	}
+	// The next waits for the gap: drained, not acked.
+	f.send(t, wire.Write{Seq: 2, Epoch: 2, Offset: 4096, Length: 4096, Data: block})
+	f.send(t, wire.Barrier{Epoch: 2, Writes: 1})
+	p.wait(p.alpha, "epoch 2 drained", func(s Snapshot) bool { return s.Counters.EP == 2 })
+	select {
+	case a := <-acks:
+		t.Fatalf("ack %v within the flush gap", a)
+	case <-time.After(300 * time.Millisecond):
+	}
+	// A FLUSH epoch goes at once, and takes epoch 2 with it.
+	f.send(t, wire.Barrier{Epoch: 3, Writes: 0, Flags: wire.BarrierFlush})
+	if a := next("epoch 2"); a != (wire.BarrierAck{Epoch: 2, Writes: 1}) {
+		t.Fatalf("ack %v, want epoch 2", a)
+	}
+	if a := next("the flush epoch 3"); a != (wire.BarrierAck{Epoch: 3}) {
+		t.Fatalf("ack %v, want epoch 3", a)
+	}
+	p.wait(p.alpha, "every epoch acked", func(s Snapshot) bool { return s.Counters.EP == 1 })
 }
 
 // TestPair_HostilePeer: messages a peer must not send in the state the

@@ -78,6 +78,7 @@ type Resource struct {
 	written, read atomic.Uint64 // bytes written to and read from the disk, since attach
 	appIO         atomic.Uint64 // bytes of application I/O on the disk (not resync): c-min-rate
 	throttled     atomic.Uint64 // resync requests c-min-rate held back, since the start
+	flushGap      time.Duration // the least time between two flushes at barriers (tests lengthen it)
 	local         atomic.Int64  // requests in flight on the disk
 
 	// The link to the peer (link.go, peer.go): the transport while not
@@ -106,7 +107,7 @@ func New(o Options) (*Resource, error) {
 	}
 	r := &Resource{name: o.Config.Name, minor: o.Minor, cfg: o.Config, host: host, held: o.HeldOpen,
 		clients: o.Clients, change: o.OnChange, log: o.Logger, role: RoleSecondary, disk: Diskless, conn: StandAlone,
-		peerDisk: DUnknown, ranges: newRangeLock()}
+		peerDisk: DUnknown, ranges: newRangeLock(), flushGap: flushGap}
 	if p, err := o.Config.Peer(o.Node); err == nil {
 		r.peer = p.Name()
 	}
