@@ -46,14 +46,7 @@ func (a *acker) take(spare []wire.Message) []wire.Message {
 func (p *peer) ackSender() {
 	defer p.wg.Done()
 	var spare []wire.Message
-	for {
-		select {
-		case <-p.ctx.Done():
-			return
-		case <-p.s.Done():
-			return
-		case <-p.acks.kick:
-		}
+	for p.await(p.acks.kick) {
 		// batch and spare are never the same array: the queue fills the
 		// one while the other is sent.
 		batch := p.acks.take(spare)

@@ -749,6 +749,19 @@ func (p *peer) receiveBarrier(m wire.Barrier) error {
 	}
 }
 
+// await waits for a signal on c; false: the session or the peer ended
+// first.
+func (p *peer) await(c <-chan struct{}) bool {
+	select {
+	case <-p.ctx.Done():
+		return false
+	case <-p.s.Done():
+		return false
+	case <-c:
+		return true
+	}
+}
+
 // flusher acks the drained epochs: one flush of the disk (unless
 // disk-flushes no) makes every epoch drained so far durable, then their
 // barrier acks go out in order. A flush takes as long as it takes; the
@@ -762,14 +775,7 @@ func (p *peer) flusher() {
 	var last time.Time // when the last flush began
 	gap := time.NewTimer(time.Hour)
 	gap.Stop()
-	for {
-		select {
-		case <-p.ctx.Done():
-			return
-		case <-p.s.Done():
-			return
-		case <-p.ackKick:
-		}
+	for p.await(p.ackKick) {
 		if wait := p.r.flushGap - time.Since(last); wait > 0 {
 			gap.Reset(wait)
 			select {
