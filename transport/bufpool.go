@@ -5,28 +5,38 @@ import (
 	"sync"
 )
 
-// Buffers of large frames (above ownAbove) come in size classes: class k
-// holds 1<<k + bufSlack bytes, enough for a frame of a power-of-two payload
-// (a write's data) with its message header and the frame's checksum or tag.
+// Receive buffers come in size classes: class k holds bufSize(k) = 1<<k
+// plus a sixteenth plus 64 bytes, enough for a frame of a power-of-two
+// payload (a write's data) with its message header and the frame's
+// checksum or tag. Frames above ownAbove are read straight into one; a
+// smaller payload of at least 1<<bufMinClass bytes is copied into one out
+// of the reader's buffer.
 const (
-	bufSlack    = 64<<10 + 64
-	bufMinClass = 16 // the smallest frame above ownAbove fits in 1<<16 + bufSlack
-	bufMaxClass = 25 // MaxPayload and any frame overhead fit in 1<<25 + bufSlack
+	bufMinClass = 10 // 1 KiB: smaller payloads (acks, barriers) are not pooled
+	bufMaxClass = 25 // MaxPayload and any frame overhead fit in bufSize(25)
 )
 
-// bufPool recycles the buffers large frames are read into, once the
-// receiver hands them back (Session.Recycle): a node receiving a stream of
-// 1 MiB writes otherwise allocates, clears and collects 1 MiB per write.
+// bufSize is the capacity of the buffers of class k.
+func bufSize(k int) int { return 1<<k + 1<<(k-4) + 64 }
+
+// bufPool recycles receive buffers once the receiver hands them back
+// (Session.Recycle): a node receiving a stream of writes otherwise
+// allocates, clears and collects a buffer per write.
 type bufPool struct {
 	classes [bufMaxClass - bufMinClass + 1]sync.Pool
 }
 
-// bufClass returns the class of buffers that hold n bytes.
+// bufClass returns the smallest class whose buffers hold n bytes (at least
+// bufMinClass; above bufMaxClass for a length no class holds).
 func bufClass(n int) int {
-	if n <= 1<<bufMinClass+bufSlack {
+	if n <= bufSize(bufMinClass) {
 		return bufMinClass
 	}
-	return bits.Len(uint(n - bufSlack - 1))
+	k := bits.Len(uint(n - 1)) // 1<<k >= n
+	if bufSize(k-1) >= n {
+		return k - 1
+	}
+	return k
 }
 
 // get returns a buffer of length n, recycled if one of its class is free.
@@ -38,13 +48,13 @@ func (bp *bufPool) get(n int) []byte {
 	if b, ok := bp.classes[k-bufMinClass].Get().(*[]byte); ok {
 		return (*b)[:n]
 	}
-	return make([]byte, n, 1<<k+bufSlack)
+	return make([]byte, n, bufSize(k))
 }
 
 // poolable returns the class of a buffer of capacity c, if it has one.
 func poolable(c int) (int, bool) {
 	k := bufClass(c)
-	return k, k <= bufMaxClass && c == 1<<k+bufSlack
+	return k, k <= bufMaxClass && c == bufSize(k)
 }
 
 // put keeps b for a later frame if its capacity is exactly a class's; any
@@ -56,4 +66,16 @@ func (bp *bufPool) put(b []byte) {
 	}
 	b = b[:cap(b)]
 	bp.classes[k-bufMinClass].Put(&b)
+}
+
+// own returns a copy of p for the receiver to keep: in a buffer of the
+// pool from 1<<bufMinClass bytes on (a 4 KiB write's frame), which Recycle
+// can hand back, and simply allocated below.
+func (bp *bufPool) own(p []byte) []byte {
+	if len(p) < 1<<bufMinClass {
+		return append([]byte(nil), p...)
+	}
+	b := bp.get(len(p))
+	copy(b, p)
+	return b
 }

@@ -1,27 +1,43 @@
 package transport
 
-import "testing"
+import (
+	"bytes"
+	"testing"
+)
 
 func TestBufClass(t *testing.T) {
 	for _, tc := range []struct {
 		n    int
 		want int
 	}{
-		{ownAbove + 1, 16},
-		{1<<16 + bufSlack, 16},
-		{1<<16 + bufSlack + 1, 17},
-		{1 << 20, 20},              // a 1 MiB write's data alone
-		{1<<20 + 40 + 16, 20},      // with its message header and an AEAD tag
-		{1<<20 + bufSlack, 20},     //
-		{1<<20 + bufSlack + 1, 21}, //
-		{MaxPayload + 16, 25},      // the largest frame
-		{1<<25 + bufSlack + 1, 26}, // beyond the classes: allocated, never kept
+		{0, 10},
+		{1 << 10, 10},
+		{bufSize(10), 10},
+		{bufSize(10) + 1, 11},
+		{4096 + 40 + 8, 12},      // a 4 KiB write with its message header and checksum
+		{bufSize(12) + 1, 13},    //
+		{ownAbove + 1, 16},       // the smallest frame read straight into a buffer
+		{bufSize(16) + 1, 17},    //
+		{1 << 20, 20},            // a 1 MiB write's data alone
+		{1<<20 + 40 + 16, 20},    // with its message header and an AEAD tag
+		{bufSize(20), 20},        //
+		{bufSize(20) + 1, 21},    //
+		{MaxPayload + 16, 25},    // the largest frame
+		{bufSize(25) + 1, 26},    // beyond the classes: allocated, never kept
+		{2 << 20, 21},            // a power of two never needs the next class
+		{3<<19 + 1, 21},          // between two: the larger
+		{1<<20 + 1<<16 + 65, 21}, //
+		{1<<20 + 1<<16 + 64, 20}, //
 	} {
-		if got := bufClass(tc.n); got != tc.want {
-			t.Errorf("bufClass(%d) = %d, want %d", tc.n, got, tc.want)
+		k := bufClass(tc.n)
+		if k != tc.want {
+			t.Errorf("bufClass(%d) = %d, want %d", tc.n, k, tc.want)
 		}
-		if k := bufClass(tc.n); k <= bufMaxClass && 1<<k+bufSlack < tc.n {
-			t.Errorf("class %d of %d bytes holds only %d", k, tc.n, 1<<k+bufSlack)
+		if k <= bufMaxClass && bufSize(k) < tc.n {
+			t.Errorf("class %d of %d bytes holds only %d", k, tc.n, bufSize(k))
+		}
+		if k > bufMinClass && k <= bufMaxClass && bufSize(k-1) >= tc.n {
+			t.Errorf("class %d of %d bytes: class %d holds it already", k, tc.n, k-1)
 		}
 	}
 }
@@ -31,16 +47,40 @@ func TestPoolable(t *testing.T) {
 		c    int
 		want bool
 	}{
-		{1<<16 + bufSlack, true},
-		{1<<20 + bufSlack, true},
-		{1<<25 + bufSlack, true},
-		{1 << 20, false},              // a buffer the pool did not make
-		{1<<20 + bufSlack + 1, false}, //
-		{4096, false},                 // small frames use the reader's own buffer
-		{1<<26 + bufSlack, false},     // beyond the classes
+		{bufSize(10), true},
+		{bufSize(12), true},
+		{bufSize(16), true},
+		{bufSize(20), true},
+		{bufSize(25), true},
+		{1 << 20, false},         // a buffer the pool did not make
+		{bufSize(20) + 1, false}, //
+		{4096, false},            //
+		{512, false},             // below the smallest class
+		{bufSize(26), false},     // beyond the classes
 	} {
 		if _, got := poolable(tc.c); got != tc.want {
 			t.Errorf("poolable(%d) = %v, want %v", tc.c, got, tc.want)
+		}
+	}
+}
+
+// own copies; from 1 KiB into a buffer the pool takes back.
+func TestBufPool_Own(t *testing.T) {
+	var bp bufPool
+	for _, n := range []int{0, 100, 1023, 1024, 4096 + 48, 60 << 10} {
+		p := make([]byte, n)
+		for i := range p {
+			p[i] = byte(i)
+		}
+		c := bp.own(p)
+		if !bytes.Equal(c, p) {
+			t.Fatalf("own(%d bytes) differs", n)
+		}
+		if n > 0 && &c[0] == &p[0] {
+			t.Fatalf("own(%d bytes) did not copy", n)
+		}
+		if _, ok := poolable(cap(c)); ok != (n >= 1<<bufMinClass) {
+			t.Errorf("own(%d bytes): capacity %d poolable %v", n, cap(c), ok)
 		}
 	}
 }
@@ -49,7 +89,7 @@ func TestBufPool_Reuse(t *testing.T) {
 	var bp bufPool
 	n := 1<<20 + 56
 	b := bp.get(n)
-	if len(b) != n || cap(b) != 1<<20+bufSlack {
+	if len(b) != n || cap(b) != bufSize(20) {
 		t.Fatalf("get(%d): len %d cap %d", n, len(b), cap(b))
 	}
 	// sync.Pool may drop a Put (it does at random under -race): the pool
@@ -72,7 +112,7 @@ func TestBufPool_Reuse(t *testing.T) {
 	}
 	// Another class does not get it.
 	bp.put(b)
-	if c := bp.get(1 << 18); cap(c) != 1<<18+bufSlack {
-		t.Fatalf("get(256 KiB) cap %d, want %d", cap(c), 1<<18+bufSlack)
+	if c := bp.get(1 << 18); cap(c) != bufSize(18) {
+		t.Fatalf("get(256 KiB) cap %d, want %d", cap(c), bufSize(18))
 	}
 }

@@ -323,7 +323,7 @@ func (s *Session) Recv(st Stream) (Message, error) {
 }
 
 // Recycle hands back the payload of a message Recv returned, once the
-// receiver is done with it: a later large frame may be read into it. The
+// receiver is done with it: a later frame may be read or copied into it. The
 // caller must not use p, or anything sliced from it, afterwards.
 func (s *Session) Recycle(p []byte) { s.t.bufs.put(p) }
 
@@ -357,7 +357,7 @@ func (s *Session) readLoop(str *stream) {
 			return
 		default:
 			if !str.in.owned {
-				p = append([]byte(nil), p...)
+				p = s.t.bufs.own(p)
 			}
 			if !str.q.push(Message{Type: typ, Payload: p}) {
 				return

@@ -123,10 +123,15 @@ func TestSession_OverLink(t *testing.T) {
 	}
 }
 
-// A large frame's buffer, handed back with Recycle, takes a later frame.
+// A frame's buffer, handed back with Recycle, takes a later frame: a large
+// frame is read into it, a 4 KiB one copied into it.
 func TestSession_RecycleReuses(t *testing.T) {
-	for _, secret := range []string{"", "s3cret"} {
-		t.Run(fmt.Sprintf("secret=%q", secret), func(t *testing.T) {
+	for _, tc := range []struct {
+		secret string
+		size   int
+	}{{"", 1 << 20}, {"s3cret", 1 << 20}, {"", 4096}, {"s3cret", 4096}} {
+		secret := tc.secret
+		t.Run(fmt.Sprintf("secret=%q,size=%d", secret, tc.size), func(t *testing.T) {
 			a, b := configs(secret)
 			l, err := NewLink(a, b)
 			if err != nil {
@@ -134,7 +139,7 @@ func TestSession_RecycleReuses(t *testing.T) {
 			}
 			defer l.Close()
 			sa, sb := sessions(t, l.A, l.B)
-			data := make([]byte, 1<<20)
+			data := make([]byte, tc.size)
 			const frames = 50
 			go func() {
 				for i := range frames {
