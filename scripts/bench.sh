@@ -642,6 +642,7 @@ run_replication() {
 	rep_write_conf protoA 'net { protocol A; } disk { c-plan-ahead 0; resync-rate 4G; }'
 	rep_write_conf protoC 'net { protocol C; } disk { c-plan-ahead 0; resync-rate 4G; }'
 	rep_write_conf protoAnf 'net { protocol A; } disk { c-plan-ahead 0; resync-rate 4G; disk-flushes no; }'
+	rep_write_conf protoCnf 'net { protocol C; } disk { c-plan-ahead 0; resync-rate 4G; disk-flushes no; }'
 	# the ceiling of a peer that acks barriers only once the data is durable:
 	# what this machine's disk takes, made durable, in MB/s
 	dd if=/dev/zero of="$rdir/dd.img" bs=1M count=1024 conv=fdatasync 2>&1 |
@@ -650,20 +651,32 @@ run_replication() {
 	rep_durable_writer
 	rep_write_conf csums 'net { protocol A; csums-alg sha256; } disk { c-plan-ahead 0; resync-rate 4G; }'
 
-	# 1. fio: alone, protocol A, protocol C
-	configs=(alone protoA protoC protoAnf)
+	# 1. fio: alone, protocol A, protocol C; then, informational, where
+	# protocol C's time goes at 4 KiB: without the Secondary's flushes
+	# (protoCnf), and with fio keeping 128 writes in flight (protoC128,
+	# the protoC configuration)
+	configs=(alone protoA protoC protoAnf protoCnf protoC128)
 	for ((r = 1; r <= rounds; r++)); do
 		for ((i = 0; i < ${#configs[@]}; i++)); do
 			c=${configs[$(((i + r - 1) % ${#configs[@]}))]}
 			rep_label="fio $c, round $r"
 			echo "bench: round $r/$rounds: $rep_label"
-			rep_conf=$rdir/protoA.conf
-			[[ $c == alone ]] || rep_conf=$rdir/$c.conf
+			case $c in
+			alone) rep_conf=$rdir/protoA.conf ;;
+			protoC128) rep_conf=$rdir/protoC.conf ;;
+			*) rep_conf=$rdir/$c.conf ;;
+			esac
 			rep_disks fresh
 			if [[ $c == alone ]]; then rep_alone; else rep_pair; fi
-			rep_fio "$c" "$r" randwrite 4k 32
-			[[ $c == alone ]] || rep_ctl idle "$rdir/alpha/run" 120
-			rep_fio "$c" "$r" write 1M 8
+			case $c in
+			protoC128) rep_fio "$c" "$r" randwrite 4k 128 ;;
+			protoCnf) rep_fio "$c" "$r" randwrite 4k 32 ;;
+			*)
+				rep_fio "$c" "$r" randwrite 4k 32
+				[[ $c == alone ]] || rep_ctl idle "$rdir/alpha/run" 120
+				rep_fio "$c" "$r" write 1M 8
+				;;
+			esac
 			rep_down
 		done
 	done
