@@ -321,6 +321,14 @@ func TestReplication_Verify(t *testing.T) {
 	if st := c.alpha.status(); st.OutOfSyncBytes != 0 {
 		t.Errorf("the second verify marked %d bytes", st.OutOfSyncBytes)
 	}
+	// A bounded verify through the CLI: sectors 40000-40015, two blocks.
+	c.alpha.must("verify", "--start", "40000", "--stop", "40016", "r0")
+	eventually(t, time.Minute, "bounded verify done", func() (bool, string) {
+		return strings.Count(c.alpha.d.out.String(), "Online verify done") == 3, ""
+	})
+	if log := c.alpha.d.out.String(); !strings.Contains(log, `Starting Online Verify from sector 40000"`) {
+		t.Errorf("the bounded verify did not start at sector 40000")
+	}
 	c.alpha.demote()
 	c.sameData()
 }

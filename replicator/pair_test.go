@@ -243,7 +243,7 @@ func TestPair_Refusals(t *testing.T) {
 	p.inSync()
 	stateErr(t, p.beta.Primary(false), codeTwoPrimaries, "(-1) Multiple primaries not allowed by config")
 	stateErr(t, p.beta.NewCurrentUUID(false), codeNeedStandAloneF, "(151) Need to be StandAlone")
-	stateErr(t, p.alpha.Verify(), codeNoVerifyAlg, "(-14) Need a verify algorithm")
+	stateErr(t, p.alpha.Verify(VerifyRange{}), codeNoVerifyAlg, "(-14) Need a verify algorithm")
 	stateErr(t, p.alpha.Invalidate(true), codeNeedConnection, "(-15)")
 	stateErr(t, p.beta.InvalidateRemote(true), codeNeedConnection, "the peer is Primary")
 	if err := p.beta.PauseSync(); err != nil {

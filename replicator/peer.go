@@ -172,6 +172,13 @@ func (p *peer) end(err error) bool {
 	isRefused := errors.As(err, &refused)
 	r.mu.Lock()
 	peerDisk, wasConn, role, disk := r.peerDisk, r.conn, r.role, r.disk
+	if rs := p.rs; rs != nil && rs.verify {
+		// An interrupted verify: the next one resumes where it got to.
+		rs.mu.Lock()
+		r.ovStart = rs.from + rs.done
+		rs.mu.Unlock()
+		r.log.Info(fmt.Sprintf("Online Verify reached sector %d", r.ovStart*sectorsPerBlock))
+	}
 	r.mu.Unlock()
 	// A Primary that loses its peer's up-to-date copy starts a new
 	// generation, so that the peer's data is recognisably older

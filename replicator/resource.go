@@ -93,7 +93,10 @@ type Resource struct {
 	userPaused bool // pause-sync here
 	peerPaused bool // pause-sync on the peer
 	lastVerify uint64
-	ranges     *rangeLock // application writes against resync reads
+	// ovStart is the block where a verify without --start begins: where
+	// the last one stopped (in memory only, as DRBD's ov_start_sector).
+	ovStart uint64
+	ranges  *rangeLock // application writes against resync reads
 
 	netSent, netRecv atomic.Uint64 // bytes sent to and received from the peer
 }

@@ -55,6 +55,9 @@ type resync struct {
 	lastLeft   uint64    // blocks left at the last change
 	lastChange time.Time // when the blocks left last changed (stalled after 3 minutes)
 	done       uint64    // verify: blocks checked
+	// verify: the first block, the block it stops before (VerifyS may
+	// move it while running; under mu) and the blocks asked for so far
+	from, stop, sentBlocks uint64
 
 	// target side
 	mu      sync.Mutex

@@ -2,6 +2,7 @@ package replicator
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"time"
 
@@ -19,22 +20,59 @@ import (
 
 const verifyFlight = 64 // blocks being compared at once
 
-// Verify starts an online verify from this node (VerifyS).
-func (r *Resource) Verify() error {
+// sectorsPerBlock is how many 512-byte sectors (the unit of --start and
+// --stop, as DRBD's) a 4 KiB block holds.
+const sectorsPerBlock = bitmap.BlockSize / 512
+
+// ErrVerifyRange is a verify range outside the device, or empty.
+var ErrVerifyRange = errors.New("replicator: verify range")
+
+// VerifyRange is where an online verify runs, in 512-byte sectors, as
+// drbdsetup verify's --start and --stop. Without Start a verify resumes
+// where the last one on this node stopped: at its stop sector, where a
+// lost connection interrupted it, or at the start of the device after one
+// that reached the end (and after a restart of the daemon). Start is
+// rounded down to a 4 KiB block; without Stop the verify runs to the end
+// of the device, with it it ends before the first block that starts at or
+// after Stop.
+type VerifyRange struct {
+	Start, Stop *uint64
+}
+
+// Verify starts an online verify from this node (VerifyS). On a running
+// VerifyS, with a Stop, it only moves the stop sector (DRBD's behaviour).
+func (r *Resource) Verify(vr VerifyRange) error {
 	r.admin.Lock()
 	defer r.admin.Unlock()
 	r.mu.Lock()
-	conn, p := r.conn, r.p
+	conn, p, resume := r.conn, r.p, r.ovStart
 	r.mu.Unlock()
 	switch {
 	case r.cfg.Net.VerifyAlg == "":
 		return r.refuse(codeNoVerifyAlg, "set verify-alg in the net section on both nodes")
+	case conn == VerifyS && vr.Stop != nil && p != nil:
+		return r.moveVerifyStop(p, *vr.Stop)
 	case conn.Syncing():
 		return r.refuse(codeAlreadyActive, "")
 	case conn != Connected || p == nil:
 		return r.refuse(codeNeedConnection, "")
 	}
-	rs := newResync(true, true, bitmap.Blocks(p.size), verifyFlight)
+	blocks := bitmap.Blocks(p.size)
+	from, stop := min(resume, blocks), blocks
+	if vr.Start != nil {
+		from = *vr.Start / sectorsPerBlock
+	}
+	if vr.Stop != nil {
+		stop = min(stop, (*vr.Stop+sectorsPerBlock-1)/sectorsPerBlock)
+	}
+	if err := r.checkVerifyRange(vr, from, stop, blocks); err != nil {
+		return err
+	}
+	if from == blocks {
+		from = 0 // the last one reached the end of a grown device
+	}
+	rs := newResync(true, true, stop-from, verifyFlight)
+	rs.from, rs.stop = from, stop
 	r.mu.Lock()
 	if !p.current() || r.conn != Connected {
 		r.mu.Unlock()
@@ -49,7 +87,40 @@ func (r *Resource) Verify() error {
 	})
 	r.mu.Unlock()
 	r.change()
-	r.log.Info("Starting Online Verify from sector 0")
+	r.log.Info(fmt.Sprintf("Starting Online Verify from sector %d", from*sectorsPerBlock))
+	return nil
+}
+
+// checkVerifyRange refuses a range outside the device or an empty one.
+func (r *Resource) checkVerifyRange(vr VerifyRange, from, stop, blocks uint64) error {
+	sectors := blocks * sectorsPerBlock
+	switch {
+	case vr.Start != nil && from >= blocks:
+		return fmt.Errorf("%s: %w: --start %d is at or past the end of the device (%d sectors)", r.name, ErrVerifyRange, *vr.Start, sectors)
+	case vr.Stop != nil && stop <= from:
+		return fmt.Errorf("%s: %w: --stop %d leaves nothing to verify from sector %d (give a --stop past --start, or none)",
+			r.name, ErrVerifyRange, *vr.Stop, from*sectorsPerBlock)
+	}
+	return nil
+}
+
+// moveVerifyStop sets a running VerifyS's stop sector.
+func (r *Resource) moveVerifyStop(p *peer, stopSector uint64) error {
+	r.mu.Lock()
+	rs := r.rsRunning(p)
+	r.mu.Unlock()
+	if rs == nil || !rs.verify || !rs.source {
+		return r.refuse(codeAlreadyActive, "")
+	}
+	stop := min(bitmap.Blocks(p.size), (stopSector+sectorsPerBlock-1)/sectorsPerBlock)
+	rs.mu.Lock()
+	at := rs.from + rs.sentBlocks
+	if stop < at {
+		stop = at // the blocks already asked for are compared anyway
+	}
+	rs.stop, rs.total = stop, stop-rs.from
+	rs.mu.Unlock()
+	r.log.Info(fmt.Sprintf("Online Verify stop sector set to %d", stop*sectorsPerBlock))
 	return nil
 }
 
@@ -59,10 +130,16 @@ func (p *peer) driveVerify(rs *resync) error {
 	pace := p.newPacer(rs)
 	digest := newDigest(r.cfg.Net.VerifyAlg)
 	buf := make([]byte, bitmap.BlockSize)
-	if err := p.send(transport.Data, wire.Command{Code: wire.CmdVerifyStart}); err != nil {
+	if err := p.send(transport.Data, wire.Command{Code: wire.CmdVerifyStart, Arg: rs.from}); err != nil {
 		return err
 	}
-	for b := uint64(0); b < rs.total; b++ {
+	for b := rs.from; ; b++ {
+		rs.mu.Lock()
+		stop := rs.stop
+		rs.mu.Unlock()
+		if b >= stop {
+			break
+		}
 		if err := p.waitUnpaused(); err != nil {
 			return err
 		}
@@ -83,6 +160,7 @@ func (p *peer) driveVerify(rs *resync) error {
 		}
 		rs.mu.Lock()
 		rs.pending[b+1] = [2]int64{off, bitmap.BlockSize}
+		rs.sentBlocks++
 		rs.mu.Unlock()
 		req := wire.VerifyRequest{ID: b + 1, Offset: uint64(off), Length: bitmap.BlockSize, Digest: digest(buf)}
 		if err := p.send(transport.Data, req); err != nil {
@@ -110,19 +188,31 @@ func (p *peer) driveVerify(rs *resync) error {
 func (p *peer) verifyEnded(rs *resync, found uint64) {
 	r := p.r
 	secs := time.Since(rs.start).Seconds()
+	rs.mu.Lock()
+	checked := rs.done
+	rs.mu.Unlock()
 	r.log.Info(fmt.Sprintf("Online verify done (total %.0f sec; paused 0 sec; %.0f K/sec)", secs,
-		float64(rs.total*bitmap.BlockSize/1024)/max(secs, 0.001)))
+		float64(checked*bitmap.BlockSize/1024)/max(secs, 0.001)))
 	if found > 0 {
 		r.log.Warn(fmt.Sprintf("Online verify found %d 4k block out of sync!", found))
 	}
 	if err := p.md.FlushBitmap(); err != nil {
 		r.log.Error("writing the bitmap after verify failed", "err", err)
 	}
+	rs.mu.Lock()
+	next := rs.from + rs.done
+	rs.mu.Unlock()
 	r.mu.Lock()
 	if p.rs == rs {
 		p.rs = nil
 	}
 	r.lastVerify = found
+	// The next verify without --start goes on from here: from the start
+	// once this one reached the end of the device.
+	r.ovStart = next
+	if next >= bitmap.Blocks(p.size) {
+		r.ovStart = 0
+	}
 	r.setConn(Connected)
 	r.mu.Unlock()
 	r.change()
@@ -137,7 +227,14 @@ func (p *peer) startVerifyTarget(from uint64) error {
 	if r.conn != Connected || r.cfg.Net.VerifyAlg == "" {
 		return protoErr("verify start while %s", r.conn)
 	}
-	p.rs = newResync(false, true, bitmap.Blocks(p.size)-min(from, bitmap.Blocks(p.size)), 0)
+	blocks := bitmap.Blocks(p.size)
+	if from >= blocks {
+		return protoErr("verify from block %d of %d", from, blocks)
+	}
+	// VerifyT learns where it starts, not where VerifyS will stop (as
+	// DRBD's): its progress counts to the end of the device.
+	p.rs = newResync(false, true, blocks-from, 0)
+	p.rs.from, p.rs.stop = from, blocks
 	r.setConn(VerifyT)
 	return nil
 }

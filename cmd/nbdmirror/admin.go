@@ -59,7 +59,12 @@ func (m *Main) adminCommands() []*cli.Command {
 		verb("disconnect", "end the connection and stop connecting (StandAlone)", ""),
 		verb("verify", "online verify: compare every block with the peer (needs verify-alg)",
 			"This node is VerifyS; differing blocks are marked out of sync on both nodes and logged. "+
-				"A Primary's disconnect/connect, or invalidate --reset-bitmap=no, then resyncs exactly those."),
+				"A Primary's disconnect/connect, or invalidate --reset-bitmap=no, then resyncs exactly those. "+
+				"Without --start a verify resumes where the last one stopped (at its --stop, or where a lost "+
+				"connection interrupted it; from the start after one that reached the end). On a running "+
+				"VerifyS, --stop only moves the stop sector.",
+			&cli.Uint64Flag{Name: "start", Usage: "begin at `SECTOR` (512 bytes; rounded down to 4 KiB)"},
+			&cli.Uint64Flag{Name: "stop", Usage: "end before the first 4 KiB block at or after `SECTOR`"}),
 		verb("pause-sync", "hold the resync (flag u)", ""),
 		verb("resume-sync", "let a paused resync go on", ""),
 		{Name: "role", Usage: "print the roles (local/peer)", ArgsUsage: "<resource|all>", Action: m.stateVerb},
@@ -178,6 +183,17 @@ func (m *Main) runVerb(c *cli.Context) error {
 		return err
 	}
 	o := verbRequest{Force: c.Bool("force"), ClearBitmap: c.Bool("clear-bitmap"), DiscardMyData: c.Bool("discard-my-data")}
+	if c.IsSet("start") {
+		v := c.Uint64("start")
+		o.VerifyStart = &v
+	}
+	if c.IsSet("stop") {
+		v := c.Uint64("stop")
+		o.VerifyStop = &v
+	}
+	if o.VerifyStart != nil && o.VerifyStop != nil && *o.VerifyStop <= *o.VerifyStart {
+		return failf(ExitUsage, "nbdmirror %s: --stop %d is not past --start %d: nothing to verify", c.Command.Name, *o.VerifyStop, *o.VerifyStart)
+	}
 	switch rb := c.String("reset-bitmap"); rb {
 	case "", "yes":
 	case "no":

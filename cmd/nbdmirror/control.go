@@ -35,6 +35,10 @@ type verbRequest struct {
 	// KeepBitmap is invalidate's --reset-bitmap=no: resync only the
 	// blocks already marked.
 	KeepBitmap bool `json:"keep_bitmap,omitempty"`
+	// VerifyStart and VerifyStop are verify's --start and --stop, in
+	// 512-byte sectors.
+	VerifyStart *uint64 `json:"verify_start,omitempty"`
+	VerifyStop  *uint64 `json:"verify_stop,omitempty"`
 }
 
 // verbResult is one resource's outcome.
@@ -110,8 +114,10 @@ var verbs = map[string]func(d *daemon, ctx context.Context, r *resource, o verbR
 	"connect": func(d *daemon, _ context.Context, r *resource, o verbRequest) error {
 		return r.Connect(o.DiscardMyData)
 	},
-	"disconnect":  func(d *daemon, _ context.Context, r *resource, _ verbRequest) error { return r.Disconnect() },
-	"verify":      func(d *daemon, _ context.Context, r *resource, _ verbRequest) error { return r.Verify() },
+	"disconnect": func(d *daemon, _ context.Context, r *resource, _ verbRequest) error { return r.Disconnect() },
+	"verify": func(d *daemon, _ context.Context, r *resource, o verbRequest) error {
+		return r.Verify(replicator.VerifyRange{Start: o.VerifyStart, Stop: o.VerifyStop})
+	},
 	"pause-sync":  func(d *daemon, _ context.Context, r *resource, _ verbRequest) error { return r.PauseSync() },
 	"resume-sync": func(d *daemon, _ context.Context, r *resource, _ verbRequest) error { return r.ResumeSync() },
 }
@@ -162,6 +168,8 @@ func (d *daemon) handleVerb(w http.ResponseWriter, req *http.Request) {
 func verbError(res string, err error) (string, int) {
 	var se *replicator.StateError
 	switch {
+	case errors.Is(err, replicator.ErrVerifyRange):
+		return err.Error(), ExitUsage
 	case errors.As(err, &se) && se.NoUpToDateData():
 		return err.Error(), ExitNoUpToDateData
 	case errors.As(err, &se):

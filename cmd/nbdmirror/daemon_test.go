@@ -16,6 +16,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/nbdmirror/nbdmirror/replicator"
 )
 
 // lockedBuffer is a bytes.Buffer safe for a writer and a reader.
@@ -261,6 +263,8 @@ func TestDaemon_AdminVerbs(t *testing.T) {
 			"r0: Failure: (135) Sync-pause flag is already cleared\n"},
 		{"invalidate-remote without a peer", []string{"invalidate-remote", "--reset-bitmap=maybe", "r0"}, ExitUsage,
 			"nbdmirror invalidate-remote: --reset-bitmap=maybe: want yes or no\n"},
+		{"verify with --stop before --start", []string{"verify", "--start", "16", "--stop", "9", "r0"}, ExitUsage,
+			"nbdmirror verify: --stop 9 is not past --start 16: nothing to verify\n"},
 	} {
 		check(tc)
 	}
@@ -439,4 +443,22 @@ func rawAPI(t *testing.T, runDir, method, path, body string) string {
 	}
 	_, b, _ := strings.Cut(string(resp), "\r\n\r\n")
 	return strings.TrimSpace(b)
+}
+
+// verbError: a verify range off the device is a usage error (1), a state
+// refusal 20 (17 for missing UpToDate data), anything else 3.
+func TestVerbError(t *testing.T) {
+	for _, tc := range []struct {
+		err  error
+		code int
+	}{
+		{fmt.Errorf("r0: %w: --start 9999 is at or past the end", replicator.ErrVerifyRange), ExitUsage},
+		{&replicator.StateError{Resource: "r0", Code: -15, Text: "Need a connection"}, ExitRefused},
+		{errors.New("r0: something else"), ExitFailed},
+	} {
+		msg, code := verbError("r0", tc.err)
+		if code != tc.code || msg != tc.err.Error() {
+			t.Errorf("verbError(%v) = %q, %d; want the message, %d", tc.err, msg, code, tc.code)
+		}
+	}
 }

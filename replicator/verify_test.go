@@ -1,0 +1,175 @@
+package replicator
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+)
+
+// corrupt overwrites 4 KiB blocks of a node's disk behind its back.
+func (p *pair) corrupt(node int, blocks ...int64) {
+	p.t.Helper()
+	f, err := os.OpenFile(p.disks[node], os.O_WRONLY, 0)
+	if err != nil {
+		p.t.Fatal(err)
+	}
+	defer f.Close()
+	for _, b := range blocks {
+		if _, err := f.WriteAt([]byte(strings.Repeat("x", 4096)), b*4096); err != nil {
+			p.t.Fatal(err)
+		}
+	}
+}
+
+// verified runs one verify from alpha and waits for both nodes to be
+// Connected again; it returns the blocks then marked out of sync on each.
+func (p *pair) verified(vr VerifyRange) (alpha, beta uint64) {
+	p.t.Helper()
+	if err := p.alpha.Verify(vr); err != nil {
+		p.t.Fatal(err)
+	}
+	done := func(s Snapshot) bool { return s.Conn == Connected }
+	p.wait(p.alpha, "verify done", done)
+	p.wait(p.beta, "verify done", done)
+	return p.alpha.Snapshot().OutOfSyncBytes / 4096, p.beta.Snapshot().OutOfSyncBytes / 4096
+}
+
+func sectors(v uint64) *uint64 { return &v }
+
+// equalPair is a connected pair whose disks are declared equal
+// (new-current-uuid --clear-bitmap), both Secondary.
+func equalPair(t *testing.T, opts string) *pair {
+	t.Helper()
+	p := newPair(t, opts)
+	p.connect()
+	p.connected()
+	if err := p.alpha.NewCurrentUUID(true); err != nil {
+		t.Fatal(err)
+	}
+	p.inSync()
+	return p
+}
+
+// TestPair_VerifyRange: --start and --stop bound a verify to exactly the
+// blocks between them; a verify without --start resumes where the last
+// one stopped, and from the start once one reached the end; ranges off
+// the device are refused.
+func TestPair_VerifyRange(t *testing.T) {
+	p := equalPair(t, "net { protocol C; verify-alg sha256; } disk { c-plan-ahead 0; resync-rate 1G; }")
+	blocks := uint64(p.alpha.Size()) / 4096
+	p.corrupt(1, 10, 11, 50, 100, int64(blocks-1))
+
+	// Sectors 83 to 479: blocks 10 (83 rounded down to 80) to 59.
+	if a, b := p.verified(VerifyRange{Start: sectors(83), Stop: sectors(479)}); a != 3 || b != 3 {
+		t.Fatalf("verify of sectors 83-479 marked %d blocks on alpha, %d on beta; want 10, 11 and 50", a, b)
+	}
+	// Resumes at block 60 and runs to the end.
+	if a, b := p.verified(VerifyRange{}); a != 5 || b != 5 {
+		t.Fatalf("the resumed verify left %d blocks marked on alpha, %d on beta; want 5", a, b)
+	}
+	// That one reached the end: the next begins at sector 0.
+	p.verified(VerifyRange{})
+	log := p.logs[0].String()
+	for _, want := range []string{
+		"Starting Online Verify from sector 80\"",
+		"Online verify found 3 4k block out of sync!",
+		"Starting Online Verify from sector 480\"",
+		"Online verify found 2 4k block out of sync!",
+		"Starting Online Verify from sector 0\"",
+		"Online verify found 5 4k block out of sync!",
+		"Out of sync: start=88, size=8 (sectors)",
+		fmt.Sprintf("Out of sync: start=%d, size=8 (sectors)", (blocks-1)*8),
+	} {
+		if !strings.Contains(log, want) {
+			t.Errorf("alpha's log lacks %q", want)
+		}
+	}
+	if strings.Count(log, "Starting Online Verify") != 3 {
+		t.Errorf("alpha's log has %d verify starts, want 3", strings.Count(log, "Starting Online Verify"))
+	}
+
+	for _, tc := range []struct {
+		name string
+		vr   VerifyRange
+	}{
+		{"start at the end", VerifyRange{Start: sectors(blocks * 8)}},
+		{"start past the end", VerifyRange{Start: sectors(1 << 40)}},
+		{"stop before start", VerifyRange{Start: sectors(800), Stop: sectors(400)}},
+		{"stop in start's block", VerifyRange{Start: sectors(800), Stop: sectors(800)}},
+	} {
+		err := p.alpha.Verify(tc.vr)
+		if !errors.Is(err, ErrVerifyRange) {
+			t.Errorf("%s: %v, want ErrVerifyRange", tc.name, err)
+		}
+		if s := p.alpha.Snapshot(); s.Conn != Connected {
+			t.Fatalf("%s: refused, yet %s", tc.name, s.Conn)
+		}
+	}
+}
+
+var reached = regexp.MustCompile(`Online Verify reached sector (\d+)`)
+
+// TestPair_VerifyResume: a verify interrupted by a disconnect resumes
+// where it got to, and --stop on a running VerifyS moves where it ends.
+func TestPair_VerifyResume(t *testing.T) {
+	// 4 MiB/s: the 32 MiB disk takes 8 s, time to interrupt it.
+	p := equalPair(t, "net { protocol C; verify-alg sha256; } disk { c-plan-ahead 0; resync-rate 4M; }")
+	blocks := uint64(p.alpha.Size()) / 4096
+	if err := p.alpha.Verify(VerifyRange{}); err != nil {
+		t.Fatal(err)
+	}
+	p.wait(p.alpha, "a quarter verified", func(s Snapshot) bool {
+		return s.Conn == VerifyS && s.Resync != nil && s.Resync.LeftBytes < s.Resync.TotalBytes*3/4
+	})
+	if err := p.beta.Disconnect(); err != nil {
+		t.Fatal(err)
+	}
+	p.wait(p.alpha, "WFConnection", func(s Snapshot) bool { return s.Conn == WFConnection })
+	var at [2]uint64
+	for i := range at {
+		m := reached.FindStringSubmatch(p.logs[i].String())
+		if m == nil {
+			t.Fatalf("node %d did not log where the verify got to", i)
+		}
+		at[i], _ = strconv.ParseUint(m[1], 10, 64)
+		if at[i] == 0 || at[i] >= blocks*8 || at[i]%8 != 0 {
+			t.Fatalf("node %d: verify reached sector %d of %d", i, at[i], blocks*8)
+		}
+	}
+	if err := p.beta.Connect(false); err != nil {
+		t.Fatal(err)
+	}
+	p.inSync()
+	if err := p.alpha.Verify(VerifyRange{}); err != nil {
+		t.Fatal(err)
+	}
+	if want := fmt.Sprintf("Starting Online Verify from sector %d\"", at[0]); !strings.Contains(p.logs[0].String(), want) {
+		t.Fatalf("the next verify did not resume: alpha's log lacks %q", want)
+	}
+	// --stop on the running VerifyS: 4 MiB on (a second at this rate), it
+	// ends there.
+	stop := at[0] + 1024*8
+	if err := p.alpha.Verify(VerifyRange{Stop: sectors(stop)}); err != nil {
+		t.Fatal(err)
+	}
+	p.wait(p.alpha, "verify done", func(s Snapshot) bool { return s.Conn == Connected })
+	// Connected again, --stop alone starts a verify where the last one
+	// stopped: here one block.
+	if err := p.alpha.Verify(VerifyRange{Stop: sectors(stop + 8)}); err != nil {
+		t.Fatal(err)
+	}
+	p.wait(p.alpha, "verify done", func(s Snapshot) bool { return s.Conn == Connected })
+	log := p.logs[0].String()
+	for _, want := range []string{
+		fmt.Sprintf("Online Verify stop sector set to %d\"", stop),
+		fmt.Sprintf("Starting Online Verify from sector %d\"", stop),
+	} {
+		if !strings.Contains(log, want) {
+			t.Errorf("alpha's log lacks %q", want)
+		}
+	}
+}
