@@ -143,6 +143,15 @@ func (p *peer) driveVerify(rs *resync) error {
 		if err := p.waitUnpaused(); err != nil {
 			return err
 		}
+		// Application I/O first, as for a resync: with it present and
+		// the verify above c-min-rate, the next request waits.
+		for p.slowDown(rs, &rs.arrived) {
+			select {
+			case <-p.ctx.Done():
+				return p.ctx.Err()
+			case <-time.After(throttleWait):
+			}
+		}
 		if _, err := pace.grant(p.ctx, bitmap.BlockSize); err != nil {
 			return err
 		}
@@ -151,19 +160,7 @@ func (p *peer) driveVerify(rs *resync) error {
 		case <-p.ctx.Done():
 			return p.ctx.Err()
 		}
-		off := int64(b) * bitmap.BlockSize
-		unlock := r.ranges.lock(off, bitmap.BlockSize)
-		_, err := p.dev.ReadAt(buf, off)
-		unlock()
-		if err != nil {
-			return fmt.Errorf("verify: reading block %d: %w", b, err)
-		}
-		rs.mu.Lock()
-		rs.pending[b+1] = [2]int64{off, bitmap.BlockSize}
-		rs.sentBlocks++
-		rs.mu.Unlock()
-		req := wire.VerifyRequest{ID: b + 1, Offset: uint64(off), Length: bitmap.BlockSize, Digest: digest(buf)}
-		if err := p.send(transport.Data, req); err != nil {
+		if err := p.verifyBlock(rs, b, buf, digest); err != nil {
 			return err
 		}
 	}
@@ -182,6 +179,26 @@ func (p *peer) driveVerify(rs *resync) error {
 	}
 	p.verifyEnded(rs, found)
 	return nil
+}
+
+// verifyBlock reads block b and sends its digest to VerifyT. The range
+// stays locked until the request is queued: an application write to the
+// block goes to the peer wholly before or wholly after it, so VerifyT
+// compares the digest with the same data (on a Primary; a Secondary's
+// replicated writes do not take this lock, and one racing the read can
+// make a block differ that a resync then copies again).
+func (p *peer) verifyBlock(rs *resync, b uint64, buf []byte, digest func([]byte) []byte) error {
+	off := int64(b) * bitmap.BlockSize
+	unlock := p.r.ranges.lock(off, bitmap.BlockSize)
+	defer unlock()
+	if _, err := p.dev.ReadAt(buf, off); err != nil {
+		return fmt.Errorf("verify: reading block %d: %w", b, err)
+	}
+	rs.mu.Lock()
+	rs.pending[b+1] = [2]int64{off, bitmap.BlockSize}
+	rs.sentBlocks++
+	rs.mu.Unlock()
+	return p.send(transport.Data, wire.VerifyRequest{ID: b + 1, Offset: uint64(off), Length: bitmap.BlockSize, Digest: digest(buf)})
 }
 
 // verifyEnded logs the result DRBD's way and returns to Connected.

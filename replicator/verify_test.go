@@ -1,6 +1,7 @@
 package replicator
 
 import (
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"os"
@@ -8,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 )
 
 // corrupt overwrites 4 KiB blocks of a node's disk behind its back.
@@ -171,5 +173,63 @@ func TestPair_VerifyResume(t *testing.T) {
 		if !strings.Contains(log, want) {
 			t.Errorf("alpha's log lacks %q", want)
 		}
+	}
+}
+
+// TestPair_VerifyCMinRate: application writes during a verify from the
+// Primary hold its requests back under c-min-rate (not with 0), and none
+// of them makes a block differ.
+func TestPair_VerifyCMinRate(t *testing.T) {
+	for _, minRate := range []string{"0", "1"} {
+		t.Run("c-min-rate="+minRate, func(t *testing.T) {
+			// 32 MiB at 8 MiB/s: about 4 s of verify without throttling.
+			p := equalPair(t, "net { protocol A; verify-alg sha256; } disk { c-plan-ahead 0; resync-rate 8M; c-min-rate "+minRate+"; }")
+			if err := p.alpha.Primary(false); err != nil {
+				t.Fatal(err)
+			}
+			stop, done := make(chan struct{}), make(chan struct{})
+			go func() {
+				defer close(done)
+				buf := make([]byte, 64<<10)
+				for i := 0; ; i++ {
+					select {
+					case <-stop:
+						return
+					case <-time.After(2 * time.Millisecond):
+					}
+					rand.Read(buf)
+					if err := p.alpha.WriteAt(buf, int64(i%256)*int64(len(buf)), false); err != nil {
+						t.Errorf("application write: %v", err)
+						return
+					}
+				}
+			}()
+			if err := p.alpha.Verify(VerifyRange{}); err != nil {
+				t.Fatal(err)
+			}
+			if minRate == "0" {
+				p.wait(p.alpha, "a quarter verified", func(s Snapshot) bool {
+					return s.Conn != VerifyS || s.Resync != nil && s.Resync.LeftBytes <= s.Resync.TotalBytes*3/4
+				})
+			} else {
+				p.wait(p.alpha, "a verify request held back", func(Snapshot) bool { return p.alpha.throttled.Load() > 0 })
+			}
+			close(stop)
+			<-done
+			p.wait(p.alpha, "verify done", func(s Snapshot) bool { return s.Conn == Connected })
+			p.wait(p.beta, "verify done", func(s Snapshot) bool { return s.Conn == Connected })
+			held := p.alpha.throttled.Load()
+			t.Logf("verify requests held back: %d", held)
+			if minRate == "0" && held != 0 {
+				t.Errorf("c-min-rate 0 held %d verify requests back", held)
+			}
+			for i, r := range []*Resource{p.alpha, p.beta} {
+				if oos := r.Snapshot().OutOfSyncBytes; oos != 0 {
+					t.Errorf("node %d: the verify marked %d bytes that application writes changed meanwhile", i, oos)
+				}
+			}
+			p.wait(p.alpha, "every write barrier-acked", func(s Snapshot) bool { return s.Counters.PE == 0 })
+			p.same()
+		})
 	}
 }
