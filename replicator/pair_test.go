@@ -107,6 +107,33 @@ func newPair(t *testing.T, opts string) *pair {
 	return p
 }
 
+// writeLoad writes 64 KiB of random data through alpha every interval,
+// cycling over the first 16 MiB, until the returned stop is called (which
+// waits for the writer).
+func (p *pair) writeLoad(interval time.Duration) (stop func()) {
+	quit, done := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(done)
+		buf := make([]byte, 64<<10)
+		for i := 0; ; i++ {
+			select {
+			case <-quit:
+				return
+			case <-time.After(interval):
+			}
+			rand.Read(buf)
+			if err := p.alpha.WriteAt(buf, int64(i%256)*int64(len(buf)), false); err != nil {
+				p.t.Errorf("application write: %v", err)
+				return
+			}
+		}
+	}()
+	return func() {
+		close(quit)
+		<-done
+	}
+}
+
 // connect starts both nodes connecting.
 func (p *pair) connect() {
 	p.t.Helper()
@@ -702,23 +729,7 @@ func TestPair_CMinRate(t *testing.T) {
 				t.Fatal(err)
 			}
 			p.wait(p.beta, "SyncTarget", func(s Snapshot) bool { return s.Conn == SyncTarget })
-			stop, done := make(chan struct{}), make(chan struct{})
-			go func() {
-				defer close(done)
-				buf := make([]byte, 64<<10)
-				for i := 0; ; i++ {
-					select {
-					case <-stop:
-						return
-					case <-time.After(5 * time.Millisecond):
-					}
-					rand.Read(buf)
-					if err := p.alpha.WriteAt(buf, int64(i%256)*int64(len(buf)), false); err != nil {
-						t.Errorf("application write: %v", err)
-						return
-					}
-				}
-			}()
+			stopWrites := p.writeLoad(5 * time.Millisecond)
 			if minRate == "0" {
 				// A quarter of the resync with writes going on.
 				p.wait(p.beta, "a quarter of the resync", func(s Snapshot) bool {
@@ -734,8 +745,7 @@ func TestPair_CMinRate(t *testing.T) {
 					time.Sleep(10 * time.Millisecond)
 				}
 			}
-			close(stop)
-			<-done
+			stopWrites()
 			p.inSync()
 			a, b := p.alpha.throttled.Load(), p.beta.throttled.Load()
 			t.Logf("resync requests held back: %d on alpha (source), %d on beta (target)", a, b)

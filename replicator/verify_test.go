@@ -1,7 +1,6 @@
 package replicator
 
 import (
-	"crypto/rand"
 	"errors"
 	"fmt"
 	"os"
@@ -187,23 +186,7 @@ func TestPair_VerifyCMinRate(t *testing.T) {
 			if err := p.alpha.Primary(false); err != nil {
 				t.Fatal(err)
 			}
-			stop, done := make(chan struct{}), make(chan struct{})
-			go func() {
-				defer close(done)
-				buf := make([]byte, 64<<10)
-				for i := 0; ; i++ {
-					select {
-					case <-stop:
-						return
-					case <-time.After(2 * time.Millisecond):
-					}
-					rand.Read(buf)
-					if err := p.alpha.WriteAt(buf, int64(i%256)*int64(len(buf)), false); err != nil {
-						t.Errorf("application write: %v", err)
-						return
-					}
-				}
-			}()
+			stopWrites := p.writeLoad(2 * time.Millisecond)
 			if err := p.alpha.Verify(VerifyRange{}); err != nil {
 				t.Fatal(err)
 			}
@@ -214,8 +197,7 @@ func TestPair_VerifyCMinRate(t *testing.T) {
 			} else {
 				p.wait(p.alpha, "a verify request held back", func(Snapshot) bool { return p.alpha.throttled.Load() > 0 })
 			}
-			close(stop)
-			<-done
+			stopWrites()
 			p.wait(p.alpha, "verify done", func(s Snapshot) bool { return s.Conn == Connected })
 			p.wait(p.beta, "verify done", func(s Snapshot) bool { return s.Conn == Connected })
 			held := p.alpha.throttled.Load()
