@@ -176,6 +176,7 @@ func (p *peer) end(err error) bool {
 		// An interrupted verify: the next one resumes where it got to.
 		rs.mu.Lock()
 		r.ovStart = rs.from + rs.done
+		rs.logOutOfSync(r)
 		rs.mu.Unlock()
 		r.log.Info(fmt.Sprintf("Online Verify reached sector %d", r.ovStart*sectorsPerBlock))
 	}

@@ -173,6 +173,7 @@ func (p *peer) driveVerify(rs *resync) error {
 	}
 	rs.mu.Lock()
 	found := rs.found
+	rs.logOutOfSync(r)
 	rs.mu.Unlock()
 	if err := p.send(transport.Data, wire.Command{Code: wire.CmdVerifyDone, Arg: found}); err != nil {
 		return err
@@ -199,6 +200,17 @@ func (p *peer) verifyBlock(rs *resync, b uint64, buf []byte, digest func([]byte)
 	rs.sentBlocks++
 	rs.mu.Unlock()
 	return p.send(transport.Data, wire.VerifyRequest{ID: b + 1, Offset: uint64(off), Length: bitmap.BlockSize, Digest: digest(buf)})
+}
+
+// logOutOfSync logs the run of differing blocks VerifyS found last, as
+// DRBD does once the run ends (ov_out_of_sync_print): "Out of sync:
+// start=800, size=16 (sectors)" for two adjacent blocks. Call with rs.mu
+// held.
+func (rs *resync) logOutOfSync(r *Resource) {
+	if rs.oosLen > 0 {
+		r.log.Warn(fmt.Sprintf("Out of sync: start=%d, size=%d (sectors)", rs.oosStart/512, rs.oosLen/512))
+	}
+	rs.oosLen = 0
 }
 
 // verifyEnded logs the result DRBD's way and returns to Connected.
@@ -305,13 +317,18 @@ func (p *peer) verifyReply(m wire.VerifyReply) error {
 	}
 	if m.Status != wire.VerifyEqual {
 		p.md.MarkOutOfSync(want[0], want[1])
-		sectors := want[1] / 512
-		r.log.Warn(fmt.Sprintf("Out of sync: start=%d, size=%d (sectors)", want[0]/512, sectors))
-		rs.mu.Lock()
-		rs.found += uint64(want[1]) / bitmap.BlockSize
-		rs.mu.Unlock()
 	}
 	rs.mu.Lock()
+	if m.Status != wire.VerifyEqual {
+		rs.found += uint64(want[1]) / bitmap.BlockSize
+		if rs.oosLen == 0 || rs.oosStart+rs.oosLen != want[0] {
+			rs.logOutOfSync(r)
+			rs.oosStart = want[0]
+		}
+		rs.oosLen += want[1]
+	} else {
+		rs.logOutOfSync(r)
+	}
 	rs.done += uint64(want[1]) / bitmap.BlockSize
 	rs.arrived += want[1]
 	rs.mu.Unlock()

@@ -82,12 +82,16 @@ func TestPair_VerifyRange(t *testing.T) {
 		"Online verify found 2 4k block out of sync!",
 		"Starting Online Verify from sector 0\"",
 		"Online verify found 5 4k block out of sync!",
-		"Out of sync: start=88, size=8 (sectors)",
+		"Out of sync: start=80, size=16 (sectors)", // blocks 10 and 11: one run
+		"Out of sync: start=400, size=8 (sectors)",
 		fmt.Sprintf("Out of sync: start=%d, size=8 (sectors)", (blocks-1)*8),
 	} {
 		if !strings.Contains(log, want) {
 			t.Errorf("alpha's log lacks %q", want)
 		}
+	}
+	if strings.Contains(log, "start=88,") {
+		t.Errorf("adjacent differing blocks logged apart")
 	}
 	if strings.Count(log, "Starting Online Verify") != 3 {
 		t.Errorf("alpha's log has %d verify starts, want 3", strings.Count(log, "Starting Online Verify"))
