@@ -63,8 +63,10 @@ func (m *Main) adminCommands() []*cli.Command {
 				"Without --start a verify resumes where the last one stopped (at its --stop, or where a lost "+
 				"connection interrupted it; from the start after one that reached the end). On a running "+
 				"VerifyS, --stop only moves the stop sector.",
-			&cli.Uint64Flag{Name: "start", Usage: "begin at `SECTOR` (512 bytes; rounded down to 4 KiB)"},
-			&cli.Uint64Flag{Name: "stop", Usage: "end before the first 4 KiB block at or after `SECTOR`"}),
+			&cli.Uint64Flag{Name: "start", Usage: "begin at `SECTOR` (512 bytes; rounded down to 4 KiB)",
+				DefaultText: "where the last verify stopped"},
+			&cli.Uint64Flag{Name: "stop", Usage: "end before the first 4 KiB block at or after `SECTOR`",
+				DefaultText: "the end of the device"}),
 		verb("pause-sync", "hold the resync (flag u)", ""),
 		verb("resume-sync", "let a paused resync go on", ""),
 		{Name: "role", Usage: "print the roles (local/peer)", ArgsUsage: "<resource|all>", Action: m.stateVerb},
