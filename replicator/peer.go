@@ -172,15 +172,25 @@ func (p *peer) end(err error) bool {
 	isRefused := errors.As(err, &refused)
 	r.mu.Lock()
 	peerDisk, wasConn, role, disk := r.peerDisk, r.conn, r.role, r.disk
+	var verifyLogs []func()
 	if rs := p.rs; rs != nil && rs.verify {
-		// An interrupted verify: the next one resumes where it got to.
+		// An interrupted verify: the next one resumes where it got to
+		// (from the start if that is the end).
 		rs.mu.Lock()
-		r.ovStart = rs.from + rs.done
-		rs.logOutOfSync(r)
+		at := rs.from + rs.done
+		logRun := rs.endOutOfSyncRun()
 		rs.mu.Unlock()
-		r.log.Info(fmt.Sprintf("Online Verify reached sector %d", r.ovStart*sectorsPerBlock))
+		r.ovStart = at
+		if at >= bitmap.Blocks(p.size) {
+			r.ovStart = 0
+		}
+		verifyLogs = append(verifyLogs, func() { logRun(r) },
+			func() { r.log.Info(fmt.Sprintf("Online Verify reached sector %d", at*sectorsPerBlock)) })
 	}
 	r.mu.Unlock()
+	for _, log := range verifyLogs {
+		log()
+	}
 	// A Primary that loses its peer's up-to-date copy starts a new
 	// generation, so that the peer's data is recognisably older
 	// (reference/drbd.md §4.2); before the session is gone, so that no

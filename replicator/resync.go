@@ -58,6 +58,7 @@ type resync struct {
 	// verify: the first block, the block it stops before (VerifyS may
 	// move it while running; under mu) and the blocks asked for so far
 	from, stop, sentBlocks uint64
+	walked                 bool // VerifyS asked for its last block: the stop is final
 	// VerifyS: the run of differing blocks being found, in bytes, logged
 	// once it ends (logOutOfSync)
 	oosStart, oosLen int64

@@ -58,18 +58,18 @@ func (r *Resource) Verify(vr VerifyRange) error {
 		return r.refuse(codeNeedConnection, "")
 	}
 	blocks := bitmap.Blocks(p.size)
-	from, stop := min(resume, blocks), blocks
+	from, stop := resume, blocks
+	if from >= blocks {
+		from = 0 // the last one reached the end (of a device since shrunk)
+	}
 	if vr.Start != nil {
 		from = *vr.Start / sectorsPerBlock
 	}
 	if vr.Stop != nil {
-		stop = min(stop, (*vr.Stop+sectorsPerBlock-1)/sectorsPerBlock)
+		stop = min(stop, stopBlock(*vr.Stop))
 	}
 	if err := r.checkVerifyRange(vr, from, stop, blocks); err != nil {
 		return err
-	}
-	if from == blocks {
-		from = 0 // the last one reached the end of a grown device
 	}
 	rs := newResync(true, true, stop-from, verifyFlight)
 	rs.from, rs.stop = from, stop
@@ -112,8 +112,12 @@ func (r *Resource) moveVerifyStop(p *peer, stopSector uint64) error {
 	if rs == nil || !rs.verify || !rs.source {
 		return r.refuse(codeAlreadyActive, "")
 	}
-	stop := min(bitmap.Blocks(p.size), (stopSector+sectorsPerBlock-1)/sectorsPerBlock)
+	stop := min(bitmap.Blocks(p.size), stopBlock(stopSector))
 	rs.mu.Lock()
+	if rs.walked {
+		rs.mu.Unlock()
+		return r.refuse(codeAlreadyActive, "the verify has asked for its last block; start another once it ends")
+	}
 	at := rs.from + rs.sentBlocks
 	if stop < at {
 		stop = at // the blocks already asked for are compared anyway
@@ -122,6 +126,16 @@ func (r *Resource) moveVerifyStop(p *peer, stopSector uint64) error {
 	rs.mu.Unlock()
 	r.log.Info(fmt.Sprintf("Online Verify stop sector set to %d", stop*sectorsPerBlock))
 	return nil
+}
+
+// stopBlock is the block a verify stops before for a --stop sector: the
+// first that starts at or after it.
+func stopBlock(sector uint64) uint64 {
+	b := sector / sectorsPerBlock
+	if sector%sectorsPerBlock != 0 {
+		b++
+	}
+	return b
 }
 
 // driveVerify is VerifyS's walk.
@@ -136,6 +150,11 @@ func (p *peer) driveVerify(rs *resync) error {
 	for b := rs.from; ; b++ {
 		rs.mu.Lock()
 		stop := rs.stop
+		if b >= stop {
+			// Under rs.mu, as moveVerifyStop reads it: the stop can no
+			// longer move.
+			rs.walked = true
+		}
 		rs.mu.Unlock()
 		if b >= stop {
 			break
@@ -160,8 +179,15 @@ func (p *peer) driveVerify(rs *resync) error {
 		case <-p.ctx.Done():
 			return p.ctx.Err()
 		}
-		if err := p.verifyBlock(rs, b, buf, digest); err != nil {
+		sent, err := p.verifyBlock(rs, b, buf, digest)
+		if err != nil {
 			return err
+		}
+		if !sent {
+			// The stop moved to b or below while the walk waited: the
+			// next turn ends it.
+			<-rs.slots
+			continue
 		}
 	}
 	for range cap(rs.slots) {
@@ -173,8 +199,9 @@ func (p *peer) driveVerify(rs *resync) error {
 	}
 	rs.mu.Lock()
 	found := rs.found
-	rs.logOutOfSync(r)
+	logRun := rs.endOutOfSyncRun()
 	rs.mu.Unlock()
+	logRun(r)
 	if err := p.send(transport.Data, wire.Command{Code: wire.CmdVerifyDone, Arg: found}); err != nil {
 		return err
 	}
@@ -188,29 +215,40 @@ func (p *peer) driveVerify(rs *resync) error {
 // compares the digest with the same data (on a Primary; a Secondary's
 // replicated writes do not take this lock, and one racing the read can
 // make a block differ that a resync then copies again).
-func (p *peer) verifyBlock(rs *resync, b uint64, buf []byte, digest func([]byte) []byte) error {
+//
+// It reports false, sending nothing, if the stop moved to b or below while
+// the walk waited for its turn.
+func (p *peer) verifyBlock(rs *resync, b uint64, buf []byte, digest func([]byte) []byte) (bool, error) {
 	off := int64(b) * bitmap.BlockSize
 	unlock := p.r.ranges.lock(off, bitmap.BlockSize)
 	defer unlock()
 	if _, err := p.dev.ReadAt(buf, off); err != nil {
-		return fmt.Errorf("verify: reading block %d: %w", b, err)
+		return false, fmt.Errorf("verify: reading block %d: %w", b, err)
 	}
 	rs.mu.Lock()
+	if b >= rs.stop {
+		rs.mu.Unlock()
+		return false, nil
+	}
 	rs.pending[b+1] = [2]int64{off, bitmap.BlockSize}
 	rs.sentBlocks++
 	rs.mu.Unlock()
-	return p.send(transport.Data, wire.VerifyRequest{ID: b + 1, Offset: uint64(off), Length: bitmap.BlockSize, Digest: digest(buf)})
+	return true, p.send(transport.Data, wire.VerifyRequest{ID: b + 1, Offset: uint64(off), Length: bitmap.BlockSize, Digest: digest(buf)})
 }
 
-// logOutOfSync logs the run of differing blocks VerifyS found last, as
-// DRBD does once the run ends (ov_out_of_sync_print): "Out of sync:
-// start=800, size=16 (sectors)" for two adjacent blocks. Call with rs.mu
-// held.
-func (rs *resync) logOutOfSync(r *Resource) {
-	if rs.oosLen > 0 {
-		r.log.Warn(fmt.Sprintf("Out of sync: start=%d, size=%d (sectors)", rs.oosStart/512, rs.oosLen/512))
-	}
+// endOutOfSyncRun ends the run of differing blocks VerifyS found last and
+// returns the function that logs it, as DRBD does once the run ends
+// (ov_out_of_sync_print): "Out of sync: start=800, size=16 (sectors)" for
+// two adjacent blocks. Call with rs.mu held, the returned function
+// without.
+func (rs *resync) endOutOfSyncRun() (log func(r *Resource)) {
+	start, n := rs.oosStart, rs.oosLen
 	rs.oosLen = 0
+	return func(r *Resource) {
+		if n > 0 {
+			r.log.Warn(fmt.Sprintf("Out of sync: start=%d, size=%d (sectors)", start/512, n/512))
+		}
+	}
 }
 
 // verifyEnded logs the result DRBD's way and returns to Connected.
@@ -318,20 +356,22 @@ func (p *peer) verifyReply(m wire.VerifyReply) error {
 	if m.Status != wire.VerifyEqual {
 		p.md.MarkOutOfSync(want[0], want[1])
 	}
+	logRun := func(*Resource) {}
 	rs.mu.Lock()
 	if m.Status != wire.VerifyEqual {
 		rs.found += uint64(want[1]) / bitmap.BlockSize
 		if rs.oosLen == 0 || rs.oosStart+rs.oosLen != want[0] {
-			rs.logOutOfSync(r)
+			logRun = rs.endOutOfSyncRun()
 			rs.oosStart = want[0]
 		}
 		rs.oosLen += want[1]
 	} else {
-		rs.logOutOfSync(r)
+		logRun = rs.endOutOfSyncRun()
 	}
 	rs.done += uint64(want[1]) / bitmap.BlockSize
 	rs.arrived += want[1]
 	rs.mu.Unlock()
+	logRun(r)
 	<-rs.slots
 	return nil
 }

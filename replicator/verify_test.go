@@ -3,6 +3,7 @@ package replicator
 import (
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"regexp"
 	"strconv"
@@ -93,8 +94,17 @@ func TestPair_VerifyRange(t *testing.T) {
 	if strings.Contains(log, "start=88,") {
 		t.Errorf("adjacent differing blocks logged apart")
 	}
-	if strings.Count(log, "Starting Online Verify") != 3 {
-		t.Errorf("alpha's log has %d verify starts, want 3", strings.Count(log, "Starting Online Verify"))
+	if n := strings.Count(log, "Starting Online Verify"); n != 3 {
+		t.Errorf("alpha's log has %d verify starts, want 3", n)
+	}
+
+	// After one that reached the end, --stop alone verifies from sector 0;
+	// DRBD's own default stop (the largest sector) means the end.
+	p.verified(VerifyRange{Stop: sectors(80)})
+	p.verified(VerifyRange{Start: sectors(80), Stop: sectors(math.MaxUint64)})
+	if log := p.logs[0].String(); strings.Count(log, "Starting Online Verify from sector 0\"") != 2 ||
+		strings.Count(log, "Starting Online Verify from sector 80\"") != 2 {
+		t.Errorf("--stop alone after a full verify, or --stop at the largest sector, went wrong:\n%s", log)
 	}
 
 	for _, tc := range []struct {
@@ -149,29 +159,55 @@ func TestPair_VerifyResume(t *testing.T) {
 		t.Fatal(err)
 	}
 	p.inSync()
-	if err := p.alpha.Verify(VerifyRange{}); err != nil {
-		t.Fatal(err)
+	starts := func(sector uint64) int {
+		return strings.Count(p.logs[0].String(), fmt.Sprintf("Starting Online Verify from sector %d\"", sector))
 	}
-	if want := fmt.Sprintf("Starting Online Verify from sector %d\"", at[0]); !strings.Contains(p.logs[0].String(), want) {
-		t.Fatalf("the next verify did not resume: alpha's log lacks %q", want)
+	// pausedVerify starts a verify that waits before its first request,
+	// moves its stop, lets it run and waits for its end.
+	pausedVerify := func(stop uint64) {
+		t.Helper()
+		if err := p.alpha.PauseSync(); err != nil {
+			t.Fatal(err)
+		}
+		if err := p.alpha.Verify(VerifyRange{}); err != nil {
+			t.Fatal(err)
+		}
+		// Once beta knows, alpha's walk is past its start, most likely
+		// waiting for the pause to end with its first block.
+		p.wait(p.beta, "VerifyT", func(s Snapshot) bool { return s.Conn == VerifyT })
+		if err := p.alpha.Verify(VerifyRange{Stop: sectors(stop)}); err != nil {
+			t.Fatal(err)
+		}
+		if err := p.alpha.ResumeSync(); err != nil {
+			t.Fatal(err)
+		}
+		p.wait(p.alpha, "verify done", func(s Snapshot) bool { return s.Conn == Connected })
+		p.wait(p.beta, "verify done", func(s Snapshot) bool { return s.Conn == Connected })
 	}
-	// --stop on the running VerifyS: 4 MiB on (a second at this rate), it
-	// ends there.
-	stop := at[0] + 1024*8
-	if err := p.alpha.Verify(VerifyRange{Stop: sectors(stop)}); err != nil {
+	// The next verify resumes where the interrupted one got to; its stop
+	// moved below where it stands ends it there, having compared nothing.
+	pausedVerify(8)
+	if starts(at[0]) != 1 {
+		t.Fatalf("the verify after the interruption did not start at sector %d", at[0])
+	}
+	// So the next one starts there again; its stop moved 64 blocks on
+	// ends it there.
+	pausedVerify(at[0] + 64*8)
+	if starts(at[0]) != 2 {
+		t.Fatalf("a verify stopped before its first block moved the resume point")
+	}
+	// --stop alone on a Connected node: from there, one block.
+	if err := p.alpha.Verify(VerifyRange{Stop: sectors(at[0] + 65*8)}); err != nil {
 		t.Fatal(err)
 	}
 	p.wait(p.alpha, "verify done", func(s Snapshot) bool { return s.Conn == Connected })
-	// Connected again, --stop alone starts a verify where the last one
-	// stopped: here one block.
-	if err := p.alpha.Verify(VerifyRange{Stop: sectors(stop + 8)}); err != nil {
-		t.Fatal(err)
+	if starts(at[0]+64*8) != 1 {
+		t.Errorf("the verify after a moved stop did not start at sector %d", at[0]+64*8)
 	}
-	p.wait(p.alpha, "verify done", func(s Snapshot) bool { return s.Conn == Connected })
 	log := p.logs[0].String()
 	for _, want := range []string{
-		fmt.Sprintf("Online Verify stop sector set to %d\"", stop),
-		fmt.Sprintf("Starting Online Verify from sector %d\"", stop),
+		fmt.Sprintf("Online Verify stop sector set to %d\"", at[0]),
+		fmt.Sprintf("Online Verify stop sector set to %d\"", at[0]+64*8),
 	} {
 		if !strings.Contains(log, want) {
 			t.Errorf("alpha's log lacks %q", want)

@@ -483,7 +483,7 @@ def replication_section(outdir):
                 if not r:
                     continue
                 ratio = p99r = ""
-                if base:
+                if base and cqd == qd:  # another iodepth: no ratio to alone at this one
                     q = med(r, "iops") / med(base, "iops")
                     ratio, p99r = f"{q:.2f}×", f"{med(r, 'p99_us') / med(base, 'p99_us'):.2f}×"
                     if target:
@@ -494,7 +494,8 @@ def replication_section(outdir):
                 cpu = ""
                 if all("cpu_us" in x for x in r):
                     cpu = f"{med(r, 'cpu_us'):,.1f} µs ({med(r, 'busy'):.0%})"
-                lines.append(f"| {title} | {label} | {med(r, 'iops'):,.0f} | {med(r, 'mibs'):,.0f} | "
+                row = title if cqd == qd else f"{title.split(',')[0]}, iodepth {cqd[2:]}"
+                lines.append(f"| {row} | {label} | {med(r, 'iops'):,.0f} | {med(r, 'mibs'):,.0f} | "
                              f"{med(r, 'mean_us'):,.0f} | {med(r, 'p99_us'):,.0f} | {cpu} | {ratio} | {p99r} | {each} |")
         durable = read_text(os.path.join(rdir, "durable-rate.txt")).split()
         if len(durable) == 2:

@@ -124,7 +124,13 @@ func TestSession_OverLink(t *testing.T) {
 }
 
 // A frame's buffer, handed back with Recycle, takes a later frame: a large
-// frame is read into it, a 4 KiB one copied into it.
+// frame is read into it, a 4 KiB one copied into it. Whether a returned
+// buffer comes back depends on sync.Pool (which drops returns at random
+// under -race and keeps one per CPU that others cannot take); a 4 KiB
+// frame may also be copied before the first Recycle. So for 4 KiB frames,
+// which many are read ahead of Recycle, the test asserts that each is in
+// a buffer the pool takes back (TestBufPool_Reuse shows that it then
+// hands it out again); for 1 MiB ones, that some were reused.
 func TestSession_RecycleReuses(t *testing.T) {
 	for _, tc := range []struct {
 		secret string
@@ -157,6 +163,9 @@ func TestSession_RecycleReuses(t *testing.T) {
 				if err != nil || len(m.Payload) != 3+len(data) || m.Payload[3] != byte(i) {
 					t.Fatalf("frame %d: %v (%d bytes)", i, err, len(m.Payload))
 				}
+				if _, ok := poolable(cap(m.Payload)); !ok {
+					t.Fatalf("frame %d: %d bytes in a buffer of capacity %d, which the pool does not take", i, len(m.Payload), cap(m.Payload))
+				}
 				if seen[&m.Payload[0]] {
 					reused++
 				}
@@ -165,7 +174,7 @@ func TestSession_RecycleReuses(t *testing.T) {
 			}
 			// sync.Pool drops some returns (many under -race), and the
 			// reader may run ahead of Recycle: most, not all, are reused.
-			if reused == 0 {
+			if reused == 0 && tc.size > ownAbove {
 				t.Fatalf("none of %d frames was read into a recycled buffer", frames)
 			}
 			t.Logf("%d of %d frames reused a buffer", reused, frames)
