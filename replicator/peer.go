@@ -543,9 +543,12 @@ func (p *peer) dataLoop() error {
 		if err != nil {
 			return err
 		}
-		if w, ok := m.(wire.Write); ok {
-			err = p.receiveWrite(w, payload)
-		} else {
+		switch m := m.(type) {
+		case wire.Write:
+			err = p.receiveWrite(m, payload)
+		case wire.ResyncReply:
+			err = p.receiveResyncReply(m, payload)
+		default:
 			err = p.handle(m)
 		}
 		if err != nil {
@@ -575,7 +578,7 @@ func (p *peer) handle(m wire.Message) error {
 	case wire.ResyncRequest:
 		return p.serveResync(m)
 	case wire.ResyncReply:
-		return p.receiveResyncReply(m)
+		return p.receiveResyncReply(m, nil)
 	case wire.ResyncAck:
 		return p.receiveResyncAck(m)
 	case wire.VerifyRequest:

@@ -573,7 +573,9 @@ func (p *peer) serveResync(m wire.ResyncRequest) error {
 			reply.Status, reply.Data = wire.ReplyData, buf
 			r.read.Add(uint64(n))
 		}
-		if err := p.send(transport.Data, reply); err != nil {
+		// The data goes into the frame from buf (not copied again), which
+		// stays untouched until SendMany returns.
+		if err := p.s.SendMany(transport.Data, encodeAll([]wire.Message{reply}, &p.r.netSent)); err != nil {
 			p.fail(err)
 		}
 	}()
@@ -609,7 +611,10 @@ func csumsReply(reply wire.ResyncReply, buf, digests []byte, size int, digest fu
 // receiveResyncReply writes resync data (target side). The range lock is
 // taken in stream order, so a write of the same blocks that arrived
 // earlier lands first and one that arrives later lands after.
-func (p *peer) receiveResyncReply(m wire.ResyncReply) error {
+//
+// buf, if not nil, is the frame payload m was decoded from: it goes back
+// to the transport once the data is written.
+func (p *peer) receiveResyncReply(m wire.ResyncReply, buf []byte) error {
 	r := p.r
 	rs := p.running()
 	if rs == nil || rs.source || rs.verify {
@@ -632,6 +637,9 @@ func (p *peer) receiveResyncReply(m wire.ResyncReply) error {
 		defer p.wg.Done()
 		defer func() { <-rs.slots }()
 		defer unlock()
+		if buf != nil {
+			defer p.s.Recycle(buf) // last: nothing uses m.Data after the write
+		}
 		switch m.Status {
 		case wire.ReplyError:
 			rs.mu.Lock()

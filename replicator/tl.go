@@ -143,14 +143,14 @@ func (t *tlog) sendMsg(ms ...wire.Message) {
 }
 
 // encodeAll encodes ms as transport frames, counting their bytes in sent.
-// A write's data is not copied here: it goes into the frame from where it
-// is.
+// A write's or resync reply's data is not copied here: it goes into the
+// frame from where it is (or is not copied at all, see transport.Out).
 func encodeAll(ms []wire.Message, sent *atomic.Uint64) []transport.Out {
 	out := make([]transport.Out, len(ms))
 	for i, m := range ms {
 		o := transport.Out{Type: m.Type()}
-		if w, ok := m.(wire.Write); ok {
-			o.Payload, o.Tail = w.AppendHeader(nil), w.Data
+		if b, ok := m.(wire.BulkMessage); ok {
+			o.Payload, o.Tail = b.AppendHeader(nil), b.Bulk()
 		} else {
 			o.Payload = wire.Encode(m)
 		}

@@ -108,9 +108,18 @@ func (ResyncReply) Type() transport.Type { return TypeResyncReply }
 
 // Append appends m's payload to dst.
 func (m ResyncReply) Append(dst []byte) []byte {
-	dst = appendRange(dst, 1+len(m.Present)+len(m.Data), m.ID, m.Offset, m.Length)
-	return append(append(append(dst, m.Status), m.Present...), m.Data...)
+	return append(m.AppendHeader(dst), m.Data...)
 }
+
+// AppendHeader appends m's payload without its data (the payload is the
+// header followed by Data).
+func (m ResyncReply) AppendHeader(dst []byte) []byte {
+	dst = appendRange(dst, 1+len(m.Present)+len(m.Data), m.ID, m.Offset, m.Length)
+	return append(append(dst, m.Status), m.Present...)
+}
+
+// Bulk returns m's data, which follows AppendHeader's bytes in the payload.
+func (m ResyncReply) Bulk() []byte { return m.Data }
 
 // PresentBlocks returns how many blocks Present marks.
 func (m ResyncReply) PresentBlocks() int {

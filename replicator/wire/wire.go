@@ -85,6 +85,16 @@ type Message interface {
 	Append(dst []byte) []byte
 }
 
+// BulkMessage is a message whose payload is a header followed by bulk
+// data (Write, ResyncReply), for a sender that sends the data from where
+// it is rather than copying it into the payload: the payload is
+// AppendHeader's bytes followed by Bulk's.
+type BulkMessage interface {
+	Message
+	AppendHeader(dst []byte) []byte
+	Bulk() []byte
+}
+
 // Encode returns m's payload: m.Append(nil).
 func Encode(m Message) []byte {
 	return m.Append(nil)

@@ -134,16 +134,22 @@ func TestTypes(t *testing.T) {
 	}
 }
 
-// TestWriteHeader: a Write's payload is its header followed by its data.
-func TestWriteHeader(t *testing.T) {
+// TestBulkHeader: the payload of a Write or a ResyncReply is its header
+// followed by its bulk data.
+func TestBulkHeader(t *testing.T) {
+	seen := map[transport.Type]int{}
 	for _, s := range samples() {
-		w, ok := s.m.(Write)
+		b, ok := s.m.(BulkMessage)
 		if !ok {
 			continue
 		}
-		if got := append(w.AppendHeader(nil), w.Data...); !bytes.Equal(got, Encode(w)) {
+		seen[b.Type()]++
+		if got := append(b.AppendHeader(nil), b.Bulk()...); !bytes.Equal(got, Encode(b)) {
 			t.Errorf("%s: header and data differ from the payload", s.name)
 		}
+	}
+	if seen[TypeWrite] == 0 || seen[TypeResyncReply] == 0 {
+		t.Fatalf("samples of bulk messages by type: %v; want Writes and ResyncReplies", seen)
 	}
 }
 

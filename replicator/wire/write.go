@@ -54,6 +54,9 @@ func (m Write) Append(dst []byte) []byte {
 	return append(m.AppendHeader(dst), m.Data...)
 }
 
+// Bulk returns m's data, which follows AppendHeader's bytes in the payload.
+func (m Write) Bulk() []byte { return m.Data }
+
 // AppendHeader appends m's payload without its data (the payload is the
 // header followed by Data), for a sender that sends the data from where
 // it is.
