@@ -12,7 +12,8 @@ import (
 )
 
 // Online verify (reference/drbd.md §6.5): the node where it is started is
-// VerifyS and walks every block, paced by the resync rate limit, sending
+// VerifyS and walks the blocks of its range (VerifyRange), paced by the
+// resync rate limit and yielding to application I/O (c-min-rate), sending
 // the digest (verify-alg) of its own copy; VerifyT compares it with its
 // copy's and answers; both mark a differing block out of sync. Verify
 // only marks: a resync (after a Primary's reconnect, or invalidate
