@@ -172,24 +172,24 @@ func (p *peer) end(err error) bool {
 	isRefused := errors.As(err, &refused)
 	r.mu.Lock()
 	peerDisk, wasConn, role, disk := r.peerDisk, r.conn, r.role, r.disk
-	var verifyLogs []func()
+	var logRun func(*Resource) // an interrupted verify's last run of differing blocks
+	var reached uint64
 	if rs := p.rs; rs != nil && rs.verify {
 		// An interrupted verify: the next one resumes where it got to
 		// (from the start if that is the end).
 		rs.mu.Lock()
-		at := rs.from + rs.done
-		logRun := rs.endOutOfSyncRun()
+		reached = rs.from + rs.done
+		logRun = rs.endOutOfSyncRun()
 		rs.mu.Unlock()
-		r.ovStart = at
-		if at >= bitmap.Blocks(p.size) {
+		r.ovStart = reached
+		if reached >= bitmap.Blocks(p.size) {
 			r.ovStart = 0
 		}
-		verifyLogs = append(verifyLogs, func() { logRun(r) },
-			func() { r.log.Info(fmt.Sprintf("Online Verify reached sector %d", at*sectorsPerBlock)) })
 	}
 	r.mu.Unlock()
-	for _, log := range verifyLogs {
-		log()
+	if logRun != nil {
+		logRun(r)
+		r.log.Info(fmt.Sprintf("Online Verify reached sector %d", reached*sectorsPerBlock))
 	}
 	// A Primary that loses its peer's up-to-date copy starts a new
 	// generation, so that the peer's data is recognisably older

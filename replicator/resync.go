@@ -60,7 +60,7 @@ type resync struct {
 	from, stop, sentBlocks uint64
 	walked                 bool // VerifyS asked for its last block: the stop is final
 	// VerifyS: the run of differing blocks being found, in bytes, logged
-	// once it ends (logOutOfSync)
+	// once it ends (endOutOfSyncRun)
 	oosStart, oosLen int64
 
 	// target side
