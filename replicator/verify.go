@@ -267,9 +267,7 @@ func (p *peer) verifyEnded(rs *resync, found uint64) {
 	if err := p.md.FlushBitmap(); err != nil {
 		r.log.Error("writing the bitmap after verify failed", "err", err)
 	}
-	rs.mu.Lock()
-	next := rs.from + rs.done
-	rs.mu.Unlock()
+	next := rs.from + checked
 	r.mu.Lock()
 	if p.rs == rs {
 		p.rs = nil
