@@ -8,9 +8,9 @@ import (
 // Receive buffers come in size classes: class k holds bufSize(k) = 1<<k
 // plus a sixteenth plus 64 bytes, enough for a frame of a power-of-two
 // payload (a write's data) with its message header and the frame's
-// checksum or tag. Frames above ownAbove are read straight into one; a
-// smaller payload of at least 1<<bufMinClass bytes is copied into one out
-// of the reader's buffer.
+// checksum or tag. A session's reader reads every payload of at least
+// 1<<bufMinClass bytes straight into one; a smaller payload the receiver
+// keeps is copied out of the reader's buffer.
 const (
 	bufMinClass = 10 // 1 KiB: smaller payloads (acks, barriers) are not pooled
 	bufMaxClass = 25 // MaxPayload and any frame overhead fit in bufSize(25)

@@ -216,7 +216,10 @@ type frameReader struct {
 	c     *codecs
 	known func(Type) bool
 	buf   []byte
-	pool  *bufPool // where frames above ownAbove are read into; nil: allocated
+	// pool is where payloads of at least 1<<bufMinClass bytes are read
+	// into, straight from the socket (no copy out of buf); nil: payloads
+	// above ownAbove are allocated, smaller ones read into buf.
+	pool  *bufPool
 	hdr   [headerSize]byte
 	wire  int  // bytes the last frame took on the wire
 	owned bool // the last payload is the caller's to keep (not the reused buffer)
@@ -226,7 +229,8 @@ type frameReader struct {
 }
 
 // ownAbove is the payload size from which a frame is read into a buffer of
-// its own, which the receiver keeps, rather than into the reused one.
+// its own, which the receiver keeps, rather than into the reused one, when
+// the reader has no pool.
 const ownAbove = 64 << 10
 
 // readFrame reads, verifies and decompresses the next frame. The length is
@@ -252,7 +256,8 @@ func (fr *frameReader) readFrame() (Type, []byte, error) {
 	}
 	n := int(length) + fr.s.overhead()
 	var body []byte
-	if fr.owned = n > ownAbove; fr.owned {
+	pooled := fr.pool != nil && length >= 1<<bufMinClass
+	if fr.owned = pooled || n > ownAbove; fr.owned {
 		if fr.pool != nil {
 			body = fr.pool.get(n)
 		} else {
@@ -293,6 +298,9 @@ func (fr *frameReader) readFrame() (Type, []byte, error) {
 	}
 	p, err := decompress(fr.c, flags, payload)
 	if flags != 0 {
+		if fr.owned && fr.pool != nil {
+			fr.pool.put(body) // decompression copied the payload out of it
+		}
 		fr.owned = true // decompression allocated it
 	}
 	return typ, p, err

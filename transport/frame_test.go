@@ -222,3 +222,66 @@ func TestFrame_Refused(t *testing.T) {
 		t.Fatalf("encoding an oversized payload: %v", err)
 	}
 }
+
+// With a pool, the reader reads every payload from 1 KiB on straight into
+// a pooled buffer the caller keeps (no copy out of its own buffer); below
+// that, and without a pool up to ownAbove, the payload is in the reused
+// buffer. A compressed frame's payload is decompression's own allocation.
+func TestFrame_ReadPooled(t *testing.T) {
+	c := testCodecs(t)
+	for _, tc := range []struct {
+		name     string
+		pool     bool
+		size     int
+		comp     Compression
+		owned    bool
+		poolable bool
+	}{
+		{"pool, below 1 KiB", true, 1<<bufMinClass - 1, CompressNone, false, false},
+		{"pool, 1 KiB", true, 1 << bufMinClass, CompressNone, true, true},
+		{"pool, 4 KiB", true, 4096, CompressNone, true, true},
+		{"pool, 1 MiB", true, 1 << 20, CompressNone, true, true},
+		{"pool, compressed 64 KiB", true, 64 << 10, CompressS2, true, false},
+		{"no pool, 4 KiB", false, 4096, CompressNone, false, false},
+		{"no pool, above ownAbove", false, ownAbove + 1, CompressNone, true, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			payload := make([]byte, tc.size)
+			if tc.comp == CompressNone {
+				rand.Read(payload)
+			}
+			var in bytes.Buffer
+			w, r := pair(t, nil, c, &in)
+			if tc.pool {
+				r.pool = &bufPool{}
+			}
+			for range 2 {
+				b, err := appendFrame(nil, w, c, tc.comp, typeTest, payload)
+				if err != nil {
+					t.Fatal(err)
+				}
+				in.Write(b)
+			}
+			var first []byte
+			for i := range 2 {
+				typ, p, err := r.readFrame()
+				if err != nil || typ != typeTest || !bytes.Equal(p, payload) {
+					t.Fatalf("frame %d: type %d, %d bytes, err %v", i, typ, len(p), err)
+				}
+				if r.owned != tc.owned {
+					t.Fatalf("frame %d: owned %v, want %v", i, r.owned, tc.owned)
+				}
+				if _, ok := poolable(cap(p)); ok != tc.poolable {
+					t.Fatalf("frame %d: capacity %d poolable %v, want %v", i, cap(p), ok, tc.poolable)
+				}
+				if i == 0 {
+					first = p
+				} else if !tc.owned && &first[0] != &p[0] {
+					t.Fatal("a payload the caller does not own is not in the reused buffer")
+				} else if tc.owned && &first[0] == &p[0] {
+					t.Fatal("two owned payloads share a buffer")
+				}
+			}
+		})
+	}
+}
