@@ -7,6 +7,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"runtime"
 	"syscall"
 	"testing"
 	"time"
@@ -467,6 +468,48 @@ func TestReplyBatching(t *testing.T) {
 		t.Errorf("%d write calls for %d replies: replies are not batched", w, 2*n)
 	} else {
 		t.Logf("%d write calls for %d replies", w, 2*n)
+	}
+}
+
+// Handlers that finish together share a write of their replies even when
+// no request waits to start (as when a peer's acks release writes under
+// protocol C). With one processor, 64 writes wait inside the backend; once
+// released, each handler's reply is written by itself without the
+// writer's yields, with them by the first writer.
+func TestReplyBatching_ReadyHandlers(t *testing.T) {
+	be := newMem(1 << 20)
+	be.gate = make(chan struct{})
+	srv, path := startServer(t, oneExport(t, &Export{Backend: be}), nil)
+	c := open(t, path, "disk")
+	const n = 64
+	var reqs []byte
+	for i := range n {
+		reqs, _ = Request{Type: CmdWrite, Cookie: uint64(i), Offset: uint64(i) * 512, Length: 512}.AppendBinary(reqs)
+		reqs = append(reqs, bytes.Repeat([]byte{byte(i)}, 512)...)
+	}
+	c.write(reqs)
+	deadline := time.Now().Add(10 * time.Second)
+	for be.active.Load() < n {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d of %d writes reached the backend", be.active.Load(), n)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	before := srv.replyWrites.Load()
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
+	close(be.gate)
+	got := map[uint64]bool{}
+	for range n {
+		errno, cookie := c.reply()
+		if errno != 0 || cookie >= n || got[cookie] {
+			t.Fatalf("cookie %d errno %v", cookie, errno)
+		}
+		got[cookie] = true
+	}
+	if w := srv.replyWrites.Load() - before; w > n/8 {
+		t.Fatalf("%d write calls for %d replies released together, want at most %d", w, n, n/8)
+	} else {
+		t.Logf("%d write calls for %d replies released together", w, n)
 	}
 }
 

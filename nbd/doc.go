@@ -101,7 +101,7 @@
 // are in flight per connection, and MaxTotalInFlightBytes over the server;
 // at the limit the server stops reading (backpressure). Replies are written
 // whole by one goroutine at a time and batched into one writev under
-// pipelined load (see replyWriter). Negotiation must finish within
+// pipelined load and when handlers finish together (see replyWriter). Negotiation must finish within
 // HandshakeTimeout, and at most MaxConns connections are open.
 //
 // FLUSH calls Backend.Flush, which covers writes completed on every

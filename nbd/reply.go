@@ -2,6 +2,7 @@ package nbd
 
 import (
 	"net"
+	"runtime"
 	"sync"
 )
 
@@ -23,6 +24,11 @@ type reply struct {
 //     worker only queues its reply: the last of those requests to start writes
 //     the queue before it runs (see started), so under a pipelined load many
 //     replies share one system call, and no reply waits behind a slow request.
+//   - The writer yields the processor before each write for as long as the
+//     queue grows (at most batchYields times): handlers that are ready to
+//     finish (say, all those a peer's acks released at once) queue theirs
+//     first and go out with it. A writer alone finds nothing added after one
+//     yield.
 //
 // A reply's header and data always go out together, and replies never
 // interleave. In-flight budget is released only once a reply is written, so
@@ -41,6 +47,9 @@ type replyWriter struct {
 	hdrs []byte
 	iov  net.Buffers
 }
+
+// batchYields bounds the yields before a write of replies.
+const batchYields = 8
 
 // dispatched records a request handed to the workers.
 func (w *replyWriter) dispatched() {
@@ -78,6 +87,15 @@ func (w *replyWriter) send(r reply) {
 func (w *replyWriter) drain() {
 	w.busy = true
 	for len(w.queue) > 0 {
+		for range batchYields {
+			n := len(w.queue)
+			w.mu.Unlock()
+			runtime.Gosched()
+			w.mu.Lock()
+			if len(w.queue) == n {
+				break
+			}
+		}
 		batch := w.queue
 		w.queue = w.spare[:0]
 		err := w.err

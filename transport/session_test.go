@@ -123,14 +123,15 @@ func TestSession_OverLink(t *testing.T) {
 	}
 }
 
-// A frame's buffer, handed back with Recycle, takes a later frame: a large
-// frame is read into it, a 4 KiB one copied into it. Whether a returned
+// A frame's buffer, handed back with Recycle, takes a later frame: frames
+// from 1 KiB on are read straight into pooled buffers. Whether a returned
 // buffer comes back depends on sync.Pool (which drops returns at random
 // under -race and keeps one per CPU that others cannot take); a 4 KiB
-// frame may also be copied before the first Recycle. So for 4 KiB frames,
+// frame may also be read before the first Recycle. So for 4 KiB frames,
 // which many are read ahead of Recycle, the test asserts that each is in
 // a buffer the pool takes back (TestBufPool_Reuse shows that it then
-// hands it out again); for 1 MiB ones, that some were reused.
+// hands it out again); for 1 MiB ones, that some were reused. Frames
+// below 1 KiB are copied out of the reader's own buffer.
 func TestSession_RecycleReuses(t *testing.T) {
 	for _, tc := range []struct {
 		secret string
@@ -481,4 +482,50 @@ func TestSession_ConcurrentSenders(t *testing.T) {
 			}
 		})
 	}
+}
+
+// Senders that become ready together share socket writes. With one
+// processor, 64 goroutines released at once each send one frame over TCP:
+// a socket write does not block, so without the writer's yields each
+// would write its own frame; with them the first writer carries the
+// others' frames too.
+func TestSession_ReadySendersShareWrites(t *testing.T) {
+	a, b := configs("")
+	la, lb := listen(t), listen(t)
+	a.ListenAddr, a.PeerAddr = la, lb
+	b.ListenAddr, b.PeerAddr = lb, la
+	ta, tb := start(t, a), start(t, b)
+	sa, sb := sessions(t, ta, tb)
+	const n = 64
+	before := ta.Stats()
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
+	release := make(chan struct{})
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-release
+			if err := sa.Send(Data, typeTest, []byte{byte(i)}); err != nil {
+				t.Errorf("send %d: %v", i, err)
+			}
+		}()
+	}
+	close(release)
+	wg.Wait()
+	seen := map[byte]bool{}
+	for range n {
+		m, err := sb.Recv(Data)
+		if err != nil || len(m.Payload) != 1 || seen[m.Payload[0]] {
+			t.Fatalf("receive: %v, payload % x", err, m.Payload)
+		}
+		seen[m.Payload[0]] = true
+	}
+	after := ta.Stats()
+	frames, writes := after.FramesSent-before.FramesSent, after.Writes-before.Writes
+	// A ping may have gone out too.
+	if frames < n || writes > n/8 {
+		t.Fatalf("%d frames in %d socket writes, want %d or more in at most %d", frames, writes, n, n/8)
+	}
+	t.Logf("%d frames in %d socket writes", frames, writes)
 }

@@ -62,6 +62,7 @@ type Stats struct {
 	FramesSent, FramesRecv              uint64
 	PayloadSent, PayloadRecv            uint64 // application bytes, before compression and sealing
 	WireSent, WireRecv                  uint64 // bytes on the wire, framing included
+	Writes                              uint64 // socket writes that carried frames (FramesSent ÷ Writes: frames per system call)
 	HandshakeFailures, CrossedDialsLost uint64
 	LastError                           string
 	LastErrorAt                         time.Time
@@ -75,7 +76,7 @@ type Stats struct {
 type counters struct {
 	sessions, reconnects, authFailures, handshakeFailures, crossed atomic.Uint64
 	framesSent, framesRecv, payloadSent, payloadRecv               atomic.Uint64
-	wireSent, wireRecv                                             atomic.Uint64
+	wireSent, wireRecv, writes                                     atomic.Uint64
 }
 
 // Dial phases of the outgoing attempt, for the crossed-dial rule.
@@ -312,7 +313,7 @@ func (t *Transport) Stats() Stats {
 		CrossedDialsLost: t.stats.crossed.Load(),
 		FramesSent:       t.stats.framesSent.Load(), FramesRecv: t.stats.framesRecv.Load(),
 		PayloadSent: t.stats.payloadSent.Load(), PayloadRecv: t.stats.payloadRecv.Load(),
-		WireSent: t.stats.wireSent.Load(), WireRecv: t.stats.wireRecv.Load(),
+		WireSent: t.stats.wireSent.Load(), WireRecv: t.stats.wireRecv.Load(), Writes: t.stats.writes.Load(),
 		Authenticated: t.cfg.Secret != nil, Encrypted: t.cfg.Secret != nil || t.tls != nil, TLS: t.tls != nil,
 		Compression: t.comp, LastErrorAt: t.lastErrAt,
 	}
