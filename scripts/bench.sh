@@ -230,9 +230,10 @@ run_resource() {
 #     on alpha alone (StandAlone, Primary --force: the resource path of the
 #     resource part), then connected with protocol A and with protocol C
 #     (the initial sync skipped with new-current-uuid --clear-bitmap), and
-#     with protocol A and disk-flushes no (informational); fresh
-#     sparse disks and daemons for every configuration and round, the order
-#     rotated each round.
+#     with protocol A and disk-flushes no (informational); fresh disks
+#     (written in full with O_DIRECT: allocated, not in the page cache) and
+#     daemons for every configuration and round, the order rotated each
+#     round; informational, 4 KiB alone, A and C on fresh sparse disks.
 #  2. Replication lag: a 10 s 4 KiB random-write burst with protocol A, then
 #     the time from fio's exit until alpha's pe is 0 and beta's dw has its
 #     final value (both polled every 10 ms through the control sockets).
@@ -335,13 +336,18 @@ rep_stop() {
 	wait "$p" 2>/dev/null || true
 }
 
-# rep_disks fresh|COPY: both disks a fresh sparse 1 GiB file, or a copy of
-# the file COPY; then create-md on both.
+# rep_disks allocated|sparse|COPY: both disks a 1 GiB file written in full
+# with O_DIRECT (allocated: every block on the filesystem, none of it in the
+# page cache or being written back, like the partition or logical volume a
+# DRBD backing device is), a fresh sparse 1 GiB file, or a copy of the file
+# COPY; then create-md on both.
 rep_disks() {
 	local n
 	for n in alpha beta; do
 		rm -f "$rdir/$n.img"
-		if [[ $1 == fresh ]]; then
+		if [[ $1 == allocated ]]; then
+			rep_allocated "$rdir/$n.img"
+		elif [[ $1 == sparse ]]; then
 			truncate -s 1G "$rdir/$n.img"
 		else
 			cp "$1" "$rdir/$n.img"
@@ -398,15 +404,22 @@ cpu_busy() {
 	awk '$1 == "cpu" { t = 0; for (i = 2; i <= 9; i++) t += $i; print $2 + $3 + $4 + $7 + $8, t; exit }' /proc/stat
 }
 
-# rep_durable_writer: the cost of making 4 KiB random writes durable on
-# this machine without nbdmirror: fio, one thread, on a fresh sparse 1 GiB
-# file, fdatasync after every 256 writes (about the group commit the
-# Secondary reaches under 4 KiB protocol A load), RUNTIME seconds, with the
-# machine's CPU time around it.
+# rep_allocated FILE: FILE, 1 GiB, written in full with O_DIRECT and made
+# durable: allocated, and nothing of it in the page cache.
+rep_allocated() {
+	dd if=/dev/zero of="$1" bs=1M count=1024 oflag=direct conv=fsync status=none
+}
+
+# rep_durable_writer allocated|sparse: the cost of making 4 KiB random
+# writes durable on this machine without nbdmirror: fio, one thread, on a
+# 1 GiB file made as rep_disks makes the disks, fdatasync after every 256
+# writes (about the group commit the Secondary reaches under 4 KiB protocol
+# A load), RUNTIME seconds, with the machine's CPU time around it.
 rep_durable_writer() {
 	local out="$rdir/durable-writer"
+	[[ $1 == allocated ]] || out="$rdir/durable-writer-$1"
 	rm -f "$rdir/dw.img"
-	truncate -s 1G "$rdir/dw.img"
+	if [[ $1 == allocated ]]; then rep_allocated "$rdir/dw.img"; else truncate -s 1G "$rdir/dw.img"; fi
 	cpu_busy >"$out.cpu"
 	fio --name=durable --filename="$rdir/dw.img" --rw=randwrite --bs=4k --ioengine=psync --fdatasync=256 \
 		--size=1000M --runtime="$runtime" --time_based --randseed=4242 --output-format=json \
@@ -648,29 +661,32 @@ run_replication() {
 	dd if=/dev/zero of="$rdir/dd.img" bs=1M count=1024 conv=fdatasync 2>&1 |
 		sed -n 's/.* s, \([0-9.]*\) \([MG]\)B\/s$/\1 \2/p' >"$rdir/durable-rate.txt"
 	rm -f "$rdir/dd.img"
-	rep_durable_writer
+	rep_durable_writer allocated
+	rep_durable_writer sparse
 	rep_write_conf csums 'net { protocol A; csums-alg sha256; } disk { c-plan-ahead 0; resync-rate 4G; }'
 
 	# 1. fio: alone, protocol A, protocol C; then, informational, where
 	# protocol C's time goes at 4 KiB: without the Secondary's flushes
 	# (protoCnf), and with fio keeping 128 writes in flight (protoC128,
-	# the protoC configuration)
-	configs=(alone protoA protoC protoAnf protoCnf protoC128)
+	# the protoC configuration); and alone, A and C at 4 KiB on sparse
+	# disk files (sparse-*), where ext4 allocates the blocks as they are
+	# written back
+	configs=(alone protoA protoC protoAnf protoCnf protoC128 sparse-alone sparse-protoA sparse-protoC)
 	for ((r = 1; r <= rounds; r++)); do
 		for ((i = 0; i < ${#configs[@]}; i++)); do
 			c=${configs[$(((i + r - 1) % ${#configs[@]}))]}
 			rep_label="fio $c, round $r"
 			echo "bench: round $r/$rounds: $rep_label"
 			case $c in
-			alone) rep_conf=$rdir/protoA.conf ;;
+			alone | sparse-alone) rep_conf=$rdir/protoA.conf ;;
 			protoC128) rep_conf=$rdir/protoC.conf ;;
-			*) rep_conf=$rdir/$c.conf ;;
+			*) rep_conf=$rdir/${c#sparse-}.conf ;;
 			esac
-			rep_disks fresh
-			if [[ $c == alone ]]; then rep_alone; else rep_pair; fi
+			if [[ $c == sparse-* ]]; then rep_disks sparse; else rep_disks allocated; fi
+			if [[ $c == *alone ]]; then rep_alone; else rep_pair; fi
 			case $c in
 			protoC128) rep_fio "$c" "$r" randwrite 4k 128 ;;
-			protoCnf) rep_fio "$c" "$r" randwrite 4k 32 ;;
+			protoCnf | sparse-*) rep_fio "$c" "$r" randwrite 4k 32 ;;
 			*)
 				rep_fio "$c" "$r" randwrite 4k 32
 				[[ $c == alone ]] || rep_ctl idle "$rdir/alpha/run" 120
@@ -686,7 +702,7 @@ run_replication() {
 	for ((r = 1; r <= rounds; r++)); do
 		rep_label="lag, round $r"
 		echo "bench: round $r/$rounds: replication lag after a 10 s burst (protocol A)"
-		rep_disks fresh
+		rep_disks allocated
 		rep_pair
 		rep_ctl lag "$rdir/alpha/run" "$rdir/beta/run" "$rdir/lag.r$r.json" \
 			fio --name=burst --ioengine=nbd --uri="$(rep_uri)" --rw=randwrite --bs=4k --iodepth=32 --size=1000M \
