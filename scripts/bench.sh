@@ -410,18 +410,22 @@ rep_allocated() {
 	dd if=/dev/zero of="$1" bs=1M count=1024 oflag=direct conv=fsync status=none
 }
 
-# rep_durable_writer allocated|sparse: the cost of making 4 KiB random
-# writes durable on this machine without nbdmirror: fio, one thread, on a
-# 1 GiB file made as rep_disks makes the disks, fdatasync after every 256
-# writes (about the group commit the Secondary reaches under 4 KiB protocol
-# A load), RUNTIME seconds, with the machine's CPU time around it.
+# rep_durable_writer allocated|sparse [1M]: the cost of making writes
+# durable on this machine without nbdmirror: fio, one thread, on a 1 GiB
+# file made as rep_disks makes the disks, RUNTIME seconds, with the
+# machine's CPU time around it. 4 KiB blocks at random with fdatasync after
+# every 256 writes (about the group commit the Secondary reaches under
+# 4 KiB protocol A load), or with 1M, 1 MiB blocks in sequence with
+# fdatasync after every 8 (8 MiB, about what the Secondary flushes at once
+# under the 1 MiB jobs).
 rep_durable_writer() {
-	local out="$rdir/durable-writer"
-	[[ $1 == allocated ]] || out="$rdir/durable-writer-$1"
+	local out="$rdir/durable-writer" job=(--rw=randwrite --bs=4k --fdatasync=256)
+	[[ $1 == allocated ]] || out="$out-$1"
+	if [[ ${2:-} == 1M ]]; then out="$out-1M" job=(--rw=write --bs=1M --fdatasync=8); fi
 	rm -f "$rdir/dw.img"
 	if [[ $1 == allocated ]]; then rep_allocated "$rdir/dw.img"; else truncate -s 1G "$rdir/dw.img"; fi
 	cpu_busy >"$out.cpu"
-	fio --name=durable --filename="$rdir/dw.img" --rw=randwrite --bs=4k --ioengine=psync --fdatasync=256 \
+	fio --name=durable --filename="$rdir/dw.img" "${job[@]}" --ioengine=psync \
 		--size=1000M --runtime="$runtime" --time_based --randseed=4242 --output-format=json \
 		--output="$out.json" >/dev/null
 	cpu_busy >>"$out.cpu"
@@ -663,6 +667,7 @@ run_replication() {
 	rm -f "$rdir/dd.img"
 	rep_durable_writer allocated
 	rep_durable_writer sparse
+	rep_durable_writer allocated 1M
 	rep_write_conf csums 'net { protocol A; csums-alg sha256; } disk { c-plan-ahead 0; resync-rate 4G; }'
 
 	# 1. fio: alone, protocol A, protocol C; then, informational, where
