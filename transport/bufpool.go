@@ -9,8 +9,8 @@ import (
 // plus a sixteenth plus 64 bytes, enough for a frame of a power-of-two
 // payload (a write's data) with its message header and the frame's
 // checksum or tag. A session's reader reads every payload of at least
-// 1<<bufMinClass bytes straight into one; a smaller payload the receiver
-// keeps is copied out of the reader's buffer.
+// 1<<bufMinClass bytes straight into one; a smaller payload (an ack, a
+// barrier) is copied out of the reader's buffer into an allocation.
 const (
 	bufMinClass = 10 // 1 KiB: smaller payloads (acks, barriers) are not pooled
 	bufMaxClass = 25 // MaxPayload and any frame overhead fit in bufSize(25)
@@ -66,16 +66,4 @@ func (bp *bufPool) put(b []byte) {
 	}
 	b = b[:cap(b)]
 	bp.classes[k-bufMinClass].Put(&b)
-}
-
-// own returns a copy of p for the receiver to keep: in a buffer of the
-// pool from 1<<bufMinClass bytes on (a 4 KiB write's frame), which Recycle
-// can hand back, and simply allocated below.
-func (bp *bufPool) own(p []byte) []byte {
-	if len(p) < 1<<bufMinClass {
-		return append([]byte(nil), p...)
-	}
-	b := bp.get(len(p))
-	copy(b, p)
-	return b
 }

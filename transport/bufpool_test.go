@@ -1,7 +1,6 @@
 package transport
 
 import (
-	"bytes"
 	"testing"
 )
 
@@ -16,7 +15,7 @@ func TestBufClass(t *testing.T) {
 		{bufSize(10) + 1, 11},
 		{4096 + 40 + 8, 12},      // a 4 KiB write with its message header and checksum
 		{bufSize(12) + 1, 13},    //
-		{ownAbove + 1, 16},       // the smallest frame read straight into a buffer
+		{ownAbove + 1, 16},       // the smallest frame a reader without a pool allocates
 		{bufSize(16) + 1, 17},    //
 		{1 << 20, 20},            // a 1 MiB write's data alone
 		{1<<20 + 40 + 16, 20},    // with its message header and an AEAD tag
@@ -60,27 +59,6 @@ func TestPoolable(t *testing.T) {
 	} {
 		if _, got := poolable(tc.c); got != tc.want {
 			t.Errorf("poolable(%d) = %v, want %v", tc.c, got, tc.want)
-		}
-	}
-}
-
-// own copies; from 1 KiB into a buffer the pool takes back.
-func TestBufPool_Own(t *testing.T) {
-	var bp bufPool
-	for _, n := range []int{0, 100, 1023, 1024, 4096 + 48, 60 << 10} {
-		p := make([]byte, n)
-		for i := range p {
-			p[i] = byte(i)
-		}
-		c := bp.own(p)
-		if !bytes.Equal(c, p) {
-			t.Fatalf("own(%d bytes) differs", n)
-		}
-		if n > 0 && &c[0] == &p[0] {
-			t.Fatalf("own(%d bytes) did not copy", n)
-		}
-		if _, ok := poolable(cap(c)); ok != (n >= 1<<bufMinClass) {
-			t.Errorf("own(%d bytes): capacity %d poolable %v", n, cap(c), ok)
 		}
 	}
 }

@@ -377,8 +377,8 @@ func (s *Session) readLoop(str *stream) {
 			s.fail(fmt.Errorf("%w: frame type %d on the %s stream", ErrProtocol, typ, str.kind))
 			return
 		default:
-			if !str.in.owned {
-				p = s.t.bufs.own(p)
+			if !str.in.owned { // below 1 KiB: in the reader's buffer
+				p = append([]byte(nil), p...)
 			}
 			if !str.q.push(Message{Type: typ, Payload: p}) {
 				return
@@ -462,6 +462,23 @@ func (s *Session) fail(err error) {
 	})
 }
 
+// closeWait is how long Close waits for a stream's writer before it skips
+// that stream's close frame: a writer holds wmu for its yields and one
+// write, far less unless the write is stuck on a full socket.
+const closeWait = 20 * time.Millisecond
+
+// lockSoon locks mu unless it stays held for wait.
+func lockSoon(mu *sync.Mutex, wait time.Duration) bool {
+	deadline := time.Now().Add(wait)
+	for !mu.TryLock() {
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(50 * time.Microsecond)
+	}
+	return true
+}
+
 // Close ends the session, telling the peer why, and waits for its
 // goroutines.
 func (s *Session) Close(reason string) error {
@@ -469,9 +486,9 @@ func (s *Session) Close(reason string) error {
 	case <-s.done:
 	default:
 		// On both streams, so that whichever the peer reads first tells
-		// it why; a stream busy with a stuck write is skipped.
+		// it why; a stream whose write is stuck is skipped.
 		for _, st := range s.streams {
-			if st.wmu.TryLock() {
+			if lockSoon(&st.wmu, closeWait) {
 				// Behind the frames queued so far, which go out with it
 				// (the peer would refuse a frame out of sealing order).
 				st.emu.Lock()

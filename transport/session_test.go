@@ -529,3 +529,55 @@ func TestSession_ReadySendersShareWrites(t *testing.T) {
 	}
 	t.Logf("%d frames in %d socket writes", frames, writes)
 }
+
+// Close tells the peer why even while both streams are busy sending: it
+// waits for the writers (each holds a stream for its yields and one
+// write) instead of skipping the streams.
+func TestSession_CloseReasonWhileSending(t *testing.T) {
+	for i := range 10 {
+		a, b := configs("")
+		la, lb := listen(t), listen(t)
+		a.ListenAddr, a.PeerAddr = la, lb
+		b.ListenAddr, b.PeerAddr = lb, la
+		ta, tb := start(t, a), start(t, b)
+		sa, sb := sessions(t, ta, tb)
+		var wg sync.WaitGroup
+		for _, st := range []Stream{Data, Control} {
+			for range 4 {
+				wg.Add(1)
+				go func() { // senders, until the session ends
+					defer wg.Done()
+					p := make([]byte, 4096)
+					for sa.Send(st, typeTest, p) == nil {
+					}
+				}()
+			}
+			wg.Add(1)
+			go func() { // the peer reads everything
+				defer wg.Done()
+				for {
+					if _, err := sb.Recv(st); err != nil {
+						return
+					}
+				}
+			}()
+		}
+		for tb.Stats().FramesRecv < 1000 {
+			time.Sleep(time.Millisecond)
+		}
+		reason := fmt.Sprintf("closed in round %d", i)
+		sa.Close(reason)
+		select {
+		case <-sb.Done():
+		case <-time.After(10 * time.Second):
+			t.Fatal("the peer's session did not end")
+		}
+		var closed *PeerClosedError
+		if err := sb.Err(); !errors.As(err, &closed) || closed.Reason != reason {
+			t.Fatalf("round %d: the peer's session ended with %v, want the reason %q", i, err, reason)
+		}
+		wg.Wait()
+		ta.Close()
+		tb.Close()
+	}
+}

@@ -62,7 +62,7 @@ type Stats struct {
 	FramesSent, FramesRecv              uint64
 	PayloadSent, PayloadRecv            uint64 // application bytes, before compression and sealing
 	WireSent, WireRecv                  uint64 // bytes on the wire, framing included
-	Writes                              uint64 // socket writes that carried frames (FramesSent ÷ Writes: frames per system call)
+	Writes                              uint64 // batches of frames written (one write system call each, more for one above 256 KiB)
 	HandshakeFailures, CrossedDialsLost uint64
 	LastError                           string
 	LastErrorAt                         time.Time
