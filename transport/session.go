@@ -464,8 +464,9 @@ func (s *Session) fail(err error) {
 
 // closeWait is how long Close waits for a stream's writer before it skips
 // that stream's close frame: a writer holds wmu for its yields and one
-// write, far less unless the write is stuck on a full socket.
-const closeWait = 20 * time.Millisecond
+// write, far less unless the write is stuck on a full socket (a peer that
+// stopped reading, a dead link: the reason would not get through).
+const closeWait = 100 * time.Millisecond
 
 // lockSoon locks mu unless it stays held for wait.
 func lockSoon(mu *sync.Mutex, wait time.Duration) bool {

@@ -532,15 +532,17 @@ func TestSession_ReadySendersShareWrites(t *testing.T) {
 
 // Close tells the peer why even while both streams are busy sending: it
 // waits for the writers (each holds a stream for its yields and one
-// write) instead of skipping the streams.
+// write) instead of skipping the streams. b, which only accepts, closes:
+// a, which dials, then sees its session end by the close frame or not at
+// all, never by a newer session replacing it.
 func TestSession_CloseReasonWhileSending(t *testing.T) {
 	for i := range 10 {
 		a, b := configs("")
-		la, lb := listen(t), listen(t)
-		a.ListenAddr, a.PeerAddr = la, lb
-		b.ListenAddr, b.PeerAddr = lb, la
-		ta, tb := start(t, a), start(t, b)
-		sa, sb := sessions(t, ta, tb)
+		l, err := NewLink(a, b)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sa, sb := sessions(t, l.A, l.B)
 		var wg sync.WaitGroup
 		for _, st := range []Stream{Data, Control} {
 			for range 4 {
@@ -548,7 +550,7 @@ func TestSession_CloseReasonWhileSending(t *testing.T) {
 				go func() { // senders, until the session ends
 					defer wg.Done()
 					p := make([]byte, 4096)
-					for sa.Send(st, typeTest, p) == nil {
+					for sb.Send(st, typeTest, p) == nil {
 					}
 				}()
 			}
@@ -556,28 +558,27 @@ func TestSession_CloseReasonWhileSending(t *testing.T) {
 			go func() { // the peer reads everything
 				defer wg.Done()
 				for {
-					if _, err := sb.Recv(st); err != nil {
+					if _, err := sa.Recv(st); err != nil {
 						return
 					}
 				}
 			}()
 		}
-		for tb.Stats().FramesRecv < 1000 {
+		for l.A.Stats().FramesRecv < 1000 {
 			time.Sleep(time.Millisecond)
 		}
 		reason := fmt.Sprintf("closed in round %d", i)
-		sa.Close(reason)
+		sb.Close(reason)
 		select {
-		case <-sb.Done():
+		case <-sa.Done():
 		case <-time.After(10 * time.Second):
 			t.Fatal("the peer's session did not end")
 		}
 		var closed *PeerClosedError
-		if err := sb.Err(); !errors.As(err, &closed) || closed.Reason != reason {
+		if err := sa.Err(); !errors.As(err, &closed) || closed.Reason != reason {
 			t.Fatalf("round %d: the peer's session ended with %v, want the reason %q", i, err, reason)
 		}
 		wg.Wait()
-		ta.Close()
-		tb.Close()
+		l.Close()
 	}
 }
