@@ -79,7 +79,7 @@ func (c *rawClient) proof(secret, label string) [proofSize]byte {
 }
 
 func newHello(secret bool, from string) hello {
-	h := hello{minVersion: 1, maxVersion: 1, stream: Data, resource: "r0", from: from, to: "beta", instance: 7}
+	h := hello{minVersion: VersionMin, maxVersion: VersionMax, stream: Data, resource: "r0", from: from, to: "beta", instance: 7}
 	if secret {
 		h.flags = helloFlagSecret
 	}
@@ -213,10 +213,23 @@ func TestAuth_Refusals(t *testing.T) {
 			c.hc.send(typeHello, h.appendBinary(nil))
 			_, _, err := c.hc.recv(typeAck)
 			var re *RefusedError
-			if !errors.As(err, &re) || !strings.Contains(re.Reason, "you speak 5-9, I speak 1-1") {
+			if !errors.As(err, &re) || !strings.Contains(re.Reason, "you speak 5-9, I speak 2-2") {
 				t.Fatalf("refusal %v", err)
 			}
-		}, "the peer speaks 5-9, this node 1-1"},
+		}, "the peer speaks 5-9, this node 2-2"},
+		// Version 1 (xxhash64 on every frame) frames its HELLO as every
+		// version does, so a version-1 node is refused, not garbled.
+		{"version 1", "k", func(t *testing.T, addr string) {
+			c := dialRaw(t, addr)
+			h := newHello(true, "alpha")
+			h.minVersion, h.maxVersion = 1, 1
+			c.hc.send(typeHello, h.appendBinary(nil))
+			_, _, err := c.hc.recv(typeAck)
+			var re *RefusedError
+			if !errors.As(err, &re) || !strings.Contains(re.Reason, "you speak 1-1, I speak 2-2") {
+				t.Fatalf("refusal %v", err)
+			}
+		}, "the peer speaks 1-1, this node 2-2"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -259,7 +272,7 @@ func TestAuth_ReflectedChallenge(t *testing.T) {
 			return
 		}
 		h, _ := decodeHello(p)
-		a := ack{version: 1, flags: helloFlagSecret, challenge: h.challenge}
+		a := ack{version: VersionMax, flags: helloFlagSecret, challenge: h.challenge}
 		hc.send(typeAck, a.appendBinary(nil))
 		hc.recv(typeAuth)
 	}()

@@ -24,7 +24,7 @@
 // renewed per 256 KiB, so a dead peer never blocks a writer for longer
 // than the timeout, while a slow but moving link is not cut.
 //
-// # Handshake (per stream; version 1)
+// # Handshake (per stream; version 2)
 //
 // Each connection (inside TLS 1.3 when configured, certificates checked
 // against the peer's node names on both sides) starts with plain frames,
@@ -60,9 +60,9 @@
 // later frame is sealed with AES-256-GCM whose 12-byte nonce is a 4-byte
 // direction tag and an 8-byte frame counter: a frame cannot be read,
 // altered, replayed, reordered, or moved to the other stream or another
-// session. Without a secret, frames carry an xxhash64 checksum and the
-// transport logs once that the link is neither authenticated nor
-// encrypted.
+// session. Without a secret, every later frame carries a checksum
+// (XXH3-64, see Frames) and the transport logs once that the link is
+// neither authenticated nor encrypted.
 //
 // A failed proof, a node name other than the configured pair, or a TLS
 // certificate that does not verify holds the sending host off: its
@@ -105,7 +105,9 @@
 //	2      2    flags: 1 s2-compressed, 2 zstd-compressed
 //	4      4    payload length n (≤ MaxPayload, checked before allocating)
 //	8      n    payload
-//	8+n    8    xxhash64 of bytes [0, 8+n)          (plain frames)
+//	8+n    8    plain session frames: XXH3-64 of bytes [8, 8+n) seeded
+//	            with bytes [0, 8) (big-endian); plain handshake frames:
+//	            xxhash64 of bytes [0, 8+n)
 //	  or   16   AES-GCM tag; payload encrypted, header authenticated (sealed)
 //
 // A payload of 256 bytes or more is compressed (s2 or zstd) when that
@@ -116,6 +118,12 @@
 //
 // # Versions
 //
-// Version 1 is the first. A later version must keep HELLO's first 16 bytes
-// and the REFUSE frame, so that two versions can agree or refuse cleanly.
+// Version 1 was the first. Version 2 checksums a session's plain frames
+// with XXH3-64 seeded with the header instead of xxhash64 (five times
+// faster on this project's machine: 50 GB/s against 10 for 1 MiB); the
+// handshake's frames keep version 1's checksum, so a version-1 node reads
+// a version-2 HELLO and the two refuse each other cleanly ("no common
+// protocol version"). A later version must keep HELLO's first 16 bytes,
+// the handshake frames' checksum and the REFUSE frame, so that two
+// versions can agree or refuse cleanly.
 package transport

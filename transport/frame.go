@@ -13,6 +13,7 @@ import (
 	"github.com/cespare/xxhash/v2"
 	"github.com/klauspost/compress/s2"
 	"github.com/klauspost/compress/zstd"
+	"github.com/zeebo/xxh3"
 )
 
 // Type is a frame type. Types below FirstAppType belong to the transport;
@@ -111,18 +112,23 @@ func newCodecs() (*codecs, error) {
 
 // frameSealer protects the frames of one direction of one stream: with an
 // AEAD each frame is sealed (nonce = 4-byte direction tag and 8-byte frame
-// counter; the header is authenticated data), without one it carries an
-// xxhash64 checksum.
+// counter; the header is authenticated data), without one it carries a
+// checksum: a session's frames XXH3-64 of the body seeded with the header
+// (protocol version 2), handshake frames, which every version must read,
+// xxhash64 of header and body (the zero frameSealer).
 type frameSealer struct {
 	aead    cipher.AEAD
 	dirTag  [4]byte
 	counter uint64
-	sum     *xxhash.Digest // for frames whose tail is referenced (outBatch)
+	xxh3    bool           // session frames: XXH3-64; otherwise xxhash64
+	sum     *xxhash.Digest // reused for frames in parts
+	sum3    *xxh3.Hasher   // reused for frames in parts
 }
 
+// newSealer returns the sealer of a session's stream direction.
 func newSealer(key []byte, dirTag [4]byte) (*frameSealer, error) {
 	if key == nil {
-		return &frameSealer{dirTag: dirTag}, nil
+		return &frameSealer{dirTag: dirTag, xxh3: true}, nil
 	}
 	block, err := aes.NewCipher(key)
 	if err != nil {
@@ -133,6 +139,32 @@ func newSealer(key []byte, dirTag [4]byte) (*frameSealer, error) {
 		return nil, err
 	}
 	return &frameSealer{aead: aead, dirTag: dirTag}, nil
+}
+
+// checksum returns the trailer of a plain frame with header hdr and a body
+// of head followed by tail.
+func (s *frameSealer) checksum(hdr, head, tail []byte) uint64 {
+	if s.xxh3 {
+		seed := binary.BigEndian.Uint64(hdr)
+		if len(tail) == 0 {
+			return xxh3.HashSeed(head, seed)
+		}
+		if s.sum3 == nil {
+			s.sum3 = xxh3.New()
+		}
+		s.sum3.ResetSeed(seed)
+		s.sum3.Write(head)
+		s.sum3.Write(tail)
+		return s.sum3.Sum64()
+	}
+	if s.sum == nil {
+		s.sum = xxhash.New()
+	}
+	s.sum.Reset()
+	s.sum.Write(hdr)
+	s.sum.Write(head)
+	s.sum.Write(tail)
+	return s.sum.Sum64()
 }
 
 func (s *frameSealer) overhead() int {
@@ -206,7 +238,7 @@ func appendFrameParts(dst []byte, s *frameSealer, c *codecs, comp Compression, t
 		// Sealed in place: the ciphertext overwrites the plaintext exactly.
 		return s.aead.Seal(dst[:bodyAt], s.nonce(), dst[bodyAt:], dst[start:bodyAt]), nil
 	}
-	return binary.BigEndian.AppendUint64(dst, xxhash.Sum64(dst[start:])), nil
+	return binary.BigEndian.AppendUint64(dst, s.checksum(dst[start:bodyAt], dst[bodyAt:], nil)), nil
 }
 
 // frameReader reads frames from one direction of one stream.
@@ -282,10 +314,7 @@ func (fr *frameReader) readFrame() (Type, []byte, error) {
 		payload = p
 	} else {
 		payload = body[:length]
-		d := xxhash.New()
-		d.Write(fr.hdr[:])
-		d.Write(payload)
-		if d.Sum64() != binary.BigEndian.Uint64(body[length:]) {
+		if fr.s.checksum(fr.hdr[:], payload, nil) != binary.BigEndian.Uint64(body[length:]) {
 			return 0, nil, ErrFrameChecksum
 		}
 	}

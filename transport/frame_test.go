@@ -10,6 +10,8 @@ import (
 	"io"
 	"runtime"
 	"testing"
+
+	"github.com/cespare/xxhash/v2"
 )
 
 const typeTest = FirstAppType
@@ -290,5 +292,35 @@ func TestFrame_ReadPooled(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// A session's frame checksum is the same whether the body is hashed whole
+// or as a head and a referenced tail (outBatch), at every length around
+// XXH3's stripe and block sizes; handshake frames keep xxhash64.
+func TestFrame_ChecksumParts(t *testing.T) {
+	body := make([]byte, 3<<20)
+	rand.Read(body)
+	hdr := header(typeTest, 0, 0)
+	for _, xxh3 := range []bool{true, false} {
+		s := &frameSealer{xxh3: xxh3}
+		for _, n := range []int{0, 1, 16, 17, 128, 129, 240, 241, 1023, 1024, 1025, 4096 + 40, 64<<10 + 40, 1<<20 + 40, 3 << 20} {
+			whole := s.checksum(hdr, body[:n], nil)
+			for _, cut := range []int{0, 1, 40, n / 2, n - 1} {
+				if cut < 0 || cut > n {
+					continue
+				}
+				if got := s.checksum(hdr, body[:cut], body[cut:n]); got != whole {
+					t.Fatalf("xxh3 %v, %d bytes cut at %d: %#x, whole %#x", xxh3, n, cut, got, whole)
+				}
+			}
+			other := header(typeTest, 0, 1)
+			if s.checksum(other, body[:n], nil) == whole {
+				t.Fatalf("xxh3 %v, %d bytes: a different header gives the same checksum", xxh3, n)
+			}
+		}
+	}
+	if (&frameSealer{}).checksum(hdr, body[:100], nil) != xxhash.Sum64(append(append([]byte(nil), hdr...), body[:100]...)) {
+		t.Fatal("a handshake frame's checksum is not xxhash64 of header and body")
 	}
 }

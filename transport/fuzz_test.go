@@ -54,7 +54,7 @@ func FuzzFrame(f *testing.F) {
 func FuzzHandshake(f *testing.F) {
 	h := newHelloForFuzz()
 	f.Add(uint8(0), h.appendBinary(nil))
-	a := ack{version: 1, flags: helloFlagSecret, instance: 9}
+	a := ack{version: VersionMax, flags: helloFlagSecret, instance: 9}
 	f.Add(uint8(1), a.appendBinary(nil))
 	f.Add(uint8(2), appendRefuse(nil, refuseAuth, "authentication failed"))
 	f.Add(uint8(3), make([]byte, proofSize))
@@ -85,6 +85,6 @@ func FuzzHandshake(f *testing.F) {
 }
 
 func newHelloForFuzz() hello {
-	return hello{minVersion: 1, maxVersion: 1, stream: Control, flags: helloFlagSecret, instance: 5,
+	return hello{minVersion: VersionMin, maxVersion: VersionMax, stream: Control, flags: helloFlagSecret, instance: 5,
 		resource: "r0", from: "alpha", to: "beta"}
 }

@@ -16,8 +16,8 @@ import (
 
 // Protocol versions this implementation speaks (see doc.go, "Versions").
 const (
-	VersionMin = 1
-	VersionMax = 1
+	VersionMin = 2
+	VersionMax = 2
 )
 
 // Handshake constants. Part of the wire format.

@@ -8,14 +8,14 @@ import (
 	"sync"
 	"testing"
 	"time"
-
-	"github.com/cespare/xxhash/v2"
 )
 
-// resumPlain recomputes the checksum of a plain frame a test changed.
+// resumPlain recomputes the checksum of a session's plain frame a test
+// changed.
 func resumPlain(b []byte) []byte {
 	n := len(b) - sumSize
-	binary.BigEndian.PutUint64(b[n:], xxhash.Sum64(b[:n]))
+	s := frameSealer{xxh3: true}
+	binary.BigEndian.PutUint64(b[n:], s.checksum(b[:headerSize], b[headerSize:n], nil))
 	return b
 }
 

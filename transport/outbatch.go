@@ -5,8 +5,6 @@ import (
 	"fmt"
 	"net"
 	"time"
-
-	"github.com/cespare/xxhash/v2"
 )
 
 // refAbove is the tail size from which a plain, uncompressed frame refers
@@ -73,14 +71,9 @@ func (o *outBatch) appendFrame(s *frameSealer, c *codecs, comp Compression, typ 
 	o.b = binary.BigEndian.AppendUint16(o.b, 0)
 	o.b = binary.BigEndian.AppendUint32(o.b, uint32(n))
 	o.b = append(o.b, head...)
-	if s.sum == nil {
-		s.sum = xxhash.New()
-	}
-	s.sum.Reset()
-	s.sum.Write(o.b[start:])
-	s.sum.Write(tail)
+	sum := s.checksum(o.b[start:start+headerSize], o.b[start+headerSize:], tail)
 	o.refs = append(o.refs, tailRef{at: len(o.b), data: tail})
-	o.b = binary.BigEndian.AppendUint64(o.b, s.sum.Sum64())
+	o.b = binary.BigEndian.AppendUint64(o.b, sum)
 	return nil
 }
 

@@ -28,7 +28,7 @@ type Config struct {
 	// listen); PeerAddr is where it dials the peer ("" = do not dial).
 	ListenAddr, PeerAddr string
 	// Secret enables mutual HMAC-SHA256 authentication and AES-256-GCM
-	// sealing of every frame. Without it frames carry an xxhash64
+	// sealing of every frame. Without it frames carry an XXH3-64
 	// checksum and the link is neither authenticated nor encrypted.
 	Secret []byte
 	// TLS, if set, runs the link inside TLS 1.3 with certificates checked
