@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"errors"
+	"fmt"
 	"net"
 	"slices"
 	"strings"
@@ -96,6 +97,23 @@ func server(t *testing.T, secret string) (*Transport, *logBuffer, string) {
 	var lb logBuffer
 	b.Logger = lb.logger()
 	return start(t, b), &lb, addr
+}
+
+// versionRefused is a client that speaks versions lo-hi, which the
+// server refuses for having none in common with its own.
+func versionRefused(lo, hi uint16) func(t *testing.T, addr string) {
+	return func(t *testing.T, addr string) {
+		c := dialRaw(t, addr)
+		h := newHello(true, "alpha")
+		h.minVersion, h.maxVersion = lo, hi
+		c.hc.send(typeHello, h.appendBinary(nil))
+		_, _, err := c.hc.recv(typeAck)
+		var re *RefusedError
+		want := fmt.Sprintf("you speak %d-%d, I speak %d-%d", lo, hi, VersionMin, VersionMax)
+		if !errors.As(err, &re) || !strings.Contains(re.Reason, want) {
+			t.Fatalf("refusal %v, want %q", err, want)
+		}
+	}
 }
 
 // TestAuth_Refusals: each way of failing authentication is refused, no
@@ -206,30 +224,10 @@ func TestAuth_Refusals(t *testing.T) {
 			c.hc.send(typeHello, h.appendBinary(nil))
 			c.expectRefused()
 		}, "asked for resource r9"},
-		{"no common version", "k", func(t *testing.T, addr string) {
-			c := dialRaw(t, addr)
-			h := newHello(true, "alpha")
-			h.minVersion, h.maxVersion = 5, 9
-			c.hc.send(typeHello, h.appendBinary(nil))
-			_, _, err := c.hc.recv(typeAck)
-			var re *RefusedError
-			if !errors.As(err, &re) || !strings.Contains(re.Reason, "you speak 5-9, I speak 2-2") {
-				t.Fatalf("refusal %v", err)
-			}
-		}, "the peer speaks 5-9, this node 2-2"},
+		{"no common version", "k", versionRefused(5, 9), "the peer speaks 5-9, this node 2-2"},
 		// Version 1 (xxhash64 on every frame) frames its HELLO as every
 		// version does, so a version-1 node is refused, not garbled.
-		{"version 1", "k", func(t *testing.T, addr string) {
-			c := dialRaw(t, addr)
-			h := newHello(true, "alpha")
-			h.minVersion, h.maxVersion = 1, 1
-			c.hc.send(typeHello, h.appendBinary(nil))
-			_, _, err := c.hc.recv(typeAck)
-			var re *RefusedError
-			if !errors.As(err, &re) || !strings.Contains(re.Reason, "you speak 1-1, I speak 2-2") {
-				t.Fatalf("refusal %v", err)
-			}
-		}, "the peer speaks 1-1, this node 2-2"},
+		{"version 1", "k", versionRefused(1, 1), "the peer speaks 1-1, this node 2-2"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
