@@ -1,6 +1,8 @@
 // Package blockdev gives random access to a local disk: a regular file or a
 // block device, read and written with pread/pwrite through the page cache,
 // made durable with fdatasync, discarded and zeroed with fallocate.
+// WriteAtDirect writes around the page cache (O_DIRECT) where the file
+// system allows it, for data nobody on this node will read soon.
 //
 // A Device never reads or writes outside [0, Size): a request that would is
 // refused with ErrOutOfRange before any I/O, so a regular file never grows.
@@ -18,6 +20,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -35,6 +38,11 @@ var (
 // zeroChunk is the largest write used to zero a range when fallocate cannot.
 const zeroChunk = 1 << 20
 
+// DirectAlign is what WriteAtDirect needs its buffer's address, offset and
+// length to be multiples of to write around the page cache: the page
+// size, which any disk's logical block size divides.
+const DirectAlign = 4096
+
 // Device is an open file or block device.
 type Device struct {
 	f        *os.File
@@ -50,6 +58,12 @@ type Device struct {
 	// zeroes returns a read-only buffer of zeroChunk zero bytes, shared by
 	// every write of zeroes.
 	zeroes func() []byte
+	// direct is the disk opened again with O_DIRECT, for WriteAtDirect;
+	// nil when read-only or when the file system refuses O_DIRECT
+	// (tmpfs). noDirect is set once it refused a write that met
+	// DirectAlign: WriteAtDirect writes through the page cache from then on.
+	direct   *os.File
+	noDirect atomic.Bool
 }
 
 // Open opens path, which must be a regular file or a block device.
@@ -67,6 +81,13 @@ func Open(path string, readOnly bool) (*Device, error) {
 	if err := d.stat(); err != nil {
 		f.Close()
 		return nil, err
+	}
+	if !readOnly && d.sector <= DirectAlign {
+		// Without O_DIRECT every write goes through the page cache, as
+		// it would anyway: a refusal here is not an error.
+		if df, err := os.OpenFile(path, os.O_RDWR|unix.O_DIRECT, 0); err == nil {
+			d.direct = df
+		}
 	}
 	return d, nil
 }
@@ -144,6 +165,44 @@ func (d *Device) WriteAt(p []byte, off int64, fua bool) error {
 	}
 	return nil
 }
+
+// WriteAtDirect is WriteAt around the page cache: when p's address, off
+// and len(p) are multiples of DirectAlign and the file system takes
+// O_DIRECT, the data goes from p to the disk (its volatile cache: Flush
+// still makes it durable) and nothing of it stays in memory; otherwise, or
+// after a refusal, it is WriteAt. Reads see the data either way. It is for
+// data that nobody on this node reads soon, such as the peer's writes on a
+// Secondary: through the page cache it would be copied once more and then
+// written back, for nothing.
+func (d *Device) WriteAtDirect(p []byte, off int64, fua bool) error {
+	if d.direct == nil || d.noDirect.Load() || !directAligned(p, off) {
+		return d.WriteAt(p, off, fua)
+	}
+	if err := d.check(off, int64(len(p)), true); err != nil {
+		return err
+	}
+	if _, err := d.direct.WriteAt(p, off); err != nil {
+		if !errors.Is(err, unix.EINVAL) {
+			return err
+		}
+		// The file system opened the file with O_DIRECT but refuses the
+		// write (an alignment it needs beyond DirectAlign, or no direct
+		// writes at all): write through the page cache, now and on.
+		d.noDirect.Store(true)
+		return d.WriteAt(p, off, fua)
+	}
+	return d.maybeFlush(fua)
+}
+
+// directAligned reports whether p and off meet DirectAlign.
+func directAligned(p []byte, off int64) bool {
+	addr := uintptr(unsafe.Pointer(unsafe.SliceData(p)))
+	return len(p) > 0 && len(p)%DirectAlign == 0 && off%DirectAlign == 0 && addr%DirectAlign == 0
+}
+
+// Direct reports whether WriteAtDirect writes around the page cache (for
+// requests that meet DirectAlign).
+func (d *Device) Direct() bool { return d.direct != nil && !d.noDirect.Load() }
 
 // Flush makes every completed write durable (fdatasync).
 func (d *Device) Flush() error {
@@ -271,5 +330,9 @@ func unsupported(err error) bool {
 
 // Close closes the device without flushing it.
 func (d *Device) Close() error {
-	return d.f.Close()
+	err := d.f.Close()
+	if d.direct != nil {
+		err = errors.Join(err, d.direct.Close())
+	}
+	return err
 }

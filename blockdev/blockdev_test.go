@@ -10,6 +10,9 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"unsafe"
+
+	"github.com/nbdmirror/nbdmirror/internal/pagecache"
 )
 
 func newFile(t *testing.T, size int64) string {
@@ -280,4 +283,108 @@ func firstDiff(a, b []byte) int {
 		return min(len(a), len(b))
 	}
 	return -1
+}
+
+// alignedBuf returns n bytes whose first lies on a DirectAlign boundary.
+func alignedBuf(n int) []byte {
+	b := make([]byte, n+DirectAlign)
+	at := int(DirectAlign-uintptr(unsafe.Pointer(&b[0]))%DirectAlign) % DirectAlign
+	return b[at : at+n : at+n]
+}
+
+// resident returns how many pages of [off, off+n) of f are in the page cache.
+func resident(t *testing.T, f *os.File, off, n int64) int {
+	t.Helper()
+	c, err := pagecache.Resident(f, off, n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// WriteAtDirect goes around the page cache exactly when the buffer, the
+// offset and the length meet DirectAlign, and what it wrote reads back
+// either way, also over a range whose older data was dirty in the page
+// cache when it wrote.
+func TestDevice_WriteAtDirect(t *testing.T) {
+	const size = 8 << 20
+	disks := map[string]func(t *testing.T) string{
+		"file":        func(t *testing.T) string { return newFile(t, size) },
+		"loop device": func(t *testing.T) string { return loopDevice(t, newFile(t, size), 512) },
+	}
+	buf := alignedBuf(1<<20 + DirectAlign)
+	tests := []struct {
+		name   string
+		p      []byte
+		off    int64
+		dirty  bool // the range was written through the page cache just before
+		direct bool
+	}{
+		{"1 MiB aligned", buf[:1<<20], 0, false, true},
+		{"64 KiB aligned over dirty cached data", buf[:64<<10], 2 << 20, true, true},
+		{"fua", buf[:8<<10], 3 << 20, false, true},
+		{"buffer off by 512", buf[512 : 512+64<<10], 4 << 20, false, false},
+		{"offset off by 512", buf[:64<<10], 5<<20 + 512, false, false},
+		{"length off by 512", buf[:64<<10-512], 6 << 20, false, false},
+	}
+	for name, disk := range disks {
+		t.Run(name, func(t *testing.T) {
+			path := disk(t)
+			d, err := Open(path, false)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer d.Close()
+			if !d.Direct() {
+				t.Fatalf("%s refuses O_DIRECT: the machine's temp directory must take it", path)
+			}
+			for i, tc := range tests {
+				for j := range tc.p {
+					tc.p[j] = byte(i*7 + j*13 + j>>12)
+				}
+				n := int64(len(tc.p))
+				if tc.dirty {
+					if err := d.WriteAt(bytes.Repeat([]byte{0xee}, int(n)), tc.off, false); err != nil {
+						t.Fatal(err)
+					}
+				}
+				if err := d.WriteAtDirect(tc.p, tc.off, tc.name == "fua"); err != nil {
+					t.Fatalf("%s: %v", tc.name, err)
+				}
+				cached := resident(t, d.f, tc.off, n)
+				if tc.direct && cached != 0 {
+					t.Errorf("%s: %d pages of the range in the page cache after a direct write", tc.name, cached)
+				}
+				if !tc.direct && cached == 0 {
+					t.Errorf("%s: nothing of the range in the page cache: an unaligned request went direct", tc.name)
+				}
+				got := make([]byte, n)
+				if _, err := d.ReadAt(got, tc.off); err != nil {
+					t.Fatal(err)
+				}
+				if !bytes.Equal(got, tc.p) {
+					t.Errorf("%s: read back differs", tc.name)
+				}
+			}
+			if !d.Direct() {
+				t.Error("a refusal turned direct writes off")
+			}
+		})
+	}
+}
+
+// A read-only device has no direct handle and refuses WriteAtDirect as it
+// refuses WriteAt.
+func TestDevice_WriteAtDirectReadOnly(t *testing.T) {
+	d, err := Open(newFile(t, 1<<20), true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	if d.Direct() {
+		t.Error("a read-only device opened a direct handle")
+	}
+	if err := d.WriteAtDirect(alignedBuf(4096), 0, false); !errors.Is(err, ErrReadOnly) {
+		t.Errorf("WriteAtDirect on a read-only device: %v, want ErrReadOnly", err)
+	}
 }

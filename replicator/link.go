@@ -196,7 +196,7 @@ func (r *Resource) transportConfig() (transport.Config, error) {
 		ListenAddr: r.host.Address.String(), PeerAddr: peer.Address.String(),
 		Compression: comp, SndBuf: int(n.SndbufSize),
 		PingInterval: n.PingInt, PingTimeout: n.PingTimeout, Timeout: n.Timeout, ConnectInterval: n.ConnectInt,
-		Types: wire.Types(), Logger: r.baseLog,
+		Types: wire.Types(), AlignAt: wire.WriteDataAt, Logger: r.baseLog,
 	}
 	if n.SharedSecret != "" {
 		cfg.Secret = []byte(n.SharedSecret)

@@ -72,7 +72,7 @@ const (
 	maxServe      = 16      // resync requests being read
 	bitmapChunk   = 64 << 10
 	handshakeWait = 30 * time.Second
-	inlineApply   = 64 << 10               // writes up to this size are applied in the data loop
+	directApply   = 64 << 10               // writes of this size and up go around the page cache, in parallel; smaller ones are applied in the data loop
 	barrierIdle   = 200 * time.Microsecond // see barrierLoop
 	flushGap      = 10 * time.Millisecond  // the least time between two flushes (see flusher)
 )
@@ -593,7 +593,7 @@ func (p *peer) handle(m wire.Message) error {
 	return nil
 }
 
-// receiveWrite applies one of the Primary's writes: up to inlineApply
+// receiveWrite applies one of the Primary's writes: below directApply
 // bytes at once, larger ones in parallel with the rest of their epoch (the
 // Primary never puts overlapping writes in one epoch; the range lock keeps
 // stream order if it did). buf, if not nil, is the frame payload m was
@@ -657,7 +657,11 @@ func (p *peer) receiveWrite(m wire.Write, buf []byte) error {
 		fua := m.Flags&wire.WriteFUA != 0
 		switch m.Kind {
 		case wire.WriteData:
-			err = p.dev.WriteAt(m.Data, off, fua)
+			if n >= directApply {
+				err = p.dev.WriteAtDirect(m.Data, off, fua)
+			} else {
+				err = p.dev.WriteAt(m.Data, off, fua)
+			}
 			if buf != nil {
 				m.Data = nil
 				p.s.Recycle(buf)
@@ -691,8 +695,12 @@ func (p *peer) receiveWrite(m wire.Write, buf []byte) error {
 	// A small write is applied here: the loop would wait for it at the
 	// epoch's barrier anyway (under protocol A most epochs are one write),
 	// and a goroutine costs more than the write. Larger ones run in
-	// parallel with the rest of their epoch.
-	if n <= inlineApply {
+	// parallel with the rest of their epoch, and go around the page cache
+	// (the transport reads them into buffers that put the data on a page
+	// boundary): only resync and verify read a Secondary's disk, and
+	// through the page cache each byte would be copied once more and written back later,
+	// which costs this node more CPU than receiving it did.
+	if n < directApply {
 		apply()
 	} else {
 		go apply()

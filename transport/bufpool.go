@@ -3,6 +3,7 @@ package transport
 import (
 	"math/bits"
 	"sync"
+	"unsafe"
 )
 
 // Receive buffers come in size classes: class k holds bufSize(k) = 1<<k
@@ -11,10 +12,21 @@ import (
 // checksum or tag. A session's reader reads every payload of at least
 // 1<<bufMinClass bytes straight into one; a smaller payload (an ack, a
 // barrier) is copied out of the reader's buffer into an allocation.
+//
+// Buffers of bufAlignClass and up are aligned: byte bufPool.align of each
+// lies on a PageAlign boundary. With align set to where a write message's
+// data starts in its payload, the receiver can hand that data to the disk
+// with O_DIRECT, without copying it first.
 const (
-	bufMinClass = 10 // 1 KiB: smaller payloads (acks, barriers) are not pooled
-	bufMaxClass = 25 // MaxPayload and any frame overhead fit in bufSize(25)
+	bufMinClass   = 10 // 1 KiB: smaller payloads (acks, barriers) are not pooled
+	bufMaxClass   = 25 // MaxPayload and any frame overhead fit in bufSize(25)
+	bufAlignClass = 16 // 64 KiB: the buffers of this class and up are aligned
 )
+
+// PageAlign is the boundary Config.AlignAt is aligned to in the buffers of
+// large received payloads: the page size, a multiple of the logical block
+// size of any disk O_DIRECT writes to.
+const PageAlign = 4096
 
 // bufSize is the capacity of the buffers of class k.
 func bufSize(k int) int { return 1<<k + 1<<(k-4) + 64 }
@@ -24,6 +36,9 @@ func bufSize(k int) int { return 1<<k + 1<<(k-4) + 64 }
 // allocates, clears and collects a buffer per write.
 type bufPool struct {
 	classes [bufMaxClass - bufMinClass + 1]sync.Pool
+	// align is the offset in a buffer of bufAlignClass or up that lies on
+	// a PageAlign boundary (Config.AlignAt), in [0, PageAlign).
+	align int
 }
 
 // bufClass returns the smallest class whose buffers hold n bytes (at least
@@ -48,7 +63,23 @@ func (bp *bufPool) get(n int) []byte {
 	if b, ok := bp.classes[k-bufMinClass].Get().(*[]byte); ok {
 		return (*b)[:n]
 	}
-	return make([]byte, n, bufSize(k))
+	if k < bufAlignClass {
+		return make([]byte, n, bufSize(k))
+	}
+	// The heap never moves an object: a buffer placed once stays aligned
+	// for as long as the pool recycles it. Its capacity is exactly the
+	// class's, so put recognises it.
+	size := bufSize(k)
+	b := make([]byte, size+PageAlign)
+	at := alignedStart(b, bp.align)
+	return b[at : at+n : at+size]
+}
+
+// alignedStart returns the index i < PageAlign of b such that &b[i+align]
+// lies on a PageAlign boundary.
+func alignedStart(b []byte, align int) int {
+	addr := uintptr(unsafe.Pointer(unsafe.SliceData(b))) + uintptr(align)
+	return int((PageAlign - addr%PageAlign) % PageAlign)
 }
 
 // poolable returns the class of a buffer of capacity c, if it has one.

@@ -1,7 +1,9 @@
 package transport
 
 import (
+	"strings"
 	"testing"
+	"unsafe"
 )
 
 func TestBufClass(t *testing.T) {
@@ -92,5 +94,37 @@ func TestBufPool_Reuse(t *testing.T) {
 	bp.put(b)
 	if c := bp.get(1 << 18); cap(c) != bufSize(18) {
 		t.Fatalf("get(256 KiB) cap %d, want %d", cap(c), bufSize(18))
+	}
+}
+
+// Buffers of bufAlignClass and up place byte align on a PageAlign boundary,
+// keep exactly their class's capacity (put recognises them), and stay
+// aligned when recycled; smaller ones are plain allocations.
+func TestBufPool_Aligned(t *testing.T) {
+	for _, align := range []int{0, 31, PageAlign - 1} {
+		bp := bufPool{align: align}
+		for _, n := range []int{64 << 10, 1<<20 + 56, MaxPayload + 16} {
+			for round := range 3 {
+				b := bp.get(n)
+				k := bufClass(n)
+				if len(b) != n || cap(b) != bufSize(k) {
+					t.Fatalf("align %d, get(%d): len %d cap %d, want cap %d", align, n, len(b), cap(b), bufSize(k))
+				}
+				if addr := uintptr(unsafe.Pointer(&b[align])); addr%PageAlign != 0 {
+					t.Fatalf("align %d, get(%d), round %d: byte %d at %#x", align, n, round, align, addr)
+				}
+				bp.put(b)
+			}
+		}
+	}
+}
+
+func TestNew_AlignAtRange(t *testing.T) {
+	for _, at := range []int{-1, PageAlign} {
+		cfg, _ := configs("")
+		cfg.AlignAt = at
+		if _, err := New(cfg); err == nil || !strings.Contains(err.Error(), "alignment offset") {
+			t.Errorf("AlignAt %d: %v, want a range error", at, err)
+		}
 	}
 }

@@ -116,6 +116,15 @@
 // production, tests and fuzzing share the code. Any bad frame (length,
 // checksum or tag, type, flags, compression) ends the session.
 //
+// Receiving: a session reads payloads of 1 KiB and up straight into
+// pooled buffers (Session.Recycle hands them back); from 64 KiB, byte
+// Config.AlignAt of the payload lies on a PageAlign boundary (sealed
+// frames are opened in place; a decompressed payload is not aligned). On
+// a plain TCP stream, while 64 KiB or more of a frame's body are still to
+// come, the reader sets SO_RCVLOWAT to what remains of it (at most 4 MiB)
+// before each read, and back to 1 after: one wake-up per frame instead of
+// one per segment, and never a mark above what the peer is sending.
+//
 // # Versions
 //
 // Version 1 was the first. Version 2 checksums a session's plain frames

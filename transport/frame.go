@@ -258,7 +258,18 @@ type frameReader struct {
 	// handshake bounds payloads to maxHandshakePayload and refuses
 	// compressed frames: the peer is not authenticated yet.
 	handshake bool
+	// lowat, if set, sets the socket's SO_RCVLOWAT: while the rest of a
+	// large frame is on its way, the reader is woken once it is all
+	// there rather than for every segment (nil: not a TCP socket).
+	lowat func(n int)
 }
+
+// A frame body of lowatFrom bytes or more still to come is read with the
+// socket's receive low-water mark at what remains, up to lowatMax.
+const (
+	lowatFrom = 64 << 10
+	lowatMax  = 4 << 20
+)
 
 // ownAbove is the payload size from which a frame is read into a buffer of
 // its own, which the receiver keeps, rather than into the reused one, when
@@ -301,7 +312,7 @@ func (fr *frameReader) readFrame() (Type, []byte, error) {
 		}
 		body = fr.buf[:n]
 	}
-	if _, err := io.ReadFull(fr.r, body); err != nil {
+	if err := fr.readBody(body); err != nil {
 		return 0, nil, unexpected(err)
 	}
 	fr.wire = headerSize + n
@@ -333,6 +344,40 @@ func (fr *frameReader) readFrame() (Type, []byte, error) {
 		fr.owned = true // decompression allocated it
 	}
 	return typ, p, err
+}
+
+// readBody fills body from the stream. With lowat, while at least
+// lowatFrom bytes are still to come, each read waits (in the kernel, not
+// woken per segment) until all of them are there: the low-water mark is
+// always what remains of this frame, which the peer is sending, never more.
+func (fr *frameReader) readBody(body []byte) error {
+	if fr.lowat == nil || len(body)-fr.r.Buffered() < lowatFrom {
+		_, err := io.ReadFull(fr.r, body)
+		return err
+	}
+	set := 1
+	defer func() {
+		if set != 1 {
+			fr.lowat(1)
+		}
+	}()
+	for got := 0; got < len(body); {
+		// Bytes already in the reader's buffer come first, without a
+		// system call; then each read takes what the socket holds.
+		if rest := len(body) - got - fr.r.Buffered(); rest >= lowatFrom {
+			set = min(rest, lowatMax)
+			fr.lowat(set)
+		} else if set != 1 {
+			set = 1
+			fr.lowat(1)
+		}
+		k, err := fr.r.Read(body[got:])
+		got += k
+		if err != nil && got < len(body) {
+			return err
+		}
+	}
+	return nil
 }
 
 func unexpected(err error) error {

@@ -7,9 +7,11 @@ import (
 	"encoding/binary"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"io"
 	"runtime"
 	"testing"
+	"unsafe"
 
 	"github.com/cespare/xxhash/v2"
 )
@@ -231,21 +233,26 @@ func TestFrame_Refused(t *testing.T) {
 // buffer. A compressed frame's payload is decompression's own allocation.
 func TestFrame_ReadPooled(t *testing.T) {
 	c := testCodecs(t)
+	const alignAt = 31 // a write message's header
 	for _, tc := range []struct {
 		name     string
 		pool     bool
 		size     int
 		comp     Compression
+		key      []byte
 		owned    bool
 		poolable bool
+		aligned  bool // byte alignAt of the payload is on a PageAlign boundary
 	}{
-		{"pool, below 1 KiB", true, 1<<bufMinClass - 1, CompressNone, false, false},
-		{"pool, 1 KiB", true, 1 << bufMinClass, CompressNone, true, true},
-		{"pool, 4 KiB", true, 4096, CompressNone, true, true},
-		{"pool, 1 MiB", true, 1 << 20, CompressNone, true, true},
-		{"pool, compressed 64 KiB", true, 64 << 10, CompressS2, true, false},
-		{"no pool, 4 KiB", false, 4096, CompressNone, false, false},
-		{"no pool, above ownAbove", false, ownAbove + 1, CompressNone, true, false},
+		{"pool, below 1 KiB", true, 1<<bufMinClass - 1, CompressNone, nil, false, false, false},
+		{"pool, 1 KiB", true, 1 << bufMinClass, CompressNone, nil, true, true, false},
+		{"pool, 4 KiB", true, 4096, CompressNone, nil, true, true, false},
+		{"pool, 64 KiB", true, 64 << 10, CompressNone, nil, true, true, true},
+		{"pool, 1 MiB", true, 1 << 20, CompressNone, nil, true, true, true},
+		{"pool, sealed 1 MiB", true, 1 << 20, CompressNone, bytes.Repeat([]byte{7}, 32), true, true, true},
+		{"pool, compressed 64 KiB", true, 64 << 10, CompressS2, nil, true, false, false},
+		{"no pool, 4 KiB", false, 4096, CompressNone, nil, false, false, false},
+		{"no pool, above ownAbove", false, ownAbove + 1, CompressNone, nil, true, false, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			// Random, or for compression half random: it still compresses
@@ -257,9 +264,9 @@ func TestFrame_ReadPooled(t *testing.T) {
 				rand.Read(payload[:tc.size/2])
 			}
 			var in bytes.Buffer
-			w, r := pair(t, nil, c, &in)
+			w, r := pair(t, tc.key, c, &in)
 			if tc.pool {
-				r.pool = &bufPool{}
+				r.pool = &bufPool{align: alignAt}
 			}
 			for range 2 {
 				b, err := appendFrame(nil, w, c, tc.comp, typeTest, payload)
@@ -282,6 +289,9 @@ func TestFrame_ReadPooled(t *testing.T) {
 				}
 				if _, ok := poolable(cap(p)); ok != tc.poolable {
 					t.Fatalf("frame %d: capacity %d poolable %v, want %v", i, cap(p), ok, tc.poolable)
+				}
+				if addr := uintptr(unsafe.Pointer(&p[alignAt])); (addr%PageAlign == 0) != tc.aligned {
+					t.Fatalf("frame %d: byte %d at %#x, PageAlign boundary wanted: %v", i, alignAt, addr, tc.aligned)
 				}
 				if i == 0 {
 					first = p
@@ -322,5 +332,88 @@ func TestFrame_ChecksumParts(t *testing.T) {
 	}
 	if (&frameSealer{}).checksum(hdr, body[:100], nil) != xxhash.Sum64(append(append([]byte(nil), hdr...), body[:100]...)) {
 		t.Fatal("a handshake frame's checksum is not xxhash64 of header and body")
+	}
+}
+
+// chunkReader hands out its data in reads of at most the next chunk size
+// (cycling), like segments arriving on a socket, and counts what it gave.
+// check, if set, runs before each read.
+type chunkReader struct {
+	data   []byte
+	chunks []int
+	i      int
+	given  int
+	check  func()
+}
+
+func (c *chunkReader) Read(p []byte) (int, error) {
+	if c.check != nil {
+		c.check()
+	}
+	if c.given == len(c.data) {
+		return 0, io.EOF
+	}
+	n := min(len(p), c.chunks[c.i%len(c.chunks)], len(c.data)-c.given)
+	c.i++
+	copy(p, c.data[c.given:c.given+n])
+	c.given += n
+	return n, nil
+}
+
+// The receive low-water mark a reader sets while a large frame arrives is
+// never more than what the peer has still to send of that frame: a mark
+// above it would leave the reader asleep while the peer waits for an
+// answer (protocol C). It is back at 1 once the frame is read, and frames
+// below lowatFrom never touch it.
+func TestFrame_ReadBodyLowat(t *testing.T) {
+	c := testCodecs(t)
+	for _, size := range []int{lowatFrom - 100, lowatFrom + 100, 1 << 20, 3<<20 + 17, MaxPayload} {
+		for _, chunks := range [][]int{{1 << 30}, {1448}, {64 << 10}, {100, 9000, 70000, 3}, {5000, 1 << 20}} {
+			name := fmt.Sprintf("%d bytes in reads of %v", size, chunks)
+			payload := make([]byte, size)
+			rand.Read(payload)
+			w, _ := pair(t, nil, c, nil)
+			frame, err := appendFrame(nil, w, c, CompressNone, typeTest, payload)
+			if err != nil {
+				t.Fatal(err)
+			}
+			// A second frame behind it: the peer may already be sending
+			// the next one, which the mark must not count on.
+			next, err := appendFrame(nil, w, c, CompressNone, typeTest, []byte("next"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			src := &chunkReader{data: append(frame, next...), chunks: chunks}
+			_, r := pair(t, nil, c, src)
+			r.pool = &bufPool{}
+			// A read on a socket with a mark of n waits for n bytes: at
+			// every read, the mark in force must be no more than what is
+			// left of the frame.
+			var marks []int
+			mark := 1
+			r.lowat = func(n int) { marks, mark = append(marks, n), n }
+			src.check = func() {
+				if left := len(frame) - src.given; mark > 1 && mark > left {
+					t.Fatalf("%s: a read with low-water mark %d and %d bytes of the frame still to come", name, mark, left)
+				}
+			}
+			for i, want := range [][]byte{payload, []byte("next")} {
+				typ, p, err := r.readFrame()
+				if err != nil || typ != typeTest || !bytes.Equal(p, want) {
+					t.Fatalf("%s: frame %d: type %d, %d bytes, %v", name, i, typ, len(p), err)
+				}
+				if i == 0 {
+					switch {
+					case size < lowatFrom && len(marks) != 0:
+						t.Errorf("%s: marks %v for a small frame", name, marks)
+					case len(marks) > 0 && marks[len(marks)-1] != 1:
+						t.Errorf("%s: marks %v: not reset to 1 after the frame", name, marks)
+					}
+				}
+			}
+			if size > 2*lowatFrom && len(chunks) == 1 && chunks[0] == 1448 && len(marks) == 0 {
+				t.Errorf("%s: a large frame arriving in segments read without a low-water mark", name)
+			}
+		}
 	}
 }

@@ -11,6 +11,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Session errors.
@@ -76,7 +78,7 @@ func newStream(kind Stream, conn net.Conn, r *bufio.Reader, k streamKeys, t *Tra
 		return nil, err
 	}
 	s := &stream{kind: kind, conn: conn, out: out, filling: 1}
-	s.in = frameReader{r: r, s: in, c: t.codecs, known: t.known, pool: &t.bufs}
+	s.in = frameReader{r: r, s: in, c: t.codecs, known: t.known, pool: &t.bufs, lowat: rcvLowat(conn)}
 	s.q.init(recvQueueBytes)
 	return s, nil
 }
@@ -567,4 +569,22 @@ func (q *queue) close() {
 	q.closed = true
 	q.cond.Broadcast()
 	q.mu.Unlock()
+}
+
+// rcvLowat returns a function that sets conn's SO_RCVLOWAT, or nil when
+// conn is not a plain socket (TLS, a pipe).
+func rcvLowat(conn net.Conn) func(int) {
+	sc, ok := conn.(*net.TCPConn)
+	if !ok {
+		return nil
+	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	return func(n int) {
+		raw.Control(func(fd uintptr) {
+			unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVLOWAT, n)
+		})
+	}
 }

@@ -490,12 +490,7 @@ func TestSession_ConcurrentSenders(t *testing.T) {
 // would write its own frame; with them the first writer carries the
 // others' frames too.
 func TestSession_ReadySendersShareWrites(t *testing.T) {
-	a, b := configs("")
-	la, lb := listen(t), listen(t)
-	a.ListenAddr, a.PeerAddr = la, lb
-	b.ListenAddr, b.PeerAddr = lb, la
-	ta, tb := start(t, a), start(t, b)
-	sa, sb := sessions(t, ta, tb)
+	ta, _, sa, sb := tcpSessions(t)
 	const n = 64
 	before := ta.Stats()
 	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
@@ -581,4 +576,61 @@ func TestSession_CloseReasonWhileSending(t *testing.T) {
 		wg.Wait()
 		l.Close()
 	}
+}
+
+// Large frames in lockstep over TCP, as protocol C sends writes: each side
+// sends a frame only once it has received the other's, so a reader whose
+// receive low-water mark asked for more than the rest of the frame in
+// flight would sleep for ever. Sizes around lowatFrom and up to 4 MiB.
+func TestSession_LargeFramesLockstepOverTCP(t *testing.T) {
+	_, _, sa, sb := tcpSessions(t)
+	if sa.streams[Data].in.lowat == nil || sb.streams[Data].in.lowat == nil {
+		t.Fatal("a TCP data stream reads without a receive low-water mark")
+	}
+	sizes := []int{lowatFrom, lowatFrom + 1, 1<<20 + 31, 4 << 20, 3<<20 + 4096}
+	done := make(chan error, 1)
+	go func() {
+		done <- func() error {
+			for round := range 30 {
+				for _, dir := range []struct{ from, to *Session }{{sa, sb}, {sb, sa}} {
+					p := make([]byte, sizes[round%len(sizes)])
+					rand.Read(p)
+					if err := dir.from.Send(Data, typeTest, p); err != nil {
+						return err
+					}
+					m, err := dir.to.Recv(Data)
+					if err != nil {
+						return err
+					}
+					if !bytes.Equal(m.Payload, p) {
+						return fmt.Errorf("round %d: %d bytes received, not the %d sent", round, len(m.Payload), len(p))
+					}
+					dir.to.Recycle(m.Payload)
+				}
+			}
+			return nil
+		}()
+	}()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(30 * time.Second):
+		// Closing the transports (cleanup) ends the stuck Recv.
+		t.Fatal("a large frame sent in lockstep was not received within 30 s")
+	}
+}
+
+// tcpSessions starts two transports without a secret that dial each other
+// over TCP on loopback, and returns them with their session.
+func tcpSessions(t *testing.T) (*Transport, *Transport, *Session, *Session) {
+	t.Helper()
+	a, b := configs("")
+	la, lb := listen(t), listen(t)
+	a.ListenAddr, a.PeerAddr = la, lb
+	b.ListenAddr, b.PeerAddr = lb, la
+	ta, tb := start(t, a), start(t, b)
+	sa, sb := sessions(t, ta, tb)
+	return ta, tb, sa, sb
 }

@@ -46,6 +46,13 @@ type Config struct {
 	// Types lists the application frame types (≥ FirstAppType); any
 	// other type received ends the session.
 	Types []Type
+	// AlignAt is the offset in a received payload that lies on a
+	// PageAlign boundary in memory when the payload is 64 KiB or more
+	// and arrives uncompressed: where a write message's data starts, so
+	// that the receiver can write it to disk with O_DIRECT as it is.
+	// 0 (the default) aligns the payload's first byte; at most
+	// PageAlign-1.
+	AlignAt int
 	// Logger receives the link's events; nil discards them.
 	Logger *slog.Logger
 }
@@ -183,10 +190,13 @@ func New(cfg Config) (*Transport, error) {
 	setDefault(&cfg.Timeout, DefaultTimeout)
 	setDefault(&cfg.ConnectInterval, DefaultConnectInterval)
 	setDefault(&cfg.HandshakeTimeout, DefaultHandshakeTimeout)
+	if cfg.AlignAt < 0 || cfg.AlignAt >= PageAlign {
+		return nil, fmt.Errorf("transport: alignment offset %d out of range [0, %d)", cfg.AlignAt, PageAlign)
+	}
 	t := &Transport{cfg: cfg, comp: cfg.Compression, types: map[Type]bool{},
 		pending: map[[sessionIDSize]byte]*pendingSession{}, blocked: map[string]blockState{},
 		handshaking: map[net.Conn]struct{}{}, inboundBy: map[string]int{},
-		next: make(chan *Session, 1)}
+		next: make(chan *Session, 1), bufs: bufPool{align: cfg.AlignAt}}
 	for _, typ := range cfg.Types {
 		if typ < FirstAppType {
 			return nil, fmt.Errorf("transport: type %d is reserved (application types start at %d)", typ, FirstAppType)

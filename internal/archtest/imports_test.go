@@ -27,6 +27,7 @@ var allowed = map[string][]string{
 	"cmd/nbdmirror":       {"*"},
 	"internal/archtest":   {},
 	"internal/benchserve": {"nbd", "blockdev"},
+	"internal/pagecache":  {},
 	"integration":         {"*"},
 }
 

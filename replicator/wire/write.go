@@ -26,6 +26,11 @@ const (
 	AckFailed = 1
 )
 
+// WriteDataAt is where a Write's data starts in its payload (the size of
+// the header before it): the receiver's transport aligns this offset of
+// large payloads in memory (transport.Config.AlignAt).
+const WriteDataAt = writeHeader
+
 const (
 	// writeHeader is the size of a Write payload before its data.
 	writeHeader  = 31
