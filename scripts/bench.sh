@@ -415,17 +415,21 @@ rep_allocated() {
 # file made as rep_disks makes the disks, RUNTIME seconds, with the
 # machine's CPU time around it. 4 KiB blocks at random with fdatasync after
 # every 256 writes (about the group commit the Secondary reaches under
-# 4 KiB protocol A load), or with 1M, 1 MiB blocks in sequence with
-# fdatasync after every 8 (8 MiB, about what the Secondary flushes at once
-# under the 1 MiB jobs).
+# 4 KiB protocol A load), through the page cache as the Secondary writes
+# them; or with 1M, 1 MiB blocks in sequence with O_DIRECT, 8 in flight,
+# and fdatasync after every 8 (8 MiB, about what the Secondary flushes at
+# once under the 1 MiB jobs; it writes them around the page cache, in
+# parallel).
 rep_durable_writer() {
-	local out="$rdir/durable-writer" job=(--rw=randwrite --bs=4k --fdatasync=256)
+	local out="$rdir/durable-writer" job=(--rw=randwrite --bs=4k --fdatasync=256 --ioengine=psync)
 	[[ $1 == allocated ]] || out="$out-$1"
-	if [[ ${2:-} == 1M ]]; then out="$out-1M" job=(--rw=write --bs=1M --fdatasync=8); fi
+	if [[ ${2:-} == 1M ]]; then
+		out="$out-1M" job=(--rw=write --bs=1M --fdatasync=8 --direct=1 --ioengine=libaio --iodepth=8)
+	fi
 	rm -f "$rdir/dw.img"
 	if [[ $1 == allocated ]]; then rep_allocated "$rdir/dw.img"; else truncate -s 1G "$rdir/dw.img"; fi
 	cpu_busy >"$out.cpu"
-	fio --name=durable --filename="$rdir/dw.img" "${job[@]}" --ioengine=psync \
+	fio --name=durable --filename="$rdir/dw.img" "${job[@]}" \
 		--size=1000M --runtime="$runtime" --time_based --randseed=4242 --output-format=json \
 		--output="$out.json" >/dev/null
 	cpu_busy >>"$out.cpu"
