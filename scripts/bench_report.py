@@ -542,10 +542,12 @@ def replication_section(outdir):
                       "in this run (`dd bs=1M count=1024 conv=fdatasync`; it varies a lot between runs "
                       "on this shared machine). *alone* never waits for that disk: its 10 s of writes "
                       "stay in the page cache. With a peer, a barrier ack means the epoch is on the "
-                      "Secondary's stable storage, so the Secondary writes the data back (flushes) "
-                      "while it receives, on the same two CPUs; *protocol A, `disk-flushes no`* "
-                      "(barrier acks once the writes are done, not flushed; informational, no target) "
-                      "shows the replication path without that work."]
+                      "Secondary's stable storage, so the Secondary makes its writes durable while it "
+                      "receives, on the same two CPUs: below 64 KiB it writes them through the page cache "
+                      "and its flushes write them back; from 64 KiB it writes them around the cache "
+                      "(`O_DIRECT`) and its flushes only empty the disk's own cache. *protocol A, "
+                      "`disk-flushes no`* (barrier acks once the writes are done, not flushed; "
+                      "informational, no target) shows the replication path without the flushes."]
         c128 = runs.get(("protoC128", "randwrite", "4k", "qd128"))
         cnf = runs.get(("protoCnf", "randwrite", "4k", "qd32"))
         c32 = runs.get(("protoC", "randwrite", "4k", "qd32"))
