@@ -59,9 +59,10 @@ type Device struct {
 	// every write of zeroes.
 	zeroes func() []byte
 	// direct is the disk opened again with O_DIRECT, for WriteAtDirect;
-	// nil when read-only or when the file system refuses O_DIRECT
-	// (tmpfs). noDirect is set once it refused a write that met
-	// DirectAlign: WriteAtDirect writes through the page cache from then on.
+	// nil when read-only, on tmpfs (nothing to go around), or when the
+	// file system refuses O_DIRECT. noDirect is set once it refused a write
+	// that met DirectAlign: WriteAtDirect writes through the page cache
+	// from then on.
 	direct   *os.File
 	noDirect atomic.Bool
 }
@@ -82,14 +83,24 @@ func Open(path string, readOnly bool) (*Device, error) {
 		f.Close()
 		return nil, err
 	}
-	if !readOnly && d.sector <= DirectAlign {
-		// Without O_DIRECT every write goes through the page cache, as
-		// it would anyway: a refusal here is not an error.
-		if df, err := os.OpenFile(path, os.O_RDWR|unix.O_DIRECT, 0); err == nil {
+	if !readOnly && d.sector <= DirectAlign && (d.block || !onTmpfs(f)) {
+		// The open file itself, not the path again (a symlink such as
+		// /dev/disk/by-id/… may point elsewhere by now). Without O_DIRECT
+		// every write goes through the page cache, as it would anyway: a
+		// refusal here is not an error.
+		if df, err := os.OpenFile(fmt.Sprintf("/proc/self/fd/%d", f.Fd()), os.O_RDWR|unix.O_DIRECT, 0); err == nil {
 			d.direct = df
 		}
 	}
 	return d, nil
+}
+
+// onTmpfs reports whether the regular file f lives in memory (tmpfs), where
+// O_DIRECT is accepted but the data stays in the page cache all the same.
+// (A device node's file system is devtmpfs, which says tmpfs too.)
+func onTmpfs(f *os.File) bool {
+	var st unix.Statfs_t
+	return unix.Fstatfs(int(f.Fd()), &st) == nil && st.Type == unix.TMPFS_MAGIC
 }
 
 func (d *Device) stat() error {

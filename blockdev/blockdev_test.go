@@ -13,6 +13,7 @@ import (
 	"unsafe"
 
 	"github.com/nbdmirror/nbdmirror/internal/pagecache"
+	"golang.org/x/sys/unix"
 )
 
 func newFile(t *testing.T, size int64) string {
@@ -336,7 +337,11 @@ func TestDevice_WriteAtDirect(t *testing.T) {
 			}
 			defer d.Close()
 			if !d.Direct() {
-				t.Fatalf("%s refuses O_DIRECT: the machine's temp directory must take it", path)
+				t.Fatalf("%s refuses O_DIRECT (or is on tmpfs): the machine's temp directory must be on a disk that takes it", path)
+			}
+			var a, b unix.Stat_t
+			if unix.Fstat(int(d.f.Fd()), &a) != nil || unix.Fstat(int(d.direct.Fd()), &b) != nil || a.Dev != b.Dev || a.Ino != b.Ino || a.Rdev != b.Rdev {
+				t.Fatalf("the O_DIRECT handle is not the disk's: dev %d/%d ino %d/%d rdev %d/%d", a.Dev, b.Dev, a.Ino, b.Ino, a.Rdev, b.Rdev)
 			}
 			for i, tc := range tests {
 				for j := range tc.p {
@@ -386,5 +391,49 @@ func TestDevice_WriteAtDirectReadOnly(t *testing.T) {
 	}
 	if err := d.WriteAtDirect(alignedBuf(4096), 0, false); !errors.Is(err, ErrReadOnly) {
 		t.Errorf("WriteAtDirect on a read-only device: %v, want ErrReadOnly", err)
+	}
+}
+
+// On tmpfs O_DIRECT is accepted but changes nothing: the device does not
+// claim to write around a page cache it cannot leave, and WriteAtDirect
+// still writes.
+func TestDevice_NoDirectOnTmpfs(t *testing.T) {
+	if os.Geteuid() != 0 {
+		if os.Getenv("NBDMIRROR_REQUIRE_E2E") == "1" {
+			t.Fatal("this test needs root (a tmpfs mount) and NBDMIRROR_REQUIRE_E2E=1 is set")
+		}
+		t.Skip("needs root for a tmpfs mount")
+	}
+	dir := t.TempDir()
+	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "size=16m"); err != nil {
+		t.Fatalf("mount tmpfs: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := unix.Unmount(dir, 0); err != nil {
+			t.Errorf("unmount %s: %v", dir, err)
+		}
+	})
+	path := filepath.Join(dir, "disk.img")
+	if err := os.WriteFile(path, make([]byte, 1<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	d, err := Open(path, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	if d.Direct() {
+		t.Error("a disk on tmpfs claims to write around the page cache")
+	}
+	p := alignedBuf(64 << 10)
+	for i := range p {
+		p[i] = byte(i)
+	}
+	if err := d.WriteAtDirect(p, 64<<10, true); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, len(p))
+	if _, err := d.ReadAt(got, 64<<10); err != nil || !bytes.Equal(got, p) {
+		t.Fatalf("read back: %v", err)
 	}
 }

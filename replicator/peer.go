@@ -72,7 +72,7 @@ const (
 	maxServe      = 16      // resync requests being read
 	bitmapChunk   = 64 << 10
 	handshakeWait = 30 * time.Second
-	directApply   = 64 << 10               // writes of this size and up go around the page cache, in parallel; smaller ones are applied in the data loop
+	directApply   = 64 << 10               // writes of this size and up go around the page cache, in parallel (see receiveWrite)
 	barrierIdle   = 200 * time.Microsecond // see barrierLoop
 	flushGap      = 10 * time.Millisecond  // the least time between two flushes (see flusher)
 )
@@ -658,7 +658,11 @@ func (p *peer) receiveWrite(m wire.Write, buf []byte) error {
 		switch m.Kind {
 		case wire.WriteData:
 			if n >= directApply {
+				direct := p.dev.Direct()
 				err = p.dev.WriteAtDirect(m.Data, off, fua)
+				if direct && !p.dev.Direct() {
+					r.log.Warn("the disk refused an O_DIRECT write: replicated writes go through the page cache from now on", "disk", p.dev.Path())
+				}
 			} else {
 				err = p.dev.WriteAt(m.Data, off, fua)
 			}
@@ -698,8 +702,9 @@ func (p *peer) receiveWrite(m wire.Write, buf []byte) error {
 	// parallel with the rest of their epoch, and go around the page cache
 	// (the transport reads them into buffers that put the data on a page
 	// boundary): only resync and verify read a Secondary's disk, and
-	// through the page cache each byte would be copied once more and written back later,
-	// which costs this node more CPU than receiving it did.
+	// through the page cache each byte would be copied once more and
+	// written back later, which costs this node more CPU than receiving
+	// it did.
 	if n < directApply {
 		apply()
 	} else {

@@ -13,8 +13,9 @@ import (
 // 1<<bufMinClass bytes straight into one; a smaller payload (an ack, a
 // barrier) is copied out of the reader's buffer into an allocation.
 //
-// Buffers of bufAlignClass and up are aligned: byte bufPool.align of each
-// lies on a PageAlign boundary. With align set to where a write message's
+// Buffers of bufAlignClass and up (payloads from about 34 KiB) are
+// aligned: byte bufPool.align of each lies on a PageAlign boundary; put
+// keeps no other buffer of those classes. With align set to where a write message's
 // data starts in its payload, the receiver can hand that data to the disk
 // with O_DIRECT, without copying it first.
 const (
@@ -92,8 +93,8 @@ func poolable(c int) (int, bool) {
 // other buffer is left to the garbage collector.
 func (bp *bufPool) put(b []byte) {
 	k, ok := poolable(cap(b))
-	if !ok {
-		return
+	if !ok || k >= bufAlignClass && alignedStart(b, bp.align) != 0 {
+		return // not the pool's: a class's capacity by chance, not aligned
 	}
 	b = b[:cap(b)]
 	bp.classes[k-bufMinClass].Put(&b)

@@ -116,6 +116,18 @@ func TestBufPool_Aligned(t *testing.T) {
 				bp.put(b)
 			}
 		}
+		// A buffer of a class's capacity that the pool did not place
+		// (a decompressed payload, say) is not kept: every buffer the
+		// pool hands out stays aligned.
+		k := bufClass(1 << 20)
+		stray := make([]byte, bufSize(k)+PageAlign)
+		at := (alignedStart(stray, align) + 1) % PageAlign
+		for range 100 {
+			bp.put(stray[at : at+bufSize(k) : at+bufSize(k)])
+			if b := bp.get(1 << 20); uintptr(unsafe.Pointer(&b[align]))%PageAlign != 0 {
+				t.Fatalf("align %d: the pool handed out a stray buffer", align)
+			}
+		}
 	}
 }
 

@@ -48,7 +48,7 @@ type Config struct {
 	Types []Type
 	// AlignAt is the offset in a received payload that lies on a
 	// PageAlign boundary in memory when the payload is 64 KiB or more
-	// and arrives uncompressed: where a write message's data starts, so
+	// (in fact from about 34 KiB) and arrives uncompressed: where a write message's data starts, so
 	// that the receiver can write it to disk with O_DIRECT as it is.
 	// 0 (the default) aligns the payload's first byte; at most
 	// PageAlign-1.
