@@ -178,12 +178,7 @@ func TestOpen_Refuses(t *testing.T) {
 // test is skipped, or fails when NBDMIRROR_REQUIRE_E2E=1 (CI runs as root).
 func loopDevice(t *testing.T, path string, sector int) string {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		if os.Getenv("NBDMIRROR_REQUIRE_E2E") == "1" {
-			t.Fatal("this test needs root (a loop device) and NBDMIRROR_REQUIRE_E2E=1 is set")
-		}
-		t.Skip("needs root for a loop device")
-	}
+	needRoot(t, "a loop device")
 	out, err := exec.Command("losetup", "--sector-size", strconv.Itoa(sector), "-f", "--show", path).CombinedOutput()
 	if err != nil {
 		t.Fatalf("losetup: %v: %s", err, out)
@@ -398,12 +393,7 @@ func TestDevice_WriteAtDirectReadOnly(t *testing.T) {
 // claim to write around a page cache it cannot leave, and WriteAtDirect
 // still writes.
 func TestDevice_NoDirectOnTmpfs(t *testing.T) {
-	if os.Geteuid() != 0 {
-		if os.Getenv("NBDMIRROR_REQUIRE_E2E") == "1" {
-			t.Fatal("this test needs root (a tmpfs mount) and NBDMIRROR_REQUIRE_E2E=1 is set")
-		}
-		t.Skip("needs root for a tmpfs mount")
-	}
+	needRoot(t, "a tmpfs mount")
 	dir := t.TempDir()
 	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "size=16m"); err != nil {
 		t.Fatalf("mount tmpfs: %v", err)
@@ -436,4 +426,17 @@ func TestDevice_NoDirectOnTmpfs(t *testing.T) {
 	if _, err := d.ReadAt(got, 64<<10); err != nil || !bytes.Equal(got, p) {
 		t.Fatalf("read back: %v", err)
 	}
+}
+
+// needRoot skips the test when not root, unless NBDMIRROR_REQUIRE_E2E=1
+// makes that a failure.
+func needRoot(t *testing.T, what string) {
+	t.Helper()
+	if os.Geteuid() == 0 {
+		return
+	}
+	if os.Getenv("NBDMIRROR_REQUIRE_E2E") == "1" {
+		t.Fatalf("this test needs root (%s) and NBDMIRROR_REQUIRE_E2E=1 is set", what)
+	}
+	t.Skipf("needs root for %s", what)
 }
