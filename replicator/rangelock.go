@@ -6,15 +6,25 @@ import "sync"
 // write and a resync read of the same blocks, two overlapping writes, or
 // on the receiving side the writes and resync data of one stream, which
 // lock in the order they arrive. Non-overlapping ranges never wait.
+//
+// The held ranges are a short unordered slice (at most the requests in
+// flight): scanning it costs less than a map's iteration on every write.
 type rangeLock struct {
-	mu   sync.Mutex
-	cond sync.Cond
-	held map[uint64][2]int64 // by ticket: [off, end)
-	next uint64
+	mu      sync.Mutex
+	cond    sync.Cond
+	held    []heldRange
+	next    uint64
+	waiting int // lockers asleep in cond.Wait
+}
+
+// heldRange is one locked range [off, end), known by its ticket.
+type heldRange struct {
+	ticket   uint64
+	off, end int64
 }
 
 func newRangeLock() *rangeLock {
-	l := &rangeLock{held: map[uint64][2]int64{}}
+	l := &rangeLock{}
 	l.cond.L = &l.mu
 	return l
 }
@@ -25,23 +35,34 @@ func (l *rangeLock) lock(off, n int64) (unlock func()) {
 	end := off + n
 	l.mu.Lock()
 	for l.overlaps(off, end) {
+		l.waiting++
 		l.cond.Wait()
+		l.waiting--
 	}
 	t := l.next
 	l.next++
-	l.held[t] = [2]int64{off, end}
+	l.held = append(l.held, heldRange{ticket: t, off: off, end: end})
 	l.mu.Unlock()
 	return func() {
 		l.mu.Lock()
-		delete(l.held, t)
-		l.cond.Broadcast()
+		for i, h := range l.held {
+			if h.ticket == t {
+				last := len(l.held) - 1
+				l.held[i] = l.held[last]
+				l.held = l.held[:last]
+				break
+			}
+		}
+		if l.waiting > 0 {
+			l.cond.Broadcast()
+		}
 		l.mu.Unlock()
 	}
 }
 
 func (l *rangeLock) overlaps(off, end int64) bool {
 	for _, h := range l.held {
-		if off < h[1] && h[0] < end {
+		if off < h.end && h.off < end {
 			return true
 		}
 	}
