@@ -363,13 +363,18 @@ func (fr *frameReader) readBody(body []byte) error {
 	}()
 	for got := 0; got < len(body); {
 		// Bytes already in the reader's buffer come first, without a
-		// system call; then each read takes what the socket holds.
-		if rest := len(body) - got - fr.r.Buffered(); rest >= lowatFrom {
-			set = min(rest, lowatMax)
-			fr.lowat(set)
-		} else if set != 1 {
-			set = 1
-			fr.lowat(1)
+		// system call (and without touching the mark); then each read
+		// takes what the socket holds. A setsockopt that fails leaves
+		// the mark where it was: at 1 the read is a plain one, and a
+		// reset can fail only on a socket that is gone.
+		if fr.r.Buffered() == 0 {
+			if rest := len(body) - got; rest >= lowatFrom {
+				set = min(rest, lowatMax)
+				fr.lowat(set)
+			} else if set != 1 {
+				set = 1
+				fr.lowat(1)
+			}
 		}
 		k, err := fr.r.Read(body[got:])
 		got += k
