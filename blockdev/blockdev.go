@@ -2,7 +2,9 @@
 // block device, read and written with pread/pwrite through the page cache,
 // made durable with fdatasync, discarded and zeroed with fallocate.
 // WriteAtDirect writes around the page cache (O_DIRECT) where the file
-// system allows it, for data nobody on this node will read soon.
+// system allows it, for data nobody on this node will read soon;
+// WriteAsync does the same without waiting, several writes in flight at
+// once (Linux native AIO).
 //
 // A Device never reads or writes outside [0, Size): a request that would is
 // refused with ErrOutOfRange before any I/O, so a regular file never grows.
@@ -65,6 +67,10 @@ type Device struct {
 	// from then on.
 	direct   *os.File
 	noDirect atomic.Bool
+	// aio is the AIO context of WriteAsync, set up on its first use (nil
+	// when the kernel gives none).
+	aioOnce sync.Once
+	aio     *aioRing
 }
 
 // Open opens path, which must be a regular file or a block device.
@@ -339,9 +345,15 @@ func unsupported(err error) bool {
 		errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENODEV)
 }
 
-// Close closes the device without flushing it.
+// Close closes the device without flushing it, once the writes WriteAsync
+// has in flight are complete.
 func (d *Device) Close() error {
-	err := d.f.Close()
+	var err error
+	d.aioOnce.Do(func() {}) // no context is set up from here on
+	if d.aio != nil {
+		err = d.aio.close()
+	}
+	err = errors.Join(err, d.f.Close())
 	if d.direct != nil {
 		err = errors.Join(err, d.direct.Close())
 	}

@@ -425,11 +425,13 @@ func TestPair_BarrierAcks(t *testing.T) {
 	}
 }
 
-// TestPair_DirectWrites: on the Secondary, replicated writes of directApply
-// and up go from the transport's buffer to the disk around the page cache
-// (the whole chain: the Write header's length is the transport's AlignAt,
-// the pooled buffer puts the data on a page, Decode aliases it, the device
-// takes it with O_DIRECT); smaller ones go through the cache; both land.
+// TestPair_DirectWrites: on the Secondary, replicated writes of whole 4
+// KiB blocks go from the transport's buffer to the disk around the page
+// cache (the whole chain: the Write header's length is the transport's
+// AlignAt, the pooled buffer puts the data on a page, Decode aliases it,
+// the device takes it with O_DIRECT, asynchronously below directApply);
+// others go through the cache; all land, and the barrier is acked only
+// once they have.
 func TestPair_DirectWrites(t *testing.T) {
 	p, f := connectFake(t, wire.State{Role: uint8(RolePrimary), Disk: uint8(UpToDate)})
 	tests := []struct {
@@ -440,8 +442,11 @@ func TestPair_DirectWrites(t *testing.T) {
 		{1 << 20, 1 << 20, true},
 		{4 << 20, directApply, true},
 		{6 << 20, 2 << 20, true},
-		{0, 4096, false},
-		{9 << 20, directApply - 4096, false},
+		{0, 4096, true},
+		{9 << 20, directApply - 4096, true},
+		{10 << 20, 512, false},
+		{11<<20 + 512, 8192, false},
+		{12 << 20, 4096 + 512, false},
 	}
 	want := map[uint64][]byte{}
 	for i, tc := range tests {

@@ -13,15 +13,15 @@ import (
 // 1<<bufMinClass bytes straight into one; a smaller payload (an ack, a
 // barrier) is copied out of the reader's buffer into an allocation.
 //
-// Buffers of bufAlignClass and up (payloads from about 34 KiB) are
-// aligned: byte bufPool.align of each lies on a PageAlign boundary; put
+// Buffers of bufAlignClass and up (payloads from about 2.2 KiB, so a 4
+// KiB write's) are aligned: byte bufPool.align of each lies on a PageAlign boundary; put
 // keeps no other buffer of those classes. With align set to where a write message's
 // data starts in its payload, the receiver can hand that data to the disk
 // with O_DIRECT, without copying it first.
 const (
 	bufMinClass   = 10 // 1 KiB: smaller payloads (acks, barriers) are not pooled
 	bufMaxClass   = 25 // MaxPayload and any frame overhead fit in bufSize(25)
-	bufAlignClass = 16 // 64 KiB: the buffers of this class and up are aligned
+	bufAlignClass = 12 // 4 KiB: the buffers of this class and up are aligned
 )
 
 // PageAlign is the boundary Config.AlignAt is aligned to in the buffers of

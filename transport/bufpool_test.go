@@ -103,14 +103,14 @@ func TestBufPool_Reuse(t *testing.T) {
 func TestBufPool_Aligned(t *testing.T) {
 	for _, align := range []int{0, 31, PageAlign - 1} {
 		bp := bufPool{align: align}
-		for _, n := range []int{64 << 10, 1<<20 + 56, MaxPayload + 16} {
+		for _, n := range []int{2241, 4096 + 31, 64 << 10, 1<<20 + 56, MaxPayload + 16} {
 			for round := range 3 {
 				b := bp.get(n)
 				k := bufClass(n)
 				if len(b) != n || cap(b) != bufSize(k) {
 					t.Fatalf("align %d, get(%d): len %d cap %d, want cap %d", align, n, len(b), cap(b), bufSize(k))
 				}
-				if addr := uintptr(unsafe.Pointer(&b[align])); addr%PageAlign != 0 {
+				if addr := uintptr(unsafe.Pointer(&b[:cap(b)][align])); addr%PageAlign != 0 {
 					t.Fatalf("align %d, get(%d), round %d: byte %d at %#x", align, n, round, align, addr)
 				}
 				bp.put(b)

@@ -117,8 +117,8 @@
 // checksum or tag, type, flags, compression) ends the session.
 //
 // Receiving: a session reads payloads of 1 KiB and up straight into
-// pooled buffers (Session.Recycle hands them back); from 64 KiB, byte
-// Config.AlignAt of the payload lies on a PageAlign boundary (sealed
+// pooled buffers (Session.Recycle hands them back); from 4 KiB (in fact
+// from about 2.2 KiB), byte Config.AlignAt of the payload lies on a PageAlign boundary (sealed
 // frames are opened in place; a decompressed payload is not aligned). On
 // a plain TCP stream, while 64 KiB or more of a frame's body are still to
 // come, the reader sets SO_RCVLOWAT to what remains of it (at most 4 MiB)

@@ -246,7 +246,8 @@ func TestFrame_ReadPooled(t *testing.T) {
 	}{
 		{"pool, below 1 KiB", true, 1<<bufMinClass - 1, CompressNone, nil, false, false, false},
 		{"pool, 1 KiB", true, 1 << bufMinClass, CompressNone, nil, true, true, false},
-		{"pool, 4 KiB", true, 4096, CompressNone, nil, true, true, false},
+		{"pool, 2 KiB", true, 2048, CompressNone, nil, true, true, false},
+		{"pool, 4 KiB", true, 4096, CompressNone, nil, true, true, true},
 		{"pool, 64 KiB", true, 64 << 10, CompressNone, nil, true, true, true},
 		{"pool, 1 MiB", true, 1 << 20, CompressNone, nil, true, true, true},
 		{"pool, sealed 1 MiB", true, 1 << 20, CompressNone, bytes.Repeat([]byte{7}, 32), true, true, true},

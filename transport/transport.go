@@ -47,8 +47,8 @@ type Config struct {
 	// other type received ends the session.
 	Types []Type
 	// AlignAt is the offset in a received payload that lies on a
-	// PageAlign boundary in memory when the payload is 64 KiB or more
-	// (in fact from about 34 KiB) and arrives uncompressed: where a write message's data starts, so
+	// PageAlign boundary in memory when the payload is 4 KiB or more
+	// (in fact from about 2.2 KiB) and arrives uncompressed: where a write message's data starts, so
 	// that the receiver can write it to disk with O_DIRECT as it is.
 	// 0 (the default) aligns the payload's first byte; at most
 	// PageAlign-1.

@@ -1,0 +1,181 @@
+package blockdev
+
+import (
+	"bytes"
+	"errors"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// asyncResult is what a WriteAsync reported: its error, and whether done
+// was called before WriteAsync returned (a synchronous write).
+type asyncResult struct {
+	err    error
+	inline bool
+}
+
+// writeAsync calls d.WriteAsync and waits for its done, at most 10 s.
+func writeAsync(t *testing.T, d *Device, p []byte, off int64, fua bool) asyncResult {
+	t.Helper()
+	ch := make(chan error, 1)
+	var returned atomic.Bool
+	var inline bool
+	d.WriteAsync(p, off, fua, func(err error) {
+		inline = !returned.Load()
+		ch <- err
+	})
+	returned.Store(true)
+	select {
+	case err := <-ch:
+		return asyncResult{err, inline}
+	case <-time.After(10 * time.Second):
+		t.Fatalf("WriteAsync at %d: done not called within 10 s", off)
+		return asyncResult{}
+	}
+}
+
+// WriteAsync goes to the disk asynchronously and around the page cache
+// exactly when buffer, offset and length meet DirectAlign; otherwise it
+// writes through the cache before it returns; out of range it fails
+// without writing. What it wrote reads back either way.
+func TestDevice_WriteAsync(t *testing.T) {
+	const size = 8 << 20
+	disks := map[string]func(t *testing.T) string{
+		"file":        func(t *testing.T) string { return newFile(t, size) },
+		"loop device": func(t *testing.T) string { return loopDevice(t, newFile(t, size), 512) },
+	}
+	buf := alignedBuf(64<<10 + DirectAlign)
+	tests := []struct {
+		name   string
+		p      []byte
+		off    int64
+		fua    bool
+		dirty  bool // the range was written through the page cache just before
+		direct bool // asynchronous and around the page cache
+		err    error
+	}{
+		{name: "4 KiB aligned", p: buf[:4096], off: 0, direct: true},
+		{name: "64 KiB aligned over dirty cached data", p: buf[:64<<10], off: 1 << 20, dirty: true, direct: true},
+		{name: "fua", p: buf[:8<<10], off: 2 << 20, fua: true, direct: true},
+		{name: "buffer off by 512", p: buf[512 : 512+4096], off: 3 << 20},
+		{name: "offset off by 512", p: buf[:4096], off: 4<<20 + 512},
+		{name: "length off by 512", p: buf[:4096-512], off: 5 << 20},
+		{name: "past the end", p: buf[:8192], off: size - 4096, err: ErrOutOfRange},
+	}
+	for name, disk := range disks {
+		t.Run(name, func(t *testing.T) {
+			d, err := Open(disk(t), false)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer d.Close()
+			if !d.AsyncDirect() {
+				t.Fatal("no asynchronous direct writes: the machine's temp directory must be on a disk that takes O_DIRECT, and the kernel must have AIO")
+			}
+			for i, tc := range tests {
+				for j := range tc.p {
+					tc.p[j] = byte(i*5 + j*11 + j>>12)
+				}
+				n := int64(len(tc.p))
+				if tc.dirty {
+					if err := d.WriteAt(bytes.Repeat([]byte{0xee}, int(n)), tc.off, false); err != nil {
+						t.Fatal(err)
+					}
+				}
+				res := writeAsync(t, d, tc.p, tc.off, tc.fua)
+				if !errors.Is(res.err, tc.err) {
+					t.Fatalf("%s: %v, want %v", tc.name, res.err, tc.err)
+				}
+				if tc.err != nil {
+					if !res.inline {
+						t.Errorf("%s: a refused request was reported asynchronously", tc.name)
+					}
+					continue
+				}
+				if res.inline == tc.direct {
+					t.Errorf("%s: done called before WriteAsync returned: %v, want %v", tc.name, res.inline, !tc.direct)
+				}
+				cached := resident(t, d.f, tc.off, n)
+				if tc.direct && cached != 0 {
+					t.Errorf("%s: %d pages of the range in the page cache after a direct write", tc.name, cached)
+				}
+				if !tc.direct && cached == 0 {
+					t.Errorf("%s: nothing of the range in the page cache: an unaligned request went direct", tc.name)
+				}
+				got := make([]byte, n)
+				if _, err := d.ReadAt(got, tc.off); err != nil {
+					t.Fatal(err)
+				}
+				if !bytes.Equal(got, tc.p) {
+					t.Errorf("%s: read back differs", tc.name)
+				}
+			}
+			if !d.AsyncDirect() {
+				t.Error("a refusal turned direct writes off")
+			}
+		})
+	}
+}
+
+// Many more writes than the ring has slots, from several goroutines at
+// once, all complete with their data in place; Close returns only after
+// every done was called.
+func TestDevice_WriteAsyncMany(t *testing.T) {
+	const blocks = 2048 // 8 MiB in 4 KiB blocks, 16 rings' worth
+	path := newFile(t, blocks*4096)
+	d, err := Open(path, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !d.AsyncDirect() {
+		d.Close()
+		t.Fatal("no asynchronous direct writes on this machine's temp directory")
+	}
+	var completed, failed atomic.Int64
+	var wg sync.WaitGroup
+	const writers = 4
+	for w := range writers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for b := w; b < blocks; b += writers {
+				p := alignedBuf(4096)
+				for j := range p {
+					p[j] = byte(b*3 + j>>8)
+				}
+				d.WriteAsync(p, int64(b)*4096, b%64 == 0, func(err error) {
+					if err != nil {
+						failed.Add(1)
+						t.Errorf("block %d: %v", b, err)
+					}
+					completed.Add(1)
+				})
+			}
+		}()
+	}
+	wg.Wait()
+	if err := d.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if c := completed.Load(); c != blocks {
+		t.Fatalf("Close returned with %d of %d writes completed", c, blocks)
+	}
+	d, err = Open(path, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	got := make([]byte, 4096)
+	for b := range blocks {
+		if _, err := d.ReadAt(got, int64(b)*4096); err != nil {
+			t.Fatal(err)
+		}
+		for j := range got {
+			if got[j] != byte(b*3+j>>8) {
+				t.Fatalf("block %d byte %d: %#x, want %#x", b, j, got[j], byte(b*3+j>>8))
+			}
+		}
+	}
+}
