@@ -373,8 +373,8 @@ func TestDevice_WriteAtDirect(t *testing.T) {
 	}
 }
 
-// A read-only device has no direct handle and refuses WriteAtDirect as it
-// refuses WriteAt.
+// A read-only device has no direct handle and refuses WriteAtDirect and
+// WriteAsync as it refuses WriteAt.
 func TestDevice_WriteAtDirectReadOnly(t *testing.T) {
 	d, err := Open(newFile(t, 1<<20), true)
 	if err != nil {
@@ -386,6 +386,12 @@ func TestDevice_WriteAtDirectReadOnly(t *testing.T) {
 	}
 	if err := d.WriteAtDirect(alignedBuf(4096), 0, false); !errors.Is(err, ErrReadOnly) {
 		t.Errorf("WriteAtDirect on a read-only device: %v, want ErrReadOnly", err)
+	}
+	if res := writeAsync(t, d, alignedBuf(4096), 0, false); !errors.Is(res.err, ErrReadOnly) || !res.inline {
+		t.Errorf("WriteAsync on a read-only device: %v (reported before returning: %v), want ErrReadOnly at once", res.err, res.inline)
+	}
+	if d.AsyncDirect() {
+		t.Error("a read-only device offers asynchronous direct writes")
 	}
 }
 
