@@ -10,7 +10,8 @@ import (
 )
 
 // asyncResult is what a WriteAsync reported: its error, and whether done
-// was called before WriteAsync returned (a synchronous write).
+// was called before WriteAsync returned (as it must for a synchronous
+// write).
 type asyncResult struct {
 	err    error
 	inline bool
@@ -94,8 +95,10 @@ func TestDevice_WriteAsync(t *testing.T) {
 					}
 					continue
 				}
-				if res.inline == tc.direct {
-					t.Errorf("%s: done called before WriteAsync returned: %v, want %v", tc.name, res.inline, !tc.direct)
+				// (A direct write may complete, on the reaper, before
+				// WriteAsync returns: its timing proves nothing.)
+				if !tc.direct && !res.inline {
+					t.Errorf("%s: a write through the page cache was reported after WriteAsync returned", tc.name)
 				}
 				cached := resident(t, d.f, tc.off, n)
 				if tc.direct && cached != 0 {
