@@ -14,6 +14,7 @@ import (
 	"unsafe"
 
 	"github.com/cespare/xxhash/v2"
+	"github.com/zeebo/xxh3"
 )
 
 const typeTest = FirstAppType
@@ -29,11 +30,11 @@ func testCodecs(t testing.TB) *codecs {
 // pair returns a sealer for writing and a reader for reading the same
 // direction, keyed or not.
 func pair(t testing.TB, key []byte, c *codecs, r io.Reader) (*frameSealer, *frameReader) {
-	w, err := newSealer(key, [4]byte{'c', 1})
+	w, err := newSealer(key, [4]byte{'c', 1}, VersionMax)
 	if err != nil {
 		t.Fatal(err)
 	}
-	rs, _ := newSealer(key, [4]byte{'c', 1})
+	rs, _ := newSealer(key, [4]byte{'c', 1}, VersionMax)
 	return w, &frameReader{r: bufio.NewReader(r), s: rs, c: c, known: func(ty Type) bool { return ty == typeTest }}
 }
 
@@ -184,7 +185,7 @@ func TestFrame_Refused(t *testing.T) {
 		{"bit flipped in a sealed header", key, flip(good(key, typeTest, []byte("data")), 3), 0, ErrFrameAuth},
 		{"sealed frame replayed", key, twice(good(key, typeTest, []byte("x"))), 1, ErrFrameAuth},
 		{"sealed frame from the other direction", key, func() []byte {
-			w, _ := newSealer(key, [4]byte{'s', 1})
+			w, _ := newSealer(key, [4]byte{'s', 1}, VersionMax)
 			b, _ := appendFrame(nil, w, c, CompressNone, typeTest, []byte("x"))
 			return b
 		}(), 0, ErrFrameAuth},
@@ -308,26 +309,50 @@ func TestFrame_ReadPooled(t *testing.T) {
 
 // A session's frame checksum is the same whether the body is hashed whole
 // or as a head and a referenced tail (outBatch), at every length around
-// XXH3's stripe and block sizes; handshake frames keep xxhash64.
+// XXH3's stripe and block sizes and version 3's split, for every version;
+// version 3's is its definition (doc.go), and differs from version 2's
+// past the split; handshake frames keep xxhash64.
 func TestFrame_ChecksumParts(t *testing.T) {
 	body := make([]byte, 3<<20)
 	rand.Read(body)
 	hdr := header(typeTest, 0, 0)
-	for _, xxh3 := range []bool{true, false} {
-		s := &frameSealer{xxh3: xxh3}
-		for _, n := range []int{0, 1, 16, 17, 128, 129, 240, 241, 1023, 1024, 1025, 4096 + 40, 64<<10 + 40, 1<<20 + 40, 3 << 20} {
+	seed := binary.BigEndian.Uint64(hdr)
+	sealers := map[string]*frameSealer{
+		"handshake (xxhash64)": {},
+		"version 2":            {xxh3: true},
+		"version 3":            {xxh3: true, split: true},
+	}
+	for name, s := range sealers {
+		for _, n := range []int{0, 1, 16, 17, 63, 64, 65, 96, 128, 129, 240, 241, 1023, 1024, 1025, 4096 + 40, 64<<10 + 40, 1<<20 + 31, 3 << 20} {
 			whole := s.checksum(hdr, body[:n], nil)
-			for _, cut := range []int{0, 1, 40, n / 2, n - 1} {
+			for _, cut := range []int{0, 1, 31, 40, 63, 64, 65, 100, n / 2, n - 1} {
 				if cut < 0 || cut > n {
 					continue
 				}
 				if got := s.checksum(hdr, body[:cut], body[cut:n]); got != whole {
-					t.Fatalf("xxh3 %v, %d bytes cut at %d: %#x, whole %#x", xxh3, n, cut, got, whole)
+					t.Fatalf("%s, %d bytes cut at %d: %#x, whole %#x", name, n, cut, got, whole)
 				}
 			}
 			other := header(typeTest, 0, 1)
 			if s.checksum(other, body[:n], nil) == whole {
-				t.Fatalf("xxh3 %v, %d bytes: a different header gives the same checksum", xxh3, n)
+				t.Fatalf("%s, %d bytes: a different header gives the same checksum", name, n)
+			}
+			switch name {
+			case "version 2":
+				if want := xxh3.HashSeed(body[:n], seed); whole != want {
+					t.Fatalf("version 2, %d bytes: %#x, want XXH3-64 seeded with the header %#x", n, whole, want)
+				}
+			case "version 3":
+				want := xxh3.HashSeed(body[:n], seed)
+				if n > splitAt {
+					want = xxh3.HashSeed(body[splitAt:n], xxh3.HashSeed(body[:splitAt], seed))
+					if whole == xxh3.HashSeed(body[:n], seed) {
+						t.Fatalf("version 3, %d bytes: the same checksum as version 2", n)
+					}
+				}
+				if whole != want {
+					t.Fatalf("version 3, %d bytes: %#x, want %#x", n, whole, want)
+				}
 			}
 		}
 	}

@@ -17,7 +17,7 @@ import (
 // Protocol versions this implementation speaks (see doc.go, "Versions").
 const (
 	VersionMin = 2
-	VersionMax = 2
+	VersionMax = 3
 )
 
 // Handshake constants. Part of the wire format.
@@ -316,6 +316,7 @@ type streamKeys struct {
 	send, recv []byte // nil without a secret
 	sendTag    [4]byte
 	recvTag    [4]byte
+	version    uint16 // the protocol version agreed
 }
 
 func tags(stream Stream, client bool) (send, recv [4]byte) {
@@ -331,7 +332,7 @@ func tags(stream Stream, client bool) (send, recv [4]byte) {
 // first; the server's proof, in OK, is checked before the stream is used.
 func (t *Transport) clientHandshake(hc *hsConn, stream Stream, sessionID [sessionIDSize]byte) (uint64, streamKeys, error) {
 	var k streamKeys
-	h := hello{minVersion: VersionMin, maxVersion: VersionMax, stream: stream, sessionID: sessionID,
+	h := hello{minVersion: VersionMin, maxVersion: t.maxVersion(), stream: stream, sessionID: sessionID,
 		instance: t.instance, resource: t.cfg.Resource, from: t.cfg.Local[0], to: t.cfg.Peer[0]}
 	if t.cfg.Secret != nil {
 		h.flags |= helloFlagSecret
@@ -353,7 +354,7 @@ func (t *Transport) clientHandshake(hc *hsConn, stream Stream, sessionID [sessio
 		return 0, k, err
 	}
 	th := transcript(hb, p)
-	if a.version < VersionMin || a.version > VersionMax {
+	if a.version < VersionMin || a.version > t.maxVersion() {
 		return 0, k, fmt.Errorf("%w: the peer chose version %d", ErrVersion, a.version)
 	}
 	if a.challenge == h.challenge {
@@ -391,6 +392,7 @@ func (t *Transport) clientHandshake(hc *hsConn, stream Stream, sessionID [sessio
 		}
 	}
 	k.sendTag, k.recvTag = tags(stream, true)
+	k.version = a.version
 	if t.cfg.Secret != nil {
 		k.send, k.recv, err = keys(t.cfg.Secret, h.challenge, a.challenge, th)
 	}
@@ -416,12 +418,12 @@ func (t *Transport) serverHandshake(hc *hsConn) (hello, streamKeys, error) {
 		hc.refuse(refuseVersion, "malformed hello")
 		return h, k, err
 	}
-	lo, hi := max(h.minVersion, VersionMin), min(h.maxVersion, VersionMax)
+	lo, hi := max(h.minVersion, VersionMin), min(h.maxVersion, t.maxVersion())
 	switch {
 	case lo > hi:
 		hc.refuse(refuseVersion, fmt.Sprintf("no common protocol version: you speak %d-%d, I speak %d-%d",
-			h.minVersion, h.maxVersion, VersionMin, VersionMax))
-		return h, k, fmt.Errorf("%w: the peer speaks %d-%d, this node %d-%d", ErrVersion, h.minVersion, h.maxVersion, VersionMin, VersionMax)
+			h.minVersion, h.maxVersion, VersionMin, t.maxVersion()))
+		return h, k, fmt.Errorf("%w: the peer speaks %d-%d, this node %d-%d", ErrVersion, h.minVersion, h.maxVersion, VersionMin, t.maxVersion())
 	case h.resource != t.cfg.Resource:
 		hc.refuse(refuseResource, "no resource "+h.resource+" here")
 		return h, k, fmt.Errorf("%w: it asked for resource %s", ErrPeerName, h.resource)
@@ -471,6 +473,7 @@ func (t *Transport) serverHandshake(hc *hsConn) (hello, streamKeys, error) {
 		return h, k, err
 	}
 	k.sendTag, k.recvTag = tags(h.stream, false)
+	k.version = hi
 	if t.cfg.Secret != nil {
 		c2s, s2c, err := keys(t.cfg.Secret, h.challenge, a.challenge, th)
 		if err != nil {

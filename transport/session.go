@@ -51,8 +51,10 @@ const writeChunk = 256 << 10
 type stream struct {
 	kind Stream
 	conn net.Conn
-	in   frameReader
-	q    queue
+	// version is the protocol version agreed for this stream.
+	version uint16
+	in      frameReader
+	q       queue
 
 	// Sending combines: a sender seals its frames into pending (under emu,
 	// which orders the sealer's counter), then the first sender to get
@@ -69,15 +71,15 @@ type stream struct {
 }
 
 func newStream(kind Stream, conn net.Conn, r *bufio.Reader, k streamKeys, t *Transport) (*stream, error) {
-	out, err := newSealer(k.send, k.sendTag)
+	out, err := newSealer(k.send, k.sendTag, k.version)
 	if err != nil {
 		return nil, err
 	}
-	in, err := newSealer(k.recv, k.recvTag)
+	in, err := newSealer(k.recv, k.recvTag, k.version)
 	if err != nil {
 		return nil, err
 	}
-	s := &stream{kind: kind, conn: conn, out: out, filling: 1}
+	s := &stream{kind: kind, conn: conn, out: out, filling: 1, version: k.version}
 	s.in = frameReader{r: r, s: in, c: t.codecs, known: t.known, pool: &t.bufs, lowat: rcvLowat(conn)}
 	s.q.init(recvQueueBytes)
 	return s, nil
@@ -134,6 +136,10 @@ func (s *Session) Err() error {
 }
 
 func (s *Session) stream(st Stream) *stream { return s.streams[st-1] }
+
+// Version returns the protocol version of the session's data stream (the
+// control stream agrees it the same way).
+func (s *Session) Version() uint16 { return s.streams[0].version }
 
 // goFunc runs f in a goroutine that both the session and its transport
 // wait for.

@@ -55,6 +55,18 @@ type Config struct {
 	AlignAt int
 	// Logger receives the link's events; nil discards them.
 	Logger *slog.Logger
+
+	// versionMax, if not 0, is the newest protocol version this node
+	// speaks instead of VersionMax (tests: an older node).
+	versionMax uint16
+}
+
+// maxVersion is the newest protocol version this node speaks.
+func (t *Transport) maxVersion() uint16 {
+	if t.cfg.versionMax != 0 {
+		return t.cfg.versionMax
+	}
+	return VersionMax
 }
 
 // TLSConfig is the certificate material for TLS on the link.
@@ -389,7 +401,7 @@ func (t *Transport) install(s *Session) {
 		t.stats.reconnects.Add(1)
 	}
 	t.log.Info("session established", "remote", s.remote, "dialed", s.dialed,
-		"authenticated", t.cfg.Secret != nil, "tls", t.tls != nil)
+		"authenticated", t.cfg.Secret != nil, "tls", t.tls != nil, "version", s.Version())
 	// Drain and send under mu, so that installs cannot interleave: after
 	// the drain the channel is empty and only installs send, so the send
 	// never blocks. A session already replaced or ended is not offered.
