@@ -3,10 +3,13 @@ package blockdev
 import (
 	"bytes"
 	"errors"
+	"os"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // asyncResult is what a WriteAsync reported: its error, and whether done
@@ -180,5 +183,68 @@ func TestDevice_WriteAsyncMany(t *testing.T) {
 				t.Fatalf("block %d byte %d: %#x, want %#x", b, j, got[j], byte(b*3+j>>8))
 			}
 		}
+	}
+}
+
+// What the kernel reports for a write becomes its result: the whole length
+// is success, an error is that errno naming the disk, EINVAL (a direct
+// write refused) writes it through the page cache and turns direct writes
+// off, and a short write has its rest written through the page cache.
+func TestAIORing_Result(t *testing.T) {
+	tests := []struct {
+		name     string
+		res      func(n int) int64
+		err      error
+		written  bool // the data is on the disk afterwards (from this call)
+		noDirect bool
+	}{
+		{name: "complete", res: func(n int) int64 { return int64(n) }},
+		{name: "EIO", res: func(int) int64 { return -int64(unix.EIO) }, err: unix.EIO},
+		{name: "ENOSPC", res: func(int) int64 { return -int64(unix.ENOSPC) }, err: unix.ENOSPC},
+		{name: "refused", res: func(int) int64 { return -int64(unix.EINVAL) }, written: true, noDirect: true},
+		{name: "short", res: func(n int) int64 { return int64(n / 2) }, written: true},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			d, err := Open(newFile(t, 1<<20), false)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer d.Close()
+			if !d.AsyncDirect() {
+				t.Fatal("no asynchronous direct writes on this machine's temp directory")
+			}
+			p := alignedBuf(8192)
+			for i := range p {
+				p[i] = byte(i%251 + 1)
+			}
+			// The kernel did not write it: only result writes anything.
+			err = d.aio.result(aioWrite{p: p, off: 64 << 10}, tc.res(len(p)))
+			if !errors.Is(err, tc.err) {
+				t.Fatalf("%v, want %v", err, tc.err)
+			}
+			if tc.err != nil {
+				var pe *os.PathError
+				if !errors.As(err, &pe) || pe.Path != d.Path() {
+					t.Errorf("%v does not name the disk %s", err, d.Path())
+				}
+			}
+			got := make([]byte, len(p))
+			if _, err := d.ReadAt(got, 64<<10); err != nil {
+				t.Fatal(err)
+			}
+			half := len(p) / 2
+			switch {
+			case tc.name == "short":
+				if !bytes.Equal(got[half:], p[half:]) || bytes.Equal(got[:half], p[:half]) {
+					t.Error("a short write's rest was not written (or more than its rest)")
+				}
+			case tc.written != bytes.Equal(got, p):
+				t.Errorf("data written: %v, want %v", !tc.written, tc.written)
+			}
+			if d.Direct() == tc.noDirect {
+				t.Errorf("direct writes on: %v, want %v", d.Direct(), !tc.noDirect)
+			}
+		})
 	}
 }
