@@ -46,10 +46,7 @@ func writeAsync(t *testing.T, d *Device, p []byte, off int64, fua bool) asyncRes
 // without writing. What it wrote reads back either way.
 func TestDevice_WriteAsync(t *testing.T) {
 	const size = 8 << 20
-	disks := map[string]func(t *testing.T) string{
-		"file":        func(t *testing.T) string { return newFile(t, size) },
-		"loop device": func(t *testing.T) string { return loopDevice(t, newFile(t, size), 512) },
-	}
+	disks := directDisks(size)
 	buf := alignedBuf(64<<10 + DirectAlign)
 	tests := []struct {
 		name   string
@@ -103,20 +100,7 @@ func TestDevice_WriteAsync(t *testing.T) {
 				if !tc.direct && !res.inline {
 					t.Errorf("%s: a write through the page cache was reported after WriteAsync returned", tc.name)
 				}
-				cached := resident(t, d.f, tc.off, n)
-				if tc.direct && cached != 0 {
-					t.Errorf("%s: %d pages of the range in the page cache after a direct write", tc.name, cached)
-				}
-				if !tc.direct && cached == 0 {
-					t.Errorf("%s: nothing of the range in the page cache: an unaligned request went direct", tc.name)
-				}
-				got := make([]byte, n)
-				if _, err := d.ReadAt(got, tc.off); err != nil {
-					t.Fatal(err)
-				}
-				if !bytes.Equal(got, tc.p) {
-					t.Errorf("%s: read back differs", tc.name)
-				}
+				checkLanded(t, d, tc.name, tc.p, tc.off, tc.direct)
 			}
 			if !d.AsyncDirect() {
 				t.Error("a refusal turned direct writes off")

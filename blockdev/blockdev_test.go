@@ -298,16 +298,42 @@ func resident(t *testing.T, f *os.File, off, n int64) int {
 	return c
 }
 
+// checkLanded checks that p was written at off, around the page cache
+// (none of the range cached) if direct, else through it.
+func checkLanded(t *testing.T, d *Device, name string, p []byte, off int64, direct bool) {
+	t.Helper()
+	n := int64(len(p))
+	cached := resident(t, d.f, off, n)
+	if direct && cached != 0 {
+		t.Errorf("%s: %d pages of the range in the page cache after a direct write", name, cached)
+	}
+	if !direct && cached == 0 {
+		t.Errorf("%s: nothing of the range in the page cache: an unaligned request went direct", name)
+	}
+	got := make([]byte, n)
+	if _, err := d.ReadAt(got, off); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, p) {
+		t.Errorf("%s: read back differs", name)
+	}
+}
+
+// directDisks are the disks the direct-write tests run on: a file and a
+// loop device over one.
+func directDisks(size int64) map[string]func(t *testing.T) string {
+	return map[string]func(t *testing.T) string{
+		"file":        func(t *testing.T) string { return newFile(t, size) },
+		"loop device": func(t *testing.T) string { return loopDevice(t, newFile(t, size), 512) },
+	}
+}
+
 // WriteAtDirect goes around the page cache exactly when the buffer, the
 // offset and the length meet DirectAlign, and what it wrote reads back
 // either way, also over a range whose older data was dirty in the page
 // cache when it wrote.
 func TestDevice_WriteAtDirect(t *testing.T) {
-	const size = 8 << 20
-	disks := map[string]func(t *testing.T) string{
-		"file":        func(t *testing.T) string { return newFile(t, size) },
-		"loop device": func(t *testing.T) string { return loopDevice(t, newFile(t, size), 512) },
-	}
+	disks := directDisks(8 << 20)
 	buf := alignedBuf(1<<20 + DirectAlign)
 	tests := []struct {
 		name   string
@@ -351,20 +377,7 @@ func TestDevice_WriteAtDirect(t *testing.T) {
 				if err := d.WriteAtDirect(tc.p, tc.off, tc.name == "fua"); err != nil {
 					t.Fatalf("%s: %v", tc.name, err)
 				}
-				cached := resident(t, d.f, tc.off, n)
-				if tc.direct && cached != 0 {
-					t.Errorf("%s: %d pages of the range in the page cache after a direct write", tc.name, cached)
-				}
-				if !tc.direct && cached == 0 {
-					t.Errorf("%s: nothing of the range in the page cache: an unaligned request went direct", tc.name)
-				}
-				got := make([]byte, n)
-				if _, err := d.ReadAt(got, tc.off); err != nil {
-					t.Fatal(err)
-				}
-				if !bytes.Equal(got, tc.p) {
-					t.Errorf("%s: read back differs", tc.name)
-				}
+				checkLanded(t, d, tc.name, tc.p, tc.off, tc.direct)
 			}
 			if !d.Direct() {
 				t.Error("a refusal turned direct writes off")
