@@ -27,8 +27,8 @@ const aioSlots = 128
 const iocbCmdPwrite = 1
 
 // iocb is the kernel's struct iocb (linux/aio_abi.h) on a little-endian
-// machine, where aio_key precedes aio_rw_flags (asyncWrites is false on
-// the others).
+// machine, where aio_key precedes aio_rw_flags (newAIORing sets up no
+// ring on the others).
 type iocb struct {
 	data      uint64 // aio_data: the slot, echoed in the event
 	key       uint32 // set by the kernel
@@ -76,13 +76,14 @@ type aioRing struct {
 	// moves them): the kernel reads one during io_submit.
 	cbs []iocb
 
-	mu       sync.Mutex
-	cond     sync.Cond  // a slot came free, something is in flight, or closing
-	slots    []aioWrite // by slot
-	free     []int      // free slots
-	inflight int
-	closed   bool
-	wg       sync.WaitGroup
+	mu        sync.Mutex
+	cond      sync.Cond  // a slot came free, a write was submitted, or closing
+	slots     []aioWrite // by slot
+	free      []int      // free slots
+	inflight  int        // slots taken
+	submitted int        // writes the kernel took and the reaper has not yet completed
+	closed    bool
+	wg        sync.WaitGroup
 }
 
 // newAIORing sets up an AIO context for d's direct handle; nil if the
@@ -111,7 +112,10 @@ func newAIORing(d *Device) *aioRing {
 // later on another goroutine; otherwise it is WriteAt, and done is called
 // before WriteAsync returns. p must not change until done is called.
 // Close waits for the writes in flight. Overlapping writes in flight at
-// once are not ordered.
+// once are not ordered. One goroutine calls the done of every write in
+// turn: done must not wait long (the device's other completions wait
+// behind it) and must not call WriteAsync on the same device (which may
+// wait for a slot that only a completion frees).
 func (d *Device) WriteAsync(p []byte, off int64, fua bool, done func(error)) {
 	if err := d.check(off, int64(len(p)), true); err != nil {
 		done(err)
@@ -162,7 +166,6 @@ func (a *aioRing) submit(w aioWrite) {
 		cb.rwFlags = unix.RWF_DSYNC
 	}
 	a.inflight++
-	a.cond.Broadcast() // the reaper waits for something in flight
 	a.mu.Unlock()
 	// After io_submit the slot is the reaper's: it may complete it before
 	// the call returns.
@@ -175,6 +178,12 @@ func (a *aioRing) submit(w aioWrite) {
 		}
 	}
 	if errno == 0 {
+		// Only now does the reaper wait for a completion: it never waits
+		// in io_getevents for a write the kernel did not take.
+		a.mu.Lock()
+		a.submitted++
+		a.cond.Broadcast()
+		a.mu.Unlock()
 		return
 	}
 	a.release(i)
@@ -204,12 +213,12 @@ func (a *aioRing) reap() {
 	events := make([]ioEvent, aioSlots)
 	for {
 		a.mu.Lock()
-		for a.inflight == 0 && !a.closed {
+		for a.submitted == 0 && !a.closed {
 			a.cond.Wait()
 		}
-		if a.inflight == 0 {
+		if a.submitted == 0 {
 			a.mu.Unlock()
-			return // closed
+			return // closed, and close waited for every write
 		}
 		a.mu.Unlock()
 		n, _, errno := unix.Syscall6(unix.SYS_IO_GETEVENTS, a.ctx, 1, uintptr(len(events)), uintptr(unsafe.Pointer(&events[0])), 0, 0)
@@ -225,6 +234,7 @@ func (a *aioRing) reap() {
 			i := int(ev.data)
 			a.mu.Lock()
 			w := a.slots[i]
+			a.submitted--
 			a.mu.Unlock()
 			err := a.result(w, ev.res)
 			a.release(i)

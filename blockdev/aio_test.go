@@ -232,3 +232,45 @@ func TestAIORing_Result(t *testing.T) {
 		})
 	}
 }
+
+// A write the kernel does not take (here: the direct handle is read-only,
+// so io_submit fails with EBADF) is written through the page cache, and
+// Close still returns: the reaper never waits for a completion of a write
+// that was not submitted.
+func TestDevice_WriteAsyncNotSubmitted(t *testing.T) {
+	path := newFile(t, 1<<20)
+	d, err := Open(path, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !d.AsyncDirect() {
+		d.Close()
+		t.Fatal("no asynchronous direct writes on this machine's temp directory")
+	}
+	ro, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.direct.Close()
+	d.direct = ro
+	p := alignedBuf(4096)
+	for i := range 100 {
+		p[0] = byte(i + 1)
+		if res := writeAsync(t, d, p, 4096*int64(i%8), false); res.err != nil || !res.inline {
+			t.Fatalf("write %d: %v (reported before returning: %v), want it written through the page cache at once", i, res.err, res.inline)
+		}
+	}
+	checkLanded(t, d, "after refused submissions", p, 4096*int64(99%8), false)
+	closed := make(chan struct{})
+	go func() {
+		if err := d.Close(); err != nil {
+			t.Error(err)
+		}
+		close(closed)
+	}()
+	select {
+	case <-closed:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close did not return within 10 s after refused submissions")
+	}
+}

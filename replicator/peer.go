@@ -674,7 +674,7 @@ func (p *peer) receiveWrite(m wire.Write, buf []byte) error {
 			p.s.Recycle(buf)
 		}
 		unlock()
-		if direct && !p.dev.Direct() {
+		if direct && !p.dev.Direct() && r.directRefused.CompareAndSwap(false, true) {
 			r.log.Warn("the disk refused an O_DIRECT write: replicated writes go through the page cache from now on", "disk", p.dev.Path())
 		}
 		if err == nil {
@@ -757,7 +757,7 @@ func (p *peer) retireLocked() (retired, urgent bool) {
 		e := p.epochs[n]
 		p.ackQueue = append(p.ackQueue, wire.BarrierAck{Epoch: e.num, Writes: e.writes})
 		p.ackDirty = p.ackDirty || e.writes > 0
-		urgent = urgent || e.num <= p.urgent
+		urgent = urgent || e.num == p.urgent // (no later barrier arrives before its ack)
 		n++
 	}
 	if n > 0 {

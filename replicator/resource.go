@@ -80,6 +80,7 @@ type Resource struct {
 	throttled     atomic.Uint64 // resync requests c-min-rate held back, since the start
 	flushGap      time.Duration // the least time between two flushes at barriers (tests lengthen it)
 	local         atomic.Int64  // requests in flight on the disk
+	directRefused atomic.Bool   // the disk refused an O_DIRECT write (logged once)
 
 	// The link to the peer (link.go, peer.go): the transport while not
 	// StandAlone, the current session, what the peer last said.
@@ -848,7 +849,7 @@ func (r *Resource) Snapshot() Snapshot {
 		DW: r.written.Load() / 1024, DR: r.read.Load() / 1024,
 		LO: r.local.Load(), AP: int64(inflight), EP: 1, WO: 'f'}
 	if !r.cfg.Disk.DiskFlushes {
-		s.Counters.WO = 'd'
+		s.Counters.WO = 'n' // nothing orders epochs but their flushes
 	}
 	if p != nil {
 		s.Counters.PE = p.tl.entriesInFlight()

@@ -519,6 +519,10 @@ func (p *peer) serveResync(m wire.ResyncRequest) error {
 			return protoErr("resync request with %d-byte digests, csums-alg here is %q", m.DigestSize(), r.cfg.Net.CsumsAlg)
 		}
 	}
+	// The peer's writes that came before this request on the data stream
+	// and overlap it are written before it is read (they may still be in
+	// flight: small ones asynchronously, large ones in parallel).
+	p.recvLock.lock(int64(m.Offset), int64(m.Length))()
 	select {
 	case p.serve <- struct{}{}:
 	case <-p.ctx.Done():

@@ -69,7 +69,8 @@ func (bp *bufPool) get(n int) []byte {
 	}
 	// The heap never moves an object: a buffer placed once stays aligned
 	// for as long as the pool recycles it. Its capacity is exactly the
-	// class's, so put recognises it.
+	// class's, so put recognises it. Placing costs up to a page: a 4 KiB
+	// write's buffer takes about 8.5 KiB, recycled.
 	size := bufSize(k)
 	b := make([]byte, size+PageAlign)
 	at := alignedStart(b, bp.align)
