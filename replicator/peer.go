@@ -550,6 +550,10 @@ func (p *peer) dataLoop() error {
 		switch m := m.(type) {
 		case wire.Write:
 			err = p.receiveWrite(m, payload)
+			if err == nil {
+				// A failed send ends the session: the next Recv says so.
+				p.acks.sendQueued(ackBurst, false, p.sendAcks)
+			}
 		case wire.ResyncReply:
 			err = p.receiveResyncReply(m, payload)
 		default:
