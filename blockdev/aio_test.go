@@ -109,20 +109,28 @@ func TestDevice_WriteAsync(t *testing.T) {
 	}
 }
 
-// Many more writes than the ring has slots, from several goroutines at
-// once, all complete with their data in place; Close returns only after
-// every done was called.
-func TestDevice_WriteAsyncMany(t *testing.T) {
-	const blocks = 2048 // 8 MiB in 4 KiB blocks, 16 rings' worth
-	path := newFile(t, blocks*4096)
+// openAsync opens path for writing and fails the test unless WriteAsync
+// goes to it asynchronously; the caller closes it.
+func openAsync(t *testing.T, path string) *Device {
+	t.Helper()
 	d, err := Open(path, false)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if !d.AsyncDirect() {
 		d.Close()
-		t.Fatal("no asynchronous direct writes on this machine's temp directory")
+		t.Fatal("no asynchronous direct writes: the machine's temp directory must be on a disk that takes O_DIRECT, and the kernel must have AIO")
 	}
+	return d
+}
+
+// Many more writes than the ring has slots, from several goroutines at
+// once, all complete with their data in place; Close returns only after
+// every done was called.
+func TestDevice_WriteAsyncMany(t *testing.T) {
+	const blocks = 2048 // 8 MiB in 4 KiB blocks, 16 rings' worth
+	path := newFile(t, blocks*4096)
+	d := openAsync(t, path)
 	var completed, failed atomic.Int64
 	var wg sync.WaitGroup
 	const writers = 4
@@ -152,7 +160,7 @@ func TestDevice_WriteAsyncMany(t *testing.T) {
 	if c := completed.Load(); c != blocks {
 		t.Fatalf("Close returned with %d of %d writes completed", c, blocks)
 	}
-	d, err = Open(path, true)
+	d, err := Open(path, true)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -190,20 +198,14 @@ func TestAIORing_Result(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			d, err := Open(newFile(t, 1<<20), false)
-			if err != nil {
-				t.Fatal(err)
-			}
+			d := openAsync(t, newFile(t, 1<<20))
 			defer d.Close()
-			if !d.AsyncDirect() {
-				t.Fatal("no asynchronous direct writes on this machine's temp directory")
-			}
 			p := alignedBuf(8192)
 			for i := range p {
 				p[i] = byte(i%251 + 1)
 			}
 			// The kernel did not write it: only result writes anything.
-			err = d.aio.result(aioWrite{p: p, off: 64 << 10}, tc.res(len(p)))
+			err := d.aio.result(aioWrite{p: p, off: 64 << 10}, tc.res(len(p)))
 			if !errors.Is(err, tc.err) {
 				t.Fatalf("%v, want %v", err, tc.err)
 			}
@@ -239,14 +241,7 @@ func TestAIORing_Result(t *testing.T) {
 // that was not submitted.
 func TestDevice_WriteAsyncNotSubmitted(t *testing.T) {
 	path := newFile(t, 1<<20)
-	d, err := Open(path, false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !d.AsyncDirect() {
-		d.Close()
-		t.Fatal("no asynchronous direct writes on this machine's temp directory")
-	}
+	d := openAsync(t, path)
 	ro, err := os.Open(path)
 	if err != nil {
 		t.Fatal(err)
