@@ -46,12 +46,12 @@ func (a *acker) queue(acks ...wire.Message) {
 	}
 }
 
-// take returns everything queued if that is at least min acks, and
+// take returns everything queued if that is at least least acks, and
 // empties the queue, which goes on in spare's array; otherwise nil.
-func (a *acker) take(min int, spare []wire.Message) []wire.Message {
+func (a *acker) take(least int, spare []wire.Message) []wire.Message {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if len(a.q) < min || len(a.q) == 0 {
+	if len(a.q) < least || len(a.q) == 0 {
 		return nil
 	}
 	batch := a.q
@@ -59,10 +59,10 @@ func (a *acker) take(min int, spare []wire.Message) []wire.Message {
 	return batch
 }
 
-// sendQueued sends the queued acks with send if at least min are queued;
+// sendQueued sends the queued acks with send if at least least are queued;
 // with wait false, not if another batch is being sent (that sender's
 // next round takes them). A batch is sent whole before the next is taken.
-func (a *acker) sendQueued(min int, wait bool, send func([]wire.Message) error) error {
+func (a *acker) sendQueued(least int, wait bool, send func([]wire.Message) error) error {
 	if wait {
 		a.sendMu.Lock()
 	} else if !a.sendMu.TryLock() {
@@ -71,7 +71,7 @@ func (a *acker) sendQueued(min int, wait bool, send func([]wire.Message) error) 
 	defer a.sendMu.Unlock()
 	// batch and spare are never the same array: the queue fills the one
 	// while the other is sent.
-	batch := a.take(min, a.spare)
+	batch := a.take(least, a.spare)
 	if batch == nil {
 		return nil
 	}
