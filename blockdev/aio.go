@@ -81,7 +81,7 @@ type aioRing struct {
 	slots     []aioWrite // by slot
 	free      []int      // free slots
 	inflight  int        // slots taken
-	submitted int        // writes the kernel took and the reaper has not yet completed
+	submitted int        // writes the kernel took and the reaper has not yet completed (see reap)
 	closed    bool
 	wg        sync.WaitGroup
 }
@@ -212,11 +212,14 @@ func (a *aioRing) reap() {
 	defer a.wg.Done()
 	events := make([]ioEvent, aioSlots)
 	for {
+		// submitted may be below 0 for a moment: a completion can come
+		// with another's before its submitter counted it. Then nothing is
+		// outstanding to wait for.
 		a.mu.Lock()
-		for a.submitted == 0 && !a.closed {
+		for a.submitted <= 0 && !a.closed {
 			a.cond.Wait()
 		}
-		if a.submitted == 0 {
+		if a.submitted <= 0 {
 			a.mu.Unlock()
 			return // closed, and close waited for every write
 		}
