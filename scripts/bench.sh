@@ -15,19 +15,23 @@
 # through any server crawl at ~30k IOPS, which measures the page cache, not
 # the server.
 #
-# ROUNDS (default 3) and RUNTIME (seconds per fio job, default 10) tune it;
+# ROUNDS (default 3; 5 for the replication part's fio jobs) and RUNTIME
+# (seconds per fio job, default 10) tune it;
 # BENCH selects the parts (default "nbd meta transport resource
 # replication"): nbd is the fio comparison, meta the bitmap and metadata
 # benchmarks, transport the peer link's throughput, compression and rate
 # limiter, resource the write path of a resource in `nbdmirror daemon`
 # (activity log and bitmap marking, no peer) against `nbdmirror serve` on the
 # same file with the same fio jobs, replication two daemons in two network
-# namespaces (root; see run_replication; about 5 minutes at the defaults).
+# namespaces (root; see run_replication; about 15 minutes at the defaults).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 parts=${BENCH:-nbd meta transport resource replication}
 rounds=${ROUNDS:-3}
+# The replication part's fio jobs, whose targets are ratios that the
+# machine's load moves by a few per cent from run to run: medians of 5.
+fio_rounds=${ROUNDS:-5}
 runtime=${RUNTIME:-10}
 out=${OUT:-$(mktemp -d /tmp/nbdmirror-bench.XXXXXX)}
 img=$out/disk.img
@@ -681,11 +685,11 @@ run_replication() {
 	# disk files (sparse-*), where ext4 allocates the blocks as they are
 	# written back
 	configs=(alone protoA protoC protoAnf protoCnf protoC128 sparse-alone sparse-protoA sparse-protoC)
-	for ((r = 1; r <= rounds; r++)); do
+	for ((r = 1; r <= fio_rounds; r++)); do
 		for ((i = 0; i < ${#configs[@]}; i++)); do
 			c=${configs[$(((i + r - 1) % ${#configs[@]}))]}
 			rep_label="fio $c, round $r"
-			echo "bench: round $r/$rounds: $rep_label"
+			echo "bench: round $r/$fio_rounds: $rep_label"
 			case $c in
 			alone | sparse-alone) rep_conf=$rdir/protoA.conf ;;
 			protoC128) rep_conf=$rdir/protoC.conf ;;
