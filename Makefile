@@ -15,14 +15,31 @@ FUZZ_TARGETS := ./nbd:FuzzRequest ./nbd:FuzzNegotiation ./nbd:FuzzTransmission \
 	./bitmap:FuzzPage ./metadisk:FuzzSuperblock ./metadisk:FuzzALBlock ./replicator/config:FuzzParse \
 	./transport:FuzzFrame ./transport:FuzzHandshake ./replicator/wire:FuzzDecode
 
+# make install: PREFIX for the binary, man page and completion, UNITDIR for
+# the systemd units (their ExecStart names PREFIX's binary); DESTDIR stages.
+PREFIX ?= /usr
+SBINDIR ?= $(PREFIX)/sbin
+MANDIR ?= $(PREFIX)/share/man
+COMPLETIONDIR ?= $(PREFIX)/share/bash-completion/completions
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+
 .DEFAULT_GOAL := help
-.PHONY: help build deps test unit integration fuzz lint bench demo clean
+.PHONY: help build deps test unit integration fuzz lint bench demo clean install
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-build: ## build bin/nbdmirror
-	$(GO) build -trimpath -ldflags "-X main.Version=$(VERSION)" -o $(BIN) ./cmd/nbdmirror
+build: ## build bin/nbdmirror (without cgo: the daemon marks all its threads I/O flushers)
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-X main.Version=$(VERSION)" -o $(BIN) ./cmd/nbdmirror
+
+install: build ## install the binary, systemd units, man page and bash completion (DESTDIR, PREFIX, UNITDIR)
+	install -D -m 0755 $(BIN) $(DESTDIR)$(SBINDIR)/nbdmirror
+	install -d $(DESTDIR)$(UNITDIR) $(DESTDIR)$(MANDIR)/man8 $(DESTDIR)$(COMPLETIONDIR)
+	for u in nbdmirror.service nbdmirror@.service; do \
+		sed 's|@SBINDIR@|$(SBINDIR)|g' dist/systemd/$$u.in > $(DESTDIR)$(UNITDIR)/$$u && chmod 0644 $(DESTDIR)$(UNITDIR)/$$u; \
+	done
+	$(BIN) man | gzip -9n > $(DESTDIR)$(MANDIR)/man8/nbdmirror.8.gz
+	$(BIN) completion > $(DESTDIR)$(COMPLETIONDIR)/nbdmirror
 
 deps: ## install the Debian packages (apt-get) and Go modules the tests need
 	@./scripts/deps.sh

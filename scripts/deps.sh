@@ -16,6 +16,7 @@ packages=(
 	nftables iproute2 kmod
 	e2fsprogs mount util-linux
 	rsync
+	systemd man-db  # systemd-analyze verify/security of the units (and man for their Documentation=)
 )
 
 missing=()

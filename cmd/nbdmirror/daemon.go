@@ -92,6 +92,7 @@ func (m *Main) daemon(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	ioFlusher(log)
 	d := &daemon{log: log, cfg: cfg, node: node, runDir: c.String("run-dir"), kick: make(chan struct{}, 1),
 		ready: m.Ready}
 	for i, rc := range cfg.Resources {
