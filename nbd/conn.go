@@ -176,6 +176,7 @@ func (c *conn) requests() error {
 		if !c.acquire(cost) {
 			return errStopped
 		}
+		began := c.observeStart(req.Type)
 		if v.errno != 0 {
 			if req.Type == CmdWrite {
 				if _, err := br.Discard(int(req.Length)); err != nil {
@@ -186,6 +187,7 @@ func (c *conn) requests() error {
 			c.log.Debug("nbd request refused", "cmd", cmdName(req.Type), "offset", req.Offset,
 				"length", req.Length, "flags", req.Flags, "err", v.errno)
 			c.out.send(reply{cookie: req.Cookie, errno: v.errno, cost: cost})
+			c.observeDone(req.Type, began, true)
 			continue
 		}
 		var payload *[]byte
@@ -197,8 +199,27 @@ func (c *conn) requests() error {
 				return c.readErr(err)
 			}
 		}
-		c.dispatch(work{req: req, payload: payload, cost: cost})
+		c.dispatch(work{req: req, payload: payload, cost: cost, began: began})
 	}
+}
+
+// observeStart tells the server's Observer a request of type cmd was read
+// and returns when (the zero time without an Observer).
+func (c *conn) observeStart(cmd uint16) time.Time {
+	if c.srv.Observer == nil {
+		return time.Time{}
+	}
+	c.srv.Observer.RequestStarted(c.export.Name, cmdName(cmd))
+	return time.Now()
+}
+
+// observeDone tells the server's Observer a request read at began has its
+// reply queued.
+func (c *conn) observeDone(cmd uint16, began time.Time, failed bool) {
+	if c.srv.Observer == nil {
+		return
+	}
+	c.srv.Observer.RequestDone(c.export.Name, cmdName(cmd), time.Since(began), failed)
 }
 
 // work is one validated request for a worker.
@@ -206,6 +227,7 @@ type work struct {
 	req     Request
 	payload *[]byte // WRITE data
 	cost    int64
+	began   time.Time // when it was read (for the Observer)
 }
 
 // dispatch hands a request to a free worker, or starts one with it, so no
@@ -234,7 +256,7 @@ func (c *conn) worker(first work) {
 	defer c.handlers.Done()
 	for w, ok := first, true; ok; w, ok = <-c.work {
 		c.out.started()
-		c.handle(w.req, w.payload, w.cost)
+		c.handle(w.req, w.payload, w.cost, w.began)
 	}
 }
 
@@ -263,7 +285,7 @@ func (c *conn) release(cost int64) {
 }
 
 // handle executes one validated request and queues its reply.
-func (c *conn) handle(req Request, payload *[]byte, cost int64) {
+func (c *conn) handle(req Request, payload *[]byte, cost int64, began time.Time) {
 	be := c.export.Backend
 	r := reply{cookie: req.Cookie, cost: cost}
 	fua, noHole := req.Flags&CmdFlagFUA != 0, req.Flags&CmdFlagNoHole != 0
@@ -311,6 +333,7 @@ func (c *conn) handle(req Request, payload *[]byte, cost int64) {
 		c.backendFailed(req, err)
 	}
 	c.out.send(r)
+	c.observeDone(req.Type, began, err != nil)
 }
 
 // backendFailed logs the first backend error of the connection at Warn and

@@ -8,6 +8,8 @@ import (
 	"io"
 	"net"
 	"runtime"
+	"slices"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -549,4 +551,84 @@ func TestTransmission_FastRequestNotBehindSlow(t *testing.T) {
 		t.Fatalf("slow read: %v cookie %d", errno, cookie)
 	}
 	c.read(4096)
+}
+
+// recorder is an Observer that keeps what it was told.
+type recorder struct {
+	mu     sync.Mutex
+	events []string
+}
+
+func (r *recorder) RequestStarted(export, op string) { r.add("start " + export + " " + op) }
+
+func (r *recorder) RequestDone(export, op string, took time.Duration, failed bool) {
+	ev := "done " + export + " " + op
+	if failed {
+		ev += " failed"
+	}
+	if took <= 0 {
+		ev += " without a duration"
+	}
+	r.add(ev)
+}
+
+func (r *recorder) add(ev string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.events = append(r.events, ev)
+}
+
+// expect waits (10 s at most) until the events since the last expect are
+// as many as want, checks them, and forgets them. The reply can reach the
+// client before the Observer hears that it was queued.
+func (r *recorder) expect(t *testing.T, what string, want ...string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		r.mu.Lock()
+		got := slices.Clone(r.events)
+		if len(got) >= len(want) || time.Now().After(deadline) {
+			r.events = nil
+			r.mu.Unlock()
+			if !slices.Equal(got, want) {
+				t.Fatalf("%s: events %q, want %q", what, got, want)
+			}
+			return
+		}
+		r.mu.Unlock()
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// TestTransmission_Observer: the server's Observer hears of every request
+// as it is read and again once its reply is queued, by export and command,
+// with its duration; refused requests (validation) and backend failures
+// are reported failed.
+func TestTransmission_Observer(t *testing.T) {
+	failing := newMem(1 << 20)
+	failing.failWrite = syscall.EIO
+	rec := &recorder{}
+	cat := &Exports{}
+	for _, e := range []*Export{{Name: "disk", Backend: newMem(1 << 20)}, {Name: "bad", Backend: failing}} {
+		if err := cat.Add(e); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_, path := startServer(t, cat, func(s *Server) { s.Observer = rec })
+	disk, bad := open(t, path, "disk"), open(t, path, "bad")
+	for _, st := range []struct {
+		c    *client
+		req  Request
+		data []byte
+		want []string
+	}{
+		{disk, Request{Type: CmdWrite, Cookie: 1, Length: 4096}, make([]byte, 4096), []string{"start disk write", "done disk write"}},
+		{disk, Request{Type: CmdRead, Cookie: 2, Length: 512}, nil, []string{"start disk read", "done disk read"}},
+		{disk, Request{Type: CmdFlush, Cookie: 3}, nil, []string{"start disk flush", "done disk flush"}},
+		{disk, Request{Type: CmdRead, Cookie: 4, Offset: 1 << 20, Length: 512}, nil, []string{"start disk read", "done disk read failed"}},
+		{bad, Request{Type: CmdWrite, Cookie: 5, Length: 4096}, make([]byte, 4096), []string{"start bad write", "done bad write failed"}},
+	} {
+		st.c.do(st.req, st.data)
+		rec.expect(t, cmdName(st.req.Type), st.want...)
+	}
 }

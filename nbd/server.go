@@ -45,6 +45,8 @@ type Server struct {
 	// MaxTotalInFlightBytes bounds payload bytes in flight over all
 	// connections.
 	MaxTotalInFlightBytes int64
+	// Observer, if set, is told of every transmission request (metrics).
+	Observer Observer
 
 	initOnce sync.Once
 	log      *slog.Logger
@@ -59,6 +61,17 @@ type Server struct {
 	lastLimit atomic.Int64   // unix nanos of the last "too many connections" log
 
 	replyWrites atomic.Int64 // write system calls carrying replies
+}
+
+// Observer receives a server's request events. Its methods run on the
+// goroutines that serve the requests and must not block.
+type Observer interface {
+	// RequestStarted: a request of command op ("read", "write", "flush",
+	// "trim", "write_zeroes", ...) for export was read.
+	RequestStarted(export, op string)
+	// RequestDone: its reply is queued, took after the request was read;
+	// failed: the reply is an error.
+	RequestDone(export, op string, took time.Duration, failed bool)
 }
 
 func (s *Server) init() {

@@ -137,10 +137,23 @@ func (r *Resource) disconnect(reason string) {
 	<-done
 	tr.Close()
 	r.mu.Lock()
+	r.authBefore.Add(tr.Stats().AuthFailures)
 	r.tr, r.connCancel, r.connDone = nil, nil, nil
 	r.setConn(StandAlone)
 	r.mu.Unlock()
 	r.change()
+}
+
+// authFailures returns the peer connections refused for failed
+// authentication since the daemon started.
+func (r *Resource) authFailures() uint64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	n := r.authBefore.Load()
+	if r.tr != nil {
+		n += r.tr.Stats().AuthFailures
+	}
+	return n
 }
 
 // standAlone ends connecting from inside the connection loop (a refused
@@ -148,6 +161,7 @@ func (r *Resource) disconnect(reason string) {
 func (r *Resource) standAlone(tr *transport.Transport) {
 	r.mu.Lock()
 	if r.tr == tr {
+		r.authBefore.Add(tr.Stats().AuthFailures)
 		r.tr, r.connCancel, r.connDone = nil, nil, nil
 		r.setConn(StandAlone)
 	}

@@ -328,6 +328,20 @@ func newFakePeer(t *testing.T, p *pair, st wire.State) *fakePeer {
 	return f
 }
 
+// recv returns the next message the fake peer receives on stream st.
+func (f *fakePeer) recv(t *testing.T, st transport.Stream) wire.Message {
+	t.Helper()
+	m, err := f.s.Recv(st)
+	if err != nil {
+		t.Fatal(err)
+	}
+	msg, err := wire.Decode(m.Type, m.Payload)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return msg
+}
+
 func (f *fakePeer) send(t *testing.T, m wire.Message) {
 	t.Helper()
 	if err := f.s.Send(transport.Data, m.Type(), wire.Encode(m)); err != nil {
@@ -823,5 +837,60 @@ func TestPair_CMinRate(t *testing.T) {
 			}
 			p.same()
 		})
+	}
+}
+
+// TestPair_Backlog: a Primary's snapshot shows the replicated writes not
+// yet on the peer's stable storage (pending bytes) and how long the oldest
+// has waited (lag, growing), through the write ack, until the barrier ack
+// of its epoch; then none. The peer is a fake Secondary that answers only
+// when the test says.
+func TestPair_Backlog(t *testing.T) {
+	p, f := connectFake(t, wire.State{Role: uint8(RoleSecondary), Disk: uint8(UpToDate)})
+	if err := p.alpha.Primary(false); err != nil {
+		t.Fatal(err)
+	}
+	if s := p.alpha.Snapshot(); s.PendingBytes != 0 || s.Lag != 0 {
+		t.Fatalf("before any write: pending %d, lag %v", s.PendingBytes, s.Lag)
+	}
+	written := make(chan error, 1)
+	go func() { written <- p.alpha.WriteAt(bytes.Repeat([]byte{7}, 8192), 0, false) }()
+	// The write as the peer receives it (after the handshake's messages).
+	var w wire.Write
+	for {
+		if mw, ok := f.recv(t, transport.Data).(wire.Write); ok {
+			w = mw
+			break
+		}
+	}
+	first := p.alpha.Snapshot()
+	if first.PendingBytes != 8192 || first.Lag <= 0 {
+		t.Fatalf("a write sent, not acked: pending %d, lag %v; want 8192 and > 0", first.PendingBytes, first.Lag)
+	}
+	p.wait(p.alpha, "the lag to grow", func(s Snapshot) bool { return s.Lag >= first.Lag+20*time.Millisecond })
+	if err := f.s.Send(transport.Control, wire.TypeWriteAck, wire.Encode(wire.WriteAck{Seq: w.Seq, Status: wire.AckOK})); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-written; err != nil {
+		t.Fatal(err)
+	}
+	if s := p.alpha.Snapshot(); s.PendingBytes != 8192 || s.Lag < first.Lag {
+		t.Fatalf("written and acked, not barrier-acked: pending %d, lag %v; want 8192 and ≥ %v", s.PendingBytes, s.Lag, first.Lag)
+	}
+	flushed := make(chan error, 1)
+	go func() { flushed <- p.alpha.Flush() }()
+	for {
+		if b, ok := f.recv(t, transport.Data).(wire.Barrier); ok && b.Epoch == w.Epoch {
+			if err := f.s.Send(transport.Control, wire.TypeBarrierAck, wire.Encode(wire.BarrierAck{Epoch: b.Epoch, Writes: b.Writes})); err != nil {
+				t.Fatal(err)
+			}
+			break
+		}
+	}
+	if err := <-flushed; err != nil {
+		t.Fatal(err)
+	}
+	if s := p.alpha.Snapshot(); s.PendingBytes != 0 || s.Lag != 0 {
+		t.Fatalf("after the barrier ack: pending %d, lag %v; want none", s.PendingBytes, s.Lag)
 	}
 }

@@ -100,6 +100,10 @@ type Resource struct {
 	ranges  *rangeLock // application writes against resync reads
 
 	netSent, netRecv atomic.Uint64 // bytes sent to and received from the peer
+	resyncBytes      atomic.Uint64 // resync data written as SyncTarget or sent as SyncSource
+	// authBefore counts the authentication failures of the transports
+	// already closed (the current one's are in its Stats).
+	authBefore atomic.Uint64
 }
 
 // New returns the resource described by o, Diskless, Secondary and
@@ -845,8 +849,12 @@ func (r *Resource) Snapshot() Snapshot {
 		rs = p.rs
 	}
 	r.mu.Unlock()
-	s.Counters = Counters{NS: r.netSent.Load() / 1024, NR: r.netRecv.Load() / 1024,
-		DW: r.written.Load() / 1024, DR: r.read.Load() / 1024,
+	s.SentBytes, s.ReceivedBytes = r.netSent.Load(), r.netRecv.Load()
+	s.WrittenBytes, s.ReadBytes = r.written.Load(), r.read.Load()
+	s.ResyncBytes = r.resyncBytes.Load()
+	s.AuthFailures = r.authFailures()
+	s.Counters = Counters{NS: s.SentBytes / 1024, NR: s.ReceivedBytes / 1024,
+		DW: s.WrittenBytes / 1024, DR: s.ReadBytes / 1024,
 		LO: r.local.Load(), AP: int64(inflight), EP: 1, WO: 'f'}
 	if !r.cfg.Disk.DiskFlushes {
 		s.Counters.WO = 'n' // nothing orders epochs but their flushes
@@ -854,6 +862,7 @@ func (r *Resource) Snapshot() Snapshot {
 	if p != nil {
 		s.Counters.PE = p.tl.entriesInFlight()
 		s.Counters.EP = p.epochsAlive()
+		s.PendingBytes, s.Lag = p.tl.backlog(time.Now())
 	}
 	if s.Conn >= Unconnected {
 		s.Protocol = r.cfg.Net.Protocol

@@ -581,7 +581,9 @@ func (p *peer) serveResync(m wire.ResyncRequest) error {
 		// stays untouched until SendMany returns.
 		if err := p.s.SendMany(transport.Data, encodeAll([]wire.Message{reply}, &p.r.netSent)); err != nil {
 			p.fail(err)
+			return
 		}
+		r.resyncBytes.Add(uint64(len(reply.Data)))
 	}()
 	return nil
 }
@@ -676,6 +678,7 @@ func (p *peer) receiveResyncReply(m wire.ResyncReply, buf []byte) error {
 			return
 		}
 		r.written.Add(uint64(len(m.Data)))
+		r.resyncBytes.Add(uint64(len(m.Data)))
 		rs.mu.Lock()
 		rs.sent += uint64(len(m.Data))
 		rs.landed = append(rs.landed, want)

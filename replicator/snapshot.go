@@ -29,6 +29,23 @@ type Snapshot struct {
 	ALSuspended bool // activity-log updates suspended
 
 	Counters Counters
+	// The byte counts behind Counters' KiB: sent to and received from the
+	// peer (messages, before transport framing), written to and read from
+	// the disk for the application and the peer.
+	SentBytes, ReceivedBytes, WrittenBytes, ReadBytes uint64
+	// ResyncBytes is the resync data this node wrote as SyncTarget or
+	// sent as SyncSource, since the daemon started.
+	ResyncBytes uint64
+	// PendingBytes are the replicated writes sent to the peer and not yet
+	// on its stable storage (barrier-acked); Lag is how long the oldest of
+	// them has waited (0 when there is none): what a failover now would
+	// lose under protocol A.
+	PendingBytes int64
+	Lag          time.Duration
+	// AuthFailures counts the peer's connections refused for failed
+	// authentication (a proof, a certificate, a node name), since the
+	// daemon started.
+	AuthFailures uint64
 	// OutOfSyncBytes is what the bitmap marks: set bits × 4 KiB.
 	OutOfSyncBytes uint64
 	UUIDs          UUIDs

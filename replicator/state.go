@@ -19,6 +19,23 @@ var roleNames = [...]string{"Unknown", "Primary", "Secondary"}
 
 func (r Role) String() string { return name(roleNames[:], int(r), "Role") }
 
+// Roles returns every role, in order.
+func Roles() []Role { return all[Role](len(roleNames)) }
+
+// DiskStates returns every disk state, in order.
+func DiskStates() []DiskState { return all[DiskState](len(diskNames)) }
+
+// ConnStates returns every connection state, in order.
+func ConnStates() []ConnState { return all[ConnState](len(connNames)) }
+
+func all[T ~uint8](n int) []T {
+	v := make([]T, n)
+	for i := range v {
+		v[i] = T(i)
+	}
+	return v
+}
+
 // MarshalText writes the DRBD name.
 func (r Role) MarshalText() ([]byte, error) { return []byte(r.String()), nil }
 

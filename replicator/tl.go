@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/nbdmirror/nbdmirror/metadisk"
 	"github.com/nbdmirror/nbdmirror/replicator/wire"
@@ -33,6 +34,7 @@ type tlEpoch struct {
 	entries []*tlEntry
 	closed  bool          // its barrier was sent
 	done    chan struct{} // closed on the barrier ack, or at a loss
+	born    time.Time     // when its first write was logged
 }
 
 // tlog is the transfer log of one session.
@@ -111,6 +113,9 @@ func (t *tlog) submit(off, n int64, span metadisk.Span, kind uint8, fua bool, da
 	if t.ackC {
 		e.acked = make(chan struct{})
 		t.bySeq[e.seq] = e
+	}
+	if len(ep.entries) == 0 {
+		ep.born = time.Now()
 	}
 	ep.entries = append(ep.entries, e)
 	t.pending += n
@@ -322,6 +327,19 @@ func (t *tlog) inFlight() int64 {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	return t.pending
+}
+
+// backlog returns the bytes sent and not yet barrier-acked and how long
+// the oldest of those writes has waited at now (0 when there is none).
+func (t *tlog) backlog(now time.Time) (int64, time.Duration) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for _, ep := range t.epochs {
+		if len(ep.entries) > 0 {
+			return t.pending, max(0, now.Sub(ep.born))
+		}
+	}
+	return t.pending, 0
 }
 
 // entriesInFlight returns the writes sent and not yet barrier-acked.

@@ -21,6 +21,7 @@ import (
 	"github.com/urfave/cli/v2"
 	"golang.org/x/sys/unix"
 
+	"github.com/nbdmirror/nbdmirror/metrics"
 	"github.com/nbdmirror/nbdmirror/nbd"
 	"github.com/nbdmirror/nbdmirror/replicator"
 	"github.com/nbdmirror/nbdmirror/replicator/config"
@@ -42,6 +43,8 @@ func (m *Main) daemonCommand() *cli.Command {
 			&cli.StringSliceFlag{Name: "nbd-listen", EnvVars: []string{"NBDMIRROR_NBD_LISTEN"},
 				Usage: "serve NBD on `ADDR`: unix:PATH or HOST:PORT (repeatable; default unix:<run-dir>/nbd.sock)"},
 			&cli.StringSliceFlag{Name: "up", Usage: "bring `RES` up at start (repeatable; all for every resource)"},
+			&cli.StringFlag{Name: "metrics-listen", EnvVars: []string{"NBDMIRROR_METRICS_LISTEN"},
+				Usage: "serve Prometheus metrics at http://`HOST:PORT`/metrics (default: none)"},
 		},
 		Action: m.daemon,
 	}
@@ -56,9 +59,13 @@ type daemon struct {
 	runDir string
 	res    []*resource // in configuration order
 	srv    *nbd.Server
-	events broadcaster
-	kick   chan struct{} // the status file is due
-	ready  func()        // Main.Ready
+	// metricsL and metrics: --metrics-listen's listener and handler (nil
+	// without it).
+	metricsL net.Listener
+	metrics  http.Handler
+	events   broadcaster
+	kick     chan struct{} // the status file is due
+	ready    func()        // Main.Ready
 
 	// ops counts admin requests in progress; stopping (under ops's write
 	// lock) refuses new ones, so a stop never races an attach.
@@ -146,6 +153,19 @@ func (m *Main) daemon(c *cli.Context) error {
 		nbdLs = append(nbdLs, l)
 	}
 	d.srv = &nbd.Server{Catalog: d, Logger: log}
+	if addr := c.String("metrics-listen"); addr != "" {
+		l, err := net.Listen("tcp", addr)
+		if err != nil {
+			ctl.Close()
+			for _, l := range nbdLs {
+				l.Close()
+			}
+			return failf(ExitFailed, "nbdmirror daemon: --metrics-listen %s: %v (give a free HOST:PORT, e.g. 127.0.0.1:9942)", addr, err)
+		}
+		mx := metrics.New(version(), d.snapshots)
+		d.srv.Observer = mx
+		d.metricsL, d.metrics = l, mx.Handler()
+	}
 	return d.run(c.Context, ctl, nbdLs, up)
 }
 
@@ -156,13 +176,23 @@ func (d *daemon) run(ctx context.Context, ctl net.Listener, nbdLs []net.Listener
 	defer signal.Stop(sigs)
 
 	var wg sync.WaitGroup
-	errc := make(chan error, len(nbdLs)+1)
+	errc := make(chan error, len(nbdLs)+2)
 	for _, l := range nbdLs {
 		wg.Go(func() { errc <- d.srv.Serve(l) })
 	}
 	api := &http.Server{Handler: d.handler(), ReadHeaderTimeout: 10 * time.Second,
 		ErrorLog: slog.NewLogLogger(d.log.Handler(), slog.LevelWarn)}
 	wg.Go(func() { errc <- api.Serve(ctl) })
+	var metricsSrv *http.Server
+	metricsAddr := ""
+	if d.metricsL != nil {
+		mux := http.NewServeMux()
+		mux.Handle("GET /metrics", d.metrics)
+		metricsSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second,
+			ErrorLog: slog.NewLogLogger(d.log.Handler(), slog.LevelWarn)}
+		metricsAddr = "http://" + d.metricsL.Addr().String() + "/metrics"
+		wg.Go(func() { errc <- metricsSrv.Serve(d.metricsL) })
+	}
 	stopStatus := make(chan struct{})
 	wg.Go(func() { d.statusLoop(stopStatus) })
 
@@ -178,7 +208,7 @@ func (d *daemon) run(ctx context.Context, ctl net.Listener, nbdLs []net.Listener
 		listen = append(listen, l.Addr().Network()+":"+l.Addr().String())
 	}
 	d.log.Info("daemon ready", "node", d.node, "resources", len(d.res), "control", ctl.Addr().String(),
-		"nbd", strings.Join(listen, ","), "version", version())
+		"nbd", strings.Join(listen, ","), "metrics", metricsAddr, "version", version())
 	notify(d.log, "READY=1\nSTATUS=serving "+fmt.Sprint(len(d.res))+" resources")
 	if d.ready != nil {
 		d.ready()
@@ -216,6 +246,11 @@ func (d *daemon) run(ctx context.Context, ctl net.Listener, nbdLs []net.Listener
 	d.events.close()
 	if err := api.Shutdown(sctx); err != nil {
 		api.Close()
+	}
+	if metricsSrv != nil {
+		if err := metricsSrv.Shutdown(sctx); err != nil {
+			metricsSrv.Close()
+		}
 	}
 	for _, r := range d.res {
 		if clients, others := d.heldOpen(r); len(others) > 0 {
@@ -439,6 +474,7 @@ func (d *daemon) statusLoop(stop <-chan struct{}) {
 	}
 }
 
+// snapshots returns the state of every resource (status file, metrics).
 func (d *daemon) snapshots() []replicator.Snapshot {
 	out := make([]replicator.Snapshot, 0, len(d.res))
 	for _, r := range d.res {

@@ -14,7 +14,9 @@ const module = "github.com/nbdmirror/nbdmirror"
 // it may import (directly or not). DESIGN.md §3: cmd → replicator →
 // {metadisk, bitmap, transport}, cmd → nbd; nbd, transport, bitmap and
 // metadisk import nothing of the module except metadisk → bitmap. blockdev
-// (the local disk) is a leaf used by cmd and replicator.
+// (the local disk) is a leaf used by cmd and replicator. metrics reads
+// replicator's snapshots for cmd (and satisfies nbd.Observer without
+// importing nbd).
 var allowed = map[string][]string{
 	"nbd":                 {},
 	"blockdev":            {},
@@ -24,6 +26,7 @@ var allowed = map[string][]string{
 	"replicator/config":   {},
 	"replicator/wire":     {"transport"},
 	"replicator":          {"replicator/config", "replicator/wire", "metadisk", "bitmap", "transport", "blockdev"},
+	"metrics":             {"replicator", "replicator/config", "replicator/wire", "metadisk", "bitmap", "transport", "blockdev"},
 	"cmd/nbdmirror":       {"*"},
 	"internal/archtest":   {},
 	"internal/benchserve": {"nbd", "blockdev"},
