@@ -3,6 +3,7 @@ package metrics
 import (
 	"net/http"
 	"runtime"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -18,6 +19,26 @@ type Metrics struct {
 	inFlight *prometheus.GaugeVec
 	duration *prometheus.HistogramVec
 	failed   *prometheus.CounterVec
+	// ops caches the series of each export and command ([2]string →
+	// *opSeries): a request then costs no label hashing.
+	ops sync.Map
+}
+
+// opSeries are the NBD series of one export and command.
+type opSeries struct {
+	inFlight prometheus.Gauge
+	duration prometheus.Observer
+	failed   prometheus.Counter
+}
+
+func (m *Metrics) op(export, op string) *opSeries {
+	key := [2]string{export, op}
+	if s, ok := m.ops.Load(key); ok {
+		return s.(*opSeries)
+	}
+	s, _ := m.ops.LoadOrStore(key, &opSeries{inFlight: m.inFlight.WithLabelValues(export, op),
+		duration: m.duration.WithLabelValues(export, op), failed: m.failed.WithLabelValues(export, op)})
+	return s.(*opSeries)
 }
 
 // New returns the metrics of a daemon of version whose resources'
@@ -53,15 +74,16 @@ func (m *Metrics) Handler() http.Handler {
 
 // RequestStarted counts an NBD request in flight (nbd.Observer).
 func (m *Metrics) RequestStarted(export, op string) {
-	m.inFlight.WithLabelValues(export, op).Inc()
+	m.op(export, op).inFlight.Inc()
 }
 
 // RequestDone records an NBD request's latency (nbd.Observer).
 func (m *Metrics) RequestDone(export, op string, took time.Duration, failed bool) {
-	m.inFlight.WithLabelValues(export, op).Dec()
-	m.duration.WithLabelValues(export, op).Observe(took.Seconds())
+	s := m.op(export, op)
+	s.inFlight.Dec()
+	s.duration.Observe(took.Seconds())
 	if failed {
-		m.failed.WithLabelValues(export, op).Inc()
+		s.failed.Inc()
 	}
 }
 
