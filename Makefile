@@ -38,7 +38,7 @@ install: build ## install the binary, systemd units, man page and bash completio
 	for u in nbdmirror.service nbdmirror@.service; do \
 		sed 's|@SBINDIR@|$(SBINDIR)|g' dist/systemd/$$u.in > $(DESTDIR)$(UNITDIR)/$$u && chmod 0644 $(DESTDIR)$(UNITDIR)/$$u; \
 	done
-	$(BIN) man | gzip -9n > $(DESTDIR)$(MANDIR)/man8/nbdmirror.8.gz
+	set -o pipefail; $(BIN) man | gzip -9n > $(DESTDIR)$(MANDIR)/man8/nbdmirror.8.gz
 	$(BIN) completion > $(DESTDIR)$(COMPLETIONDIR)/nbdmirror
 
 deps: ## install the Debian packages (apt-get) and Go modules the tests need

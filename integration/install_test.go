@@ -114,31 +114,40 @@ func TestInstall(t *testing.T) {
 		0o644); err != nil {
 		t.Fatal(err)
 	}
+	if err := os.WriteFile(filepath.Join(dir, "my disk.img"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
 	script := filepath.Join(prefix, "share/bash-completion/completions/nbdmirror")
 	bin := filepath.Join(prefix, "sbin/nbdmirror")
 	tests := []struct {
-		words string // the command line; the last word is the one completed
-		want  []string
+		line string // the command line up to the cursor (bash's COMP_LINE)
+		want []string
 	}{
 		{"nbdmirror pri", []string{"primary"}},
 		{"nbdmirror wait-", []string{"wait-connect", "wait-sync"}},
 		{"nbdmirror --log-level w", []string{"warn"}},
+		{"nbdmirror --log-level=w", []string{"warn"}},
 		{"nbdmirror connect --d", []string{"--discard-my-data"}},
-		{"nbdmirror --node alpha --config " + conf + " up ''", []string{"all", "r0", "web"}},
-		{"nbdmirror --config " + conf + " --node alpha primary w", []string{"web"}},
+		{"nbdmirror --node alpha --config " + conf + " up ", []string{"all", "r0", "web"}},
+		{"nbdmirror --config=" + conf + " --node=alpha primary w", []string{"web"}},
+		{"nbdmirror --config " + conf + " --node alpha daemon --metrics-listen ", nil},
+		{"nbdmirror serve --file " + filepath.Join(dir, "my"), []string{filepath.Join(dir, "my disk.img")}},
+		{"nbdmirror --config=" + filepath.Join(dir, "nbdm"), []string{conf}},
 	}
 	for _, tc := range tests {
-		words := strings.Fields(tc.words)
-		words[0] = bin
-		cmd := exec.Command("/bin/bash", "-c", `source "$1"; shift; COMP_WORDS=("$@"); COMP_CWORD=$(($# - 1)); `+
-			`[[ ${COMP_WORDS[COMP_CWORD]} == "''" ]] && COMP_WORDS[COMP_CWORD]=; _nbdmirror; printf '%s\n' "${COMPREPLY[@]}"`,
-			"completion", script)
-		cmd.Args = append(cmd.Args, words...)
+		line := strings.Replace(tc.line, "nbdmirror", bin, 1)
+		cmd := exec.Command("/bin/bash", "-c", `source "$1"; COMP_LINE=$2; COMP_POINT=${#COMP_LINE}; `+
+			`_nbdmirror; printf '%s\n' "${COMPREPLY[@]}"`, "completion", script, line)
 		out, err := cmd.CombinedOutput()
-		got := strings.Fields(string(out))
+		var got []string
+		for _, l := range strings.Split(strings.TrimRight(string(out), "\n"), "\n") {
+			if l != "" {
+				got = append(got, l)
+			}
+		}
 		slices.Sort(got)
 		if err != nil || !slices.Equal(got, tc.want) {
-			t.Errorf("completing %q: %v %q, want %q", tc.words, err, got, tc.want)
+			t.Errorf("completing %q: %v %q, want %q", tc.line, err, got, tc.want)
 		}
 	}
 }

@@ -176,7 +176,6 @@ func (c *conn) requests() error {
 		if !c.acquire(cost) {
 			return errStopped
 		}
-		began := c.observeStart(req.Type)
 		if v.errno != 0 {
 			if req.Type == CmdWrite {
 				if _, err := br.Discard(int(req.Length)); err != nil {
@@ -186,6 +185,7 @@ func (c *conn) requests() error {
 			}
 			c.log.Debug("nbd request refused", "cmd", cmdName(req.Type), "offset", req.Offset,
 				"length", req.Length, "flags", req.Flags, "err", v.errno)
+			began := c.observeStart(req.Type)
 			c.out.send(reply{cookie: req.Cookie, errno: v.errno, cost: cost})
 			c.observeDone(req.Type, began, true)
 			continue
@@ -199,12 +199,14 @@ func (c *conn) requests() error {
 				return c.readErr(err)
 			}
 		}
-		c.dispatch(work{req: req, payload: payload, cost: cost, began: began})
+		// Observed once read whole: a connection that ends mid-payload
+		// leaves no request in flight.
+		c.dispatch(work{req: req, payload: payload, cost: cost, began: c.observeStart(req.Type)})
 	}
 }
 
 // observeStart tells the server's Observer a request of type cmd was read
-// and returns when (the zero time without an Observer).
+// (with its payload) and returns when (the zero time without an Observer).
 func (c *conn) observeStart(cmd uint16) time.Time {
 	if c.srv.Observer == nil {
 		return time.Time{}

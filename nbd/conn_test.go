@@ -614,7 +614,7 @@ func TestTransmission_Observer(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	_, path := startServer(t, cat, func(s *Server) { s.Observer = rec })
+	srv, path := startServer(t, cat, func(s *Server) { s.Observer = rec })
 	disk, bad := open(t, path, "disk"), open(t, path, "bad")
 	for _, st := range []struct {
 		c    *client
@@ -626,9 +626,23 @@ func TestTransmission_Observer(t *testing.T) {
 		{disk, Request{Type: CmdRead, Cookie: 2, Length: 512}, nil, []string{"start disk read", "done disk read"}},
 		{disk, Request{Type: CmdFlush, Cookie: 3}, nil, []string{"start disk flush", "done disk flush"}},
 		{disk, Request{Type: CmdRead, Cookie: 4, Offset: 1 << 20, Length: 512}, nil, []string{"start disk read", "done disk read failed"}},
-		{bad, Request{Type: CmdWrite, Cookie: 5, Length: 4096}, make([]byte, 4096), []string{"start bad write", "done bad write failed"}},
+		{disk, Request{Type: CmdWrite, Cookie: 5, Offset: 1 << 20, Length: 4096}, make([]byte, 4096), []string{"start disk write", "done disk write failed"}},
+		{bad, Request{Type: CmdWrite, Cookie: 6, Length: 4096}, make([]byte, 4096), []string{"start bad write", "done bad write failed"}},
 	} {
 		st.c.do(st.req, st.data)
 		rec.expect(t, cmdName(st.req.Type), st.want...)
 	}
+	// A client that goes away in the middle of a write's payload leaves
+	// nothing in flight: the request was never read whole.
+	gone := open(t, path, "disk")
+	gone.request(Request{Type: CmdWrite, Cookie: 7, Length: 4096}, make([]byte, 1000))
+	gone.nc.Close()
+	deadline := time.Now().Add(10 * time.Second)
+	for len(srv.Conns()) > 2 && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	if n := len(srv.Conns()); n != 2 {
+		t.Fatalf("%d connections after one of three closed", n)
+	}
+	rec.expect(t, "a write cut short")
 }

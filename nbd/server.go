@@ -67,7 +67,8 @@ type Server struct {
 // goroutines that serve the requests and must not block.
 type Observer interface {
 	// RequestStarted: a request of command op ("read", "write", "flush",
-	// "trim", "write_zeroes", ...) for export was read.
+	// "trim", "write_zeroes", ...) for export was read, with its payload.
+	// RequestDone follows for each, once.
 	RequestStarted(export, op string)
 	// RequestDone: its reply is queued, took after the request was read;
 	// failed: the reply is an error.

@@ -137,8 +137,10 @@ func (r *Resource) disconnect(reason string) {
 	<-done
 	tr.Close()
 	r.mu.Lock()
-	r.authBefore.Add(tr.Stats().AuthFailures)
-	r.tr, r.connCancel, r.connDone = nil, nil, nil
+	if r.tr == tr { // not already dropped by standAlone (a refused handshake)
+		r.authBefore.Add(tr.Stats().AuthFailures)
+		r.tr, r.connCancel, r.connDone = nil, nil, nil
+	}
 	r.setConn(StandAlone)
 	r.mu.Unlock()
 	r.change()

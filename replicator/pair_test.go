@@ -877,18 +877,45 @@ func TestPair_Backlog(t *testing.T) {
 	if s := p.alpha.Snapshot(); s.PendingBytes != 8192 || s.Lag < first.Lag {
 		t.Fatalf("written and acked, not barrier-acked: pending %d, lag %v; want 8192 and ≥ %v", s.PendingBytes, s.Lag, first.Lag)
 	}
+	// The flush closes the epoch (or an empty one after it, if the
+	// barrier went out first): every barrier is acked until it returns.
 	flushed := make(chan error, 1)
 	go func() { flushed <- p.alpha.Flush() }()
-	for {
-		if b, ok := f.recv(t, transport.Data).(wire.Barrier); ok && b.Epoch == w.Epoch {
+	barriers, stop := make(chan wire.Barrier), make(chan struct{})
+	reader := make(chan struct{})
+	defer func() { close(stop); f.s.Close("test over"); <-reader }()
+	go func() {
+		defer close(reader)
+		for {
+			m, err := f.s.Recv(transport.Data)
+			if err != nil {
+				return // the session ends with the test
+			}
+			if msg, err := wire.Decode(m.Type, m.Payload); err == nil {
+				if b, ok := msg.(wire.Barrier); ok {
+					select {
+					case barriers <- b:
+					case <-stop:
+						return
+					}
+				}
+			}
+		}
+	}()
+	for done := false; !done; {
+		select {
+		case b := <-barriers:
 			if err := f.s.Send(transport.Control, wire.TypeBarrierAck, wire.Encode(wire.BarrierAck{Epoch: b.Epoch, Writes: b.Writes})); err != nil {
 				t.Fatal(err)
 			}
-			break
+		case err := <-flushed:
+			if err != nil {
+				t.Fatal(err)
+			}
+			done = true
+		case <-time.After(30 * time.Second):
+			t.Fatal("the flush did not return within 30 s")
 		}
-	}
-	if err := <-flushed; err != nil {
-		t.Fatal(err)
 	}
 	if s := p.alpha.Snapshot(); s.PendingBytes != 0 || s.Lag != 0 {
 		t.Fatalf("after the barrier ack: pending %d, lag %v; want none", s.PendingBytes, s.Lag)
