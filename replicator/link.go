@@ -138,7 +138,7 @@ func (r *Resource) disconnect(reason string) {
 	tr.Close()
 	r.mu.Lock()
 	if r.tr == tr { // not already dropped by standAlone (a refused handshake)
-		r.authBefore.Add(tr.Stats().AuthFailures)
+		r.authBefore += tr.Stats().AuthFailures
 		r.tr, r.connCancel, r.connDone = nil, nil, nil
 	}
 	r.setConn(StandAlone)
@@ -151,7 +151,7 @@ func (r *Resource) disconnect(reason string) {
 func (r *Resource) authFailures() uint64 {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	n := r.authBefore.Load()
+	n := r.authBefore
 	if r.tr != nil {
 		n += r.tr.Stats().AuthFailures
 	}
@@ -163,7 +163,7 @@ func (r *Resource) authFailures() uint64 {
 func (r *Resource) standAlone(tr *transport.Transport) {
 	r.mu.Lock()
 	if r.tr == tr {
-		r.authBefore.Add(tr.Stats().AuthFailures)
+		r.authBefore += tr.Stats().AuthFailures
 		r.tr, r.connCancel, r.connDone = nil, nil, nil
 		r.setConn(StandAlone)
 	}

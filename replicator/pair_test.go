@@ -921,3 +921,29 @@ func TestPair_Backlog(t *testing.T) {
 		t.Fatalf("after the barrier ack: pending %d, lag %v; want none", s.PendingBytes, s.Lag)
 	}
 }
+
+// TestPair_AuthFailures: a peer with another shared secret is refused, and
+// each node counts the refusals in its snapshot; the count survives a
+// disconnect (the transport it came from is gone) and does not grow from
+// it.
+func TestPair_AuthFailures(t *testing.T) {
+	p := newPair(t, `net { protocol C; shared-secret "one"; }`)
+	other := *p.beta.cfg // the pair shares one configuration: beta gets its own
+	other.Net.SharedSecret = "two"
+	p.beta.cfg = &other
+	p.connect()
+	p.wait(p.alpha, "an authentication failure", func(s Snapshot) bool { return s.AuthFailures > 0 })
+	if err := p.alpha.Disconnect(); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.beta.Disconnect(); err != nil {
+		t.Fatal(err)
+	}
+	after := p.alpha.Snapshot()
+	if after.AuthFailures == 0 || after.Conn != StandAlone {
+		t.Fatalf("after disconnect: %d auth failures, %s; want them kept, StandAlone", after.AuthFailures, after.Conn)
+	}
+	if again := p.alpha.Snapshot().AuthFailures; again != after.AuthFailures {
+		t.Fatalf("auth failures went from %d to %d while StandAlone", after.AuthFailures, again)
+	}
+}

@@ -102,8 +102,8 @@ type Resource struct {
 	netSent, netRecv atomic.Uint64 // bytes sent to and received from the peer
 	resyncBytes      atomic.Uint64 // resync data written as SyncTarget or sent as SyncSource
 	// authBefore counts the authentication failures of the transports
-	// already closed (the current one's are in its Stats).
-	authBefore atomic.Uint64
+	// already closed (the current one's are in its Stats); under mu.
+	authBefore uint64
 }
 
 // New returns the resource described by o, Diskless, Secondary and

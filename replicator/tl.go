@@ -336,7 +336,7 @@ func (t *tlog) backlog(now time.Time) (int64, time.Duration) {
 	defer t.mu.Unlock()
 	for _, ep := range t.epochs {
 		if len(ep.entries) > 0 {
-			return t.pending, max(0, now.Sub(ep.born))
+			return t.pending, now.Sub(ep.born)
 		}
 	}
 	return t.pending, 0
