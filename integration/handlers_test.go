@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -123,4 +124,90 @@ func waitHandlerEvent(t *testing.T, p *proc, ok func(handlerEvent) bool) handler
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// TestHandlers_LocalIOError: on-io-error call-local-io-error, and a disk
+// that fails reads (nbdkit's error filter behind nbdfuse). The NBD client
+// gets EIO and the local-io-error handler runs once for the attach, with
+// the error in its environment; the disk serves again once healed.
+func TestHandlers_LocalIOError(t *testing.T) {
+	needRoot(t)
+	need(t, "nbdkit", "nbdfuse", "fusermount3")
+	dir := t.TempDir()
+	img := sparseFile(t, dir, "lower.img", 64*mib)
+	fuseDir, failFlag := filepath.Join(dir, "fuse"), filepath.Join(dir, "fail")
+	os.MkdirAll(fuseDir, 0o755)
+	disk := filepath.Join(fuseDir, "disk")
+	fuse := start(t, "nbdfuse", disk, "--socket-activation", "nbdkit", "--filter=error", "file", img,
+		"error=EIO", "error-pread-rate=100%", "error-file="+failFlag)
+	t.Cleanup(func() {
+		exec.Command("fusermount3", "-u", fuseDir).Run()
+		select {
+		case <-fuse.done:
+		case <-time.After(20 * time.Second):
+		}
+	})
+	eventually(t, 20*time.Second, "nbdfuse", func() (bool, string) {
+		fi, err := os.Stat(disk)
+		return err == nil && fi.Size() == 64*mib, fmt.Sprint(err)
+	})
+	script, out := filepath.Join(dir, "ioerr.sh"), filepath.Join(dir, "calls")
+	if err := os.WriteFile(script, []byte("#!/bin/sh\necho \"$DRBD_RESOURCE $NBDMIRROR_HANDLER $DRBD_BACKING_DEV $NBDMIRROR_IO_ERROR\" >> "+out+"\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	n := &node{t: t, dir: dir, disk: disk, conf: filepath.Join(dir, "nbdmirror.conf"), runDir: filepath.Join(dir, "run")}
+	port := freePort(t)
+	conf := fmt.Sprintf("resource r0 { disk { on-io-error call-local-io-error; } handlers { local-io-error %q; }\n"+
+		"  disk %s; meta-disk internal;\n  on alpha { address 127.0.0.1:%d; } on beta { address 127.0.0.2:%d; } }\n",
+		script, disk, port, port)
+	if err := os.WriteFile(n.conf, []byte(conf), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	n.must("create-md", "r0")
+	d := n.daemon(nil)
+	n.must("up", "r0")
+	n.must("primary", "--force", "r0")
+
+	// Each read is of a block not read before: the page cache does not
+	// answer it.
+	readErr := func(off uint64) uint32 {
+		rc := dialNBD(t, n.sock(), "r0")
+		defer rc.c.Close()
+		rc.send(t, 0, 1, off, 4096, nil) // NBD_CMD_READ
+		return rc.reply(t, 1)
+	}
+	if e := readErr(1 * mib); e != 0 {
+		t.Fatalf("a read before the fault: error %d", e)
+	}
+	if err := os.WriteFile(failFlag, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 2 {
+		if e := readErr(uint64(20+20*i) * mib); e != 5 {
+			t.Fatalf("read %d from the failing disk: error %d, want EIO (5)", i, e)
+		}
+	}
+	var calls []string
+	eventually(t, 30*time.Second, "local-io-error", func() (bool, string) {
+		b, _ := os.ReadFile(out)
+		calls = strings.Split(strings.TrimSpace(string(b)), "\n")
+		return len(b) > 0, string(b)
+	})
+	if want := "r0 local-io-error " + disk + " read: "; !strings.HasPrefix(calls[0], want) || !strings.Contains(calls[0], "input/output error") {
+		t.Errorf("the handler saw %q, want %q… with the error", calls[0], want)
+	}
+	os.Remove(failFlag)
+	if e := readErr(60 * mib); e != 0 {
+		t.Fatalf("a read after the heal: error %d", e)
+	}
+	// Once per attach: the second failing read ran nothing more (the
+	// handler's run is logged before the heal's read returns).
+	if !strings.Contains(d.out.String(), "handler=local-io-error exit_code=0") {
+		t.Errorf("the run is not logged")
+	}
+	if b, _ := os.ReadFile(out); strings.Count(string(b), "\n") != 1 {
+		t.Errorf("local-io-error ran more than once:\n%s", b)
+	}
+	n.must("secondary", "r0")
+	n.must("down", "r0")
 }
