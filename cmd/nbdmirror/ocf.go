@@ -234,13 +234,22 @@ func cliCode(err error) int {
 	return ExitFailed
 }
 
+// timedOut replaces a request's error by ExitTimeout once the action's
+// deadline has passed: a request cut short is no sign of a missing daemon.
+func timedOut(ctx context.Context, err error) error {
+	if ctx.Err() != nil {
+		return failf(ExitTimeout, "the action's timeout passed: %v", err)
+	}
+	return err
+}
+
 // state asks the daemon for the resource's state. Its errors carry the
 // CLI's exit codes: ExitNoDaemon when the daemon does not answer,
 // ExitConfigInvalid when it does not serve the resource.
 func (a *ocfAgent) state(ctx context.Context) (ocfState, replicator.StatusJSON, error) {
 	resp, err := a.cl.do(ctx, http.MethodGet, "/status?res="+url.QueryEscape(a.p.resource), nil)
 	if err != nil {
-		return ocfState{}, replicator.StatusJSON{}, err
+		return ocfState{}, replicator.StatusJSON{}, timedOut(ctx, err)
 	}
 	defer resp.Body.Close()
 	var out []replicator.StatusJSON
@@ -278,7 +287,7 @@ func (a *ocfAgent) liveState(ctx context.Context) (ocfState, error) {
 func (a *ocfAgent) verb(ctx context.Context, name string) error {
 	resp, err := a.cl.do(ctx, http.MethodPost, "/resources/"+url.PathEscape(a.p.resource)+"/"+name, verbRequest{})
 	if err != nil {
-		return err
+		return timedOut(ctx, err)
 	}
 	defer resp.Body.Close()
 	var vr verbResponse
@@ -394,6 +403,7 @@ func (a *ocfAgent) stop(ctx context.Context) (int, error) {
 		case ExitConfigInvalid:
 			a.log.Info("the daemon does not serve the resource: stopped", "err", err)
 			return ocfSuccess, nil
+		case ExitTimeout:
 		default:
 			last = err
 		}
@@ -410,8 +420,10 @@ func (a *ocfAgent) stop(ctx context.Context) (int, error) {
 			if err == nil {
 				continue // check that it is down
 			}
-			last = err
-			a.log.Warn("stop refused: retrying", "err", err)
+			if cliCode(err) != ExitTimeout {
+				last = err
+				a.log.Warn("stop refused: retrying", "err", err)
+			}
 		}
 		if !pause(ctx, ocfRetry) {
 			return 0, ocfErrorf(ocfErrGeneric, "stop: %s still up at the timeout: %v", a.p.resource, last)
@@ -422,21 +434,27 @@ func (a *ocfAgent) stop(ctx context.Context) (int, error) {
 // demoteLoop runs secondary until the resource is Secondary (or down),
 // retrying refusals until the deadline.
 func (a *ocfAgent) demoteLoop(ctx context.Context) error {
+	var last error
 	for {
 		st, err := a.liveState(ctx)
-		if err != nil {
+		if err != nil && ctx.Err() == nil {
 			return err
 		}
-		if !st.primary {
+		if err == nil && !st.primary {
 			return nil
 		}
-		err = a.verb(ctx, "secondary")
 		if err == nil {
-			continue
+			err = a.verb(ctx, "secondary")
+			if err == nil {
+				continue
+			}
+			if cliCode(err) != ExitTimeout {
+				last = err
+				a.log.Warn("demote refused: retrying", "err", err)
+			}
 		}
-		a.log.Warn("demote refused: retrying", "err", err)
 		if !pause(ctx, ocfRetry) {
-			return ocfErrorf(ocfErrGeneric, "demote: %s still Primary at the timeout: %v", a.p.resource, err)
+			return ocfErrorf(ocfErrGeneric, "demote: %s still Primary at the timeout: %v", a.p.resource, last)
 		}
 	}
 }
@@ -466,8 +484,11 @@ func (a *ocfAgent) demote(ctx context.Context) (int, error) {
 func (a *ocfAgent) promote(ctx context.Context) (int, error) {
 	began := time.Now()
 	var last error
-	for {
+	for ctx.Err() == nil {
 		st, err := a.liveState(ctx)
+		if err != nil && ctx.Err() != nil {
+			break
+		}
 		if err != nil {
 			var oe *ocfError
 			if errors.As(err, &oe) && oe.code == ocfErrInstalled {
@@ -486,6 +507,9 @@ func (a *ocfAgent) promote(ctx context.Context) (int, error) {
 		if err == nil {
 			continue
 		}
+		if cliCode(err) == ExitTimeout {
+			break
+		}
 		last = err
 		if cliCode(err) == ExitNoUpToDateData {
 			a.log.Error("refusing to promote without UpToDate data", "err", err)
@@ -499,6 +523,9 @@ func (a *ocfAgent) promote(ctx context.Context) (int, error) {
 	if rest := a.promoteBackoff - time.Since(began); rest > 0 {
 		a.log.Info("promotion failed: waiting before returning, against a tight recovery loop", "wait", rest.Round(time.Millisecond))
 		pause(ctx, rest)
+	}
+	if last == nil {
+		return 0, ocfErrorf(ocfErrGeneric, "promote: %s not Primary at the action's timeout", a.p.resource)
 	}
 	return 0, ocfErrorf(ocfErrGeneric, "promote: %v", last)
 }
