@@ -279,3 +279,37 @@ func TestOCF_Tester(t *testing.T) {
 		t.Errorf("after ocf-tester: %+v, want the resource down", st)
 	}
 }
+
+// TestOCF_ShimWithoutBinary: the installed shim whose nbdmirror binary is
+// gone answers a probe "not running" and anything else "not installed",
+// with a reason.
+func TestOCF_ShimWithoutBinary(t *testing.T) {
+	src, err := os.ReadFile("../dist/ocf/nbdmirror.in")
+	if err != nil {
+		t.Fatal(err)
+	}
+	missing := filepath.Join(t.TempDir(), "sbin")
+	shim := filepath.Join(t.TempDir(), "nbdmirror")
+	if err := os.WriteFile(shim, bytes.ReplaceAll(src, []byte("@SBINDIR@"), []byte(missing)), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		action   string
+		interval string
+		code     int
+	}{
+		{"monitor", "0", 7},
+		{"monitor", "10000", 5},
+		{"start", "0", 5},
+		{"stop", "0", 5},
+		{"meta-data", "0", 5},
+	} {
+		cmd := exec.Command(shim, tc.action)
+		cmd.Env = append(os.Environ(), "OCF_RESKEY_CRM_meta_interval="+tc.interval, "OCF_EXIT_REASON_PREFIX=why:")
+		out, err := cmd.CombinedOutput()
+		var ee *exec.ExitError
+		if !errors.As(err, &ee) || ee.ExitCode() != tc.code || string(out) != "why:"+missing+"/nbdmirror is not installed\n" {
+			t.Errorf("%s (interval %s): %v %q, want exit %d", tc.action, tc.interval, err, out, tc.code)
+		}
+	}
+}
