@@ -26,8 +26,8 @@ lean=(
 	libxml2-utils        # xmllint: ocf-tester validates the agent's meta-data
 )
 
-# missing PACKAGE... prints those not installed.
-missing() {
+# not_installed PACKAGE... prints those not installed.
+not_installed() {
 	local p
 	for p in "$@"; do
 		if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
@@ -35,8 +35,8 @@ missing() {
 		fi
 	done
 }
-mapfile -t missing < <(missing "${packages[@]}")
-mapfile -t missing_lean < <(missing "${lean[@]}")
+mapfile -t missing < <(not_installed "${packages[@]}")
+mapfile -t missing_lean < <(not_installed "${lean[@]}")
 
 if ((${#missing[@]} + ${#missing_lean[@]})); then
 	if [[ $(id -u) != 0 ]]; then
