@@ -152,6 +152,7 @@ func TestInstall(t *testing.T) {
 		{"nbdmirror connect --d", []string{"--discard-my-data"}},
 		{"nbdmirror --node alpha --config " + conf + " up ", []string{"all", "r0", "web"}},
 		{"nbdmirror --config=" + conf + " --node=alpha primary w", []string{"web"}},
+		{"nbdmirror ocf m", []string{"meta-data", "monitor"}},
 		{"nbdmirror --config " + conf + " --node alpha daemon --metrics-listen ", nil},
 		{"nbdmirror serve --file " + filepath.Join(dir, "my"), []string{filepath.Join(dir, "my disk.img")}},
 		{"nbdmirror --config=" + filepath.Join(dir, "nbdm"), []string{conf}},

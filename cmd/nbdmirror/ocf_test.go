@@ -543,3 +543,20 @@ func TestOCF_HeldOpen(t *testing.T) {
 		t.Errorf("scores: %q", got)
 	}
 }
+
+// TestOCF_CompletionActions: the bash completion offers after `ocf`
+// exactly the actions the meta-data advertises, and usage.
+func TestOCF_CompletionActions(t *testing.T) {
+	var want []string
+	for _, a := range ocfMetaData().Actions {
+		want = append(want, a.Name)
+	}
+	want = append(want, "usage")
+	slices.Sort(want)
+	want = slices.Compact(want)
+	got := strings.Fields(positionalWords["ocf"])
+	slices.Sort(got)
+	if !slices.Equal(got, want) {
+		t.Errorf("completion offers %v after ocf, the meta-data's actions are %v", got, want)
+	}
+}
