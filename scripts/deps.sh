@@ -18,36 +18,23 @@ packages=(
 	rsync
 	systemd man-db  # systemd-analyze verify/security of the units (and man for their Documentation=)
 )
-# Installed without their recommends (which would add ~80 packages: fence
-# agents, crmsh and their Python dependencies): the Pacemaker test's
-# two-node cluster and ocf-tester (which validates meta-data with xmllint).
-lean=(
-	pacemaker corosync pacemaker-cli-utils resource-agents
-	libxml2-utils
-)
 
-installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
-missing=() missing_lean=()
+missing=()
 for p in "${packages[@]}"; do
-	installed "$p" || missing+=("$p")
-done
-for p in "${lean[@]}"; do
-	installed "$p" || missing_lean+=("$p")
+	[[ $p == \#* ]] && continue
+	if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
+		missing+=("$p")
+	fi
 done
 
-if ((${#missing[@]} + ${#missing_lean[@]})); then
+if ((${#missing[@]})); then
 	if [[ $(id -u) != 0 ]]; then
-		echo "deps: missing Debian packages: ${missing[*]} ${missing_lean[*]} (run 'sudo make deps')" >&2
+		echo "deps: missing Debian packages: ${missing[*]} (run 'sudo make deps')" >&2
 		[[ ${NBDMIRROR_REQUIRE_E2E:-} == 1 ]] && exit 1
 	else
-		echo "deps: installing ${missing[*]} ${missing_lean[*]}"
+		echo "deps: installing ${missing[*]}"
 		apt-get update -qq
-		if ((${#missing[@]})); then
-			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-		fi
-		if ((${#missing_lean[@]})); then
-			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing_lean[@]}" >/dev/null
-		fi
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 	fi
 fi
 
