@@ -141,6 +141,14 @@ func newPcmkCluster(t *testing.T, size int64, opts string) *pcmkCluster {
 
 func (c *pcmkCluster) nodes() []*pcmkNode { return []*pcmkNode{c.alpha, c.beta} }
 
+// byName is the node called name.
+func (c *pcmkCluster) byName(name string) *pcmkNode {
+	if name == "beta" {
+		return c.beta
+	}
+	return c.alpha
+}
+
 // other is the node that is not n.
 func (c *pcmkCluster) other(n *pcmkNode) *pcmkNode {
 	if n == c.alpha {
@@ -550,9 +558,9 @@ func (c *pcmkCluster) installAgent() {
 }
 
 // prepare does what an administrator does before handing r0 to
-// Pacemaker: both nodes up, the initial sync skipped (new disks), an ext4
-// file system made on alpha's export, then both down again.
-func (c *pcmkCluster) prepare() {
+// Pacemaker: both nodes up, the initial sync skipped (new disks), with
+// mkfs an ext4 file system made on alpha's export, then both down again.
+func (c *pcmkCluster) prepare(mkfs bool) {
 	c.t.Helper()
 	for _, n := range c.nodes() {
 		n.rn.must("up", "r0")
@@ -564,15 +572,23 @@ func (c *pcmkCluster) prepare() {
 	c.beta.rn.waitState(30*time.Second, "Connected", "UpToDate", "UpToDate")
 	c.alpha.rn.must("primary", "r0")
 	c.dataSize = c.alpha.rn.status().SizeBytes
+	if mkfs {
+		c.mkfs()
+	}
+	c.alpha.rn.demote()
+	for _, n := range c.nodes() {
+		n.rn.must("down", "r0")
+	}
+}
+
+// mkfs makes ext4 on alpha's export, with one file.
+func (c *pcmkCluster) mkfs() {
+	c.t.Helper()
 	fs := mountNBD(c.t, filepath.Join(c.base, "mkfs"), c.alpha.rn.uri(), true)
 	if err := os.WriteFile(filepath.Join(fs.mnt, "made-by-hand"), []byte("before Pacemaker\n"), 0o644); err != nil {
 		c.t.Fatal(err)
 	}
 	fs.release(true)
-	c.alpha.rn.demote()
-	for _, n := range c.nodes() {
-		n.rn.must("down", "r0")
-	}
 }
 
 // ocfTester runs ocf-tester on ocf:nbdmirror:nbdmirror in alpha's
@@ -597,13 +613,16 @@ func (c *pcmkCluster) ocfTester() {
 }
 
 // configure hands r0 to Pacemaker: the promotable clone ms-r0 of
-// ocf:nbdmirror:nbdmirror, and fs (ext4 on the export) with the Promoted
-// instance, after its promotion.
-func (c *pcmkCluster) configure() {
+// ocf:nbdmirror:nbdmirror and, withFS, fs (ext4 on the export) with the
+// Promoted instance, after its promotion.
+func (c *pcmkCluster) configure(withFS bool) {
 	c.t.Helper()
 	n := c.alpha
 	n.cib("cibadmin", "--create", "-o", "resources", "--xml-text",
 		promotableXML(pcmkClone, "r0", "ocf", "nbdmirror", "nbdmirror", map[string]string{"resource": "r0", "config": c.conf}))
+	if !withFS {
+		return
+	}
 	// fs is created stopped, and started once its constraints are in.
 	n.cib("cibadmin", "--create", "-o", "resources", "--xml-text",
 		`<primitive id="fs" class="ocf" provider="nbdmirror-test" type="nbdfs">`+
@@ -651,9 +670,9 @@ func TestPacemaker_Failover(t *testing.T) {
 	c := newPcmkCluster(t, 64*mib, "net { protocol C; }")
 	c.installAgent()
 	c.boot()
-	c.prepare()
+	c.prepare(true)
 	c.ocfTester()
-	c.configure()
+	c.configure(true)
 
 	v, took := c.alpha.waitView(2*time.Minute, "a node promoted with the file system", pcmkClone, pcmkFS, func(v pcmkView) bool {
 		p := v.promoted()
@@ -718,4 +737,74 @@ func TestPacemaker_Failover(t *testing.T) {
 	// The Promoted node and its file system stayed where they were.
 	v, _ = survivor.waitView(10*time.Second, "still serving", pcmkClone, pcmkFS, serving(survivor.name, lost.name))
 	survivor.sameBytes(pcmkMnt+"/after-loss.bin", after)
+}
+
+// TestPacemaker_FailoverProtocolA: the same node loss with protocol A,
+// where a write is acknowledged once it is on the local disk and sent:
+// the survivor may miss the last acknowledged writes, but what it has must
+// be a consistent prefix of them. The sequence writer writes through the
+// Primary's export (one write at a time) until the node is lost. Pacemaker
+// promotes the survivor within pcmkFailoverBound; its disk holds a
+// consistent prefix. The lost node comes back Unpromoted and is resynced
+// from the survivor: what it had written locally but never sent is
+// replaced (its activity log's extents), and both disks are equal.
+func TestPacemaker_FailoverProtocolA(t *testing.T) {
+	c := newPcmkCluster(t, 32*mib, "net { protocol A; }")
+	c.installAgent()
+	c.boot()
+	c.prepare(false)
+	c.configure(false)
+	v, _ := c.alpha.waitView(2*time.Minute, "a node promoted", pcmkClone, "", func(v pcmkView) bool {
+		return v.promoted() != "" && v.roles[c.other(c.byName(v.promoted())).name] == "Unpromoted"
+	})
+	primary := c.byName(v.promoted())
+	survivor := c.other(primary)
+	survivor.rn.waitState(time.Minute, "Connected", "UpToDate", "UpToDate")
+
+	w := newSeqWriter(t, c.dataSize)
+	done := make(chan uint64, 1)
+	go func() { done <- w.run(primary.rn, -1) }()
+	eventually(t, time.Minute, "2000 acknowledged writes", func() (bool, string) {
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		return w.acked >= 2000, fmt.Sprint(w.acked)
+	})
+	begin := time.Now()
+	primary.loseNode()
+	acked := <-done
+	survivor.waitView(2*pcmkFailoverBound, "the survivor promoted", pcmkClone, "", func(v pcmkView) bool {
+		return !v.online[primary.name] && v.promoted() == survivor.name
+	})
+	failover := time.Since(begin)
+	if failover > pcmkFailoverBound {
+		t.Errorf("failover took %v, more than %v", failover, pcmkFailoverBound)
+	}
+	if st := survivor.rn.status(); st.Role != "Primary" || st.Disk != "UpToDate" {
+		t.Fatalf("%s: Promoted, but nbdmirror says %+v", survivor.name, st)
+	}
+	s := w.check(survivor.rn)
+	t.Logf("failover: %s lost, %s Promoted %v later; it holds the prefix up to write %d of %d acknowledged",
+		primary.name, survivor.name, failover.Round(time.Millisecond), s, acked)
+	if s == 0 {
+		t.Fatalf("%s holds none of the %d acknowledged writes", survivor.name, acked)
+	}
+
+	lost := primary
+	begin = time.Now()
+	lost.start()
+	survivor.waitView(2*time.Minute, "the returned node Unpromoted", pcmkClone, "", func(v pcmkView) bool {
+		return v.promoted() == survivor.name && v.roles[lost.name] == "Unpromoted"
+	})
+	st := lost.rn.waitState(2*time.Minute, "Connected", "UpToDate", "UpToDate")
+	if st.Role != "Secondary" || st.PeerRole != "Primary" {
+		t.Fatalf("%s after the rejoin: %+v", lost.name, st)
+	}
+	t.Logf("rejoin: %s Unpromoted and resynced %v after its boot began", lost.name, time.Since(begin).Round(time.Millisecond))
+	eventually(t, 30*time.Second, "both disks hold the same data", func() (bool, string) {
+		a, b := lost.rn.dataHash(c.dataSize), survivor.rn.dataHash(c.dataSize)
+		return a == b, fmt.Sprintf("%s %s, %s %s", lost.name, a, survivor.name, b)
+	})
+	if got := w.check(lost.rn); got != s {
+		t.Errorf("%s after the resync holds the prefix up to write %d, the survivor %d", lost.name, got, s)
+	}
 }
