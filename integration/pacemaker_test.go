@@ -723,8 +723,17 @@ func TestPacemaker_Failover(t *testing.T) {
 	}
 	// It came back as a crashed Primary and was resynced from the survivor.
 	logText, _ := os.ReadFile(filepath.Join(lost.state, "log", "nbdmirror.log"))
-	if i := strings.LastIndex(string(logText), "daemon ready"); i < 0 || !strings.Contains(string(logText[i:]), "SyncTarget") {
+	i := strings.LastIndex(string(logText), "daemon ready")
+	if i < 0 || !strings.Contains(string(logText[i:]), "SyncTarget") {
 		t.Errorf("%s's daemon log shows no resync (SyncTarget) since its restart:\n%s", lost.name, tail(string(logText), 40))
+	} else {
+		var changes []string
+		for _, l := range strings.Split(string(logText[i:]), "\n") {
+			if strings.Contains(l, "( ") || strings.Contains(l, "unclean") || strings.Contains(l, "resync") {
+				changes = append(changes, l)
+			}
+		}
+		t.Logf("%s since its restart:\n%s", lost.name, strings.Join(changes, "\n"))
 	}
 	if len(v.failures) > 0 {
 		t.Errorf("Pacemaker recorded failed actions: %v", v.failures)
@@ -737,6 +746,7 @@ func TestPacemaker_Failover(t *testing.T) {
 	// The Promoted node and its file system stayed where they were.
 	v, _ = survivor.waitView(10*time.Second, "still serving", pcmkClone, pcmkFS, serving(survivor.name, lost.name))
 	survivor.sameBytes(pcmkMnt+"/after-loss.bin", after)
+	t.Logf("crm_mon at the end:\n%s", survivor.mustIn("crm_mon", "-1"))
 }
 
 // TestPacemaker_FailoverProtocolA: the same node loss with protocol A,
