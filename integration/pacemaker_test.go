@@ -676,15 +676,11 @@ func TestPacemaker_Failover(t *testing.T) {
 
 	v, took := c.alpha.waitView(2*time.Minute, "a node promoted with the file system", pcmkClone, pcmkFS, func(v pcmkView) bool {
 		p := v.promoted()
-		return p != "" && v.fs == p && len(v.roles) == 2
+		return p != "" && serving(p, c.other(c.byName(p)).name)(v)
 	})
-	primary := c.alpha
-	if v.promoted() == "beta" {
-		primary = c.beta
-	}
+	primary := c.byName(v.promoted())
 	survivor := c.other(primary)
 	t.Logf("%s promoted, file system mounted, %v after the resources were configured", primary.name, took.Round(time.Millisecond))
-	serving(primary.name, survivor.name)(v)
 	if st := primary.rn.status(); st.Role != "Primary" || st.Disk != "UpToDate" || st.PeerDisk != "UpToDate" {
 		t.Fatalf("%s: Promoted, but nbdmirror says %+v", primary.name, st)
 	}

@@ -1,7 +1,7 @@
 #!/bin/bash
 # One Pacemaker cluster node for TestPacemaker_*: PID 1 of its own PID
 # namespace, run by the test as
-#   ip netns exec NS unshare --mount --uts --ipc --pid --fork --kill-child --mount-proc node.sh
+#   ip netns exec NS unshare --mount --uts --ipc --pid --kill-child --mount-proc node.sh
 # It gives the node its host name, private /run and /dev/shm, its own
 # corosync and pacemaker state (bind mounts of the test's per-node copies),
 # the test's OCF agents (an overlay on /usr/lib/ocf/resource.d), then starts
@@ -9,8 +9,11 @@
 # namespace. Killing this process (SIGKILL) kills every process of the node.
 #
 # Environment: PCMK_NODE (host name), PCMK_STATE (the node's state
-# directory), PCMK_RUN (the daemon's run directory), PCMK_OCF (directory of extra OCF providers), NBDMIRROR (the
-# binary), NBDMIRROR_ARGS (its global flags), NBDMIRROR_DAEMON_ARGS.
+# directory), PCMK_RUN (the daemon's run directory, bound on /run/nbdmirror),
+# PCMK_OCF (a directory of extra OCF providers), NBDMIRROR (the binary),
+# NBDMIRROR_ARGS (its global flags), NBDMIRROR_DAEMON_ARGS (its daemon flags).
+# The daemon's, corosync's and pacemakerd's output and PIDs (as this
+# namespace numbers them) go to PCMK_STATE/log.
 set -euo pipefail
 
 hostname "$PCMK_NODE"
