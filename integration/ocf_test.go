@@ -11,11 +11,13 @@ package integration
 import (
 	"bytes"
 	"context"
+	"encoding/xml"
 	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"syscall"
@@ -277,5 +279,182 @@ func TestOCF_Tester(t *testing.T) {
 	}
 	if st := n.status(); st.Role != "Secondary" || st.Disk != "Diskless" || st.CState != "StandAlone" {
 		t.Errorf("after ocf-tester: %+v, want the resource down", st)
+	}
+}
+
+// TestOCF_ShimWithoutBinary: the installed shim whose nbdmirror binary is
+// gone answers a probe "not running" and anything else "not installed",
+// with a reason.
+func TestOCF_ShimWithoutBinary(t *testing.T) {
+	src, err := os.ReadFile("../dist/ocf/nbdmirror.in")
+	if err != nil {
+		t.Fatal(err)
+	}
+	missing := filepath.Join(t.TempDir(), "sbin")
+	shim := filepath.Join(t.TempDir(), "nbdmirror")
+	if err := os.WriteFile(shim, bytes.ReplaceAll(src, []byte("@SBINDIR@"), []byte(missing)), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		action   string
+		interval string
+		code     int
+	}{
+		{"monitor", "0", 7},
+		{"monitor", "10000", 5},
+		{"start", "0", 5},
+		{"stop", "0", 5},
+		{"meta-data", "0", 5},
+	} {
+		cmd := exec.Command(shim, tc.action)
+		cmd.Env = append(os.Environ(), "OCF_RESKEY_CRM_meta_interval="+tc.interval, "OCF_EXIT_REASON_PREFIX=why:")
+		out, err := cmd.CombinedOutput()
+		var ee *exec.ExitError
+		if !errors.As(err, &ee) || ee.ExitCode() != tc.code || string(out) != "why:"+missing+"/nbdmirror is not installed\n" {
+			t.Errorf("%s (interval %s): %v %q, want exit %d", tc.action, tc.interval, err, out, tc.code)
+		}
+	}
+}
+
+// graphAction is an action of a Pacemaker transition graph (crm_simulate
+// -G): a resource operation, a pseudo-event or a cluster event.
+type graphAction struct {
+	ID   string `xml:"id,attr"`
+	Key  string `xml:"operation_key,attr"`
+	Node string `xml:"on_node,attr"`
+}
+
+type transitionGraph struct {
+	Synapses []struct {
+		Actions struct {
+			List []graphAction `xml:",any"`
+		} `xml:"action_set"`
+		Inputs struct {
+			Triggers []struct {
+				List []graphAction `xml:",any"`
+			} `xml:"trigger"`
+		} `xml:"inputs"`
+	} `xml:"synapse"`
+}
+
+// TestOCF_PacemakerConfig checks the README's cibadmin configuration with
+// Pacemaker's own tools, without a cluster: crm_verify accepts it, and the
+// scheduler (crm_simulate) promotes the node with the higher promotion
+// score, starts the other, and starts the file system on the promoted node
+// only after the promotion; with no score anywhere (two Inconsistent
+// disks) it promotes nothing and leaves the file system stopped; a score
+// of 0 is promoted, which is why the agent deletes the score instead.
+func TestOCF_PacemakerConfig(t *testing.T) {
+	need(t, "crm_verify", "crm_simulate")
+	readme, err := os.ReadFile("../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, section, _ := strings.Cut(string(readme), "\n### Running with Pacemaker\n")
+	section, _, _ = strings.Cut(section, "\n### ")
+	parts := map[string]string{}
+	for _, m := range regexp.MustCompile(`(?s)cibadmin --create -o (resources|constraints) --xml-text '([^']*)'`).FindAllStringSubmatch(section, -1) {
+		parts[m[1]] += m[2]
+	}
+	if !strings.Contains(parts["resources"], `<clone id="r0-clone">`) || !strings.Contains(parts["constraints"], "<rsc_order") {
+		t.Fatalf("no cibadmin configuration in the README's Running with Pacemaker:\n%q", parts)
+	}
+	cib := func(alpha, beta string) string {
+		attr := func(id, v string) string {
+			if v == "" {
+				return ""
+			}
+			return fmt.Sprintf(`<transient_attributes id="%[1]s"><instance_attributes id="status-%[1]s">`+
+				`<nvpair id="status-%[1]s-master-r0" name="master-r0" value="%[2]s"/></instance_attributes></transient_attributes>`, id, v)
+		}
+		return `<cib have-quorum="1" dc-uuid="1" validate-with="pacemaker-3.9" epoch="1" num_updates="0" admin_epoch="0"><configuration>
+<crm_config><cluster_property_set id="options"><nvpair id="options-stonith" name="stonith-enabled" value="false"/></cluster_property_set></crm_config>
+<nodes><node id="1" uname="alpha"/><node id="2" uname="beta"/></nodes>
+<resources>` + parts["resources"] + `</resources>
+<constraints>` + parts["constraints"] + `</constraints>
+</configuration><status>
+<node_state id="1" uname="alpha" in_ccm="true" crmd="online" join="member" expected="member">` + attr("1", alpha) + `</node_state>
+<node_state id="2" uname="beta" in_ccm="true" crmd="online" join="member" expected="member">` + attr("2", beta) + `</node_state>
+</status></cib>`
+	}
+	dir := t.TempDir()
+	tests := []struct {
+		alpha, beta string // promotion scores ("" = none)
+		promoted    string // "" = nobody
+	}{
+		{"10000", "1000", "alpha"}, // UpToDate and connected / peer unknown
+		{"10", "10000", "beta"},    // SyncTarget / SyncSource
+		{"1000", "", "alpha"},      // only alpha has UpToDate data
+		{"", "", ""},               // two Inconsistent disks
+		{"0", "", "alpha"},         // a score of 0 is promoted
+	}
+	for i, tc := range tests {
+		file := filepath.Join(dir, fmt.Sprintf("cib%d.xml", i))
+		if err := os.WriteFile(file, []byte(cib(tc.alpha, tc.beta)), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if out, err := exec.Command("crm_verify", "--xml-file", file).CombinedOutput(); err != nil || len(out) != 0 {
+			t.Fatalf("crm_verify: %v\n%s", err, out)
+		}
+		graphFile := filepath.Join(dir, fmt.Sprintf("graph%d.xml", i))
+		if out, err := exec.Command("crm_simulate", "--xml-file", file, "--save-graph", graphFile).CombinedOutput(); err != nil {
+			t.Fatalf("crm_simulate: %v\n%s", err, out)
+		}
+		b, err := os.ReadFile(graphFile)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var g transitionGraph
+		if err := xml.Unmarshal(b, &g); err != nil {
+			t.Fatalf("transition graph: %v\n%s", err, b)
+		}
+		deps := map[string][]string{} // action id → the ids it waits for
+		var promote, fsStart graphAction
+		starts := map[string]bool{}
+		for _, s := range g.Synapses {
+			for _, a := range s.Actions.List {
+				for _, tr := range s.Inputs.Triggers {
+					for _, in := range tr.List {
+						deps[a.ID] = append(deps[a.ID], in.ID)
+					}
+				}
+				switch {
+				case regexp.MustCompile(`^r0:\d+_promote_0$`).MatchString(a.Key):
+					promote = a
+				case regexp.MustCompile(`^r0:\d+_start_0$`).MatchString(a.Key):
+					starts[a.Node] = true
+				case a.Key == "fs_r0_start_0":
+					fsStart = a
+				}
+			}
+		}
+		var after func(id, target string, seen map[string]bool) bool
+		after = func(id, target string, seen map[string]bool) bool {
+			if id == target {
+				return true
+			}
+			if seen[id] {
+				return false
+			}
+			seen[id] = true
+			for _, d := range deps[id] {
+				if after(d, target, seen) {
+					return true
+				}
+			}
+			return false
+		}
+		name := fmt.Sprintf("scores alpha %q beta %q", tc.alpha, tc.beta)
+		switch {
+		case !starts["alpha"] || !starts["beta"]:
+			t.Errorf("%s: r0 started on %v, want both nodes", name, starts)
+		case promote.Node != tc.promoted:
+			t.Errorf("%s: promoted on %q, want %q", name, promote.Node, tc.promoted)
+		case tc.promoted == "" && fsStart.ID != "":
+			t.Errorf("%s: fs_r0 starts on %s with nothing promoted", name, fsStart.Node)
+		case tc.promoted != "" && (fsStart.Node != tc.promoted || !after(fsStart.ID, promote.ID, map[string]bool{})):
+			t.Errorf("%s: fs_r0 starts on %q (want %s), after the promotion: %v", name, fsStart.Node, tc.promoted,
+				after(fsStart.ID, promote.ID, map[string]bool{}))
+		}
 	}
 }

@@ -27,8 +27,8 @@ lean=(
 	pacemaker corosync   # the two-node cluster of TestPacemaker_* (make test-cluster)
 )
 
-# missing PACKAGE... prints those not installed.
-missing() {
+# not_installed PACKAGE... prints those not installed.
+not_installed() {
 	local p
 	for p in "$@"; do
 		if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
@@ -36,8 +36,8 @@ missing() {
 		fi
 	done
 }
-mapfile -t missing < <(missing "${packages[@]}")
-mapfile -t missing_lean < <(missing "${lean[@]}")
+mapfile -t missing < <(not_installed "${packages[@]}")
+mapfile -t missing_lean < <(not_installed "${lean[@]}")
 
 if ((${#missing[@]} + ${#missing_lean[@]})); then
 	if [[ $(id -u) != 0 ]]; then

@@ -499,3 +499,47 @@ func TestOCF_Exit(t *testing.T) {
 		t.Errorf("probe without config: %d %q", code, errOut)
 	}
 }
+
+// TestOCF_HeldOpen: while an NBD client holds the Primary's export, stop
+// and demote retry the refusal until the action's timeout, then fail with
+// it (Pacemaker escalates; the agent does not pretend); once the client
+// is gone, both succeed.
+func TestOCF_HeldOpen(t *testing.T) {
+	d := startDaemon(t)
+	crm, record := fakeCrmAttribute(t, 0)
+	r := &ocfRun{t: t, record: record, env: map[string]string{
+		"OCF_RESKEY_resource": "r0", "OCF_RESKEY_config": d.conf, "OCF_RESKEY_node": "alpha",
+		"OCF_RESKEY_run_dir": d.runDir, "OCF_RESKEY_wfc_timeout": "0", "OCF_RESKEY_CRM_meta_timeout": "2500",
+		"OCF_RESOURCE_INSTANCE": "r0", ocfCrmAttributeEnv: crm,
+	}}
+	if code, reason, log := r.run("start"); code != ocfSuccess {
+		t.Fatalf("start: %d %q\n%s", code, reason, log)
+	}
+	d.must("primary", "--force", "r0")
+	conn, err := nbdGo(t, filepath.Join(d.runDir, "nbd.sock"), "r0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, action := range []string{"stop", "demote"} {
+		began := time.Now()
+		code, reason, log := r.run(action)
+		took := time.Since(began)
+		if code != ocfErrGeneric || !strings.Contains(reason, "r0 still") || !strings.Contains(reason, "at the timeout") ||
+			!strings.Contains(reason, "(-12) Device is held open by someone (1 NBD client") || took < 2*time.Second || took > 5*time.Second {
+			t.Errorf("%s while held open: exit %d after %v: %q\n%s", action, code, took, reason, log)
+		}
+	}
+	calls(t, record)
+	conn.Close()
+	// The daemon sees the client go a moment later: the retries wait.
+	r.env["OCF_RESKEY_CRM_meta_timeout"] = "20000"
+	if code, reason, log := r.run("demote"); code != ocfSuccess {
+		t.Fatalf("demote: %d %q\n%s", code, reason, log)
+	}
+	if code, reason, log := r.run("stop"); code != ocfSuccess {
+		t.Fatalf("stop: %d %q\n%s", code, reason, log)
+	}
+	if got := calls(t, record); !slices.Equal(got, []string{"r0 --promotion -l reboot -v 1000", "r0 --promotion -l reboot -D"}) {
+		t.Errorf("scores: %q", got)
+	}
+}
