@@ -176,6 +176,7 @@ func (n *pcmkNode) start() {
 		"GORACE=" + strings.TrimSpace(os.Getenv("GORACE")+" atexit_sleep_ms=0"),
 	}
 	os.Remove(filepath.Join(n.state, "log", "pids"))
+	run(n.t, time.Minute, "ip", "-n", n.rn.ns, "link", "set", n.dev(), "up") // after a power-off
 	n.init = startEnv(n.t, env, "ip", "netns", "exec", n.rn.ns,
 		"unshare", "--mount", "--uts", "--ipc", "--pid", "--kill-child", "--mount-proc", script)
 	unsharePID := n.init.cmd.Process.Pid
@@ -236,11 +237,22 @@ func (n *pcmkNode) daemons() map[string][]int {
 	return procs
 }
 
+// dev is the node's end of the veth pair.
+func (n *pcmkNode) dev() string {
+	if n == n.c.alpha {
+		return n.c.h.devA
+	}
+	return "vB" + strings.TrimPrefix(n.c.h.devA, "vA")
+}
+
 // loseNode kills the node at once: SIGKILL to its PID 1 kills every
 // process of its PID namespace (the nbdmirror daemon, corosync,
-// pacemakerd and its children) in the same moment. It checks, by PID, that
-// the daemon, corosync and pacemakerd are gone.
-func (n *pcmkNode) loseNode() {
+// pacemakerd and its children) in the same moment. With powerOff, its
+// link goes down first, as when a machine loses power: the peer gets no
+// FIN or RST from the dead processes' sockets and must notice the loss by
+// its own timeouts. It checks, by PID, that the daemon, corosync and
+// pacemakerd are gone.
+func (n *pcmkNode) loseNode(powerOff bool) {
 	n.t.Helper()
 	procs := n.daemons()
 	var victims []int
@@ -249,6 +261,9 @@ func (n *pcmkNode) loseNode() {
 			n.t.Fatalf("%s: no %s process before the node loss: %v", n.name, name, procs)
 		}
 		victims = append(victims, procs[name]...)
+	}
+	if powerOff {
+		run(n.t, time.Minute, "ip", "-n", n.rn.ns, "link", "set", n.dev(), "down")
 	}
 	if err := syscall.Kill(n.initPID, syscall.SIGKILL); err != nil {
 		n.t.Fatalf("%s: kill -9 %d: %v", n.name, n.initPID, err)
@@ -401,6 +416,25 @@ func (n *pcmkNode) checkLogs() {
 	}
 }
 
+// logSince returns the state changes, warnings and errors in the node's
+// daemon log from t on.
+func (n *pcmkNode) logSince(t time.Time) string {
+	b, _ := os.ReadFile(filepath.Join(n.state, "log", "nbdmirror.log"))
+	var lines []string
+	for _, l := range strings.Split(string(b), "\n") {
+		ts, _, ok := strings.Cut(strings.TrimPrefix(l, "time="), " ")
+		at, err := time.Parse(time.RFC3339Nano, ts)
+		if !ok || err != nil || at.Before(t) {
+			continue
+		}
+		if strings.Contains(l, "( ") || strings.Contains(l, "level=WARN") || strings.Contains(l, "level=ERROR") ||
+			strings.Contains(l, "resync") || strings.Contains(l, "unclean") {
+			lines = append(lines, l)
+		}
+	}
+	return strings.Join(lines, "\n")
+}
+
 // dumpLogs logs the end of the node's logs (after a failure).
 func (n *pcmkNode) dumpLogs() {
 	for _, f := range []string{"log/nbdmirror.log", "log/corosync.out", "log/pacemakerd.out"} {
@@ -527,7 +561,7 @@ func instanceXML(id string, params map[string]string) string {
 // mounted. Corosync needs its token timeout (3 s) and consensus (3.6 s) to
 // declare the node lost; Pacemaker then computes the transition, promotes
 // the survivor (nbdmirror primary) and starts the file system on it
-// (nbdfuse, ext4 journal replay). Measured here: 7 to 8 s.
+// (nbdfuse, ext4 journal replay). Measured here: 6.7 to 9 s.
 const pcmkFailoverBound = 45 * time.Second
 
 const (
@@ -665,8 +699,9 @@ func serving(p, other string) func(pcmkView) bool {
 // ocf:nbdmirror:nbdmirror (protocol C), and fs, ext4 on the Promoted
 // node's export (nbdfuse + loop device) with it. Pacemaker promotes one
 // node and mounts the file system there; a file is written and fsynced
-// through it. That node is lost (kill -9 of its PID 1: the nbdmirror
-// daemon, corosync and pacemakerd die at once); within
+// through it. That node is lost as in a power loss (its link down, then
+// kill -9 of its PID 1: the nbdmirror daemon, corosync and pacemakerd die
+// at once); within
 // pcmkFailoverBound the survivor is Promoted with the file system mounted
 // and the file intact. A second file is written there. The lost node is
 // booted again (new namespaces, the same disk and metadata): Pacemaker
@@ -697,12 +732,13 @@ func TestPacemaker_Failover(t *testing.T) {
 	primary.writeSync(pcmkMnt+"/before-loss.bin", before)
 
 	begin := time.Now()
-	primary.loseNode()
+	primary.loseNode(true)
 	v, _ = survivor.waitView(2*pcmkFailoverBound, "the survivor promoted with the file system", pcmkClone, pcmkFS, func(v pcmkView) bool {
 		return !v.online[primary.name] && v.promoted() == survivor.name && v.fs == survivor.name
 	})
 	failover := time.Since(begin)
 	t.Logf("failover: %s lost, %s Promoted with the file system mounted %v later", primary.name, survivor.name, failover.Round(time.Millisecond))
+	t.Logf("%s's daemon since the loss:\n%s", survivor.name, survivor.logSince(begin))
 	if failover > pcmkFailoverBound {
 		t.Errorf("failover took %v, more than %v", failover, pcmkFailoverBound)
 	}
@@ -751,7 +787,8 @@ func TestPacemaker_Failover(t *testing.T) {
 	t.Logf("crm_mon at the end:\n%s", survivor.mustIn("crm_mon", "-1"))
 }
 
-// TestPacemaker_FailoverProtocolA: the same node loss with protocol A,
+// TestPacemaker_FailoverProtocolA: a node loss (kill -9 alone: the
+// survivor's daemon sees the sockets close) with protocol A,
 // where a write is acknowledged once it is on the local disk and sent:
 // the survivor may miss the last acknowledged writes, but what it has must
 // be a consistent prefix of them. The sequence writer writes through the
@@ -782,7 +819,7 @@ func TestPacemaker_FailoverProtocolA(t *testing.T) {
 		return w.acked >= 2000, fmt.Sprint(w.acked)
 	})
 	begin := time.Now()
-	primary.loseNode()
+	primary.loseNode(false)
 	acked := <-done
 	survivor.waitView(2*pcmkFailoverBound, "the survivor promoted", pcmkClone, "", func(v pcmkView) bool {
 		return !v.online[primary.name] && v.promoted() == survivor.name
