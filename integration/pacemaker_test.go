@@ -15,8 +15,10 @@ import (
 	"crypto/rand"
 	"encoding/xml"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -549,8 +551,8 @@ func instanceXML(id string, params map[string]string) string {
 	}
 	var b strings.Builder
 	fmt.Fprintf(&b, `<instance_attributes id="%s-params">`, id)
-	for k, v := range params {
-		fmt.Fprintf(&b, `<nvpair id="%s-params-%s" name="%s" value="%s"/>`, id, k, k, v)
+	for _, k := range slices.Sorted(maps.Keys(params)) {
+		fmt.Fprintf(&b, `<nvpair id="%s-params-%s" name="%s" value="%s"/>`, id, k, k, params[k])
 	}
 	b.WriteString(`</instance_attributes>`)
 	return b.String()
@@ -558,8 +560,8 @@ func instanceXML(id string, params map[string]string) string {
 
 // pcmkFailoverBound is the longest a failover may take: from the kill -9
 // of the Primary's node to the survivor Promoted with the file system
-// mounted. Corosync needs its token timeout (3 s) and consensus (3.6 s) to
-// declare the node lost; Pacemaker then computes the transition, promotes
+// mounted. Corosync needs up to its token timeout (3 s) and consensus
+// (3.6 s) to declare the node lost; Pacemaker then computes the transition, promotes
 // the survivor (nbdmirror primary) and starts the file system on it
 // (nbdfuse, ext4 journal replay). Measured here: 6.7 to 9 s.
 const pcmkFailoverBound = 45 * time.Second
@@ -676,7 +678,7 @@ func (c *pcmkCluster) configure(withFS bool) {
 	n.cib("crm_resource", "--resource", "fs", "--meta", "--set-parameter", "target-role", "--parameter-value", "Started")
 }
 
-// promotedNode is the node Pacemaker promoted ("" = none).
+// promoted is the node Pacemaker promoted ("" = none).
 func (v pcmkView) promoted() string {
 	for nd, r := range v.roles {
 		if r == "Promoted" {
