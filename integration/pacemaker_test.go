@@ -89,10 +89,8 @@ func newPcmkCluster(t *testing.T, size int64, opts string) *pcmkCluster {
 	t.Helper()
 	needRoot(t)
 	need(t, "corosync", "corosync-cfgtool", "pacemakerd", "crm_mon", "crm_attribute", "cibadmin", "nsenter",
-		"unshare", "nbdfuse", "fusermount3", "mkfs.ext4", "e2fsck", "losetup", "mount", "umount", "mountpoint")
-	if _, err := os.Stat("/usr/lib/ocf/resource.d/pacemaker/Stateful"); err != nil {
-		unavailable(t, "needs the resource agents of pacemaker (/usr/lib/ocf/resource.d/pacemaker)")
-	}
+		"unshare", "nbdfuse", "fusermount3", "mkfs.ext4", "e2fsck", "losetup", "mount", "umount", "mountpoint",
+		"ocf-tester", "xmllint")
 	h := newHosts(t)
 	c := &pcmkCluster{t: t, h: h, base: t.TempDir()}
 	c.conf = filepath.Join(c.base, "nbdmirror.conf")
