@@ -385,7 +385,7 @@ func (a *ocfAgent) waitConnect(ctx context.Context, d time.Duration) {
 	}
 	for _, r := range vr.Results {
 		if r.Code != 0 {
-			a.log.Info("not connected to the peer yet: going on (wfc_timeout)", "waited", d, "state", r.Error)
+			a.log.Warn("not connected to the peer yet: going on (wfc_timeout)", "waited", d, "state", r.Error)
 		}
 	}
 }
@@ -527,7 +527,7 @@ func (a *ocfAgent) promote(ctx context.Context) (int, error) {
 		}
 	}
 	if rest := a.promoteBackoff - time.Since(began); rest > 0 {
-		a.log.Info("promotion failed: waiting before returning, against a tight recovery loop", "wait", rest.Round(time.Millisecond))
+		a.log.Warn("promotion failed: waiting before returning, against a tight recovery loop", "wait", rest.Round(time.Millisecond))
 		pause(ctx, rest)
 	}
 	if last == nil {
