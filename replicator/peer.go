@@ -32,7 +32,7 @@ type peer struct {
 
 	tl     *tlog // immutable; replicates only once the handshake decided (conn ≥ Connected)
 	theirs wire.Params
-	size   int64 // the agreed size
+	size   agreedSize // the agreed size (resize changes it)
 
 	failOnce sync.Once
 	failErr  error
@@ -186,7 +186,7 @@ func (p *peer) end(err error) bool {
 		logRun = rs.endOutOfSyncRun()
 		rs.mu.Unlock()
 		r.ovStart = reached
-		if reached >= bitmap.Blocks(p.size) {
+		if reached >= bitmap.Blocks(p.size.Load()) {
 			r.ovStart = 0
 		}
 	}
@@ -452,21 +452,7 @@ func (p *peer) checkParams(mine, theirs wire.Params) error {
 	if theirs.DiskSize == 0 {
 		return &errRefused{reason: "the peer has no disk; diskless peers are not supported, dropping connection"}
 	}
-	size := min(mine.DiskSize, theirs.DiskSize)
-	size -= size % bitmap.BlockSize
-	r := p.r
-	r.mu.Lock()
-	role := r.role
-	r.mu.Unlock()
-	if size < uint64(r.size.Load()) && role == RolePrimary {
-		return &errRefused{reason: fmt.Sprintf("The peer's disk size is too small! (%d bytes, this Primary exports %d): dropping connection", theirs.DiskSize, r.size.Load())}
-	}
-	if size != uint64(r.size.Load()) {
-		r.log.Info("size agreed with the peer", "bytes", size, "was", r.size.Load())
-		r.size.Store(int64(size))
-	}
-	p.size = int64(size)
-	return nil
+	return p.agreeSize(mine, theirs) // resize.go
 }
 
 // controlLoop receives acks on the control stream.
@@ -534,8 +520,8 @@ func protoErr(format string, args ...any) error {
 
 // checkRange checks that a range from the peer lies inside the device.
 func (p *peer) checkRange(what string, off uint64, n uint32) error {
-	if off+uint64(n) > uint64(p.size) {
-		return protoErr("%s of %d bytes at %d lies past the end of the device (%d bytes)", what, n, off, p.size)
+	if off+uint64(n) > uint64(p.size.Load()) {
+		return protoErr("%s of %d bytes at %d lies past the end of the device (%d bytes)", what, n, off, p.size.Load())
 	}
 	return nil
 }
@@ -595,6 +581,8 @@ func (p *peer) handle(m wire.Message) error {
 		return p.receiveCommand(m)
 	case wire.OutOfSync:
 		return p.receiveOutOfSync(m)
+	case wire.Sizes:
+		return p.receiveSizes(m)
 	default:
 		return protoErr("message type %d on the data stream", m.Type())
 	}
@@ -971,7 +959,7 @@ func (p *peer) skipInitialSync() error {
 	if err != nil {
 		return err
 	}
-	p.md.MarkInSync(0, p.size)
+	p.md.MarkInSync(0, p.size.Load())
 	if err := p.md.FlushBitmap(); err != nil {
 		return err
 	}
@@ -1001,7 +989,7 @@ func (p *peer) adoptSkippedSync(m wire.UUIDs) error {
 	if conn != Connected || p.md.Superblock().UUIDs.Current&^1 != metadisk.UUIDJustCreated {
 		return protoErr("the peer skipped the initial sync while this node is %s/%s with data of its own", conn, disk)
 	}
-	p.md.MarkInSync(0, p.size)
+	p.md.MarkInSync(0, p.size.Load())
 	if err := p.md.FlushBitmap(); err != nil {
 		return err
 	}

@@ -104,6 +104,8 @@ type Resource struct {
 	// authBefore counts the authentication failures of the transports
 	// already closed (the current one's are in its Stats); under mu.
 	authBefore uint64
+
+	resizing resizeState // an online resize waiting for the peer (resize.go)
 }
 
 // New returns the resource described by o, Diskless, Secondary and
@@ -265,7 +267,9 @@ func (r *Resource) attach() (err error) {
 	if err != nil {
 		return fmt.Errorf("%s: attach: %w", r.name, err)
 	}
-	size := mdev.Layout.DataSize
+	// The size last agreed, which the metadata covers; a disk grown
+	// since is used only after a resize.
+	size := md.Layout().DataSize
 	if dev.Size() < size {
 		dev.Close()
 		return fmt.Errorf("%s: attach: %s holds %d bytes, the metadata describes %d: %w", r.name, r.host.Disk, dev.Size(), size, metadisk.ErrMismatch)
@@ -665,14 +669,20 @@ func (r *Resource) thawIfFrozenBy(p *peer) {
 	}
 }
 
-// diskSize is the usable size of the attached disk (0 if Diskless).
+// diskSize is the usable size of the attached disk, measured now: the
+// most data the disk and its metadata device can hold (0 if Diskless).
 func (r *Resource) diskSize() int64 {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.mdev == nil {
-		return 0
+	l, err := r.capacity()
+	if err != nil {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		if r.md == nil {
+			return 0
+		}
+		r.log.Warn("measuring the disk failed; offering the peer the current size", "err", err)
+		return r.md.Layout().DataSize
 	}
-	return r.mdev.Layout.DataSize
+	return l.DataSize
 }
 
 // newCurrent rotates the UUIDs as DRBD's new-current-uuid does (the

@@ -122,7 +122,7 @@ func (p *peer) startSync(source, full bool, cmd *wire.Command) error {
 		}
 	}
 	if full {
-		p.md.MarkOutOfSync(0, p.size)
+		p.md.MarkOutOfSync(0, p.size.Load())
 	}
 	r.mu.Lock()
 	if !p.current() {
@@ -153,7 +153,7 @@ func (p *peer) startSync(source, full bool, cmd *wire.Command) error {
 func (p *peer) sendBitmap() error {
 	p.tl.send.Lock()
 	defer p.tl.send.Unlock()
-	blocks := bitmap.Blocks(p.size)
+	blocks := bitmap.Blocks(p.size.Load())
 	for _, c := range wire.BitmapChunks(0, blocks, bitmapChunk, p.md.NextRun) {
 		if err := p.send(transport.Data, c); err != nil {
 			return err
@@ -168,7 +168,7 @@ func (p *peer) receiveBitmap(m wire.Bitmap) error {
 	r.mu.Lock()
 	conn := r.conn
 	r.mu.Unlock()
-	blocks := bitmap.Blocks(p.size)
+	blocks := bitmap.Blocks(p.size.Load())
 	switch {
 	case conn != WFBitMapS && conn != WFBitMapT:
 		return protoErr("bitmap while %s", conn)
@@ -363,7 +363,7 @@ func (p *peer) driveResync(rs *resync) error {
 	r := p.r
 	pace := p.newPacer(rs)
 	digest := newDigest(r.cfg.Net.CsumsAlg)
-	blocks := bitmap.Blocks(p.size)
+	blocks := bitmap.Blocks(p.size.Load())
 	lastCommit := time.Now()
 	for pos := uint64(0); pos < blocks; {
 		if err := p.waitUnpaused(); err != nil {
