@@ -106,6 +106,10 @@ type Resource struct {
 	authBefore uint64
 
 	resizing resizeState // an online resize waiting for the peer (resize.go)
+	// live is the configuration in effect (conf, adjust.go); pending, under
+	// mu, one that adjust keeps for the next up.
+	live    atomic.Pointer[config.Resource]
+	pending *config.Resource
 }
 
 // New returns the resource described by o, Diskless, Secondary and
@@ -136,6 +140,7 @@ func New(o Options) (*Resource, error) {
 		r.change = func() {}
 	}
 	r.idle.L = &r.mu
+	r.live.Store(o.Config)
 	return r, nil
 }
 
@@ -226,6 +231,7 @@ func (r *Resource) Attach() error {
 	if disk != Diskless {
 		return r.refuse(codeAttached, "")
 	}
+	r.applyPending() // what adjust kept for down/up
 	r.mu.Lock()
 	r.setState(r.role, Attaching)
 	r.mu.Unlock()
@@ -497,7 +503,7 @@ func (r *Resource) Primary(force bool) error {
 // Primary, after waiting once for ping-timeout (at least 1 s) in case the
 // peer is on its way down (DRBD's retry of −1).
 func (r *Resource) waitPeerNotPrimary() error {
-	deadline := time.Now().Add(max(r.cfg.Net.PingTimeout, time.Second))
+	deadline := time.Now().Add(max(r.conf().Net.PingTimeout, time.Second))
 	for {
 		r.mu.Lock()
 		peerPri := r.p != nil && r.peerRole == RolePrimary
@@ -866,7 +872,8 @@ func (r *Resource) Snapshot() Snapshot {
 	s.Counters = Counters{NS: s.SentBytes / 1024, NR: s.ReceivedBytes / 1024,
 		DW: s.WrittenBytes / 1024, DR: s.ReadBytes / 1024,
 		LO: r.local.Load(), AP: int64(inflight), EP: 1, WO: 'f'}
-	if !r.cfg.Disk.DiskFlushes {
+	conf := r.conf()
+	if !conf.Disk.DiskFlushes {
 		s.Counters.WO = 'n' // nothing orders epochs but their flushes
 	}
 	if p != nil {
@@ -875,7 +882,7 @@ func (r *Resource) Snapshot() Snapshot {
 		s.PendingBytes, s.Lag = p.tl.backlog(time.Now())
 	}
 	if s.Conn >= Unconnected {
-		s.Protocol = r.cfg.Net.Protocol
+		s.Protocol = conf.Net.Protocol
 	}
 	if s.Conn == Ahead {
 		s.Congestion = 'a'

@@ -270,7 +270,7 @@ func (p *peer) receiveSyncUUID(m wire.SyncUUID) error {
 // controller decides, c-plan-ahead > 0) and the bytes that may be
 // requested and not arrived.
 func (r *Resource) limits() (rate, flight int64) {
-	d := r.cfg.Disk
+	d := r.conf().Disk
 	if d.CPlanAhead == 0 {
 		return d.ResyncRate, resyncMaxFlight * resyncMaxReq
 	}
@@ -287,20 +287,22 @@ type pacer struct {
 	budget    int64
 	requested int64
 	seen      int64 // rs.arrived at the last step
+	r         *Resource
 }
 
 func (p *peer) newPacer(rs *resync) *pacer {
-	d := p.r.cfg.Disk
+	d := p.r.conf().Disk
 	if d.CPlanAhead == 0 {
-		return &pacer{lim: transport.NewLimiter(d.ResyncRate), rs: rs}
+		return &pacer{lim: transport.NewLimiter(d.ResyncRate), rs: rs, r: p.r}
 	}
-	return &pacer{ctl: newRSController(d), rs: rs, next: time.Now()}
+	return &pacer{ctl: newRSController(d), rs: rs, next: time.Now(), r: p.r}
 }
 
 // grant waits until up to length bytes may be requested and returns how
 // many (a multiple of 4 KiB, at least one block).
 func (pc *pacer) grant(ctx context.Context, length int64) (int64, error) {
 	if pc.ctl == nil {
+		pc.refresh() // adjust.go
 		return length, pc.lim.Wait(ctx, int(length))
 	}
 	for pc.budget < bitmap.BlockSize {
@@ -340,7 +342,7 @@ func (p *peer) slowDown(rs *resync, done *int64) bool {
 	rs.mu.Lock()
 	defer rs.mu.Unlock()
 	if rs.throttle == nil {
-		rs.throttle = newRSThrottle(p.r.cfg.Disk.CMinRate, p.r.appIO.Load(), rs.start)
+		rs.throttle = newRSThrottle(p.r.conf().Disk.CMinRate, p.r.appIO.Load(), rs.start)
 	}
 	if !rs.throttle.slowDown(p.r.appIO.Load(), *done, time.Now()) {
 		return false
