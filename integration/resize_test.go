@@ -95,4 +95,22 @@ func TestResize_Online(t *testing.T) {
 	}
 	c.alpha.demote()
 	c.sameData()
+
+	// adjust: a live key, a key for the next connect, one for down/up.
+	conf := strings.NewReplacer("resync-rate 500M", "resync-rate 100M", "protocol C;", "protocol C; timeout 30;",
+		"c-plan-ahead 0;", "c-plan-ahead 0; al-extents 257;").Replace(c.resourceConf)
+	if err := os.WriteFile(c.alpha.conf, []byte(conf), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out = c.alpha.must("adjust", "r0")
+	for _, want := range []string{"r0: resync-rate 524288000 -> 104857600 (applied now)\n",
+		"r0: timeout 6s -> 3s (at the next connect (disconnect; connect))\n", "r0: al-extents 1237 -> 257 (needs down/up)\n"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("adjust printed:\n%s\nwithout %q", out, want)
+		}
+	}
+	// Again: only the key that waits for down/up is still different.
+	if out := c.alpha.must("adjust", "r0"); out != "r0: al-extents 1237 -> 257 (needs down/up)\n" {
+		t.Errorf("adjust again: %q", out)
+	}
 }

@@ -931,6 +931,7 @@ func TestPair_AuthFailures(t *testing.T) {
 	other := *p.beta.cfg // the pair shares one configuration: beta gets its own
 	other.Net.SharedSecret = "two"
 	p.beta.cfg = &other
+	p.beta.live.Store(&other) // the configuration in effect (adjust.go)
 	p.connect()
 	p.wait(p.alpha, "an authentication failure", func(s Snapshot) bool { return s.AuthFailures > 0 })
 	if err := p.alpha.Disconnect(); err != nil {
