@@ -387,7 +387,9 @@ func (r *Resource) capacity() (metadisk.Layout, error) {
 // connection lost midway), the larger Size wins when both disks hold it:
 // the node behind grows its metadata and marks the new area, so the next
 // resync covers it. Otherwise the smaller disk wins, and a Primary refuses
-// to shrink under its clients ("The peer's disk size is too small!").
+// to shrink under its clients ("The peer's disk size is too small!"); a
+// node that is not Primary cuts its metadata to the agreed size, so that
+// it is what a restart comes back at.
 func (p *peer) agreeSize(mine, theirs wire.Params) error {
 	r := p.r
 	size := min(mine.DiskSize, theirs.DiskSize)
@@ -402,15 +404,26 @@ func (p *peer) agreeSize(mine, theirs wire.Params) error {
 	if size < cur && role == RolePrimary {
 		return &errRefused{reason: fmt.Sprintf("The peer's disk size is too small! (%d bytes, this Primary exports %d): dropping connection", theirs.DiskSize, cur)}
 	}
-	if md != nil && int64(size) > md.Layout().DataSize {
-		target, err := r.capacity()
-		if err == nil {
-			err = md.Resize(target, int64(size), true)
+	if md != nil {
+		// The metadata covers the agreed size, so that a restart comes
+		// back at it (DRBD's la-size): grown to a size the peer was
+		// resized to, or cut to a smaller peer's disk on a node that is
+		// not Primary (a Primary refused that above).
+		has := md.Layout().DataSize
+		if grow := int64(size) > has; grow || int64(size) < has && role != RolePrimary {
+			target, err := r.capacity()
+			if err == nil {
+				err = md.Resize(target, int64(size), grow)
+			}
+			if err != nil {
+				return &errRefused{reason: fmt.Sprintf("resizing the metadata to the %d bytes agreed with the peer failed: %v; dropping connection", size, err)}
+			}
+			if grow {
+				r.log.Info("grown to the size the peer was resized to; the new area is marked out of sync", "bytes", size, "was", has)
+			} else {
+				r.log.Info("the metadata now covers the size agreed with the smaller peer", "bytes", size, "disk_holds", has)
+			}
 		}
-		if err != nil {
-			return &errRefused{reason: fmt.Sprintf("growing the metadata to the %d bytes agreed with the peer failed: %v; dropping connection", size, err)}
-		}
-		r.log.Info("grown to the size the peer was resized to; the new area is marked out of sync", "bytes", size)
 	}
 	if size != cur {
 		r.log.Info("size agreed with the peer", "bytes", size, "was", cur)

@@ -289,3 +289,78 @@ func TestExtFSBytes(t *testing.T) {
 		})
 	}
 }
+
+// TestPair_ResizeAgreedAtConnect: two disks of different sizes agree the
+// smaller at connect, and the larger node's metadata is cut to it, so a
+// restart comes back at the agreed size; a disk grown later does not grow
+// the device at a connect, only resize does.
+func TestPair_ResizeAgreedAtConnect(t *testing.T) {
+	p := newPair(t, "net { protocol C; } disk { c-plan-ahead 0; resync-rate 1G; }")
+	// alpha's disk is re-created at 48 MiB.
+	cfg := p.alpha.cfg
+	if err := p.alpha.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	p.grow(48<<20, 0)
+	host, _ := cfg.Host("alpha")
+	dev, err := OpenMetaDevice(host, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = metadisk.Create(dev.File, dev.Layout, "alpha", "r0", true, metadisk.Options{})
+	dev.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	restart := func() {
+		t.Helper()
+		if err := p.alpha.Stop(); err != nil {
+			t.Fatal(err)
+		}
+		r, err := New(Options{Config: cfg, Node: "alpha", Logger: slog.New(slog.NewTextHandler(p.logs[0], nil))})
+		if err != nil {
+			t.Fatal(err)
+		}
+		p.alpha = r
+		if err := r.Attach(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	restart()
+	small, big := internalData(t, 32<<20), internalData(t, 48<<20)
+	if p.alpha.Size() != big {
+		t.Fatalf("alpha alone: %d bytes, want %d", p.alpha.Size(), big)
+	}
+	p.connect()
+	p.connected()
+	if p.alpha.Size() != small || p.alpha.md.Layout().DataSize != small {
+		t.Fatalf("after the connect alpha exports %d, its metadata covers %d; want %d", p.alpha.Size(), p.alpha.md.Layout().DataSize, small)
+	}
+	restart()
+	if p.alpha.Size() != small {
+		t.Fatalf("after a restart alpha has %d bytes, want the agreed %d", p.alpha.Size(), small)
+	}
+	// beta's disk grows too: a connect keeps the agreed size.
+	p.grow(48<<20, 1)
+	if err := p.alpha.Connect(false); err != nil {
+		t.Fatal(err)
+	}
+	p.connected()
+	if p.alpha.Size() != small || p.beta.Size() != small {
+		t.Fatalf("a connect grew the device: alpha %d, beta %d", p.alpha.Size(), p.beta.Size())
+	}
+	if err := p.alpha.Primary(true); err != nil {
+		t.Fatal(err)
+	}
+	p.inSync()
+	if _, err := p.alpha.Resize(ResizeOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	p.inSync()
+	if p.alpha.Size() != big || p.beta.Size() != big {
+		t.Fatalf("after resize: alpha %d, beta %d, want %d", p.alpha.Size(), p.beta.Size(), big)
+	}
+	p.writeEnd()
+	p.wait(p.alpha, "every write acked", func(s Snapshot) bool { return s.Counters.PE == 0 })
+	p.same()
+}
