@@ -114,3 +114,44 @@ func TestResize_Online(t *testing.T) {
 		t.Errorf("adjust again: %q", out)
 	}
 }
+
+// TestResize_Disconnected: the Primary resizes while the peer is
+// disconnected (only with --assume-peer-has-space), writes into the new
+// area, and the peer takes the new size and the new area at its next
+// connect.
+func TestResize_Disconnected(t *testing.T) {
+	c := newCluster(t, 64*mib, "net { protocol C; } disk { c-plan-ahead 0; resync-rate 500M; }")
+	c.initialSync()
+	old := c.dataSize
+	c.beta.must("disconnect", "r0")
+	c.alpha.waitState(time.Minute, "WFConnection", "UpToDate", "DUnknown")
+	for _, n := range c.nodes() {
+		if err := os.Truncate(n.disk, 96*mib); err != nil {
+			t.Fatal(err)
+		}
+	}
+	code, out, errOut := c.alpha.cli("resize", "r0")
+	if code != 20 || out != "" || !strings.Contains(errOut, "--assume-peer-has-space") || strings.Count(errOut, "\n") != 1 {
+		t.Fatalf("resize without the peer: exit %d, %q %q", code, out, errOut)
+	}
+	if out := c.alpha.must("resize", "--assume-peer-has-space", "r0"); !strings.Contains(out, "next connect") {
+		t.Fatalf("resize --assume-peer-has-space: %q", out)
+	}
+	size := c.alpha.status().SizeBytes
+	if size <= old || c.alpha.nbdSize() != size {
+		t.Fatalf("alpha after the resize: status %d, nbdinfo %d (was %d)", size, c.alpha.nbdSize(), old)
+	}
+	data := make([]byte, mib)
+	rand.Read(data)
+	c.alpha.writeAt(size-mib, data)
+	c.beta.must("connect", "r0")
+	c.beta.must("wait-connect", "--timeout", "60s", "r0")
+	c.beta.must("wait-sync", "--timeout", "2m", "r0")
+	c.beta.waitState(time.Minute, "Connected", "UpToDate", "UpToDate")
+	if got := c.beta.status().SizeBytes; got != size {
+		t.Fatalf("beta after the connect: %d bytes, want %d", got, size)
+	}
+	c.alpha.demote()
+	c.dataSize = size
+	c.sameData()
+}
