@@ -22,6 +22,9 @@ SBINDIR ?= $(PREFIX)/sbin
 MANDIR ?= $(PREFIX)/share/man
 COMPLETIONDIR ?= $(PREFIX)/share/bash-completion/completions
 UNITDIR ?= $(PREFIX)/lib/systemd/system
+# OCF_ROOT of Pacemaker's resource agents: the agent ocf:nbdmirror:nbdmirror
+# goes to $(OCFDIR)/resource.d/nbdmirror/nbdmirror.
+OCFDIR ?= $(PREFIX)/lib/ocf
 
 .DEFAULT_GOAL := help
 .PHONY: help build deps test unit integration fuzz lint bench demo clean install
@@ -32,7 +35,7 @@ help: ## list the targets
 build: ## build bin/nbdmirror (without cgo: the daemon marks all its threads I/O flushers)
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-X main.Version=$(VERSION)" -o $(BIN) ./cmd/nbdmirror
 
-install: build ## install the binary, systemd units, man page and bash completion (DESTDIR, PREFIX, UNITDIR)
+install: build ## install the binary, systemd units, OCF resource agent, man page and bash completion (DESTDIR, PREFIX, UNITDIR, OCFDIR)
 	install -D -m 0755 $(BIN) $(DESTDIR)$(SBINDIR)/nbdmirror
 	install -d $(DESTDIR)$(UNITDIR) $(DESTDIR)$(MANDIR)/man8 $(DESTDIR)$(COMPLETIONDIR)
 	for u in nbdmirror.service nbdmirror@.service; do \
@@ -40,6 +43,9 @@ install: build ## install the binary, systemd units, man page and bash completio
 	done
 	set -o pipefail; $(BIN) man | gzip -9n > $(DESTDIR)$(MANDIR)/man8/nbdmirror.8.gz
 	$(BIN) completion > $(DESTDIR)$(COMPLETIONDIR)/nbdmirror
+	install -d $(DESTDIR)$(OCFDIR)/resource.d/nbdmirror
+	sed 's|@SBINDIR@|$(SBINDIR)|g' dist/ocf/nbdmirror.in > $(DESTDIR)$(OCFDIR)/resource.d/nbdmirror/nbdmirror
+	chmod 0755 $(DESTDIR)$(OCFDIR)/resource.d/nbdmirror/nbdmirror
 
 deps: ## install the Debian packages (apt-get) and Go modules the tests need
 	@./scripts/deps.sh

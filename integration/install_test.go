@@ -16,14 +16,20 @@ import (
 	"time"
 )
 
-// TestInstall: make install puts the binary, the systemd units, the man
-// page and the bash completion under PREFIX; systemd-analyze verify finds
+// TestInstall: make install puts the binary, the systemd units, the OCF
+// resource agent, the man page and the bash completion under PREFIX; the
+// agent runs the installed binary and its meta-data is valid against
+// resource-agents' ra-api-1.dtd (as ocf-tester checks it); systemd-analyze verify finds
 // nothing wrong with the units (the template as an instance), whose
 // hardening keeps the exposure score of `systemd-analyze security` at OK
 // or better; the man page documents every command; the completion
 // completes verbs, a verb's flags and the configured resources.
 func TestInstall(t *testing.T) {
-	need(t, "/usr/bin/systemd-analyze", "/usr/bin/man", "/usr/bin/make", "/bin/bash")
+	need(t, "/usr/bin/systemd-analyze", "/usr/bin/man", "/usr/bin/make", "/bin/bash", "xmllint")
+	const dtdDir = "/usr/share/resource-agents" // ra-api-1.dtd, from resource-agents
+	if _, err := os.Stat(filepath.Join(dtdDir, "ra-api-1.dtd")); err != nil {
+		unavailable(t, "needs resource-agents' ra-api-1.dtd: %v", err)
+	}
 	prefix := filepath.Join(t.TempDir(), "usr")
 	install := exec.Command("make", "-C", "..", "install", "PREFIX="+prefix)
 	if out, err := install.CombinedOutput(); err != nil {
@@ -33,7 +39,7 @@ func TestInstall(t *testing.T) {
 	files := map[string]os.FileMode{
 		"sbin/nbdmirror": 0o755, "lib/systemd/system/nbdmirror.service": 0o644,
 		"lib/systemd/system/nbdmirror@.service": 0o644, "share/man/man8/nbdmirror.8.gz": 0o644,
-		"share/bash-completion/completions/nbdmirror": 0o644,
+		"share/bash-completion/completions/nbdmirror": 0o644, "lib/ocf/resource.d/nbdmirror/nbdmirror": 0o755,
 	}
 	for f, mode := range files {
 		fi, err := os.Stat(filepath.Join(prefix, f))
@@ -55,6 +61,22 @@ func TestInstall(t *testing.T) {
 	}
 	if regexp.MustCompile(`(?m)^PrivateDevices=`).Match(unit) {
 		t.Error("nbdmirror.service sets PrivateDevices=, which hides the disks")
+	}
+
+	// The OCF agent: a shim that runs the installed binary, with valid
+	// meta-data.
+	agent := filepath.Join(prefix, "lib/ocf/resource.d/nbdmirror/nbdmirror")
+	shim, err := os.ReadFile(agent)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasPrefix(string(shim), "#!/bin/sh\n") || !strings.Contains(string(shim), "\nnbdmirror="+prefix+"/sbin/nbdmirror\n") {
+		t.Errorf("the OCF agent does not run %s/sbin/nbdmirror:\n%s", prefix, shim)
+	}
+	lint := exec.Command("/bin/sh", "-c", `"$1" meta-data | xmllint --noout --valid -`, "lint", agent)
+	lint.Dir = dtdDir
+	if out, err := lint.CombinedOutput(); err != nil || len(out) != 0 {
+		t.Errorf("%s meta-data | xmllint --valid: %v\n%s", agent, err, out)
 	}
 
 	// The units as systemd would load them from the install: the search
@@ -130,6 +152,7 @@ func TestInstall(t *testing.T) {
 		{"nbdmirror connect --d", []string{"--discard-my-data"}},
 		{"nbdmirror --node alpha --config " + conf + " up ", []string{"all", "r0", "web"}},
 		{"nbdmirror --config=" + conf + " --node=alpha primary w", []string{"web"}},
+		{"nbdmirror ocf m", []string{"meta-data", "monitor"}},
 		{"nbdmirror --config " + conf + " --node alpha daemon --metrics-listen ", nil},
 		{"nbdmirror serve --file " + filepath.Join(dir, "my"), []string{filepath.Join(dir, "my disk.img")}},
 		{"nbdmirror --config=" + filepath.Join(dir, "nbdm"), []string{conf}},

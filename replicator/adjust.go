@@ -14,8 +14,8 @@ type AdjustWhen int
 
 // The classes of configuration keys, as README's adjust table lists them.
 const (
-	// AdjustLive: at once (the resync controller and the congestion
-	// policy read them at every step).
+	// AdjustLive: at once (the resync controller, the congestion policy
+	// and the handler runs read them each time).
 	AdjustLive AdjustWhen = iota
 	// AdjustNextConnect: when the next connection is set up
 	// (`disconnect` then `connect`; a reconnect after a network failure
@@ -97,7 +97,8 @@ var adjustKeys = []adjustKey{
 	diskKey("on-io-error", AdjustDownUp, func(d *config.Disk) any { return d.OnIOError }),
 	diskKey("disk-timeout", AdjustDownUp, func(d *config.Disk) any { return d.DiskTimeout }),
 	diskKey("fencing", AdjustDownUp, func(d *config.Disk) any { return d.Fencing }),
-	{"handlers", AdjustDownUp, func(c *config.Resource, _ *config.Host) any { return c.Handlers }},
+	{"handlers", AdjustLive, func(c *config.Resource, _ *config.Host) any { return c.Handlers }},
+	{"handler-timeout", AdjustLive, func(c *config.Resource, _ *config.Host) any { return c.HandlerTimeout }},
 	{"startup", AdjustDownUp, func(c *config.Resource, _ *config.Host) any { return c.Startup }},
 	{"disk", AdjustDownUp, func(_ *config.Resource, h *config.Host) any { return h.Disk }},
 	{"meta-disk", AdjustDownUp, func(_ *config.Resource, h *config.Host) any { return h.MetaDisk }},
@@ -205,6 +206,7 @@ func (r *Resource) Adjust(nc *config.Resource) (AdjustReport, error) {
 	n.SharedSecret, n.CramHMACAlg, n.Timeout, n.PingInt = nc.Net.SharedSecret, nc.Net.CramHMACAlg, nc.Net.Timeout, nc.Net.PingInt
 	n.PingTimeout, n.ConnectInt, n.SndbufSize, n.Compression = nc.Net.PingTimeout, nc.Net.ConnectInt, nc.Net.SndbufSize, nc.Net.Compression
 	n.TLSCert, n.TLSKey, n.TLSCA = nc.Net.TLSCert, nc.Net.TLSKey, nc.Net.TLSCA
+	eff.Handlers, eff.HandlerTimeout = nc.Handlers, nc.HandlerTimeout
 	r.live.Store(&eff)
 	r.mu.Lock()
 	down := r.disk == Diskless && r.conn == StandAlone

@@ -183,3 +183,24 @@ func TestAdjust_Effect(t *testing.T) {
 		t.Fatalf("adjust without this node's section: %v", err)
 	}
 }
+
+// TestAdjust_Handlers: the handlers section changes live: the next run
+// takes the new command and timeout.
+func TestAdjust_Handlers(t *testing.T) {
+	disk := newDisk(t)
+	src := func(handlers string) string {
+		return strings.Replace(adjustSrc(disk, "protocol C;", "", "", 7000), "resource r0 {", "resource r0 { handlers { "+handlers+" }", 1)
+	}
+	r, _ := adjustResource(t, disk, parseRes(t, src(`split-brain "true";`)))
+	rep, err := r.Adjust(parseRes(t, src(`split-brain "echo new"; handler-timeout 7;`)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := strings.Join(rep.Lines("r0"), "\n")
+	if !strings.Contains(out, "r0: handlers (set) -> (set) (applied now)") || !strings.Contains(out, "handler-timeout 2m0s -> 7s (applied now)") {
+		t.Fatalf("report:\n%s", out)
+	}
+	if env := r.handlerEnv("split-brain"); env.command != "echo new" || env.timeout != 7*time.Second {
+		t.Fatalf("the next run: %q, %v", env.command, env.timeout)
+	}
+}

@@ -250,6 +250,7 @@ func Decide(in Peering) (Handshake, error) {
 	if v == VerdictSplitBrainAuto || v == VerdictSplitBrainDisconnect {
 		h.Handlers = append(h.Handlers, "initial-split-brain")
 	}
+	priLost := false // this Primary lost the split-brain recovery
 	if v == VerdictSplitBrainAuto {
 		primaries := 0
 		for _, r := range []Role{in.SelfRole, in.PeerRole} {
@@ -262,6 +263,11 @@ func Decide(in Peering) (Handshake, error) {
 			h.Log = append(h.Log, err.Error())
 		}
 		v = r
+		policy := in.Policies.AfterSB1Pri
+		if primaries == 2 {
+			policy = in.Policies.AfterSB2Pri
+		}
+		priLost = policy == "call-pri-lost-after-sb" && v < 0 && in.SelfRole == RolePrimary
 		if v != VerdictSplitBrainDisconnect {
 			from := "this"
 			if v < 0 {
@@ -293,6 +299,12 @@ func Decide(in Peering) (Handshake, error) {
 		return h.refuse(ErrSourceInconsistent)
 	}
 	if v < 0 && in.SelfRole == RolePrimary && in.SelfDisk >= Consistent {
+		if priLost {
+			// DRBD would try to demote first; a Primary that serves is
+			// held open, so the handler (expected to fence or reboot
+			// this node) runs at once.
+			h.Handlers = append(h.Handlers, "pri-lost-after-sb")
+		}
 		return h.refuse(ErrTargetButPrimary) // rr-conflict disconnect, the only policy offered
 	}
 	h.Verdict = v
@@ -345,10 +357,15 @@ func recoverSplitBrain(in Peering, primaries int) (Verdict, error) {
 				return VerdictSource, nil
 			}
 			return VerdictTarget, nil
+		case "call-pri-lost-after-sb":
+			return recover0(in)
 		}
 	default:
-		if in.Policies.AfterSB2Pri == "" || in.Policies.AfterSB2Pri == "disconnect" {
+		switch in.Policies.AfterSB2Pri {
+		case "", "disconnect":
 			return VerdictSplitBrainDisconnect, nil
+		case "call-pri-lost-after-sb":
+			return recover0(in)
 		}
 	}
 	return VerdictSplitBrainDisconnect, ErrPolicyConfiguration

@@ -218,6 +218,27 @@ func TestDecide(t *testing.T) {
 			in.Policies.AfterSB0Pri, in.Policies.AfterSB1Pri = "discard-zero-changes", "consensus"
 			return in
 		}, StandAlone, false, ErrSplitBrain, "Split-Brain detected but unresolved", []string{"initial-split-brain", "split-brain"}},
+		{"call-pri-lost-after-sb: the Primary loses", func() Peering {
+			s, p := split(0, 3)
+			in := base(s, p)
+			in.SelfRole = RolePrimary
+			in.Policies.AfterSB0Pri, in.Policies.AfterSB1Pri = "discard-zero-changes", "call-pri-lost-after-sb"
+			return in
+		}, StandAlone, false, ErrTargetButPrimary, "I shall become SyncTarget, but I am primary!", []string{"initial-split-brain", "pri-lost-after-sb"}},
+		{"call-pri-lost-after-sb: the Secondary loses", func() Peering {
+			s, p := split(0, 3)
+			in := base(s, p)
+			in.PeerRole = RolePrimary
+			in.Policies.AfterSB0Pri, in.Policies.AfterSB1Pri = "discard-zero-changes", "call-pri-lost-after-sb"
+			return in
+		}, WFBitMapT, false, nil, "1 primaries, automatically solved. Sync from peer node", []string{"initial-split-brain"}},
+		{"call-pri-lost-after-sb with two Primaries", func() Peering {
+			s, p := split(1, 9)
+			in := base(s, p)
+			in.SelfRole, in.PeerRole = RolePrimary, RolePrimary
+			in.Policies.AfterSB0Pri, in.Policies.AfterSB2Pri = "discard-least-changes", "call-pri-lost-after-sb"
+			return in
+		}, StandAlone, false, ErrTargetButPrimary, "2 primaries, automatically solved", []string{"initial-split-brain", "pri-lost-after-sb"}},
 		{"source but inconsistent", func() Peering {
 			in := base(gen(u(C, A, B, 0)), gen(u(A, 0, B, 0)))
 			in.SelfDisk, in.PeerDisk = Inconsistent, Inconsistent

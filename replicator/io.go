@@ -70,6 +70,7 @@ func (r *Resource) ReadAt(p []byte, off int64) (int, error) {
 	r.local.Add(1)
 	n, err := x.dev.ReadAt(p, off)
 	r.local.Add(-1)
+	r.diskFailed("read", err)
 	r.read.Add(uint64(n))
 	r.appIO.Add(uint64(n))
 	return n, err
@@ -148,6 +149,7 @@ func (r *Resource) modify(off, length int64, kind uint8, data []byte, fua bool, 
 		r.local.Add(1)
 		err = do(x.dev, off, n)
 		r.local.Add(-1)
+		r.diskFailed("write", err)
 		if e != nil {
 			if err != nil {
 				// The peer may have the data this disk failed to take.
@@ -192,6 +194,7 @@ func (r *Resource) Flush() error {
 	}
 	defer r.endIO()
 	if err := x.dev.Flush(); err != nil {
+		r.diskFailed("flush", err)
 		return err
 	}
 	if x.tl == nil {

@@ -22,6 +22,7 @@ import (
 // More of DRBD's codes (reference/drbd.md §11.2).
 const (
 	codeTwoPrimaries    = -1
+	codePrimaryNOP      = -7
 	codeStandAlone      = -9
 	codeAlreadyActive   = -8
 	codeNoVerifyAlg     = -14
@@ -38,6 +39,7 @@ const (
 func init() {
 	for code, text := range map[int]string{
 		codeTwoPrimaries:    "Multiple primaries not allowed by config",
+		codePrimaryNOP:      "Refusing to be Primary while peer is not outdated",
 		codeStandAlone:      "Can not disconnect a StandAlone device",
 		codeAlreadyActive:   "Can not start OV/resync since it is already active",
 		codeNoVerifyAlg:     "Need a verify algorithm to start online verify",
@@ -184,6 +186,7 @@ func (r *Resource) setConn(c ConnState) {
 	}
 	r.log.Info(fmt.Sprintf("conn( %s -> %s )", r.conn, c))
 	r.conn = c
+	r.maybeUnfenceLocked()
 }
 
 // setPeerState records the peer's role and disk; call with mu held.
@@ -195,6 +198,7 @@ func (r *Resource) setPeerState(role Role, disk DiskState) {
 		r.log.Info(fmt.Sprintf("pdsk( %s -> %s )", r.peerDisk, disk))
 	}
 	r.peerRole, r.peerDisk = role, disk
+	r.maybeUnfenceLocked()
 }
 
 func (r *Resource) transportConfig() (transport.Config, error) {

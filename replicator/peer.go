@@ -37,9 +37,10 @@ type peer struct {
 	failOnce sync.Once
 	failErr  error
 
-	hello   bool // the handshake messages are sent (under tl.send): others may send now
-	decided bool // the handshake decided to connect (session goroutine only, read in end)
-	ending  bool // end began: no new session goroutine (under r.mu)
+	hello   bool        // the handshake messages are sent (under tl.send): others may send now
+	decided bool        // the handshake decided to connect (session goroutine only, read in end)
+	hsTimer *time.Timer // fails a handshake that takes too long (run's)
+	ending  bool        // end began: no new session goroutine (under r.mu)
 
 	// Receiving side (the data loop's, unless noted).
 	recvLock *rangeLock
@@ -132,11 +133,11 @@ func (p *peer) run() error {
 	defer stop()
 	// A peer that keeps the link alive but never completes its part of
 	// the handshake does not hold application I/O back for ever.
-	timer := time.AfterFunc(handshakeWait, func() {
+	p.hsTimer = time.AfterFunc(handshakeWait, func() {
 		p.fail(fmt.Errorf("%w: no handshake from the peer within %v", transport.ErrProtocol, handshakeWait))
 	})
 	err := p.handshake()
-	timer.Stop()
+	p.hsTimer.Stop()
 	if err != nil {
 		return err
 	}
@@ -163,6 +164,14 @@ func (p *peer) end(err error) bool {
 	// No new session goroutine from here on (goSession checks ending).
 	r.mu.Lock()
 	p.ending = true
+	// A Primary that loses a peer which might be promoted with its data
+	// fences it below; with resource-and-stonith no new request is taken
+	// meanwhile (those in flight finish).
+	fence := p.decided && r.role == RolePrimary && r.fencingOn() && r.peerDisk > Outdated && r.peerDisk != DUnknown &&
+		p.parent.Err() == nil && !errors.As(err, new(*errRefused))
+	if fence && r.cfg.Disk.Fencing == "resource-and-stonith" {
+		r.freezeForFencingLocked()
+	}
 	r.mu.Unlock()
 	p.s.Close(reason)
 	p.cancel()
@@ -217,6 +226,7 @@ func (p *peer) end(err error) bool {
 	r.p = nil
 	r.peerPaused = false
 	r.setPeerState(RoleUnknown, DUnknown)
+	var fenceEnv handlerEnv
 	// Disconnect and down cancel the connection loop's context.
 	cancelled := p.parent.Err() != nil && !isRefused
 	switch {
@@ -230,7 +240,13 @@ func (p *peer) end(err error) bool {
 			st = Timeout
 		}
 		r.setConn(st)
+		if fence {
+			fenceEnv = r.handlerEnvLocked("fence-peer")
+		}
 		r.setConn(WFConnection)
+	}
+	if fence && fenceEnv.name == "" { // not lost after all: disconnected or refused
+		r.thawFencingLocked()
 	}
 	r.mu.Unlock()
 	r.thawIfFrozenBy(p)
@@ -243,6 +259,10 @@ func (p *peer) end(err error) bool {
 		r.log.Error("writing the bitmap after the connection loss failed", "err", err)
 	}
 	r.change()
+	if fenceEnv.name != "" {
+		// Before the next connection attempt: its handshake would thaw.
+		r.fenceLostPeer(fenceEnv)
+	}
 	return !isRefused
 }
 
@@ -386,7 +406,7 @@ func (p *peer) handshake() error {
 		r.log.Info(l)
 	}
 	for _, h := range hs.Handlers {
-		r.log.Info("handler not run: handlers are logged only in this version", "handler", h)
+		r.spawnHandler(r.handlerEnv(h))
 	}
 	if err != nil {
 		msg := err.Error()
@@ -401,6 +421,13 @@ func (p *peer) handshake() error {
 	paused := r.userPaused
 	r.mu.Unlock()
 	p.decided = true
+	// The peer did its part; a before-resync handler below may take
+	// longer than the handshake's limit.
+	p.hsTimer.Stop()
+	// The peer is known again: requests held for fencing go (fence.go).
+	r.mu.Lock()
+	r.thawFencingLocked()
+	r.mu.Unlock()
 	// What changed here since the handshake's messages, the peer learns
 	// now: the role and disk, and a pause-sync.
 	p.sendState()
@@ -678,6 +705,7 @@ func (p *peer) receiveWrite(m wire.Write, buf []byte) error {
 			// marks them (its transfer log still holds them).
 			p.md.MarkOutOfSync(off, n)
 			r.log.Error("writing replicated data failed", "offset", off, "length", n, "err", err)
+			r.diskFailed("replicated write", err)
 			p.fail(fmt.Errorf("the disk failed a replicated write: %w", err))
 		}
 		if ackWanted {
@@ -899,6 +927,7 @@ func (p *peer) flusher() {
 		if dirty && p.r.cfg.Disk.DiskFlushes {
 			last = time.Now()
 			if err := p.dev.Flush(); err != nil {
+				p.r.diskFailed("flush", err)
 				p.fail(fmt.Errorf("flushing the disk at a barrier: %w", err))
 				return
 			}

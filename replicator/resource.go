@@ -35,6 +35,9 @@ type Options struct {
 	// OnChange is called after every state change, without the
 	// resource's state lock (an admin request may be in progress).
 	OnChange func()
+	// OnHandler, if set, is called at each handler's call and response
+	// (handlers.go), without the resource's state lock.
+	OnHandler func(HandlerEvent)
 }
 
 // Resource is one replicated disk on this node: its role, its disk and
@@ -52,6 +55,10 @@ type Resource struct {
 	clients func() []string
 	held    func() (clients, others []string)
 	change  func()
+	// handlers runs the `handlers` section's commands; onHandler reports
+	// each run.
+	handlers  *handlerRunner
+	onHandler func(HandlerEvent)
 
 	// admin serialises state changes (attach, detach, promote, …), which
 	// may wait for I/O; mu guards the fields below and is never held
@@ -104,6 +111,15 @@ type Resource struct {
 	// authBefore counts the authentication failures of the transports
 	// already closed (the current one's are in its Stats); under mu.
 	authBefore uint64
+	// Fencing (fence.go), under mu: peerOutdated mirrors the metadata's
+	// peer-outdated flag (set when fence-peer outdated the peer);
+	// fenceFrozen is true while resource-and-stonith holds application
+	// I/O after the peer was lost (until the peer is back or resume-io);
+	// unfencing while the flag is being cleared and unfence-peer run.
+	peerOutdated, fenceFrozen, unfencing bool
+	// ioErrorReported: local-io-error ran since the attach (once per
+	// attach); under mu.
+	ioErrorReported bool
 
 	resizing resizeState // an online resize waiting for the peer (resize.go)
 	// live is the configuration in effect (conf, adjust.go); pending, under
@@ -120,7 +136,7 @@ func New(o Options) (*Resource, error) {
 		return nil, err
 	}
 	r := &Resource{name: o.Config.Name, minor: o.Minor, cfg: o.Config, host: host, held: o.HeldOpen,
-		clients: o.Clients, change: o.OnChange, log: o.Logger, role: RoleSecondary, disk: Diskless, conn: StandAlone,
+		clients: o.Clients, change: o.OnChange, onHandler: o.OnHandler, handlers: newHandlerRunner(), log: o.Logger, role: RoleSecondary, disk: Diskless, conn: StandAlone,
 		peerDisk: DUnknown, ranges: newRangeLock(), flushGap: flushGap}
 	if p, err := o.Config.Peer(o.Node); err == nil {
 		r.peer = p.Name()
@@ -138,6 +154,9 @@ func New(o Options) (*Resource, error) {
 	}
 	if r.change == nil {
 		r.change = func() {}
+	}
+	if r.onHandler == nil {
+		r.onHandler = func(HandlerEvent) {}
 	}
 	r.idle.L = &r.mu
 	r.live.Store(o.Config)
@@ -176,8 +195,11 @@ func (e *StateError) Error() string {
 }
 
 // NoUpToDateData reports whether the refusal is DRBD's −2, "Need access
-// to UpToDate data" (exit code 17).
-func (e *StateError) NoUpToDateData() bool { return e.Code == codeNoUpToDate }
+// to UpToDate data", or −7, a peer that fence-peer could not outdate
+// (exit code 17 for both: a promotion that cannot succeed by retrying).
+func (e *StateError) NoUpToDateData() bool {
+	return e.Code == codeNoUpToDate || e.Code == codePrimaryNOP
+}
 
 // DRBD's codes used here (reference/drbd.md §11.2).
 const (
@@ -312,6 +334,8 @@ func (r *Resource) attach() (err error) {
 	}
 	r.mu.Lock()
 	r.mdev, r.md, r.dev = mdev, md, dev
+	r.peerOutdated = sb.Flags&metadisk.FlagPeerOutdated != 0
+	r.ioErrorReported = false
 	r.written.Store(0)
 	r.read.Store(0)
 	r.size.Store(size)
@@ -404,7 +428,7 @@ func (r *Resource) Primary(force bool) error {
 		return err
 	}
 	r.mu.Lock()
-	role, disk, md, conn, p, peerDisk := r.role, r.disk, r.md, r.conn, r.p, r.peerDisk
+	role, disk, md, conn, p, peerDisk, peerOutdated := r.role, r.disk, r.md, r.conn, r.p, r.peerDisk, r.peerOutdated
 	if role == RolePrimary {
 		r.mu.Unlock()
 		return nil
@@ -429,6 +453,30 @@ func (r *Resource) Primary(force bool) error {
 		r.mu.Unlock()
 	}()
 	connected := p != nil && conn >= Connected
+	if !connected && r.fencingOn() && !peerOutdated && (disk == UpToDate || disk == Consistent) {
+		// The peer might be promoted meanwhile with its own data: it is
+		// fenced first (fence.go).
+		out := r.fencePeer(r.handlerEnv("fence-peer"), disk == UpToDate)
+		switch {
+		case out.fenced:
+			disk = UpToDate // a Consistent disk is the newest data now
+		case out.outdateSelf:
+			if err := r.outdateSelf(); err != nil {
+				return fmt.Errorf("%s: promote: write the metadata: %w", r.name, err)
+			}
+			return r.refuse(codeNoUpToDate, "fence-peer returned 6: the peer is Primary or has newer data; this disk is now Outdated")
+		case force:
+			r.log.Warn("Forced into split brain situation!")
+			if err := r.setPeerOutdated(); err != nil {
+				return fmt.Errorf("%s: promote: write the metadata: %w", r.name, err)
+			}
+			if disk == Consistent {
+				disk = UpToDate
+			}
+		default:
+			return r.refuse(codePrimaryNOP, fmt.Sprintf("fence-peer returned %d: the peer is not fenced; fix the handler, or 'primary --force' to promote anyway", out.status))
+		}
+	}
 	forced := false
 	switch {
 	case disk == UpToDate:
@@ -858,7 +906,8 @@ func (r *Resource) setPause(pause bool) error {
 func (r *Resource) Snapshot() Snapshot {
 	r.mu.Lock()
 	s := Snapshot{Name: r.name, Minor: r.minor, Peer: r.peer, Role: r.role, PeerRole: r.peerRole,
-		Conn: r.conn, Disk: r.disk, PeerDisk: r.peerDisk, UserISP: r.userPaused, PeerISP: r.peerPaused}
+		Conn: r.conn, Disk: r.disk, PeerDisk: r.peerDisk, UserISP: r.userPaused, PeerISP: r.peerPaused,
+		Suspended: r.fenceFrozen}
 	md, inflight, p := r.md, r.inflight, r.p
 	var rs *resync
 	if p != nil {
@@ -921,12 +970,16 @@ func (r *Resource) Snapshot() Snapshot {
 // disk, writes the bitmap and marks the metadata clean. The role is
 // recorded as Secondary: the next start comes up Secondary, as DRBD does.
 func (r *Resource) Stop() error {
+	// A handler still running is killed: the daemon does not wait for a
+	// fence-peer's timeout to stop (handlers.go).
+	r.handlers.stop()
 	r.admin.Lock()
 	defer r.admin.Unlock()
 	r.mu.Lock()
 	if r.role == RolePrimary {
 		r.setState(RoleSecondary, r.disk)
 	}
+	r.thawFencingLocked() // the requests held get ErrNotPrimary
 	for r.inflight > 0 {
 		r.idle.Wait()
 	}
@@ -961,6 +1014,7 @@ func (r *Resource) Stop() error {
 // crash would: the next attach applies the activity log. Requests in
 // flight finish first. It is the second-signal stop of the daemon.
 func (r *Resource) Abandon() {
+	r.handlers.stop()
 	// The session goes first: its goroutines use the disk.
 	r.mu.Lock()
 	cancel, p, done := r.connCancel, r.p, r.connDone
@@ -980,7 +1034,8 @@ func (r *Resource) Abandon() {
 	}
 	r.mu.Lock()
 	r.role = RoleSecondary // no new requests
-	for r.inflight > 0 {   // the disk stays open under those in flight
+	r.thawFencingLocked()
+	for r.inflight > 0 { // the disk stays open under those in flight
 		r.idle.Wait()
 	}
 	md, dev, mdev := r.md, r.dev, r.mdev

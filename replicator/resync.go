@@ -113,6 +113,21 @@ func (p *peer) running() *resync {
 // own when the source's has arrived.
 func (p *peer) startSync(source, full bool, cmd *wire.Command) error {
 	r := p.r
+	// before-resync-target (e.g. an LVM snapshot of the data about to be
+	// overwritten) or before-resync-source may veto the resync: the
+	// connection is dropped (StandAlone), as DRBD's drbd_start_resync.
+	// The source's 3 is ignored, as DRBD's (old userland tools).
+	name := "before-resync-target"
+	if source {
+		name = "before-resync-source"
+	}
+	if st := r.runHandler(r.handlerEnv(name)); st != 0 && !(source && st == 3) {
+		// Failing the session also ends it when an admin verb (primary
+		// --force, invalidate) started the resync.
+		err := &errRefused{reason: fmt.Sprintf("%s handler returned %d, dropping connection", name, st)}
+		p.fail(err)
+		return err
+	}
 	if !source {
 		// Durably Inconsistent before anything of the source's lands
 		// here (its writes are replicated from now on): if the source is
@@ -674,6 +689,7 @@ func (p *peer) receiveResyncReply(m wire.ResyncReply, buf []byte) error {
 		r.local.Add(-1)
 		if err != nil {
 			r.log.Error("writing resync data failed", "offset", off, "length", n, "err", err)
+			r.diskFailed("resync write", err)
 			rs.mu.Lock()
 			rs.failed += uint64(n / bitmap.BlockSize)
 			rs.mu.Unlock()
@@ -816,6 +832,7 @@ func (p *peer) finishTarget(u wire.UUIDs) error {
 	r.mu.Unlock()
 	r.log.Info("resync done: the disk is UpToDate")
 	r.change()
+	r.spawnHandler(r.handlerEnv("after-resync-target"))
 	return nil
 }
 

@@ -21,7 +21,7 @@ type Snapshot struct {
 	Protocol config.Protocol
 
 	// I/O state flags of /proc/drbd (reference/drbd.md §1.2).
-	Suspended   bool // application I/O suspended
+	Suspended   bool // application I/O suspended (by fencing: the only cause)
 	AfterISP    bool // resync paused by a resync-after dependency
 	PeerISP     bool // resync paused by the peer
 	UserISP     bool // resync paused by pause-sync here

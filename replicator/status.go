@@ -238,7 +238,7 @@ func (l *statusLine) end() {
 // device_status, connection_status and peer_device_status of drbd-utils'
 // drbdsetup.c):
 //
-//	<name> role:<Role>[ suspended:user|no]
+//	<name> role:<Role>[ suspended:fencing|no]
 //	  disk:<Disk>                          (verbose: volume:0 minor:<Minor> disk:… open:yes|no)
 //	  <peer> connection:<state>            (not Connected; role:<PeerRole> instead when Connected)
 //	    [replication:<state> ]peer-disk:<PeerDisk>[ done:NN.NN]
@@ -255,8 +255,8 @@ func (l *statusLine) end() {
 //     kernel reports it, but none of the §2.2 examples has it (their kernels
 //     did not report it), and plain output matches them this way. With
 //     verbose it is always printed, yes when the export has a client.
-//   - suspended: says "user" when I/O is suspended: Snapshot keeps no reason
-//     (DRBD distinguishes user, no-data, fencing, quorum).
+//   - suspended: says "fencing" when I/O is suspended: fencing is the only
+//     reason nbdmirror suspends it (DRBD also has user, no-data, quorum).
 //   - client:no (peer-client:no) follows a Diskless disk (peer disk), as
 //     drbdsetup prints when its output is not a terminal; nbdmirror has no
 //     intentionally diskless nodes.
@@ -301,7 +301,7 @@ func writeStatusResource(l *statusLine, s *Snapshot, verbose, statistics bool) {
 	l.add(0, s.Name)
 	l.add(4, " role:"+s.Role.String())
 	if verbose || s.Suspended {
-		l.add(4, " suspended:"+statusWord(s.Suspended, "user", "no"))
+		l.add(4, " suspended:"+statusWord(s.Suspended, "fencing", "no"))
 	}
 	if verbose && statistics {
 		l.end()

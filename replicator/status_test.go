@@ -692,7 +692,7 @@ func TestWriteStatus_Rules(t *testing.T) {
 		{"no peer, no connection line", func(s *Snapshot) { s.Peer = "" }, true, true,
 			nil, []string{"peer", "connection:", "replication:", "received:"}},
 		{"suspended shown when suspended", func(s *Snapshot) { s.Suspended = true }, false, false,
-			[]string{"r0 role:Primary suspended:user\n"}, nil},
+			[]string{"r0 role:Primary suspended:fencing\n"}, nil},
 		{"suspended hidden otherwise", func(*Snapshot) {}, false, false, nil, []string{"suspended:"}},
 		{"Connecting", func(s *Snapshot) { s.Conn, s.PeerRole = WFReportParams, RoleUnknown }, false, false,
 			[]string{"  peer connection:Connecting\n"}, []string{"role:Unknown", "peer-disk:"}},

@@ -280,8 +280,13 @@ func (p *peer) verifyEnded(rs *resync, found uint64) {
 		r.ovStart = 0
 	}
 	r.setConn(Connected)
+	var oos handlerEnv
+	if found > 0 {
+		oos = r.handlerEnvLocked("out-of-sync", fmt.Sprintf("NBDMIRROR_OUT_OF_SYNC_BYTES=%d", found*bitmap.BlockSize))
+	}
 	r.mu.Unlock()
 	r.change()
+	r.spawnHandler(oos)
 }
 
 // startVerifyTarget enters VerifyT at the peer's request.

@@ -69,6 +69,10 @@ func (m *Main) adminCommands() []*cli.Command {
 				DefaultText: "the end of the device"}),
 		verb("pause-sync", "hold the resync (flag u)", ""),
 		verb("resume-sync", "let a paused resync go on", ""),
+		verb("resume-io", "let application I/O go that fencing suspended",
+			"With fencing resource-and-stonith a Primary that loses its peer suspends application I/O until "+
+				"the fence-peer handler has fenced the peer. If the handler failed, I/O stays suspended until the "+
+				"peer is back or this verb is given: make sure first that the peer cannot be promoted."),
 		m.resizeCommands()[0],
 		m.resizeCommands()[1],
 		{Name: "role", Usage: "print the roles (local/peer)", ArgsUsage: "<resource|all>", Action: m.stateVerb},

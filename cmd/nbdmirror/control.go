@@ -128,6 +128,7 @@ var verbs = map[string]func(d *daemon, ctx context.Context, r *resource, o verbR
 	},
 	"pause-sync":  func(d *daemon, _ context.Context, r *resource, _ verbRequest) error { return r.PauseSync() },
 	"resume-sync": func(d *daemon, _ context.Context, r *resource, _ verbRequest) error { return r.ResumeSync() },
+	"resume-io":   func(d *daemon, _ context.Context, r *resource, _ verbRequest) error { return r.ResumeIO() },
 }
 
 func (d *daemon) handleVerb(w http.ResponseWriter, req *http.Request) {

@@ -109,9 +109,10 @@ func (m *Main) daemon(c *cli.Context) error {
 		}
 		dr := &resource{cfg: rc, device: host.Device}
 		dr.Resource, err = replicator.New(replicator.Options{Config: rc, Node: node, Minor: i, Logger: log,
-			HeldOpen: func() ([]string, []string) { return d.heldOpen(dr) },
-			Clients:  func() []string { return d.clients(dr) },
-			OnChange: func() { d.changed(dr) }})
+			HeldOpen:  func() ([]string, []string) { return d.heldOpen(dr) },
+			Clients:   func() []string { return d.clients(dr) },
+			OnChange:  func() { d.changed(dr) },
+			OnHandler: func(e replicator.HandlerEvent) { d.events.publish(handlerLine(dr.Snapshot(), e)) }})
 		if err != nil {
 			return fail(ExitConfigInvalid, err)
 		}
@@ -550,6 +551,30 @@ type event struct {
 	Event string    `json:"event"`
 	Time  time.Time `json:"time"`
 	replicator.StatusJSON
+}
+
+// helperEvent is a handler's part of a "call" or "response" event line
+// (drbdsetup events2's call helper / response helper).
+type helperEvent struct {
+	Name       string `json:"name"`
+	Command    string `json:"command"`
+	Status     *int   `json:"status,omitempty"` // the exit code, with the response (-1: did not exit by itself)
+	Error      string `json:"error,omitempty"`
+	DurationMS *int64 `json:"duration_ms,omitempty"`
+}
+
+func handlerLine(s replicator.Snapshot, e replicator.HandlerEvent) []byte {
+	ev := struct {
+		event
+		Helper helperEvent `json:"helper"`
+	}{event: event{Event: "call", Time: time.Now().UTC(), StatusJSON: replicator.NewStatusJSON(s)},
+		Helper: helperEvent{Name: e.Handler, Command: e.Command}}
+	if e.Response {
+		ms := e.Duration.Milliseconds()
+		ev.Event, ev.Helper.Status, ev.Helper.Error, ev.Helper.DurationMS = "response", &e.Status, e.Err, &ms
+	}
+	b, _ := json.Marshal(ev)
+	return append(b, '\n')
 }
 
 func eventLine(kind string, s replicator.Snapshot) []byte {

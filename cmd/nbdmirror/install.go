@@ -34,6 +34,11 @@ func (m *Main) installCommands() []*cli.Command {
 	}
 }
 
+// positionalWords are the words a verb takes instead of resource names.
+var positionalWords = map[string]string{
+	"ocf": "start stop promote demote monitor notify reload validate-all meta-data usage",
+}
+
 // bashCompletion returns a bash completion script for app: the verbs, the
 // global flags, each verb's flags, file names after the flags that take a
 // path, and resource names (from `nbdmirror dump` of the configuration the
@@ -115,7 +120,7 @@ _nbdmirror() {
 		*) verb=${words[i]}; break ;;
 		esac
 	done
-	local flags=%q
+	local flags=%q args=
 	case $verb in
 	"") ;;
 `, globalValued, global)
@@ -124,7 +129,8 @@ _nbdmirror() {
 			continue
 		}
 		all, valued := names(append(slices.Clone(c.Flags), cli.HelpFlag))
-		fmt.Fprintf(&b, "\t%s) flags=%q; valued=%q ;;\n", strings.Join(append([]string{c.Name}, c.Aliases...), " | "), all, valued)
+		fmt.Fprintf(&b, "\t%s) flags=%q; valued=%q; args=%q ;;\n", strings.Join(append([]string{c.Name}, c.Aliases...), " | "),
+			all, valued, positionalWords[c.Name])
 	}
 	fmt.Fprintf(&b, `	esac
 	if [[ $cur == -*=* ]]; then
@@ -138,6 +144,8 @@ _nbdmirror() {
 		mapfile -t COMPREPLY < <(compgen -W "$flags" -- "$cur")
 	elif [[ -z $verb ]]; then
 		mapfile -t COMPREPLY < <(compgen -W %q -- "$cur")
+	elif [[ -n $args ]]; then
+		mapfile -t COMPREPLY < <(compgen -W "$args" -- "$cur")
 	else
 		mapfile -t COMPREPLY < <(compgen -W "$(_nbdmirror_resources) all" -- "$cur")
 	fi

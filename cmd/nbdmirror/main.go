@@ -125,7 +125,7 @@ func (m *Main) app() *cli.App {
 		Flags:           m.globalFlags(),
 		Commands: commands(append(append([]*cli.Command{
 			m.serveCommand(), m.daemonCommand(),
-		}, m.adminCommands()...), append(m.offlineCommands(), m.installCommands()...)...)...),
+		}, m.adminCommands()...), append(append(m.offlineCommands(), m.ocfCommand()), m.installCommands()...)...)...),
 	}
 }
 

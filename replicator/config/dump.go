@@ -174,18 +174,17 @@ func dumpResource(b *strings.Builder, r *Resource) {
 	}
 	d.close()
 
-	if len(r.Handlers) > 0 {
-		d.open("handlers")
-		names := make([]string, 0, len(r.Handlers))
-		for h := range r.Handlers {
-			names = append(names, h)
-		}
-		slices.Sort(names)
-		for _, h := range names {
-			d.line(h, quote(r.Handlers[h]), "")
-		}
-		d.close()
+	d.open("handlers")
+	d.line("handler-timeout", secs(r.HandlerTimeout), "")
+	names := make([]string, 0, len(r.Handlers))
+	for h := range r.Handlers {
+		names = append(names, h)
 	}
+	slices.Sort(names)
+	for _, h := range names {
+		d.line(h, quote(r.Handlers[h]), "")
+	}
+	d.close()
 
 	for _, h := range r.Hosts {
 		d.open("on " + strings.Join(h.Names, " "))

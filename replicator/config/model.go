@@ -32,7 +32,10 @@ type Resource struct {
 	Disk     Disk
 	Startup  Startup
 	Handlers map[string]string // handler name → shell command
-	Hosts    []*Host           // one per node, in file order
+	// HandlerTimeout bounds each handler run (`handler-timeout` in the
+	// handlers section; nbdmirror's own key).
+	HandlerTimeout time.Duration
+	Hosts          []*Host // one per node, in file order
 }
 
 // Protocol is the replication protocol letter.
@@ -159,7 +162,7 @@ func defaults() Resource {
 			DiskFlushes: true, MDFlushes: true, OnIOError: "detach", Fencing: "dont-care",
 		},
 		Startup:  Startup{DegrWFCTimeout: 60 * time.Second},
-		Handlers: map[string]string{},
+		Handlers: map[string]string{}, HandlerTimeout: 120 * time.Second,
 	}
 }
 

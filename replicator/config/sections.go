@@ -105,6 +105,7 @@ func init() {
 	for _, h := range HandlerNames {
 		handlers[h] = handler(h)
 	}
+	handlers["handler-timeout"] = dur(func(r *Resource) *time.Duration { return &r.HandlerTimeout }, time.Second, 1, 86400)
 	sectionKeys = map[string]map[string]setter{
 		"net": net, "disk": disk, "syncer": syncer, "startup": startup, "options": options, "handlers": handlers,
 	}
