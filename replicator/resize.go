@@ -186,6 +186,9 @@ func (r *Resource) Resize(o ResizeOptions) (string, error) {
 	r.log.Info("resized", "bytes", size, "was", cur, "connected", connected, "new_area_marked", markNew)
 	r.change()
 	msg := fmt.Sprintf("%s: resized from %d to %d bytes", r.name, cur, size)
+	if capped != nil && size == mine && o.Size == 0 {
+		msg += fmt.Sprintf(" (all the metadata can describe: %v; grow the metadata device to go further)", capped)
+	}
 	switch {
 	case !grow:
 	case connected && (markNew || md.OutOfSync() > 0):

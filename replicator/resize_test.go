@@ -4,8 +4,10 @@ import (
 	"crypto/rand"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -363,4 +365,45 @@ func TestPair_ResizeAgreedAtConnect(t *testing.T) {
 	p.writeEnd()
 	p.wait(p.alpha, "every write acked", func(s Snapshot) bool { return s.Counters.PE == 0 })
 	p.same()
+}
+
+// TestResize_ExternalCapped: external metadata sized at create-md grows
+// in place as far as its device describes, says so, and refuses beyond,
+// telling the admin to grow the metadata device; after the device grows,
+// the rest follows.
+func TestResize_ExternalCapped(t *testing.T) {
+	dir := t.TempDir()
+	disk, meta := filepath.Join(dir, "d0"), filepath.Join(dir, "m0")
+	for path, size := range map[string]int64{disk: 64 << 20, meta: metadisk.AreaSize(64 << 20)} {
+		if err := os.WriteFile(path, nil, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Truncate(path, size); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cfg := parseRes(t, fmt.Sprintf(`resource r0 { disk %s; meta-disk %s;
+  on alpha { address 127.0.0.1:7000; } on beta { address 127.0.0.2:7000; } }`, disk, meta))
+	r, _ := adjustResource(t, disk, cfg)
+	if err := r.Primary(true); err != nil {
+		t.Fatal(err)
+	}
+	max := metadisk.MaxDataIn(metadisk.AreaSize(64 << 20)) // one bitmap page: 124 MiB
+	if err := os.Truncate(disk, 256<<20); err != nil {
+		t.Fatal(err)
+	}
+	msg, err := r.Resize(ResizeOptions{AssumePeerHasSpace: true})
+	if err != nil || r.Size() != max || !strings.Contains(msg, "grow the metadata device to go further") {
+		t.Fatalf("resize: %q, %v; size %d, want %d", msg, err, r.Size(), max)
+	}
+	_, err = r.Resize(ResizeOptions{Size: 200 << 20, AssumePeerHasSpace: true})
+	if !errors.Is(err, ErrResize) || !strings.Contains(err.Error(), "grow the metadata device") || strings.Contains(err.Error(), "\n") {
+		t.Fatalf("resize past the metadata device: %v", err)
+	}
+	if err := os.Truncate(meta, metadisk.AreaSize(256<<20)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.Resize(ResizeOptions{AssumePeerHasSpace: true}); err != nil || r.Size() != 256<<20 {
+		t.Fatalf("after the metadata device grew: %v, size %d", err, r.Size())
+	}
 }
