@@ -73,7 +73,21 @@ func (r *Resource) Resize(o ResizeOptions) (string, error) {
 	defer r.admin.Unlock()
 	r.mu.Lock()
 	md, dev, mdev, role, conn, p := r.md, r.dev, r.mdev, r.role, r.conn, r.p
+	// Without a session, none starts until this resize is done (its
+	// handshake would agree a size while it changes).
+	hold := p == nil || conn < WFReportParams
+	if hold {
+		r.promoting = true
+	}
 	r.mu.Unlock()
+	if hold {
+		defer func() {
+			r.mu.Lock()
+			r.promoting = false
+			r.idle.Broadcast()
+			r.mu.Unlock()
+		}()
+	}
 	switch {
 	case md == nil:
 		return "", r.refuse(codeDiskless, "")

@@ -70,7 +70,7 @@ type Resource struct {
 	// cleared under them).
 	frozen    int   // holds by freeze and freezeFor
 	frozenBy  *peer // the session whose handshake holds requests back
-	promoting bool  // Primary is at work: a handshake waits (idle is signalled)
+	promoting bool  // Primary (or a resize without a session) is at work: a handshake waits (idle is signalled)
 	role      Role
 	disk      DiskState
 	conn      ConnState
