@@ -391,6 +391,9 @@ func (p *peer) handshake() error {
 	if err := p.checkParams(mine, theirs); err != nil {
 		return err
 	}
+	if err := p.agreeSize(mine, theirs, Role(st.Role)); err != nil { // resize.go
+		return err
+	}
 	peerRole, peerDisk := Role(st.Role), DiskState(st.Disk)
 	peerGen := Generation{UUIDs: UUIDs{Current: pu.Current, Bitmap: pu.Bitmap, History: pu.History}, Bits: pu.BitsSet,
 		CrashedPrimary: pu.Flags&wire.UUIDCrashedPrimary != 0, DiscardMyData: pu.Flags&wire.UUIDDiscardMyData != 0}
@@ -454,9 +457,8 @@ func (p *peer) handshake() error {
 	return nil
 }
 
-// checkParams refuses a peer whose settings cannot work with these, and
-// agrees the size: the smaller disk wins, unless that would shrink a
-// device in use.
+// checkParams refuses a peer whose settings cannot work with these (the
+// size is agreed next: agreeSize, resize.go).
 func (p *peer) checkParams(mine, theirs wire.Params) error {
 	var bad []string
 	if mine.Protocol != theirs.Protocol {
@@ -479,7 +481,7 @@ func (p *peer) checkParams(mine, theirs wire.Params) error {
 	if theirs.DiskSize == 0 {
 		return &errRefused{reason: "the peer has no disk; diskless peers are not supported, dropping connection"}
 	}
-	return p.agreeSize(mine, theirs) // resize.go
+	return nil
 }
 
 // controlLoop receives acks on the control stream.

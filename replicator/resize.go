@@ -399,27 +399,40 @@ func (r *Resource) capacity() (metadisk.Layout, error) {
 
 // agreeSize is the handshake's size agreement. Each side says how much its
 // disk holds now (DiskSize) and the size it last agreed (Size, which its
-// metadata covers). Normally both Sizes are equal and stay. If one node
-// was resized without the other (while disconnected, or a resize the
-// connection lost midway), the larger Size wins when both disks hold it:
-// the node behind grows its metadata and marks the new area, so the next
-// resync covers it. Otherwise the smaller disk wins, and a Primary refuses
-// to shrink under its clients ("The peer's disk size is too small!"); a
-// node that is not Primary cuts its metadata to the agreed size, so that
-// it is what a restart comes back at.
-func (p *peer) agreeSize(mine, theirs wire.Params) error {
+// metadata covers). Normally both Sizes are equal and stay. If they
+// differ (one node was resized without the other: while disconnected, or
+// a resize the connection lost midway), a Primary's Size wins, and with no
+// Primary the larger, as long as both disks hold it: the node behind
+// grows its metadata and marks the new area, so the resync the handshake
+// starts covers it (a node ahead of a Primary cuts back). Otherwise the
+// smaller disk wins, and a Primary refuses to shrink under its clients
+// ("The peer's disk size is too small!"); a node that is not Primary cuts
+// its metadata to the agreed size, so that it is what a restart comes
+// back at. A connect never grows the device beyond what was agreed.
+func (p *peer) agreeSize(mine, theirs wire.Params, peerRole Role) error {
 	r := p.r
-	size := min(mine.DiskSize, theirs.DiskSize)
-	if big := max(mine.Size, theirs.Size); big > 0 && big <= size {
-		size = big
-	}
-	size -= size % bitmap.BlockSize
 	r.mu.Lock()
 	role, md := r.role, r.md
 	r.mu.Unlock()
+	size := min(mine.DiskSize, theirs.DiskSize)
+	want := max(mine.Size, theirs.Size)
+	switch {
+	case role == RolePrimary:
+		want = mine.Size
+	case peerRole == RolePrimary:
+		want = theirs.Size
+	}
+	if want > 0 && want <= size {
+		size = want
+	}
+	size -= size % bitmap.BlockSize
 	cur := uint64(r.size.Load())
-	if size < cur && role == RolePrimary {
+	switch {
+	case size < cur && role == RolePrimary:
 		return &errRefused{reason: fmt.Sprintf("The peer's disk size is too small! (%d bytes, this Primary exports %d): dropping connection", theirs.DiskSize, cur)}
+	case peerRole == RolePrimary && size < theirs.Size:
+		// The Primary refuses too; nothing here changes.
+		return &errRefused{reason: fmt.Sprintf("this disk holds %d bytes, less than the %d the Primary exports: grow it, then connect; dropping connection", mine.DiskSize, theirs.Size)}
 	}
 	if md != nil {
 		// The metadata covers the agreed size, so that a restart comes

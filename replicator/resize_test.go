@@ -407,3 +407,28 @@ func TestResize_ExternalCapped(t *testing.T) {
 		t.Fatalf("after the metadata device grew: %v, size %d", err, r.Size())
 	}
 }
+
+// TestPair_ResizeShrinkDisconnected: a Primary shrinks while its peer is
+// disconnected; at the connect the Primary's size wins over the larger
+// size the peer agreed before, and the peer cuts its metadata to it.
+func TestPair_ResizeShrinkDisconnected(t *testing.T) {
+	p := newPair(t, "net { protocol C; } disk { c-plan-ahead 0; resync-rate 1G; }")
+	p.primaryInSync()
+	if err := p.beta.Disconnect(); err != nil {
+		t.Fatal(err)
+	}
+	p.wait(p.alpha, "WFConnection", func(s Snapshot) bool { return s.Conn == WFConnection })
+	const size = 24 << 20
+	if _, err := p.alpha.Resize(ResizeOptions{Size: size, AllowShrink: true, AssumePeerHasSpace: true}); err != nil {
+		t.Fatal(err)
+	}
+	p.writeEnd()
+	if err := p.beta.Connect(false); err != nil {
+		t.Fatal(err)
+	}
+	p.inSync()
+	if p.alpha.Size() != size || p.beta.Size() != size || p.beta.md.Layout().DataSize != size {
+		t.Fatalf("after the connect: alpha %d, beta %d (metadata %d), want %d", p.alpha.Size(), p.beta.Size(), p.beta.md.Layout().DataSize, size)
+	}
+	p.same()
+}
