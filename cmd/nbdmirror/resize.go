@@ -32,7 +32,7 @@ func (m *Main) resizeCommands() []*cli.Command {
 		{Name: "adjust", Usage: "apply the changes of the configuration file that can change while running",
 			ArgsUsage: "<resource|all>", Action: m.runVerb,
 			Description: "Re-reads the configuration file and prints, for each changed key, when it takes effect: at " +
-				"once (resync-rate and the resync controller, on-congestion and its limits), at the next connect " +
+				"once (resync-rate and the resync controller, on-congestion and its limits, handlers), at the next connect " +
 				"(shared-secret, timeouts, compression, TLS files: 'disconnect' then 'connect'), or at the next " +
 				"'up' after a 'down' (everything else; at once if the resource is down); 'device' needs a daemon restart."},
 	}
