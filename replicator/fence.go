@@ -51,6 +51,8 @@ type fenceOutcome struct {
 // code; with fenced, the peer-outdated flag is written to the metadata.
 // localUpToDate is whether this disk is UpToDate (exit code 5).
 func (r *Resource) fencePeer(e handlerEnv, localUpToDate bool) fenceOutcome {
+	r.handlers.fence.Lock()
+	defer r.handlers.fence.Unlock()
 	st := r.runHandler(e)
 	out := fenceOutcome{status: st}
 	var text string
@@ -83,7 +85,8 @@ func (r *Resource) fencePeer(e handlerEnv, localUpToDate bool) fenceOutcome {
 	return out
 }
 
-// setPeerOutdated records that the peer is fenced.
+// setPeerOutdated records that the peer is fenced; I/O that fencing
+// suspended goes on.
 func (r *Resource) setPeerOutdated() error {
 	r.mu.Lock()
 	md := r.md
@@ -96,7 +99,13 @@ func (r *Resource) setPeerOutdated() error {
 	}
 	r.mu.Lock()
 	r.peerOutdated = true
+	r.fenceGen++
+	frozen := r.fenceFrozen
+	r.thawFencingLocked()
 	r.mu.Unlock()
+	if frozen {
+		r.change()
+	}
 	return nil
 }
 
@@ -164,13 +173,10 @@ func (r *Resource) ResumeIO() error {
 // session ended; they go once the peer is fenced, else they stay held
 // until the peer is back or resume-io.
 func (r *Resource) fenceLostPeer(e handlerEnv) {
-	out := r.fencePeer(e, e.disk == UpToDate)
 	r.mu.Lock()
 	frozen := r.fenceFrozen
-	if out.fenced {
-		r.thawFencingLocked()
-	}
 	r.mu.Unlock()
+	out := r.fencePeer(e, e.disk == UpToDate) // thaws if fenced
 	switch {
 	case out.outdateSelf:
 		r.log.Error("fence-peer says the peer is Primary or has newer data, but this node is Primary: demote it")
@@ -179,20 +185,39 @@ func (r *Resource) fenceLostPeer(e handlerEnv) {
 	case !out.fenced:
 		r.log.Warn("the peer is not fenced: it could be promoted with older data")
 	}
-	if out.fenced && frozen {
-		r.change()
-	}
+}
+
+// unfenceable reports whether the fenced peer is back with the data: this
+// session connected, no resync running or about to start, the peer
+// UpToDate. Call with r.mu held.
+func (r *Resource) unfenceable() bool {
+	c := r.conn
+	return r.p != nil && (c == Connected || c == VerifyS || c == VerifyT) && r.peerDisk == UpToDate
 }
 
 // maybeUnfenceLocked clears the peer-outdated flag and queues unfence-peer
-// once the peer is connected with UpToDate data. Call with r.mu held.
+// once the peer is back with the data. The job checks again, under the
+// fencing lock, that the same session still is and that no fence-peer
+// came in between. Call with r.mu held.
 func (r *Resource) maybeUnfenceLocked() {
-	if !r.peerOutdated || r.unfencing || r.conn < Connected || r.peerDisk != UpToDate || r.md == nil {
+	if !r.peerOutdated || r.unfencing || r.md == nil || !r.unfenceable() {
 		return
 	}
 	r.unfencing = true
-	md, e := r.md, r.handlerEnvLocked("unfence-peer")
+	md, p, gen, e := r.md, r.p, r.fenceGen, r.handlerEnvLocked("unfence-peer")
 	r.handlers.enqueue(func() {
+		r.handlers.fence.Lock()
+		defer r.handlers.fence.Unlock()
+		r.mu.Lock()
+		ok := r.p == p && r.fenceGen == gen && r.peerOutdated && r.unfenceable()
+		if !ok {
+			r.unfencing = false
+			r.maybeUnfenceLocked() // a newer session may be ready by now
+		}
+		r.mu.Unlock()
+		if !ok {
+			return
+		}
 		err := md.UpdateSuperblock(func(sb *metadisk.Superblock) { sb.Flags &^= metadisk.FlagPeerOutdated })
 		r.mu.Lock()
 		r.unfencing = false

@@ -2,12 +2,13 @@ package replicator
 
 // Handlers (reference/ops.md §4): the `handlers { … }` commands DRBD's
 // kernel module runs through drbdadm, run here by the daemon itself with
-// /bin/sh -c, one at a time per resource, with a timeout and DRBD's
-// environment variables (plus NBDMIRROR_* names). Handlers whose exit code
-// decides something (fence-peer, before-resync-target/-source) run where
-// the decision is taken and block it; the others are queued and run in
-// order by one goroutine of the resource, so that a notification script
-// never holds the replication up.
+// /bin/sh -c, with a timeout and DRBD's environment variables (plus
+// NBDMIRROR_* names). Handlers whose exit code decides something
+// (fence-peer, before-resync-target/-source) run where the decision is
+// taken and block it; the others are queued and run in order, one at a
+// time, by one goroutine of the resource, so that a notification script
+// never holds the replication up. fence-peer and unfence-peer exclude each
+// other, so that an unfence never overtakes a newer fence.
 
 import (
 	"bytes"
@@ -40,18 +41,19 @@ const handlerOutputMax = 4096
 // handlerPath is the PATH handlers get, as the kernel's helpers.
 const handlerPath = "/sbin:/usr/sbin:/bin:/usr/bin"
 
-// handlerRunner runs a resource's handlers one at a time: queued ones in
-// order by a goroutine that lives while the queue is not empty, and
-// blocking ones in their caller.
+// handlerRunner runs a resource's queued handlers in order, by a
+// goroutine that lives while the queue is not empty; blocking ones run in
+// their caller.
 type handlerRunner struct {
 	ctx    context.Context // cancelled when the resource stops: runs are killed
 	cancel context.CancelFunc
-	one    sync.Mutex // held while a handler runs
+	fence  sync.Mutex // held by a fence-peer or unfence-peer run
 	wg     sync.WaitGroup
 
-	mu      sync.Mutex // guards queue and running
+	mu      sync.Mutex // guards queue, running and stopped
 	queue   []func()
 	running bool
+	stopped bool // no more jobs
 }
 
 func newHandlerRunner() *handlerRunner {
@@ -63,6 +65,9 @@ func newHandlerRunner() *handlerRunner {
 func (h *handlerRunner) enqueue(job func()) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	if h.stopped {
+		return
+	}
 	h.queue = append(h.queue, job)
 	if h.running {
 		return
@@ -86,9 +91,13 @@ func (h *handlerRunner) enqueue(job func()) {
 	}()
 }
 
-// stop kills a handler that runs, runs no more, and waits for the queue's
-// goroutine (queued jobs run, their handlers refused at once).
+// stop kills a handler that runs, takes no more jobs, and waits for the
+// queue's goroutine (jobs already queued run, their handlers refused at
+// once).
 func (h *handlerRunner) stop() {
+	h.mu.Lock()
+	h.stopped = true
+	h.mu.Unlock()
 	h.cancel()
 	h.wg.Wait()
 }
@@ -116,7 +125,7 @@ func (r *Resource) handlerEnvLocked(name string, extra ...string) handlerEnv {
 	conf := r.conf() // handlers change live (adjust.go)
 	return handlerEnv{name: name, cstate: r.conn, role: r.role, peerRole: r.peerRole, disk: r.disk,
 		peerDisk: r.peerDisk, extra: extra, timeout: conf.HandlerTimeout, command: conf.Handlers[name],
-		configFile: conf.Pos.File}
+		configFile: r.configFile}
 }
 
 // environ is the handler's environment: a fixed base as the kernel's
@@ -164,16 +173,14 @@ func (r *Resource) environ(e handlerEnv) []string {
 	return append(env, e.extra...)
 }
 
-// runHandler runs handler e.name now, after any other of the resource's
-// handler, and returns its exit code: 0 if none is configured (as
-// drbdadm's), -1 if it did not exit by itself.
+// runHandler runs handler e.name now and returns its exit code: 0 if none
+// is configured (as drbdadm's), -1 if it did not exit by itself. Call
+// without r.mu (its events read the resource's state).
 func (r *Resource) runHandler(e handlerEnv) int {
 	if e.command == "" {
 		return 0
 	}
 	h := r.handlers
-	h.one.Lock()
-	defer h.one.Unlock()
 	ev := HandlerEvent{Handler: e.name, Command: e.command}
 	r.log.Info("calling handler", "handler", e.name, "command", e.command)
 	r.onHandler(ev)

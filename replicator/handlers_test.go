@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -19,12 +21,10 @@ import (
 // timeout, a stopping resource, and a child that keeps the output open.
 func TestExecHandler(t *testing.T) {
 	dir := t.TempDir()
-	pidFile := filepath.Join(dir, "pid")
+	pidFile, groupPidFile := filepath.Join(dir, "pid"), filepath.Join(dir, "group-pid")
 	t.Cleanup(func() {
-		if b, err := os.ReadFile(pidFile); err == nil {
-			if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil {
-				syscall.Kill(pid, syscall.SIGKILL)
-			}
+		if pid := readPid(t, pidFile); pid > 0 {
+			syscall.Kill(pid, syscall.SIGKILL)
 		}
 	})
 	stopped, cancel := context.WithCancel(context.Background())
@@ -46,7 +46,7 @@ func TestExecHandler(t *testing.T) {
 		{"output bounded", nil, "head -c 10000 /dev/zero | tr '\\0' x", time.Minute, 0,
 			strings.Repeat("x", handlerOutputMax) + "…", nil, false},
 		{"killed at the timeout", nil, "sleep 60", 100 * time.Millisecond, -1, "", errHandlerTimeout, false},
-		{"the whole group killed at the timeout", nil, "sleep 60 & wait", 100 * time.Millisecond, -1, "", errHandlerTimeout, false},
+		{"the whole group killed at the timeout", nil, "sleep 60 & echo $! > " + groupPidFile + "; wait", 100 * time.Millisecond, -1, "", errHandlerTimeout, false},
 		{"not run while stopping", stopped, "exit 0", time.Minute, -1, "", nil, true},
 		{"a child keeps the output open", nil, "sleep 60 & echo $! > " + pidFile + "; exit 0", time.Minute, 0, "", nil, false},
 		{"no such command", nil, "/nonexistent/handler", time.Minute, 127, "", nil, false},
@@ -74,34 +74,77 @@ func TestExecHandler(t *testing.T) {
 			}
 		})
 	}
+	// The timeout killed the shell's child too, not only the shell.
+	pid := readPid(t, groupPidFile)
+	if pid <= 0 {
+		t.Fatal("the group test's child did not record its pid")
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		_, rest, _ := strings.Cut(string(b), ") ")
+		if err != nil || strings.HasPrefix(rest, "Z") {
+			break // gone, or dead and not yet reaped
+		}
+		if time.Now().After(deadline) {
+			syscall.Kill(pid, syscall.SIGKILL)
+			t.Fatalf("the handler's child %d outlived the timeout: %s", pid, b)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func readPid(t *testing.T, file string) int {
+	b, err := os.ReadFile(file)
+	if err != nil {
+		return 0
+	}
+	pid, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+	return pid
 }
 
 // TestHandlerRunner_Order: queued handlers run one at a time, in order,
-// and stop waits for the queue.
+// also when queued from many goroutines while others run; stop waits for
+// the queue and takes no job after it.
 func TestHandlerRunner_Order(t *testing.T) {
 	h := newHandlerRunner()
+	var mu sync.Mutex
 	var got []int
-	running := 0
-	for i := range 50 {
-		h.enqueue(func() {
-			h.one.Lock()
-			running++
-			if running != 1 {
-				t.Errorf("%d jobs at once", running)
+	var running atomic.Int32
+	job := func(i int) func() {
+		return func() {
+			if n := running.Add(1); n != 1 {
+				t.Errorf("%d jobs at once", n)
 			}
+			time.Sleep(100 * time.Microsecond) // let a concurrent job show
+			mu.Lock()
 			got = append(got, i)
-			running--
-			h.one.Unlock()
+			mu.Unlock()
+			running.Add(-1)
+		}
+	}
+	var wg sync.WaitGroup
+	for g := range 4 {
+		wg.Go(func() {
+			for i := range 50 {
+				h.enqueue(job(g*1000 + i))
+			}
 		})
 	}
+	wg.Wait()
 	h.stop()
-	if len(got) != 50 {
-		t.Fatalf("%d jobs ran, want 50", len(got))
+	h.enqueue(job(-1))
+	h.wg.Wait()
+	if len(got) != 200 {
+		t.Fatalf("%d jobs ran, want 200 (and none after stop)", len(got))
 	}
-	for i, v := range got {
-		if v != i {
-			t.Fatalf("job %d ran at place %d", v, i)
+	last := map[int]int{}
+	for _, v := range got {
+		g, i := v/1000, v%1000
+		if prev, ok := last[g]; ok && i != prev+1 {
+			t.Fatalf("goroutine %d's job %d ran after its job %d", g, i, prev)
 		}
+		last[g] = i
 	}
 }
 
@@ -237,12 +280,16 @@ func TestPair_Handlers(t *testing.T) {
 	if err := p.alpha.WriteAt(buf, 3<<20, false); err != nil {
 		t.Fatal(err)
 	}
-	// Back and resynced: the flag goes and unfence-peer runs.
+	// Back and resynced: the flag goes and unfence-peer runs, once the
+	// resync is over.
 	if err := p.beta.Connect(false); err != nil {
 		t.Fatal(err)
 	}
 	p.inSync()
-	waitCall(t, dir, "unfence-peer", 0, 1)
+	waitCall(t, dir, "before-resync-source", 0, 2)
+	if line := waitCall(t, dir, "unfence-peer", 0, 1); !strings.Contains(line, "cstate=Connected") || !strings.Contains(line, "pdsk=UpToDate") {
+		t.Errorf("unfence-peer before the peer has the data: %s", line)
+	}
 	waitCall(t, dir, "after-resync-target", 1, 2)
 	p.wait(p.alpha, "the fenced flag cleared", func(Snapshot) bool { return !peerOutdated(p.alpha) })
 
@@ -269,13 +316,52 @@ func TestPair_Handlers(t *testing.T) {
 	if n := countCalls(t, dir, "after-resync-target", 1); n != 2 {
 		t.Errorf("after-resync-target ran %d times, want 2", n)
 	}
+	// alpha lost the peer again (it refused): fenced once more, and not
+	// unfenced while the peer's data is old.
+	waitCall(t, dir, "fence-peer", 0, 3)
+	if n := countCalls(t, dir, "unfence-peer", 0); n != 1 {
+		t.Errorf("unfence-peer ran %d times, want 1: the vetoed peer was unfenced", n)
+	}
+	if !peerOutdated(p.alpha) {
+		t.Errorf("the vetoed peer is not recorded as fenced")
+	}
 	setRC(t, dir, "before-resync-target", 1, -1)
 	if err := p.beta.Connect(false); err != nil {
 		t.Fatal(err)
 	}
 	p.inSync()
 	waitCall(t, dir, "after-resync-target", 1, 3)
+	waitCall(t, dir, "unfence-peer", 0, 2)
 	p.same()
+
+	// before-resync-source vetoes on the Primary: alpha drops the
+	// connection; its exit code 3 is ignored.
+	setRC(t, dir, "before-resync-source", 0, 1)
+	if err := p.beta.Disconnect(); err != nil {
+		t.Fatal(err)
+	}
+	waitCall(t, dir, "fence-peer", 0, 4)
+	if err := p.alpha.WriteAt(buf, 6<<20, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.beta.Connect(false); err != nil {
+		t.Fatal(err)
+	}
+	p.wait(p.alpha, "StandAlone after the source's veto", func(s Snapshot) bool { return s.Conn == StandAlone })
+	if !strings.Contains(p.logs[0].String(), "before-resync-source handler returned 1, dropping connection") {
+		t.Errorf("the source's veto is not logged")
+	}
+	setRC(t, dir, "before-resync-source", 0, 3)
+	if err := p.alpha.Connect(false); err != nil {
+		t.Fatal(err)
+	}
+	p.inSync()
+	setRC(t, dir, "before-resync-source", 0, -1)
+	for _, l := range calls(t, dir) {
+		if strings.HasPrefix(l, "unfence-peer ") && !strings.Contains(l, "cstate=Connected") {
+			t.Errorf("unfence-peer ran during a resync: %s", l)
+		}
+	}
 
 	// A verify that finds a differing block: out-of-sync on both nodes.
 	f, err := os.OpenFile(p.disks[1], os.O_WRONLY, 0)
@@ -386,8 +472,11 @@ func TestPair_FencingStonithFreezes(t *testing.T) {
 	p.wait(p.alpha, "the write held back", func(Snapshot) bool {
 		p.alpha.mu.Lock()
 		defer p.alpha.mu.Unlock()
-		return p.alpha.fenceFrozen && p.alpha.inflight == 0
+		return p.alpha.fenceFrozen && p.alpha.waitingIO == 1 && p.alpha.inflight == 0
 	})
+	if s := p.alpha.Snapshot(); !s.Suspended {
+		t.Errorf("the snapshot does not say I/O is suspended")
+	}
 	select {
 	case err := <-done:
 		t.Fatalf("a write completed while fencing failed (err %v)", err)

@@ -32,7 +32,9 @@ func (r *Resource) beginIO() (hold, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	for r.frozen > 0 {
+		r.waitingIO++
 		r.idle.Wait()
+		r.waitingIO--
 	}
 	if r.role != RolePrimary || r.md == nil {
 		return hold{}, ErrNotPrimary

@@ -167,8 +167,10 @@ func (p *peer) end(err error) bool {
 	// A Primary that loses a peer which might be promoted with its data
 	// fences it below; with resource-and-stonith no new request is taken
 	// meanwhile (those in flight finish).
+	// A session refused after the decision (a before-resync veto) is a
+	// loss too; an administrative disconnect is not.
 	fence := p.decided && r.role == RolePrimary && r.fencingOn() && r.peerDisk > Outdated && r.peerDisk != DUnknown &&
-		p.parent.Err() == nil && !errors.As(err, new(*errRefused))
+		p.parent.Err() == nil
 	if fence && r.cfg.Disk.Fencing == "resource-and-stonith" {
 		r.freezeForFencingLocked()
 	}
@@ -231,6 +233,9 @@ func (p *peer) end(err error) bool {
 	cancelled := p.parent.Err() != nil && !isRefused
 	switch {
 	case isRefused:
+		if fence {
+			fenceEnv = r.handlerEnvLocked("fence-peer")
+		}
 	case cancelled:
 	default:
 		st := NetworkFailure
@@ -245,7 +250,7 @@ func (p *peer) end(err error) bool {
 		}
 		r.setConn(WFConnection)
 	}
-	if fence && fenceEnv.name == "" { // not lost after all: disconnected or refused
+	if fence && fenceEnv.name == "" { // not lost after all: disconnected
 		r.thawFencingLocked()
 	}
 	r.mu.Unlock()

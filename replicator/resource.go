@@ -38,6 +38,9 @@ type Options struct {
 	// OnHandler, if set, is called at each handler's call and response
 	// (handlers.go), without the resource's state lock.
 	OnHandler func(HandlerEvent)
+	// ConfigFile is the configuration file handlers are told of
+	// (DRBD_CONF); the file that defines the resource if empty.
+	ConfigFile string
 }
 
 // Resource is one replicated disk on this node: its role, its disk and
@@ -57,8 +60,9 @@ type Resource struct {
 	change  func()
 	// handlers runs the `handlers` section's commands; onHandler reports
 	// each run.
-	handlers  *handlerRunner
-	onHandler func(HandlerEvent)
+	handlers   *handlerRunner
+	onHandler  func(HandlerEvent)
+	configFile string
 
 	// admin serialises state changes (attach, detach, promote, …), which
 	// may wait for I/O; mu guards the fields below and is never held
@@ -117,6 +121,9 @@ type Resource struct {
 	// I/O after the peer was lost (until the peer is back or resume-io);
 	// unfencing while the flag is being cleared and unfence-peer run.
 	peerOutdated, fenceFrozen, unfencing bool
+	fenceGen                             uint64 // counts the fences (fence.go)
+	// waitingIO counts application requests held back by a freeze.
+	waitingIO int
 	// ioErrorReported: local-io-error ran since the attach (once per
 	// attach); under mu.
 	ioErrorReported bool
@@ -157,6 +164,13 @@ func New(o Options) (*Resource, error) {
 	}
 	if r.onHandler == nil {
 		r.onHandler = func(HandlerEvent) {}
+	}
+	if r.configFile = o.ConfigFile; r.configFile == "" {
+		r.configFile = o.Config.Pos.File
+	}
+	if r.fencingOn() && r.cfg.Handlers["fence-peer"] == "" {
+		r.log.Warn("fencing " + r.cfg.Disk.Fencing + " without a fence-peer handler: a disconnected node is not promoted " +
+			"without --force, and a Primary that loses its peer leaves it unfenced")
 	}
 	r.idle.L = &r.mu
 	r.live.Store(o.Config)
@@ -453,14 +467,17 @@ func (r *Resource) Primary(force bool) error {
 		r.mu.Unlock()
 	}()
 	connected := p != nil && conn >= Connected
-	if !connected && r.fencingOn() && !peerOutdated && (disk == UpToDate || disk == Consistent) {
+	promotable := disk == UpToDate || disk == Consistent || force && disk >= Inconsistent && disk <= Consistent
+	if !connected && r.fencingOn() && !peerOutdated && promotable {
 		// The peer might be promoted meanwhile with its own data: it is
-		// fenced first (fence.go).
+		// fenced first (fence.go), as DRBD's SS_PRIMARY_NOP.
 		out := r.fencePeer(r.handlerEnv("fence-peer"), disk == UpToDate)
 		switch {
 		case out.fenced:
-			disk = UpToDate // a Consistent disk is the newest data now
-		case out.outdateSelf:
+			if disk == Consistent {
+				disk = UpToDate // the newest data now
+			}
+		case out.outdateSelf && !force:
 			if err := r.outdateSelf(); err != nil {
 				return fmt.Errorf("%s: promote: write the metadata: %w", r.name, err)
 			}
@@ -469,9 +486,6 @@ func (r *Resource) Primary(force bool) error {
 			r.log.Warn("Forced into split brain situation!")
 			if err := r.setPeerOutdated(); err != nil {
 				return fmt.Errorf("%s: promote: write the metadata: %w", r.name, err)
-			}
-			if disk == Consistent {
-				disk = UpToDate
 			}
 		default:
 			return r.refuse(codePrimaryNOP, fmt.Sprintf("fence-peer returned %d: the peer is not fenced; fix the handler, or 'primary --force' to promote anyway", out.status))
@@ -965,14 +979,18 @@ func (r *Resource) Snapshot() Snapshot {
 	return s
 }
 
+// StopHandlers kills a handler that runs and runs no more (handlers.go):
+// a daemon that stops does not wait for a fence-peer's timeout. Stop and
+// Abandon call it; a daemon calls it first, before it waits for its
+// servers' requests (which a fence-peer run may hold).
+func (r *Resource) StopHandlers() { r.handlers.stop() }
+
 // Stop takes the resource down for a daemon shutdown: whoever holds it
 // open, it stops taking requests, waits for those in flight, flushes the
 // disk, writes the bitmap and marks the metadata clean. The role is
 // recorded as Secondary: the next start comes up Secondary, as DRBD does.
 func (r *Resource) Stop() error {
-	// A handler still running is killed: the daemon does not wait for a
-	// fence-peer's timeout to stop (handlers.go).
-	r.handlers.stop()
+	r.StopHandlers()
 	r.admin.Lock()
 	defer r.admin.Unlock()
 	r.mu.Lock()
@@ -1014,7 +1032,7 @@ func (r *Resource) Stop() error {
 // crash would: the next attach applies the activity log. Requests in
 // flight finish first. It is the second-signal stop of the daemon.
 func (r *Resource) Abandon() {
-	r.handlers.stop()
+	r.StopHandlers()
 	// The session goes first: its goroutines use the disk.
 	r.mu.Lock()
 	cancel, p, done := r.connCancel, r.p, r.connDone

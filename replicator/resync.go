@@ -113,22 +113,13 @@ func (p *peer) running() *resync {
 // own when the source's has arrived.
 func (p *peer) startSync(source, full bool, cmd *wire.Command) error {
 	r := p.r
-	// before-resync-target (e.g. an LVM snapshot of the data about to be
-	// overwritten) or before-resync-source may veto the resync: the
-	// connection is dropped (StandAlone), as DRBD's drbd_start_resync.
-	// The source's 3 is ignored, as DRBD's (old userland tools).
-	name := "before-resync-target"
-	if source {
-		name = "before-resync-source"
-	}
-	if st := r.runHandler(r.handlerEnv(name)); st != 0 && !(source && st == 3) {
-		// Failing the session also ends it when an admin verb (primary
-		// --force, invalidate) started the resync.
-		err := &errRefused{reason: fmt.Sprintf("%s handler returned %d, dropping connection", name, st)}
-		p.fail(err)
-		return err
-	}
 	if !source {
+		// before-resync-target (e.g. an LVM snapshot of the data about
+		// to be overwritten) may veto the resync, before anything of the
+		// source's lands here (beforeResync).
+		if err := p.beforeResync("before-resync-target"); err != nil {
+			return err
+		}
 		// Durably Inconsistent before anything of the source's lands
 		// here (its writes are replicated from now on): if the source is
 		// lost midway, this disk is not promoted as it is.
@@ -161,6 +152,21 @@ func (p *peer) startSync(source, full bool, cmd *wire.Command) error {
 		return p.sendBitmap()
 	}
 	return nil
+}
+
+// beforeResync runs before-resync-target or -source; a non-zero exit code
+// (but the source's 3, ignored as DRBD's: old userland tools) vetoes the
+// resync: the session ends refused (StandAlone), as DRBD drops the
+// connection. Failing the session also ends it when an admin verb
+// (invalidate) started the resync.
+func (p *peer) beforeResync(name string) error {
+	st := p.r.runHandler(p.r.handlerEnv(name))
+	if st == 0 || name == "before-resync-source" && st == 3 {
+		return nil
+	}
+	err := &errRefused{reason: fmt.Sprintf("%s handler returned %d, dropping connection", name, st)}
+	p.fail(err)
+	return err
 }
 
 // sendBitmap sends this node's bitmap, run-length encoded, in order with
@@ -208,8 +214,14 @@ func (p *peer) receiveBitmap(m wire.Bitmap) error {
 		r.change()
 		return nil
 	}
-	// Source: a new bitmap UUID marks the start of this resync; the
-	// target takes it as its current UUID (reference/drbd.md §4.2).
+	// Source: before-resync-source may veto, now that both bitmaps are
+	// here (where DRBD's drbd_start_resync runs it; not during the
+	// handshake, which holds application I/O back).
+	if err := p.beforeResync("before-resync-source"); err != nil {
+		return err
+	}
+	// A new bitmap UUID marks the start of this resync; the target takes
+	// it as its current UUID (reference/drbd.md §4.2).
 	var uuid uint64
 	err := p.md.UpdateSuperblock(func(sb *metadisk.Superblock) {
 		u := &sb.UUIDs

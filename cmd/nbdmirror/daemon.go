@@ -102,6 +102,11 @@ func (m *Main) daemon(c *cli.Context) error {
 	ioFlusher(log)
 	d := &daemon{log: log, cfg: cfg, node: node, runDir: c.String("run-dir"), kick: make(chan struct{}, 1),
 		ready: m.Ready}
+	// Handlers run in /: they are told the configuration's absolute path.
+	confPath, err := filepath.Abs(cfg.Files[0])
+	if err != nil {
+		return fail(ExitFailed, fmt.Errorf("nbdmirror daemon: %w", err))
+	}
 	for i, rc := range cfg.Resources {
 		host, err := rc.Host(node)
 		if err != nil {
@@ -109,10 +114,11 @@ func (m *Main) daemon(c *cli.Context) error {
 		}
 		dr := &resource{cfg: rc, device: host.Device}
 		dr.Resource, err = replicator.New(replicator.Options{Config: rc, Node: node, Minor: i, Logger: log,
-			HeldOpen:  func() ([]string, []string) { return d.heldOpen(dr) },
-			Clients:   func() []string { return d.clients(dr) },
-			OnChange:  func() { d.changed(dr) },
-			OnHandler: func(e replicator.HandlerEvent) { d.events.publish(handlerLine(dr.Snapshot(), e)) }})
+			HeldOpen:   func() ([]string, []string) { return d.heldOpen(dr) },
+			Clients:    func() []string { return d.clients(dr) },
+			OnChange:   func() { d.changed(dr) },
+			OnHandler:  func(e replicator.HandlerEvent) { d.events.publish(handlerLine(dr.Snapshot(), e)) },
+			ConfigFile: confPath})
 		if err != nil {
 			return fail(ExitConfigInvalid, err)
 		}
@@ -245,6 +251,11 @@ func (d *daemon) run(ctx context.Context, ctl net.Listener, nbdLs []net.Listener
 	d.stopping = true
 	d.ops.Unlock()
 	d.events.close()
+	// A handler still running (a fence-peer holding a promotion or the
+	// application's requests) is killed before the servers are waited for.
+	for _, r := range d.res {
+		r.StopHandlers()
+	}
 	if err := api.Shutdown(sctx); err != nil {
 		api.Close()
 	}
