@@ -163,6 +163,7 @@ func (r *Resource) Resize(o ResizeOptions) (string, error) {
 	grow := size > cur
 	markNew := grow && !o.AssumeClean
 
+	peerMarked := false // the peer marked blocks (its old internal metadata area)
 	// No application request runs from here until the size has changed.
 	r.freeze()
 	defer r.thaw()
@@ -186,9 +187,10 @@ func (r *Resource) Resize(o ResizeOptions) (string, error) {
 		if err != nil {
 			return "", fmt.Errorf("%s: resize: %w", r.name, err)
 		}
-		if a.Status != 0 || a.Size != uint64(size) {
+		if a.Status == wire.SizesFailed || a.Size != uint64(size) {
 			return "", fmt.Errorf("%s: resize: the peer could not resize its metadata to %d bytes (see its log); nothing changed here", r.name, size)
 		}
+		peerMarked = a.Status == wire.SizesMarked
 	}
 	if err := md.Resize(target, size, markNew); err != nil {
 		return "", fmt.Errorf("%s: resize: metadata on %s: %w", r.name, mdev.Path, err)
@@ -205,7 +207,7 @@ func (r *Resource) Resize(o ResizeOptions) (string, error) {
 	}
 	switch {
 	case !grow:
-	case connected && (markNew || md.OutOfSync() > 0):
+	case connected && (markNew || peerMarked || md.OutOfSync() > 0):
 		// DRBD's resync after an online grow: this node is SyncSource.
 		if err := p.startSync(true, false, &wire.Command{Code: wire.CmdInvalidateRemote, Arg: 1}); err != nil {
 			return "", fmt.Errorf("%s: resize: the size changed, but the resync of the new area did not start: %w", r.name, err)
@@ -345,11 +347,17 @@ func (p *peer) receiveSizes(m wire.Sizes) error {
 		return protoErr("resize asked while %s/%s, peer %s", conn, role, peerRole)
 	}
 	done := wire.Sizes{Kind: wire.SizesDone, Size: m.Size}
-	if err := r.resizeForPeer(p, int64(m.Size)); err != nil {
+	marked, err := r.resizeForPeer(p, int64(m.Size))
+	switch {
+	case err != nil:
 		r.log.Error("resize asked by the peer failed", "bytes", m.Size, "err", err)
-		done.Status = 1
-	} else {
-		r.log.Info("resized as the peer asked", "bytes", m.Size, "assume_clean", m.Flags&wire.SizesAssumeClean != 0)
+		done.Status = wire.SizesFailed
+	case marked > 0:
+		done.Status = wire.SizesMarked
+		fallthrough
+	default:
+		r.log.Info("resized as the peer asked", "bytes", m.Size, "assume_clean", m.Flags&wire.SizesAssumeClean != 0,
+			"blocks_marked", marked)
 	}
 	p.sendAfterHello(func() wire.Message { return done })
 	r.change()
@@ -358,27 +366,29 @@ func (p *peer) receiveSizes(m wire.Sizes) error {
 
 // resizeForPeer changes this node's metadata and size to size bytes, as
 // the peer asked (markNew false: the peer, the Primary, marks and resyncs
-// the new area; an internal metadata area that moved is marked here).
-func (r *Resource) resizeForPeer(p *peer, size int64) error {
+// the new area; an internal metadata area that moved is marked here). It
+// returns how many blocks that marked.
+func (r *Resource) resizeForPeer(p *peer, size int64) (uint64, error) {
 	r.mu.Lock()
 	md := r.md
 	r.mu.Unlock()
 	if md == nil {
-		return errors.New("no disk")
+		return 0, errors.New("no disk")
 	}
 	target, err := r.capacity()
 	if err != nil {
-		return err
+		return 0, err
 	}
 	if size > target.DataSize {
-		return fmt.Errorf("%d bytes asked, the disk and metadata hold %d", size, target.DataSize)
+		return 0, fmt.Errorf("%d bytes asked, the disk and metadata hold %d", size, target.DataSize)
 	}
+	before := md.OutOfSync()
 	if err := md.Resize(target, size, false); err != nil {
-		return err
+		return 0, err
 	}
 	r.size.Store(size)
 	p.size.Store(size)
-	return nil
+	return md.OutOfSync() - min(before, md.OutOfSync()), nil
 }
 
 // capacity measures the disk and the metadata device now: the layout

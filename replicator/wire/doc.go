@@ -217,8 +217,10 @@
 //	            to size, answer with done), 4 done
 //	2      1    flags: 1 assume-clean (set only: the grown area is not
 //	            resynced); others zero, and zero on other kinds
-//	3      1    status: done 0 resized, 1 failed (the sender logs why);
-//	            0 on other kinds
+//	3      1    status: done 0 resized, 1 failed (the sender logs why),
+//	            2 resized and blocks marked out of sync on the sender
+//	            (its old internal metadata area: resync even with
+//	            assume-clean); 0 on other kinds
 //	4      8    disk: the sender's capacity, the most data its disk and
 //	            metadata hold now; multiple of 4096
 //	12     8    size: the new size (set, done) or the sender's current

@@ -24,7 +24,7 @@ const SizesVersion = 4
 type Sizes struct {
 	Kind   uint8  // SizesQuery … SizesDone
 	Flags  uint8  // SizesAssumeClean
-	Status uint8  // SizesDone: 0 resized, 1 failed (the peer logs why); 0 otherwise
+	Status uint8  // SizesDone: SizesOK, SizesFailed or SizesMarked; 0 otherwise
 	Disk   uint64 // the sender's capacity: the most data its disk and metadata can hold now (bytes)
 	Size   uint64 // SizesSet, SizesDone: the new size; SizesQuery, SizesReply: the sender's current size
 }
@@ -35,6 +35,16 @@ const (
 	SizesReply = 2 // this much (Disk)
 	SizesSet   = 3 // resize to Size (answer: SizesDone)
 	SizesDone  = 4 // resized to Size (Status 0), or not (Status 1)
+)
+
+// SizesDone statuses. Part of the wire format.
+const (
+	SizesOK     = 0 // resized
+	SizesFailed = 1 // not resized (the sender logs why)
+	// SizesMarked: resized, and blocks were marked out of sync on the
+	// sender (its old internal metadata area, now data): the Primary
+	// resyncs them even with assume-clean.
+	SizesMarked = 2
 )
 
 // SizesAssumeClean (SizesSet) says that the grown area is not resynced:
@@ -60,7 +70,7 @@ func (m Sizes) Validate() error {
 		return malformed("Sizes", "reserved flags %#x set", m.Flags&^SizesAssumeClean)
 	case m.Flags != 0 && m.Kind != SizesSet:
 		return malformed("Sizes", "flags %#x on kind %d", m.Flags, m.Kind)
-	case m.Status > 1 || m.Status != 0 && m.Kind != SizesDone:
+	case m.Status > SizesMarked || m.Status != 0 && m.Kind != SizesDone:
 		return malformed("Sizes", "status %d on kind %d", m.Status, m.Kind)
 	case m.Disk%blockSize != 0:
 		return malformed("Sizes", "disk size %d not a multiple of %d", m.Disk, blockSize)

@@ -81,7 +81,8 @@ func samples() []sample {
 		{"sizes", Sizes{Kind: SizesSet, Flags: SizesAssumeClean, Disk: 2 << 30, Size: 1<<30 + 4096}},
 		{"sizes-query", Sizes{Kind: SizesQuery, Disk: 1 << 30, Size: 1 << 30}},
 		{"sizes-reply", Sizes{Kind: SizesReply, Disk: math.MaxUint64 - 4095, Size: 0}},
-		{"sizes-done-failed", Sizes{Kind: SizesDone, Status: 1, Disk: 4096, Size: 8192}},
+		{"sizes-done-failed", Sizes{Kind: SizesDone, Status: SizesFailed, Disk: 4096, Size: 8192}},
+		{"sizes-done-marked", Sizes{Kind: SizesDone, Status: SizesMarked, Size: 1 << 30}},
 	}
 }
 
@@ -389,7 +390,7 @@ func malformedCases() []bad {
 		enc("sizes-kind-5", Sizes{Kind: 5}, "Sizes: kind 5 unknown"),
 		enc("sizes-reserved-flag", Sizes{Kind: SizesSet, Flags: 2, Size: 4096}, "Sizes: reserved flags 0x2 set"),
 		enc("sizes-flag-on-query", Sizes{Kind: SizesQuery, Flags: SizesAssumeClean}, "Sizes: flags 0x1 on kind 1"),
-		enc("sizes-status-2", Sizes{Kind: SizesDone, Status: 2}, "Sizes: status 2 on kind 4"),
+		enc("sizes-status-3", Sizes{Kind: SizesDone, Status: 3}, "Sizes: status 3 on kind 4"),
 		enc("sizes-status-on-set", Sizes{Kind: SizesSet, Status: 1, Size: 4096}, "Sizes: status 1 on kind 3"),
 		enc("sizes-disk-misaligned", Sizes{Kind: SizesReply, Disk: 4097}, "Sizes: disk size 4097 not a multiple of 4096"),
 		enc("sizes-size-misaligned", Sizes{Kind: SizesSet, Size: 512}, "Sizes: size 512 not a multiple of 4096"),
