@@ -432,3 +432,35 @@ func TestPair_ResizeShrinkDisconnected(t *testing.T) {
 	}
 	p.same()
 }
+
+// TestPair_ResizeAssumeCleanPeerMarked: with --assume-clean, a peer whose
+// internal metadata moved marks its old area (now data, holding its old
+// metadata) and says so; the Primary, whose external metadata marked
+// nothing, resyncs those blocks anyway, and the disks end equal.
+func TestPair_ResizeAssumeCleanPeerMarked(t *testing.T) {
+	md := filepath.Join(t.TempDir(), "md")
+	if err := os.WriteFile(md, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(md, metadisk.AreaSize(64<<20)); err != nil {
+		t.Fatal(err)
+	}
+	p := newPair(t, "net { protocol C; } disk { c-plan-ahead 0; resync-rate 1G; }", md)
+	p.primaryInSync()
+	old := p.alpha.Size()
+	p.grow(48<<20, 0, 1)
+	sent := p.alpha.Snapshot().ResyncBytes
+	msg, err := p.alpha.Resize(ResizeOptions{AssumeClean: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := internalData(t, 48<<20) // beta's disk is the smaller
+	if p.alpha.Size() != want || p.beta.Size() != want || !strings.Contains(msg, "being synced") {
+		t.Fatalf("%q: alpha %d, beta %d, want %d", msg, p.alpha.Size(), p.beta.Size(), want)
+	}
+	p.inSync()
+	if synced := p.alpha.Snapshot().ResyncBytes - sent; synced == 0 || synced >= uint64(want-old)/2 {
+		t.Fatalf("%d bytes resynced; want beta's old metadata area only", synced)
+	}
+	p.same()
+}
