@@ -27,7 +27,7 @@ UNITDIR ?= $(PREFIX)/lib/systemd/system
 OCFDIR ?= $(PREFIX)/lib/ocf
 
 .DEFAULT_GOAL := help
-.PHONY: help build deps test unit integration fuzz lint bench demo clean install
+.PHONY: help build deps test unit integration test-cluster fuzz lint bench demo clean install
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -57,7 +57,10 @@ unit: ## unit tests with the race detector, then the crash tests at full count w
 	$(GO) test -count=1 -timeout 10m -run '^TestCrash' ./metadisk/
 
 integration: ## end-to-end tests: real processes, real NBD clients, ext4 (root)
-	$(GO) test -race -count=1 -tags integration -timeout 30m ./integration/
+	$(GO) test -race -count=1 -tags integration -timeout 30m -skip '^TestPacemaker_' ./integration/
+
+test-cluster: deps ## a two-node Pacemaker + Corosync cluster in namespaces: failover by node loss, rejoin and resync (root, ~3 min)
+	$(GO) test -race -count=1 -tags integration -timeout 15m -run '^TestPacemaker_' -v ./integration/
 
 fuzz: ## run every fuzz target for FUZZTIME inputs (default 300000x)
 	@set -e; for t in $(FUZZ_TARGETS); do \

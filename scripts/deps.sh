@@ -24,6 +24,7 @@ lean=(
 	resource-agents      # ocf-tester, ra-api-1.dtd, ocf-returncodes
 	pacemaker-cli-utils  # crm_attribute (promotion scores)
 	libxml2-utils        # xmllint: ocf-tester validates the agent's meta-data
+	pacemaker corosync   # the two-node cluster of TestPacemaker_* (make test-cluster)
 )
 
 # not_installed PACKAGE... prints those not installed.

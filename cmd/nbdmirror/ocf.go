@@ -112,9 +112,15 @@ func newOCFAgent(action string, getenv func(string) string, stdout, stderr io.Wr
 	if crm == "" {
 		crm = ocfDefaultCrmAttribute
 	}
+	// Pacemaker logs an agent's stderr with its result: the progress
+	// lines only with HA_debug=1 (as ocf-shellfuncs' ocf_log debug).
+	level := slog.LevelWarn
+	if getenv("HA_debug") == "1" {
+		level = slog.LevelDebug
+	}
 	return &ocfAgent{
 		action: action, getenv: getenv, stdout: stdout,
-		log:          slog.New(slog.NewTextHandler(stderr, nil)).With("ocf", action),
+		log:          slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level})).With("ocf", action),
 		crmAttribute: crm, promoteBackoff: ocfPromoteBackoff,
 		deadline: now.Add(max(timeout-margin, 500*time.Millisecond)),
 	}

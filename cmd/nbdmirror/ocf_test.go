@@ -495,8 +495,13 @@ func TestOCF_Exit(t *testing.T) {
 	}
 	code, _, errOut = run(map[string]string{"OCF_RESKEY_resource": "r0", "OCF_RESKEY_config": "/nonexistent.conf",
 		"OCF_RESKEY_node": "alpha", "OCF_RESKEY_CRM_meta_interval": "0"}, "monitor")
-	if code != ocfNotRunning || !strings.HasSuffix(errOut, "\nr0: not running\n") {
-		t.Errorf("probe without config: %d %q", code, errOut)
+	if code != ocfNotRunning || errOut != "r0: not running\n" {
+		t.Errorf("probe without config: %d %q (progress lines only with HA_debug=1)", code, errOut)
+	}
+	code, _, errOut = run(map[string]string{"OCF_RESKEY_resource": "r0", "OCF_RESKEY_config": "/nonexistent.conf",
+		"OCF_RESKEY_node": "alpha", "OCF_RESKEY_CRM_meta_interval": "0", "HA_debug": "1"}, "monitor")
+	if code != ocfNotRunning || !strings.Contains(errOut, "level=INFO msg=\"probe: the resource is not configured for this node\"") || !strings.HasSuffix(errOut, "\nr0: not running\n") {
+		t.Errorf("probe without config, HA_debug=1: %d %q", code, errOut)
 	}
 }
 
