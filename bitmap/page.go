@@ -37,6 +37,10 @@ var (
 	ErrPageChecksum = errors.New("bitmap: bitmap page checksum mismatch (torn or corrupt)")
 	ErrPageIndex    = errors.New("bitmap: bitmap page belongs elsewhere")
 	ErrPageLength   = errors.New("bitmap: bitmap page is not 4096 bytes")
+	// ErrPageBits (which also matches ErrPageIndex) means the page is
+	// valid but was written for a bitmap of another length: an
+	// interrupted resize, whose reader treats it as torn.
+	ErrPageBits = errors.New("bitmap: bitmap page is from a bitmap of another length")
 )
 
 // Pages returns the number of on-disk pages the bitmap needs.
@@ -136,7 +140,7 @@ func CheckPage(pg []byte, p int, nbits uint64) error {
 		return fmt.Errorf("%w: page %d found where page %d belongs", ErrPageIndex, got, p)
 	}
 	if got := binary.BigEndian.Uint64(pg[offBits:]); got != nbits {
-		return fmt.Errorf("%w: page %d is from a bitmap of %d blocks, not %d", ErrPageIndex, p, got, nbits)
+		return fmt.Errorf("%w (%w): page %d is from a bitmap of %d blocks, not %d", ErrPageIndex, ErrPageBits, p, got, nbits)
 	}
 	// Bits past the end must be clear.
 	first := uint64(p) * BitsPerPage

@@ -34,8 +34,13 @@
 //	10     2    placement: 1 internal, 2 external, 3 indexed
 //	12     4    slot index (indexed only)
 //	16     8    sequence number: +1 on every write; the newer valid slot wins
-//	24     8    data size in bytes (a multiple of 4096)
-//	32     8    metadata area size in bytes
+//	24     8    data size in bytes (a multiple of 4096): the size
+//	            agreed with the peer, which the bitmap covers; at most
+//	            what the disk provides (a larger disk is not used until
+//	            `resize`)
+//	32     8    metadata area size in bytes: the size the data size
+//	            needs; for internal metadata at least that (the area
+//	            covers the whole disk; the data size may be smaller)
 //	40     4    block size (4096)
 //	44     4    activity-log ring blocks (256)
 //	48     4    flags: consistent 1, was-up-to-date 2, primary 4,
@@ -96,6 +101,21 @@
 //     stop, ApplyAL (the apply-al verb, or Activate) marks every block of the
 //     logged extents, writes the bitmap, an empty transaction and a superblock
 //     whose floor names it, and sets crashed-primary if the node was Primary.
+//
+// # Resize
+//
+// Meta.Resize changes the data size online. External and indexed metadata
+// grow in place, up to what the metadata device (or the 128 MiB slot, about
+// 3.9 TiB) can describe: MaxDataIn says how much an area holds. Internal
+// metadata moves to the end of the grown disk: the new area is written
+// whole, its superblock last, then the old superblocks are wiped and the
+// old area's blocks, now data, are marked out of sync. In every case the
+// bitmap pages are written before the superblock that carries the new size;
+// a crash in between leaves the old size, whose pages, if rewritten for the
+// new length, read as torn (all set). A shrink first folds the activity log
+// into the bitmap and clears the ring (an empty transaction, a superblock
+// naming it, then the other ring blocks zeroed), so that no transaction
+// names an extent past the new end.
 //
 // Metadata writes are serialised, so an older copy of a page never
 // overtakes a newer one. A failed write makes the Meta unusable (ErrFailed):

@@ -121,3 +121,42 @@ func IndexedLayout(diskSize, mdSize int64, index int) (Layout, error) {
 	}
 	return Layout{Kind: Indexed, Index: index, Offset: off, Size: md, DataSize: data}, nil
 }
+
+// AreaSize returns the bytes of metadata area that dataSize bytes of data
+// need: superblocks, activity-log ring and ceil(blocks/31744) bitmap pages.
+func AreaSize(dataSize int64) int64 { return areaSize(dataSize) }
+
+// MaxDataIn returns the most data, in bytes, whose bitmap fits in a
+// metadata area of area bytes (0 if not even the fixed part fits).
+func MaxDataIn(area int64) int64 {
+	pages := (area - offBitmap) / BlockSize
+	if pages <= 0 {
+		return 0
+	}
+	return pages * bitmap.BitsPerPage * BlockSize
+}
+
+// ExternalCapacity is the layout of `meta-disk PATH` for a running
+// resource: the area at offset 0 of a metadata device of mdSize bytes,
+// covering as much of a data disk of diskSize bytes as the device holds.
+// Unlike ExternalLayout (create-md's) it does not fail when the data disk
+// has grown past what the metadata device can describe: the data size is
+// capped, and a resize past the cap is refused with a clear error.
+func ExternalCapacity(diskSize, mdSize int64) (Layout, error) {
+	data := min(floorBlock(diskSize), MaxDataIn(mdSize))
+	if data <= 0 {
+		return Layout{}, fmt.Errorf("%w: a %d-byte data disk with a %d-byte metadata device", ErrTooSmall, diskSize, mdSize)
+	}
+	return Layout{Kind: External, Offset: 0, Size: areaSize(data), DataSize: data}, nil
+}
+
+// IndexedCapacity is IndexedLayout for a running resource: the data size
+// is capped at what one 128 MiB slot describes (about 3.9 TiB).
+func IndexedCapacity(diskSize, mdSize int64, index int) (Layout, error) {
+	data := min(floorBlock(diskSize), MaxDataIn(IndexSlotSize))
+	l, err := IndexedLayout(data, mdSize, index)
+	if err != nil {
+		return Layout{}, err
+	}
+	return l, nil
+}

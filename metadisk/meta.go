@@ -254,18 +254,27 @@ func (m *Meta) readSuper() error {
 	return nil
 }
 
+// checkLayout checks the superblock against the layout the devices give
+// now, whose DataSize is the most data the area there can describe: the
+// metadata may cover less (the size agreed with the peer, DRBD's la_size,
+// or a disk grown since and not yet resized), never more. The layout the
+// metadata is used with is then the superblock's: its data size, and for
+// external and indexed metadata the area that size needs.
 func (m *Meta) checkLayout() error {
 	sb, l := m.sb, m.layout
 	switch {
 	case sb.Kind != l.Kind || sb.Index != l.Index:
 		return fmt.Errorf("%w: the metadata is %s (index %d), the configuration says %s (index %d)",
 			ErrMismatch, sb.Kind, sb.Index, l.Kind, l.Index)
-	case sb.DataSize != l.DataSize:
-		return fmt.Errorf("%w: the metadata covers %d bytes of data, the disk now provides %d: the disk was resized",
+	case sb.DataSize > l.DataSize:
+		return fmt.Errorf("%w: the metadata covers %d bytes of data, the disk now provides only %d: the disk shrank; give it back its size",
 			ErrMismatch, sb.DataSize, l.DataSize)
-	case sb.AreaSize != l.Size:
+	case l.Kind == Internal && sb.AreaSize != l.Size:
 		return fmt.Errorf("%w: metadata area of %d bytes, expected %d", ErrMismatch, sb.AreaSize, l.Size)
+	case l.Kind != Internal && sb.AreaSize != areaSize(sb.DataSize):
+		return fmt.Errorf("%w: metadata area of %d bytes for %d bytes of data, expected %d", ErrMismatch, sb.AreaSize, sb.DataSize, areaSize(sb.DataSize))
 	}
+	m.layout.DataSize, m.layout.Size = sb.DataSize, sb.AreaSize
 	return nil
 }
 
@@ -309,8 +318,9 @@ func (m *Meta) readBitmap() error {
 			err := m.bm.LoadPage(buf[i*BlockSize:(i+1)*BlockSize], p)
 			switch {
 			case err == nil:
-			case errors.Is(err, bitmap.ErrPageChecksum), errors.Is(err, bitmap.ErrPageMagic):
-				// A torn page: every block it covers may differ.
+			case errors.Is(err, bitmap.ErrPageChecksum), errors.Is(err, bitmap.ErrPageMagic), errors.Is(err, bitmap.ErrPageBits):
+				// A torn page, or one a resize wrote before a crash took
+				// its superblock: every block it covers may differ.
 				m.bm.SetPage(p)
 				m.rec.TornPages = append(m.rec.TornPages, p)
 			default:
@@ -338,8 +348,13 @@ func (m *Meta) Recovery() Recovery {
 	return r
 }
 
-// Layout returns the layout the metadata was opened with.
-func (m *Meta) Layout() Layout { return m.layout }
+// Layout returns the layout in use: where the area is, its size, and the
+// data size the metadata covers (which Resize changes).
+func (m *Meta) Layout() Layout {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.layout
+}
 
 // Superblock returns a copy of the current superblock.
 func (m *Meta) Superblock() Superblock {

@@ -316,14 +316,14 @@ func TestMeta_OpenErrors(t *testing.T) {
 		layout Layout
 		want   error
 	}{
-		{"data size changed", nil, func() Layout { l2 := l; l2.DataSize += BlockSize; return l2 }(), ErrMismatch},
+		{"disk shrank", nil, func() Layout { l2 := l; l2.DataSize -= BlockSize; return l2 }(), ErrMismatch},
 		{"placement differs", nil, func() Layout { l2 := l; l2.Kind = Indexed; return l2 }(), ErrMismatch},
 		{"no metadata", func(d *memDev) { d.zero(0, d.size) }, l, ErrNoMetadata},
 		{"both superblocks torn", func(d *memDev) { d.corrupt(100, 1); d.corrupt(BlockSize+100, 1) }, l, ErrCorrupt},
 		{"activity log wiped", func(d *memDev) { d.zero(offALRing, ALRingBlocks*BlockSize) }, l, ErrCorrupt},
 		{"bitmap page from elsewhere", func(d *memDev) {
-			bm := bitmap.New(l.Blocks() + 1)
-			d.WriteAt(bm.AppendPage(nil, 0), offBitmap)
+			bm := bitmap.New(l.Blocks())
+			d.WriteAt(bm.AppendPage(nil, 1), offBitmap)
 		}, l, ErrCorrupt},
 	}
 	for _, tc := range tests {

@@ -214,7 +214,10 @@ func (s *Superblock) Validate() error {
 		return fmt.Errorf("%w: index %d on %s metadata", ErrSuperInvalid, s.Index, s.Kind)
 	case s.DataSize <= 0 || s.DataSize%BlockSize != 0 || s.DataSize > 1<<56:
 		return fmt.Errorf("%w: data size %d", ErrSuperInvalid, s.DataSize)
-	case s.AreaSize != areaSize(s.DataSize):
+	case s.Kind != Internal && s.AreaSize != areaSize(s.DataSize),
+		s.Kind == Internal && (s.AreaSize < areaSize(s.DataSize) || s.AreaSize > areaSize(1<<56)):
+		// Internal metadata may describe less data than its area holds:
+		// the size agreed with a smaller peer (see Meta.Resize).
 		return fmt.Errorf("%w: metadata area of %d bytes for %d bytes of data (want %d)",
 			ErrSuperInvalid, s.AreaSize, s.DataSize, areaSize(s.DataSize))
 	case s.Kind == Indexed && s.AreaSize > IndexSlotSize:

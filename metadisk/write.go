@@ -229,15 +229,15 @@ func (m *Meta) BeginWrite(off, length int64) (Span, error) {
 	if length <= 0 {
 		return Span{}, nil
 	}
-	if off < 0 || off > m.layout.DataSize-length {
-		return Span{}, fmt.Errorf("%w: %d bytes at %d, the data area is %d bytes", ErrWriteRange, length, off, m.layout.DataSize)
-	}
 	first, last := bitmap.ExtentsOf(off, length)
 	if n := int(last-first) + 1; n > m.al.Capacity() {
 		return Span{}, fmt.Errorf("%w: %d bytes at %d span %d extents, al-extents is %d", ErrWriteRange, length, off, n, m.al.Capacity())
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if data := m.layout.DataSize; off < 0 || off > data-length {
+		return Span{}, fmt.Errorf("%w: %d bytes at %d, the data area is %d bytes", ErrWriteRange, length, off, data)
+	}
 	for {
 		if err := m.usable(); err != nil {
 			return Span{}, err

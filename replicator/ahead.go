@@ -25,7 +25,7 @@ const aheadDrain = time.Second
 // congested reports whether a write on a Connected session has to go
 // Ahead (or disconnect) rather than be replicated.
 func (r *Resource) congested(p *peer, md *metadisk.Meta) (bool, string) {
-	n := r.cfg.Net
+	n := r.conf().Net
 	if n.OnCongestion != "pull-ahead" && n.OnCongestion != "disconnect" {
 		return false, ""
 	}
@@ -41,7 +41,7 @@ func (r *Resource) congested(p *peer, md *metadisk.Meta) (bool, string) {
 // goAhead switches a congested Connected session to Ahead (or drops it,
 // with on-congestion disconnect).
 func (r *Resource) goAhead(p *peer, why string) {
-	if r.cfg.Net.OnCongestion == "disconnect" {
+	if r.conf().Net.OnCongestion == "disconnect" {
 		r.log.Warn(why + ": dropping the connection (on-congestion disconnect)")
 		p.fail(fmt.Errorf("%s (on-congestion disconnect)", why))
 		return

@@ -15,6 +15,15 @@
 // for the status formats (WriteProc: /proc/drbd 8.4; WriteStatus: drbdadm
 // status 9; StatusJSON).
 //
+// Resize (resize.go) is `nbdmirror resize`: the Primary agrees a new size
+// with the peer over wire.Sizes (query, reply, set, done; only on peer
+// protocol 4 and newer), both metadata areas are resized (metadisk.Resize)
+// and the new area is resynced; the handshake's agreeSize brings a node
+// that missed a resize to the agreed size. Adjust (adjust.go) applies a
+// configuration read again: the keys that may change live go into the
+// configuration in effect (conf, an atomic pointer), the others wait for
+// the next up.
+//
 // CompareGenerations and Decide are the connect-time decision: DRBD 8.4's
 // drbd_uuid_compare() rules in their order, then drbd_sync_handshake()'s
 // disk-state override, after-sb policies, --discard-my-data resolution

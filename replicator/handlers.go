@@ -122,8 +122,9 @@ func (r *Resource) handlerEnv(name string, extra ...string) handlerEnv {
 }
 
 func (r *Resource) handlerEnvLocked(name string, extra ...string) handlerEnv {
+	conf := r.conf() // handlers change live (adjust.go)
 	return handlerEnv{name: name, cstate: r.conn, role: r.role, peerRole: r.peerRole, disk: r.disk,
-		peerDisk: r.peerDisk, extra: extra, timeout: r.cfg.HandlerTimeout, command: r.cfg.Handlers[name],
+		peerDisk: r.peerDisk, extra: extra, timeout: conf.HandlerTimeout, command: conf.Handlers[name],
 		configFile: r.configFile}
 }
 

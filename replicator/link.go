@@ -206,7 +206,7 @@ func (r *Resource) transportConfig() (transport.Config, error) {
 	if err != nil {
 		return transport.Config{}, err
 	}
-	n := r.cfg.Net
+	n := r.conf().Net
 	comp, err := transport.ParseCompression(n.Compression)
 	if err != nil {
 		return transport.Config{}, err
@@ -307,7 +307,7 @@ func (r *Resource) demotePeerSync() {
 	select {
 	case <-done:
 	case <-p.ctx.Done():
-	case <-time.After(r.cfg.Net.Timeout):
+	case <-time.After(r.conf().Net.Timeout):
 		r.log.Warn("the peer did not confirm the demotion in time")
 	}
 }

@@ -23,6 +23,10 @@ type MetaDevice struct {
 	Path   string
 	Spec   config.MetaDisk
 	Layout metadisk.Layout
+	// Capped, if not nil, says why Layout does not cover the whole data
+	// disk: the metadata device is too small for it (create-md refuses;
+	// a running resource cannot be resized past Layout.DataSize).
+	Capped error
 }
 
 // OpenMetaDevice opens the metadata device of host as configured and
@@ -50,31 +54,53 @@ func OpenMetaDevice(host *config.Host, write bool) (*MetaDevice, error) {
 		}
 		return nil, fmt.Errorf("lock %s: %w", path, err)
 	}
-	mdSize, err := deviceSize(f)
+	d.Layout, d.Capped, err = layoutOf(host, f)
 	if err != nil {
 		f.Close()
 		return nil, err
 	}
-	switch {
-	case host.MetaDisk.Internal:
-		d.Layout, err = metadisk.InternalLayout(mdSize)
-	default:
-		var diskSize int64
-		diskSize, err = pathSize(host.Disk)
+	return d, nil
+}
+
+// layoutOf computes the layout of host's metadata on f from the sizes of
+// the data disk and the metadata device now: for external and indexed
+// metadata capped at what the device can describe (capped then says so;
+// create-md refuses such a layout, a running resource just cannot grow
+// past it).
+func layoutOf(host *config.Host, f *os.File) (l metadisk.Layout, capped error, err error) {
+	mdSize, err := deviceSize(f)
+	if err != nil {
+		return l, nil, err
+	}
+	if host.MetaDisk.Internal {
+		l, err = metadisk.InternalLayout(mdSize)
 		if err != nil {
-			break
+			return l, nil, fmt.Errorf("%s: %w", host.MetaDisk, err)
 		}
-		if host.MetaDisk.Index >= 0 {
-			d.Layout, err = metadisk.IndexedLayout(diskSize, mdSize, host.MetaDisk.Index)
-		} else {
-			d.Layout, err = metadisk.ExternalLayout(diskSize, mdSize)
+		return l, nil, nil
+	}
+	diskSize, err := pathSize(host.Disk)
+	if err != nil {
+		return l, nil, err
+	}
+	if host.MetaDisk.Index >= 0 {
+		l, err = metadisk.IndexedCapacity(diskSize, mdSize, host.MetaDisk.Index)
+		if err == nil {
+			_, capped = metadisk.IndexedLayout(diskSize, mdSize, host.MetaDisk.Index)
+		}
+	} else {
+		l, err = metadisk.ExternalCapacity(diskSize, mdSize)
+		if err == nil {
+			_, capped = metadisk.ExternalLayout(diskSize, mdSize)
 		}
 	}
 	if err != nil {
-		f.Close()
-		return nil, fmt.Errorf("%s: %w", host.MetaDisk, err)
+		return l, nil, fmt.Errorf("%s: %w", host.MetaDisk, err)
 	}
-	return d, nil
+	if capped != nil {
+		capped = fmt.Errorf("%s: %w", host.MetaDisk, capped)
+	}
+	return l, capped, nil
 }
 
 // Close unlocks and closes the device.

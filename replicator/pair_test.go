@@ -48,8 +48,12 @@ func freePorts(t *testing.T) (int, int) {
 	return ports[0], ports[1]
 }
 
-func newPair(t *testing.T, opts string) *pair {
+// newPair makes the pair; metaDisks, if given, replace alpha's and then
+// beta's `meta-disk internal`.
+func newPair(t *testing.T, opts string, metaDisks ...string) *pair {
 	t.Helper()
+	meta := [2]string{"internal", "internal"}
+	copy(meta[:], metaDisks)
 	dir := t.TempDir()
 	p := &pair{t: t}
 	for i := range p.disks {
@@ -63,8 +67,8 @@ func newPair(t *testing.T, opts string) *pair {
 	}
 	portA, portB := freePorts(t)
 	src := fmt.Sprintf(`resource r0 { %s
-  on alpha { disk %s; meta-disk internal; address 127.0.0.1:%d; }
-  on beta { disk %s; meta-disk internal; address 127.0.0.1:%d; } }`, opts, p.disks[0], portA, p.disks[1], portB)
+  on alpha { disk %s; meta-disk %s; address 127.0.0.1:%d; }
+  on beta { disk %s; meta-disk %s; address 127.0.0.1:%d; } }`, opts, p.disks[0], meta[0], portA, p.disks[1], meta[1], portB)
 	c, err := config.Parse(fstest.MapFS{"r.conf": {Data: []byte(src)}}, "r.conf", "")
 	if err != nil {
 		t.Fatal(err)
@@ -931,6 +935,7 @@ func TestPair_AuthFailures(t *testing.T) {
 	other := *p.beta.cfg // the pair shares one configuration: beta gets its own
 	other.Net.SharedSecret = "two"
 	p.beta.cfg = &other
+	p.beta.live.Store(&other) // the configuration in effect (adjust.go)
 	p.connect()
 	p.wait(p.alpha, "an authentication failure", func(s Snapshot) bool { return s.AuthFailures > 0 })
 	if err := p.alpha.Disconnect(); err != nil {

@@ -32,7 +32,7 @@ type peer struct {
 
 	tl     *tlog // immutable; replicates only once the handshake decided (conn ≥ Connected)
 	theirs wire.Params
-	size   int64 // the agreed size
+	size   agreedSize // the agreed size (resize changes it)
 
 	failOnce sync.Once
 	failErr  error
@@ -197,7 +197,7 @@ func (p *peer) end(err error) bool {
 		logRun = rs.endOutOfSyncRun()
 		rs.mu.Unlock()
 		r.ovStart = reached
-		if reached >= bitmap.Blocks(p.size) {
+		if reached >= bitmap.Blocks(p.size.Load()) {
 			r.ovStart = 0
 		}
 	}
@@ -396,6 +396,9 @@ func (p *peer) handshake() error {
 	if err := p.checkParams(mine, theirs); err != nil {
 		return err
 	}
+	if err := p.agreeSize(mine, theirs, Role(st.Role)); err != nil { // resize.go
+		return err
+	}
 	peerRole, peerDisk := Role(st.Role), DiskState(st.Disk)
 	peerGen := Generation{UUIDs: UUIDs{Current: pu.Current, Bitmap: pu.Bitmap, History: pu.History}, Bits: pu.BitsSet,
 		CrashedPrimary: pu.Flags&wire.UUIDCrashedPrimary != 0, DiscardMyData: pu.Flags&wire.UUIDDiscardMyData != 0}
@@ -459,9 +462,8 @@ func (p *peer) handshake() error {
 	return nil
 }
 
-// checkParams refuses a peer whose settings cannot work with these, and
-// agrees the size: the smaller disk wins, unless that would shrink a
-// device in use.
+// checkParams refuses a peer whose settings cannot work with these (the
+// size is agreed next: agreeSize, resize.go).
 func (p *peer) checkParams(mine, theirs wire.Params) error {
 	var bad []string
 	if mine.Protocol != theirs.Protocol {
@@ -484,20 +486,6 @@ func (p *peer) checkParams(mine, theirs wire.Params) error {
 	if theirs.DiskSize == 0 {
 		return &errRefused{reason: "the peer has no disk; diskless peers are not supported, dropping connection"}
 	}
-	size := min(mine.DiskSize, theirs.DiskSize)
-	size -= size % bitmap.BlockSize
-	r := p.r
-	r.mu.Lock()
-	role := r.role
-	r.mu.Unlock()
-	if size < uint64(r.size.Load()) && role == RolePrimary {
-		return &errRefused{reason: fmt.Sprintf("The peer's disk size is too small! (%d bytes, this Primary exports %d): dropping connection", theirs.DiskSize, r.size.Load())}
-	}
-	if size != uint64(r.size.Load()) {
-		r.log.Info("size agreed with the peer", "bytes", size, "was", r.size.Load())
-		r.size.Store(int64(size))
-	}
-	p.size = int64(size)
 	return nil
 }
 
@@ -566,8 +554,8 @@ func protoErr(format string, args ...any) error {
 
 // checkRange checks that a range from the peer lies inside the device.
 func (p *peer) checkRange(what string, off uint64, n uint32) error {
-	if off+uint64(n) > uint64(p.size) {
-		return protoErr("%s of %d bytes at %d lies past the end of the device (%d bytes)", what, n, off, p.size)
+	if off+uint64(n) > uint64(p.size.Load()) {
+		return protoErr("%s of %d bytes at %d lies past the end of the device (%d bytes)", what, n, off, p.size.Load())
 	}
 	return nil
 }
@@ -627,6 +615,8 @@ func (p *peer) handle(m wire.Message) error {
 		return p.receiveCommand(m)
 	case wire.OutOfSync:
 		return p.receiveOutOfSync(m)
+	case wire.Sizes:
+		return p.receiveSizes(m)
 	default:
 		return protoErr("message type %d on the data stream", m.Type())
 	}
@@ -1005,7 +995,7 @@ func (p *peer) skipInitialSync() error {
 	if err != nil {
 		return err
 	}
-	p.md.MarkInSync(0, p.size)
+	p.md.MarkInSync(0, p.size.Load())
 	if err := p.md.FlushBitmap(); err != nil {
 		return err
 	}
@@ -1035,7 +1025,7 @@ func (p *peer) adoptSkippedSync(m wire.UUIDs) error {
 	if conn != Connected || p.md.Superblock().UUIDs.Current&^1 != metadisk.UUIDJustCreated {
 		return protoErr("the peer skipped the initial sync while this node is %s/%s with data of its own", conn, disk)
 	}
-	p.md.MarkInSync(0, p.size)
+	p.md.MarkInSync(0, p.size.Load())
 	if err := p.md.FlushBitmap(); err != nil {
 		return err
 	}

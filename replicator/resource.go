@@ -74,7 +74,7 @@ type Resource struct {
 	// cleared under them).
 	frozen    int   // holds by freeze and freezeFor
 	frozenBy  *peer // the session whose handshake holds requests back
-	promoting bool  // Primary is at work: a handshake waits (idle is signalled)
+	promoting bool  // Primary (or a resize without a session) is at work: a handshake waits (idle is signalled)
 	role      Role
 	disk      DiskState
 	conn      ConnState
@@ -127,6 +127,12 @@ type Resource struct {
 	// ioErrorReported: local-io-error ran since the attach (once per
 	// attach); under mu.
 	ioErrorReported bool
+
+	resizing resizeState // an online resize waiting for the peer (resize.go)
+	// live is the configuration in effect (conf, adjust.go); pending, under
+	// mu, one that adjust keeps for the next up.
+	live    atomic.Pointer[config.Resource]
+	pending *config.Resource
 }
 
 // New returns the resource described by o, Diskless, Secondary and
@@ -167,6 +173,7 @@ func New(o Options) (*Resource, error) {
 			"without --force, and a Primary that loses its peer leaves it unfenced")
 	}
 	r.idle.L = &r.mu
+	r.live.Store(o.Config)
 	return r, nil
 }
 
@@ -260,6 +267,7 @@ func (r *Resource) Attach() error {
 	if disk != Diskless {
 		return r.refuse(codeAttached, "")
 	}
+	r.applyPending() // what adjust kept for down/up
 	r.mu.Lock()
 	r.setState(r.role, Attaching)
 	r.mu.Unlock()
@@ -301,7 +309,9 @@ func (r *Resource) attach() (err error) {
 	if err != nil {
 		return fmt.Errorf("%s: attach: %w", r.name, err)
 	}
-	size := mdev.Layout.DataSize
+	// The size last agreed, which the metadata covers; a disk grown
+	// since is used only after a resize.
+	size := md.Layout().DataSize
 	if dev.Size() < size {
 		dev.Close()
 		return fmt.Errorf("%s: attach: %s holds %d bytes, the metadata describes %d: %w", r.name, r.host.Disk, dev.Size(), size, metadisk.ErrMismatch)
@@ -555,7 +565,7 @@ func (r *Resource) Primary(force bool) error {
 // Primary, after waiting once for ping-timeout (at least 1 s) in case the
 // peer is on its way down (DRBD's retry of −1).
 func (r *Resource) waitPeerNotPrimary() error {
-	deadline := time.Now().Add(max(r.cfg.Net.PingTimeout, time.Second))
+	deadline := time.Now().Add(max(r.conf().Net.PingTimeout, time.Second))
 	for {
 		r.mu.Lock()
 		peerPri := r.p != nil && r.peerRole == RolePrimary
@@ -727,14 +737,20 @@ func (r *Resource) thawIfFrozenBy(p *peer) {
 	}
 }
 
-// diskSize is the usable size of the attached disk (0 if Diskless).
+// diskSize is the usable size of the attached disk, measured now: the
+// most data the disk and its metadata device can hold (0 if Diskless).
 func (r *Resource) diskSize() int64 {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.mdev == nil {
-		return 0
+	l, err := r.capacity()
+	if err != nil {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		if r.md == nil {
+			return 0
+		}
+		r.log.Warn("measuring the disk failed; offering the peer the current size", "err", err)
+		return r.md.Layout().DataSize
 	}
-	return r.mdev.Layout.DataSize
+	return l.DataSize
 }
 
 // newCurrent rotates the UUIDs as DRBD's new-current-uuid does (the
@@ -919,7 +935,8 @@ func (r *Resource) Snapshot() Snapshot {
 	s.Counters = Counters{NS: s.SentBytes / 1024, NR: s.ReceivedBytes / 1024,
 		DW: s.WrittenBytes / 1024, DR: s.ReadBytes / 1024,
 		LO: r.local.Load(), AP: int64(inflight), EP: 1, WO: 'f'}
-	if !r.cfg.Disk.DiskFlushes {
+	conf := r.conf()
+	if !conf.Disk.DiskFlushes {
 		s.Counters.WO = 'n' // nothing orders epochs but their flushes
 	}
 	if p != nil {
@@ -928,7 +945,7 @@ func (r *Resource) Snapshot() Snapshot {
 		s.PendingBytes, s.Lag = p.tl.backlog(time.Now())
 	}
 	if s.Conn >= Unconnected {
-		s.Protocol = r.cfg.Net.Protocol
+		s.Protocol = conf.Net.Protocol
 	}
 	if s.Conn == Ahead {
 		s.Congestion = 'a'

@@ -128,7 +128,7 @@ func (p *peer) startSync(source, full bool, cmd *wire.Command) error {
 		}
 	}
 	if full {
-		p.md.MarkOutOfSync(0, p.size)
+		p.md.MarkOutOfSync(0, p.size.Load())
 	}
 	r.mu.Lock()
 	if !p.current() {
@@ -174,7 +174,7 @@ func (p *peer) beforeResync(name string) error {
 func (p *peer) sendBitmap() error {
 	p.tl.send.Lock()
 	defer p.tl.send.Unlock()
-	blocks := bitmap.Blocks(p.size)
+	blocks := bitmap.Blocks(p.size.Load())
 	for _, c := range wire.BitmapChunks(0, blocks, bitmapChunk, p.md.NextRun) {
 		if err := p.send(transport.Data, c); err != nil {
 			return err
@@ -189,7 +189,7 @@ func (p *peer) receiveBitmap(m wire.Bitmap) error {
 	r.mu.Lock()
 	conn := r.conn
 	r.mu.Unlock()
-	blocks := bitmap.Blocks(p.size)
+	blocks := bitmap.Blocks(p.size.Load())
 	switch {
 	case conn != WFBitMapS && conn != WFBitMapT:
 		return protoErr("bitmap while %s", conn)
@@ -297,7 +297,7 @@ func (p *peer) receiveSyncUUID(m wire.SyncUUID) error {
 // controller decides, c-plan-ahead > 0) and the bytes that may be
 // requested and not arrived.
 func (r *Resource) limits() (rate, flight int64) {
-	d := r.cfg.Disk
+	d := r.conf().Disk
 	if d.CPlanAhead == 0 {
 		return d.ResyncRate, resyncMaxFlight * resyncMaxReq
 	}
@@ -314,20 +314,22 @@ type pacer struct {
 	budget    int64
 	requested int64
 	seen      int64 // rs.arrived at the last step
+	r         *Resource
 }
 
 func (p *peer) newPacer(rs *resync) *pacer {
-	d := p.r.cfg.Disk
+	d := p.r.conf().Disk
 	if d.CPlanAhead == 0 {
-		return &pacer{lim: transport.NewLimiter(d.ResyncRate), rs: rs}
+		return &pacer{lim: transport.NewLimiter(d.ResyncRate), rs: rs, r: p.r}
 	}
-	return &pacer{ctl: newRSController(d), rs: rs, next: time.Now()}
+	return &pacer{ctl: newRSController(d), rs: rs, next: time.Now(), r: p.r}
 }
 
 // grant waits until up to length bytes may be requested and returns how
 // many (a multiple of 4 KiB, at least one block).
 func (pc *pacer) grant(ctx context.Context, length int64) (int64, error) {
 	if pc.ctl == nil {
+		pc.refresh() // adjust.go
 		return length, pc.lim.Wait(ctx, int(length))
 	}
 	for pc.budget < bitmap.BlockSize {
@@ -367,7 +369,7 @@ func (p *peer) slowDown(rs *resync, done *int64) bool {
 	rs.mu.Lock()
 	defer rs.mu.Unlock()
 	if rs.throttle == nil {
-		rs.throttle = newRSThrottle(p.r.cfg.Disk.CMinRate, p.r.appIO.Load(), rs.start)
+		rs.throttle = newRSThrottle(p.r.conf().Disk.CMinRate, p.r.appIO.Load(), rs.start)
 	}
 	if !rs.throttle.slowDown(p.r.appIO.Load(), *done, time.Now()) {
 		return false
@@ -390,7 +392,7 @@ func (p *peer) driveResync(rs *resync) error {
 	r := p.r
 	pace := p.newPacer(rs)
 	digest := newDigest(r.cfg.Net.CsumsAlg)
-	blocks := bitmap.Blocks(p.size)
+	blocks := bitmap.Blocks(p.size.Load())
 	lastCommit := time.Now()
 	for pos := uint64(0); pos < blocks; {
 		if err := p.waitUnpaused(); err != nil {

@@ -58,7 +58,7 @@ func (r *Resource) Verify(vr VerifyRange) error {
 	case conn != Connected || p == nil:
 		return r.refuse(codeNeedConnection, "")
 	}
-	blocks := bitmap.Blocks(p.size)
+	blocks := bitmap.Blocks(p.size.Load())
 	from, stop := resume, blocks
 	if from >= blocks {
 		from = 0 // the last one reached the end (of a device since shrunk)
@@ -113,7 +113,7 @@ func (r *Resource) moveVerifyStop(p *peer, stopSector uint64) error {
 	if rs == nil || !rs.verify || !rs.source {
 		return r.refuse(codeAlreadyActive, "")
 	}
-	stop := min(bitmap.Blocks(p.size), stopBlock(stopSector))
+	stop := min(bitmap.Blocks(p.size.Load()), stopBlock(stopSector))
 	rs.mu.Lock()
 	if rs.walked {
 		rs.mu.Unlock()
@@ -276,7 +276,7 @@ func (p *peer) verifyEnded(rs *resync, found uint64) {
 	// The next verify without --start goes on from here: from the start
 	// once this one reached the end of the device.
 	r.ovStart = next
-	if next >= bitmap.Blocks(p.size) {
+	if next >= bitmap.Blocks(p.size.Load()) {
 		r.ovStart = 0
 	}
 	r.setConn(Connected)
@@ -298,7 +298,7 @@ func (p *peer) startVerifyTarget(from uint64) error {
 	if r.conn != Connected || r.cfg.Net.VerifyAlg == "" {
 		return protoErr("verify start while %s", r.conn)
 	}
-	blocks := bitmap.Blocks(p.size)
+	blocks := bitmap.Blocks(p.size.Load())
 	if from >= blocks {
 		return protoErr("verify from block %d of %d", from, blocks)
 	}

@@ -24,7 +24,7 @@
 // renewed per 256 KiB, so a dead peer never blocks a writer for longer
 // than the timeout, while a slow but moving link is not cut.
 //
-// # Handshake (per stream; versions 2 and 3)
+// # Handshake (per stream; versions 2 to 4)
 //
 // Each connection (inside TLS 1.3 when configured, certificates checked
 // against the peer's node names on both sides) starts with plain frames,
@@ -105,7 +105,7 @@
 //	2      2    flags: 1 s2-compressed, 2 zstd-compressed
 //	4      4    payload length n (≤ MaxPayload, checked before allocating)
 //	8      n    payload
-//	8+n    8    plain session frames, version 3: with S = XXH3-64 of
+//	8+n    8    plain session frames, version 3 and 4: with S = XXH3-64 of
 //	            bytes [8, 8+min(n, 64)) seeded with bytes [0, 8)
 //	            (big-endian), S if n ≤ 64, else XXH3-64 of bytes
 //	            [72, 8+n) seeded with S; version 2: XXH3-64 of bytes
@@ -141,7 +141,10 @@
 // checksummed without copying the data through a streaming hash's buffer
 // (measured: 14 µs per MiB against 35). Nothing else changed, and a node
 // speaks both: two nodes agree on the newest version both speak, so
-// either may be upgraded first. A later version must keep HELLO's first 16 bytes,
+// either may be upgraded first. Version 4 frames as version 3 does; it
+// says that the application accepts frame types added with it (the
+// replicator's Sizes, type 32, for online resize), which a node sends
+// only on a session of version 4 or newer. A later version must keep HELLO's first 16 bytes,
 // the handshake frames' checksum and the REFUSE frame, so that two
 // versions can agree or refuse cleanly.
 package transport

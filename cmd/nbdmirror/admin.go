@@ -73,6 +73,8 @@ func (m *Main) adminCommands() []*cli.Command {
 			"With fencing resource-and-stonith a Primary that loses its peer suspends application I/O until "+
 				"the fence-peer handler has fenced the peer. If the handler failed, I/O stays suspended until the "+
 				"peer is back or this verb is given: make sure first that the peer cannot be promoted."),
+		m.resizeCommands()[0],
+		m.resizeCommands()[1],
 		{Name: "role", Usage: "print the roles (local/peer)", ArgsUsage: "<resource|all>", Action: m.stateVerb},
 		{Name: "cstate", Usage: "print the connection state", ArgsUsage: "<resource|all>", Action: m.stateVerb},
 		{Name: "dstate", Usage: "print the disk states (local/peer)", ArgsUsage: "<resource|all>", Action: m.stateVerb},
@@ -172,6 +174,9 @@ func (m *Main) results(resp *http.Response) error {
 	var first error
 	for _, r := range vr.Results {
 		if r.Code == 0 {
+			if r.Message != "" {
+				fmt.Fprintln(m.Stdout, r.Message)
+			}
 			continue
 		}
 		if first == nil {
@@ -188,7 +193,18 @@ func (m *Main) runVerb(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	o := verbRequest{Force: c.Bool("force"), ClearBitmap: c.Bool("clear-bitmap"), DiscardMyData: c.Bool("discard-my-data")}
+	o := verbRequest{Force: c.Bool("force"), ClearBitmap: c.Bool("clear-bitmap"), DiscardMyData: c.Bool("discard-my-data"),
+		AssumePeerHasSpace: c.Bool("assume-peer-has-space"), AssumeClean: c.Bool("assume-clean"), AllowShrink: c.Bool("allow-shrink")}
+	if c.IsSet("size") {
+		n, err := parseSize(c.String("size"))
+		if err != nil {
+			return failf(ExitUsage, "nbdmirror %s: --size %v", c.Command.Name, err)
+		}
+		o.Size = n
+	}
+	if o.AllowShrink && o.Size == 0 {
+		return failf(ExitUsage, "nbdmirror %s: --allow-shrink needs --size: name the size to shrink to", c.Command.Name)
+	}
 	if c.IsSet("start") {
 		v := c.Uint64("start")
 		o.VerifyStart = &v

@@ -39,6 +39,11 @@ type verbRequest struct {
 	// 512-byte sectors.
 	VerifyStart *uint64 `json:"verify_start,omitempty"`
 	VerifyStop  *uint64 `json:"verify_stop,omitempty"`
+	// Resize's options: Size in bytes (0: the most both disks hold).
+	Size               int64 `json:"size,omitempty"`
+	AssumePeerHasSpace bool  `json:"assume_peer_has_space,omitempty"`
+	AssumeClean        bool  `json:"assume_clean,omitempty"`
+	AllowShrink        bool  `json:"allow_shrink,omitempty"`
 }
 
 // verbResult is one resource's outcome.
@@ -46,6 +51,9 @@ type verbResult struct {
 	Resource string `json:"resource"`
 	Error    string `json:"error,omitempty"`
 	Code     int    `json:"code"` // the exit code it maps to, 0 on success
+	// Message is what a verb that reports (resize, adjust) says on
+	// success, one line per item.
+	Message string `json:"message,omitempty"`
 }
 
 type verbResponse struct {
@@ -126,7 +134,8 @@ var verbs = map[string]func(d *daemon, ctx context.Context, r *resource, o verbR
 func (d *daemon) handleVerb(w http.ResponseWriter, req *http.Request) {
 	verb := req.PathValue("verb")
 	do, ok := verbs[verb]
-	if !ok {
+	say, says := messageVerbs[verb] // resize.go
+	if !ok && !says {
 		apiError(w, http.StatusNotFound, ExitUsage, "no verb %q", verb)
 		return
 	}
@@ -154,7 +163,13 @@ func (d *daemon) handleVerb(w http.ResponseWriter, req *http.Request) {
 	var resp verbResponse
 	for _, r := range rs {
 		res := verbResult{Resource: r.Name()}
-		if err := do(d, req.Context(), r, o); err != nil {
+		var err error
+		if says {
+			res.Message, err = say(d, r, o)
+		} else {
+			err = do(d, req.Context(), r, o)
+		}
+		if err != nil {
 			res.Error, res.Code = verbError(r.Name(), err)
 			d.log.Warn("admin request refused", "verb", verb, "resource", r.Name(), "err", res.Error)
 		} else {
@@ -171,6 +186,8 @@ func verbError(res string, err error) (string, int) {
 	switch {
 	case errors.Is(err, replicator.ErrVerifyRange):
 		return err.Error(), ExitUsage
+	case errors.Is(err, replicator.ErrResize):
+		return err.Error(), ExitRefused
 	case errors.As(err, &se) && se.NoUpToDateData():
 		return err.Error(), ExitNoUpToDateData
 	case errors.As(err, &se):

@@ -174,6 +174,9 @@ func (m *Main) createMD(c *cli.Context) error {
 			return err
 		}
 		defer dev.Close()
+		if dev.Capped != nil {
+			return metaErr(r.Name, dev, dev.Capped)
+		}
 		err = metadisk.Create(dev.File, dev.Layout, node, r.Name, c.Bool("force"), metadisk.Options{NoFlush: !r.Disk.MDFlushes})
 		if err != nil {
 			return metaErr(r.Name, dev, err)

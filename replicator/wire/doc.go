@@ -11,7 +11,7 @@
 //
 //	Data     Params, State, UUIDs, Bitmap, SyncUUID, Write, Barrier,
 //	         ResyncRequest, ResyncReply, ResyncAck, VerifyRequest,
-//	         OutOfSync, Command
+//	         OutOfSync, Command, Sizes
 //	Control  BarrierAck, WriteAck, VerifyReply
 //
 // ResyncAck travels on the data stream so that the target's last acks
@@ -206,4 +206,27 @@
 //	            8 ahead (the receiver is Behind)
 //	2      8    argument: first block (3), blocks not synced (6),
 //	            differing blocks (7); 0 otherwise (not checked)
+//
+// Sizes (32), online resize; only to a peer whose session speaks
+// transport protocol version 4 or newer (SizesVersion), since a node of
+// version 3 or older does not know the type and ends the session on it:
+//
+//	offset size field
+//	0      1    version: 1
+//	1      1    kind: 1 query (answer with a reply), 2 reply, 3 set (resize
+//	            to size, answer with done), 4 done
+//	2      1    flags: 1 assume-clean (set only: the grown area is not
+//	            resynced); others zero, and zero on other kinds
+//	3      1    status: done 0 resized, 1 failed (the sender logs why),
+//	            2 resized and blocks marked out of sync on the sender
+//	            (its old internal metadata area: resync even with
+//	            assume-clean); 0 on other kinds
+//	4      8    disk: the sender's capacity, the most data its disk and
+//	            metadata hold now; multiple of 4096
+//	12     8    size: the new size (set, done) or the sender's current
+//	            size (query, reply); multiple of 4096, not 0 in a set
+//
+// A resize between two connected nodes runs query → reply → set → done,
+// application I/O held on the Primary from the set until the done; see
+// package replicator (resize.go).
 package wire

@@ -36,7 +36,7 @@ const (
 )
 
 // typeEnd is one past the last message type.
-const typeEnd = TypeCommand + 1
+const typeEnd = TypeSizes + 1
 
 // Bounds. Part of the wire format.
 const (
@@ -73,7 +73,7 @@ func Types() []transport.Type {
 // Message is one of the message structs of this package (Params, State,
 // UUIDs, Bitmap, SyncUUID, Write, Barrier, BarrierAck, WriteAck,
 // ResyncRequest, ResyncReply, ResyncAck, VerifyRequest, VerifyReply,
-// OutOfSync, Command), as a value, not a pointer. Each also has a
+// OutOfSync, Command, Sizes), as a value, not a pointer. Each also has a
 // Validate method, which reports (wrapping ErrMalformed) the first field
 // that Decode would reject.
 type Message interface {
@@ -145,6 +145,8 @@ func Decode(t transport.Type, p []byte) (Message, error) {
 		return decodeOutOfSync(p)
 	case TypeCommand:
 		return decodeCommand(p)
+	case TypeSizes:
+		return decodeSizes(p)
 	}
 	return nil, fmt.Errorf("wire: unknown message type %d: %w", t, ErrMalformed)
 }

@@ -78,6 +78,11 @@ func samples() []sample {
 		{"command-invalidate", Command{Code: CmdInvalidate}},
 		{"command-verify-done", Command{Code: CmdVerifyDone, Arg: math.MaxUint64}},
 		{"command-ahead", Command{Code: CmdAhead}},
+		{"sizes", Sizes{Kind: SizesSet, Flags: SizesAssumeClean, Disk: 2 << 30, Size: 1<<30 + 4096}},
+		{"sizes-query", Sizes{Kind: SizesQuery, Disk: 1 << 30, Size: 1 << 30}},
+		{"sizes-reply", Sizes{Kind: SizesReply, Disk: math.MaxUint64 - 4095, Size: 0}},
+		{"sizes-done-failed", Sizes{Kind: SizesDone, Status: SizesFailed, Disk: 4096, Size: 8192}},
+		{"sizes-done-marked", Sizes{Kind: SizesDone, Status: SizesMarked, Size: 1 << 30}},
 	}
 }
 
@@ -114,8 +119,8 @@ func normalize(m Message) Message {
 
 func TestTypes(t *testing.T) {
 	ts := Types()
-	if len(ts) != 16 {
-		t.Fatalf("Types() has %d types, want 16", len(ts))
+	if len(ts) != 17 {
+		t.Fatalf("Types() has %d types, want 17", len(ts))
 	}
 	covered := map[transport.Type]bool{}
 	for _, s := range samples() {
@@ -129,8 +134,8 @@ func TestTypes(t *testing.T) {
 			t.Errorf("type %d has no sample", ty)
 		}
 	}
-	if TypeCommand != 31 || TypeWrite != 21 {
-		t.Errorf("types renumbered: Write %d, Command %d", TypeWrite, TypeCommand)
+	if TypeCommand != 31 || TypeWrite != 21 || TypeSizes != 32 {
+		t.Errorf("types renumbered: Write %d, Command %d, Sizes %d", TypeWrite, TypeCommand, TypeSizes)
 	}
 }
 
@@ -201,6 +206,8 @@ func TestEncoding(t *testing.T) {
 			"01" + "0000000000000009" + "0000000000001000" + "00001000" + "02"},
 		{"out-of-sync", OutOfSync{Offset: 4096, Length: 4096}, "01" + "0000000000001000" + "00001000"},
 		{"command", Command{Code: CmdVerifyStart, Arg: 7}, "01" + "03" + "0000000000000007"},
+		{"sizes", Sizes{Kind: SizesSet, Flags: SizesAssumeClean, Disk: 0x2000, Size: 0x1000},
+			"01" + "03" + "01" + "00" + "0000000000002000" + "0000000000001000"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -278,7 +285,7 @@ func malformedCases() []bad {
 		bad{"unknown-type-0", 0, []byte{1}, "unknown message type 0"},
 		bad{"unknown-type-9", 9, []byte{1}, "unknown message type 9"},
 		bad{"unknown-type-15", 15, []byte{1}, "unknown message type 15"},
-		bad{"unknown-type-32", 32, []byte{1}, "unknown message type 32"},
+		bad{"unknown-type-33", 33, []byte{1}, "unknown message type 33"},
 		bad{"unknown-type-max", math.MaxUint16, nil, "unknown message type"},
 
 		enc("params-protocol-D", params(func(m *Params) { m.Protocol = 'D' }), "Params: protocol 'D'"),
@@ -379,6 +386,15 @@ func malformedCases() []bad {
 		enc("command-0", Command{}, "Command: code 0 unknown"),
 		enc("command-9", Command{Code: 9}, "Command: code 9 unknown"),
 		enc("command-255", Command{Code: 255, Arg: 1}, "Command: code 255 unknown"),
+		enc("sizes-kind-0", Sizes{Kind: 0}, "Sizes: kind 0 unknown"),
+		enc("sizes-kind-5", Sizes{Kind: 5}, "Sizes: kind 5 unknown"),
+		enc("sizes-reserved-flag", Sizes{Kind: SizesSet, Flags: 2, Size: 4096}, "Sizes: reserved flags 0x2 set"),
+		enc("sizes-flag-on-query", Sizes{Kind: SizesQuery, Flags: SizesAssumeClean}, "Sizes: flags 0x1 on kind 1"),
+		enc("sizes-status-3", Sizes{Kind: SizesDone, Status: 3}, "Sizes: status 3 on kind 4"),
+		enc("sizes-status-on-set", Sizes{Kind: SizesSet, Status: 1, Size: 4096}, "Sizes: status 1 on kind 3"),
+		enc("sizes-disk-misaligned", Sizes{Kind: SizesReply, Disk: 4097}, "Sizes: disk size 4097 not a multiple of 4096"),
+		enc("sizes-size-misaligned", Sizes{Kind: SizesSet, Size: 512}, "Sizes: size 512 not a multiple of 4096"),
+		enc("sizes-set-zero", Sizes{Kind: SizesSet}, "Sizes: resize to 0 bytes"),
 	)
 	return cases
 }

@@ -1,0 +1,466 @@
+package replicator
+
+import (
+	"crypto/rand"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/nbdmirror/nbdmirror/metadisk"
+)
+
+// grow truncates the backing files of the nodes given to size bytes.
+func (p *pair) grow(size int64, nodes ...int) {
+	p.t.Helper()
+	for _, i := range nodes {
+		if err := os.Truncate(p.disks[i], size); err != nil {
+			p.t.Fatal(err)
+		}
+	}
+}
+
+// primaryInSync connects the pair and makes alpha Primary with beta fully
+// synced, then writes a pattern over the first MiB.
+func (p *pair) primaryInSync() []byte {
+	p.t.Helper()
+	p.connect()
+	p.connected()
+	if err := p.alpha.Primary(true); err != nil {
+		p.t.Fatal(err)
+	}
+	p.inSync()
+	buf := make([]byte, 1<<20)
+	rand.Read(buf)
+	if err := p.alpha.WriteAt(buf, 0, false); err != nil {
+		p.t.Fatal(err)
+	}
+	return buf
+}
+
+// writeEnd writes through alpha into the last 64 KiB of the device, flushes,
+// and waits for the peer's ack.
+func (p *pair) writeEnd() {
+	p.t.Helper()
+	buf := make([]byte, 64<<10)
+	rand.Read(buf)
+	if err := p.alpha.WriteAt(buf, p.alpha.Size()-int64(len(buf)), true); err != nil {
+		p.t.Fatal(err)
+	}
+	if err := p.alpha.Flush(); err != nil {
+		p.t.Fatal(err)
+	}
+}
+
+// internalData is the data size of a disk of n bytes with internal metadata.
+func internalData(t *testing.T, n int64) int64 {
+	t.Helper()
+	l, err := metadisk.InternalLayout(n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return l.DataSize
+}
+
+// TestPair_ResizeConnected: both backing disks grow, resize on the
+// Primary: both nodes agree the size, both metadata areas move to the new
+// end, the new area is resynced from the Primary (with --assume-clean only
+// the old metadata areas, which are data now), writes land in the new
+// area, and the disks end equal; the size survives a restart.
+func TestPair_ResizeConnected(t *testing.T) {
+	for _, clean := range []bool{false, true} {
+		name := "new area synced"
+		if clean {
+			name = "assume clean"
+		}
+		t.Run(name, func(t *testing.T) {
+			p := newPair(t, "net { protocol C; } disk { c-plan-ahead 0; resync-rate 1G; }")
+			p.primaryInSync()
+			old := p.alpha.Size()
+			p.grow(48<<20, 0, 1)
+			sent := p.alpha.Snapshot().ResyncBytes
+			msg, err := p.alpha.Resize(ResizeOptions{AssumeClean: clean})
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := internalData(t, 48<<20)
+			if !strings.Contains(msg, "resized from") || p.alpha.Size() != want || p.beta.Size() != want {
+				t.Fatalf("%q: alpha %d, beta %d bytes, want %d", msg, p.alpha.Size(), p.beta.Size(), want)
+			}
+			if got := p.beta.Snapshot().SizeBytes; got != want {
+				t.Fatalf("beta's status says %d bytes", got)
+			}
+			p.inSync()
+			synced := p.alpha.Snapshot().ResyncBytes - sent
+			switch {
+			case !clean && synced < uint64(want-old):
+				t.Fatalf("%d bytes resynced, the new area is %d", synced, want-old)
+			case clean && (synced == 0 || synced >= uint64(want-old)/2):
+				t.Fatalf("--assume-clean resynced %d bytes of a %d-byte new area; want only the old metadata areas", synced, want-old)
+			}
+			p.writeEnd()
+			p.wait(p.alpha, "every write acked", func(s Snapshot) bool { return s.Counters.PE == 0 })
+			p.same()
+			// A restart comes back at the new size.
+			cfg := p.beta.cfg
+			if err := p.beta.Stop(); err != nil {
+				t.Fatal(err)
+			}
+			r, err := New(Options{Config: cfg, Node: "beta", Logger: slog.New(slog.NewTextHandler(p.logs[1], nil))})
+			if err != nil {
+				t.Fatal(err)
+			}
+			p.beta = r
+			if err := r.Attach(); err != nil {
+				t.Fatal(err)
+			}
+			if r.Size() != want {
+				t.Fatalf("after a restart beta has %d bytes, want %d", r.Size(), want)
+			}
+			if err := r.Connect(false); err != nil {
+				t.Fatal(err)
+			}
+			p.inSync()
+		})
+	}
+}
+
+// TestPair_ResizeDisconnected: the Primary resizes alone
+// (--assume-peer-has-space) and marks the new area; at the next connect a
+// peer whose disk holds the size takes it and is resynced, and a peer whose
+// disk is too small is refused, as DRBD does.
+func TestPair_ResizeDisconnected(t *testing.T) {
+	tests := []struct {
+		name      string
+		peerGrown bool
+	}{{"peer grown", true}, {"peer too small", false}}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			p := newPair(t, "net { protocol C; } disk { c-plan-ahead 0; resync-rate 1G; }")
+			p.primaryInSync()
+			old := p.alpha.Size()
+			if err := p.beta.Disconnect(); err != nil {
+				t.Fatal(err)
+			}
+			p.wait(p.alpha, "WFConnection", func(s Snapshot) bool { return s.Conn == WFConnection })
+			p.grow(48<<20, 0)
+			if tc.peerGrown {
+				p.grow(48<<20, 1)
+			}
+			if _, err := p.alpha.Resize(ResizeOptions{}); !errors.Is(err, ErrResize) || !strings.Contains(err.Error(), "--assume-peer-has-space") {
+				t.Fatalf("disconnected resize without --assume-peer-has-space: %v", err)
+			}
+			msg, err := p.alpha.Resize(ResizeOptions{AssumePeerHasSpace: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := internalData(t, 48<<20)
+			if p.alpha.Size() != want || !strings.Contains(msg, "next connect") {
+				t.Fatalf("%q: %d bytes, want %d", msg, p.alpha.Size(), want)
+			}
+			if got := p.alpha.Snapshot().OutOfSyncBytes; got < uint64(want-old) {
+				t.Fatalf("%d bytes out of sync, the new area is %d", got, want-old)
+			}
+			p.writeEnd()
+			if err := p.beta.Connect(false); err != nil {
+				t.Fatal(err)
+			}
+			if !tc.peerGrown {
+				p.wait(p.alpha, "StandAlone", func(s Snapshot) bool { return s.Conn == StandAlone })
+				if !strings.Contains(p.logs[0].String(), "The peer's disk size is too small!") {
+					t.Fatal("alpha did not say why it refused the peer")
+				}
+				if p.beta.Size() != old || p.alpha.Size() != want {
+					t.Fatalf("sizes after the refusal: alpha %d, beta %d", p.alpha.Size(), p.beta.Size())
+				}
+				return
+			}
+			p.inSync()
+			if p.beta.Size() != want {
+				t.Fatalf("beta has %d bytes after the connect, want %d", p.beta.Size(), want)
+			}
+			p.same()
+		})
+	}
+}
+
+// TestPair_ResizeRefusals: resize on the Secondary, during a resync,
+// beyond the disks, with nothing to grow; shrinking needs --size and
+// --allow-shrink and never goes below an ext filesystem; an allowed shrink
+// is agreed by both nodes.
+func TestPair_ResizeRefusals(t *testing.T) {
+	p := newPair(t, "net { protocol C; } disk { c-plan-ahead 0; resync-rate 1G; }")
+	p.primaryInSync()
+	cur := p.alpha.Size()
+	_, err := p.beta.Resize(ResizeOptions{})
+	stateErr(t, err, codeNeedPrimary, "(131) Need one Primary node to resize. (this node is Secondary: run resize on the Primary)")
+	msg, err := p.alpha.Resize(ResizeOptions{})
+	if err != nil || !strings.Contains(msg, "the size stays") || !strings.Contains(msg, "grow the backing disks first") {
+		t.Fatalf("nothing to grow: %q, %v", msg, err)
+	}
+	p.grow(48<<20, 0) // only alpha's
+	if _, err := p.alpha.Resize(ResizeOptions{Size: 40 << 20}); !errors.Is(err, ErrResize) || !strings.Contains(err.Error(), "more than the disks hold") {
+		t.Fatalf("beyond the peer's disk: %v", err)
+	}
+	if _, err := p.alpha.Resize(ResizeOptions{Size: 4097}); !errors.Is(err, ErrResize) {
+		t.Fatalf("unaligned size: %v", err)
+	}
+	shrink := cur - 8<<20
+	if _, err := p.alpha.Resize(ResizeOptions{Size: shrink}); !errors.Is(err, ErrResize) || !strings.Contains(err.Error(), "--allow-shrink") {
+		t.Fatalf("shrink without --allow-shrink: %v", err)
+	}
+	// An ext4 superblock saying 28 MiB.
+	sb := make([]byte, 1024)
+	binary.LittleEndian.PutUint32(sb[4:], 28<<10) // blocks of 1 KiB
+	binary.LittleEndian.PutUint16(sb[56:], 0xEF53)
+	if err := p.alpha.WriteAt(sb, 1024, true); err != nil {
+		t.Fatal(err)
+	}
+	_, err = p.alpha.Resize(ResizeOptions{Size: shrink, AllowShrink: true})
+	if !errors.Is(err, ErrResize) || !strings.Contains(err.Error(), "shrinking below the filesystem is refused") || strings.Contains(err.Error(), "\n") {
+		t.Fatalf("shrink below an ext filesystem: %v", err)
+	}
+	if p.alpha.Size() != cur || p.beta.Size() != cur {
+		t.Fatalf("a refused resize changed the sizes: %d, %d", p.alpha.Size(), p.beta.Size())
+	}
+	// During a resync (held by pause-sync).
+	if err := p.beta.PauseSync(); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.alpha.InvalidateRemote(false); err != nil {
+		t.Fatal(err)
+	}
+	p.wait(p.alpha, "PausedSyncS", func(s Snapshot) bool { return s.Conn == PausedSyncS })
+	_, err = p.alpha.Resize(ResizeOptions{})
+	stateErr(t, err, codeResizeResync, "(130) Resize not allowed during resync.")
+	if err := p.beta.ResumeSync(); err != nil {
+		t.Fatal(err)
+	}
+	p.inSync()
+	// Below no filesystem, an explicit shrink is agreed by both.
+	clear(sb)
+	if err := p.alpha.WriteAt(sb, 1024, true); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.alpha.Resize(ResizeOptions{Size: shrink, AllowShrink: true}); err != nil {
+		t.Fatal(err)
+	}
+	if p.alpha.Size() != shrink || p.beta.Size() != shrink {
+		t.Fatalf("after the shrink: alpha %d, beta %d, want %d", p.alpha.Size(), p.beta.Size(), shrink)
+	}
+	p.writeEnd()
+	if err := p.alpha.WriteAt(make([]byte, 4096), shrink, false); err == nil {
+		t.Fatal("a write past the new end was taken")
+	}
+	p.wait(p.alpha, "every write acked", func(s Snapshot) bool { return s.Counters.PE == 0 })
+	p.same()
+}
+
+func TestExtFSBytes(t *testing.T) {
+	sb := func(blocksLo, blocksHi, logBlock, incompat uint32, magic uint16) []byte {
+		b := make([]byte, 1024)
+		binary.LittleEndian.PutUint32(b[4:], blocksLo)
+		binary.LittleEndian.PutUint32(b[24:], logBlock)
+		binary.LittleEndian.PutUint16(b[56:], magic)
+		binary.LittleEndian.PutUint32(b[96:], incompat)
+		binary.LittleEndian.PutUint32(b[0x150:], blocksHi)
+		return b
+	}
+	tests := []struct {
+		name string
+		sb   []byte
+		want int64
+	}{
+		{"ext4 4 KiB blocks", sb(2560, 0, 2, 0, 0xEF53), 10 << 20},
+		{"ext2 1 KiB blocks", sb(1000, 0, 0, 0, 0xEF53), 1000 << 10},
+		{"64bit", sb(0, 1, 2, 0x80, 0xEF53), 1 << 44},
+		{"high word ignored without 64bit", sb(16, 1, 2, 0, 0xEF53), 64 << 10},
+		{"no magic", sb(2560, 0, 2, 0, 0), 0},
+		{"absurd block size", sb(2560, 0, 30, 0, 0xEF53), 0},
+		{"short", make([]byte, 100), 0},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := extFSBytes(tc.sb); got != tc.want {
+				t.Fatalf("extFSBytes = %d, want %d", got, tc.want)
+			}
+		})
+	}
+}
+
+// TestPair_ResizeAgreedAtConnect: two disks of different sizes agree the
+// smaller at connect, and the larger node's metadata is cut to it, so a
+// restart comes back at the agreed size; a disk grown later does not grow
+// the device at a connect, only resize does.
+func TestPair_ResizeAgreedAtConnect(t *testing.T) {
+	p := newPair(t, "net { protocol C; } disk { c-plan-ahead 0; resync-rate 1G; }")
+	// alpha's disk is re-created at 48 MiB.
+	cfg := p.alpha.cfg
+	if err := p.alpha.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	p.grow(48<<20, 0)
+	host, _ := cfg.Host("alpha")
+	dev, err := OpenMetaDevice(host, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = metadisk.Create(dev.File, dev.Layout, "alpha", "r0", true, metadisk.Options{})
+	dev.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	restart := func() {
+		t.Helper()
+		if err := p.alpha.Stop(); err != nil {
+			t.Fatal(err)
+		}
+		r, err := New(Options{Config: cfg, Node: "alpha", Logger: slog.New(slog.NewTextHandler(p.logs[0], nil))})
+		if err != nil {
+			t.Fatal(err)
+		}
+		p.alpha = r
+		if err := r.Attach(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	restart()
+	small, big := internalData(t, 32<<20), internalData(t, 48<<20)
+	if p.alpha.Size() != big {
+		t.Fatalf("alpha alone: %d bytes, want %d", p.alpha.Size(), big)
+	}
+	p.connect()
+	p.connected()
+	if p.alpha.Size() != small || p.alpha.md.Layout().DataSize != small {
+		t.Fatalf("after the connect alpha exports %d, its metadata covers %d; want %d", p.alpha.Size(), p.alpha.md.Layout().DataSize, small)
+	}
+	restart()
+	if p.alpha.Size() != small {
+		t.Fatalf("after a restart alpha has %d bytes, want the agreed %d", p.alpha.Size(), small)
+	}
+	// beta's disk grows too: a connect keeps the agreed size.
+	p.grow(48<<20, 1)
+	if err := p.alpha.Connect(false); err != nil {
+		t.Fatal(err)
+	}
+	p.connected()
+	if p.alpha.Size() != small || p.beta.Size() != small {
+		t.Fatalf("a connect grew the device: alpha %d, beta %d", p.alpha.Size(), p.beta.Size())
+	}
+	if err := p.alpha.Primary(true); err != nil {
+		t.Fatal(err)
+	}
+	p.inSync()
+	if _, err := p.alpha.Resize(ResizeOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	p.inSync()
+	if p.alpha.Size() != big || p.beta.Size() != big {
+		t.Fatalf("after resize: alpha %d, beta %d, want %d", p.alpha.Size(), p.beta.Size(), big)
+	}
+	p.writeEnd()
+	p.wait(p.alpha, "every write acked", func(s Snapshot) bool { return s.Counters.PE == 0 })
+	p.same()
+}
+
+// TestResize_ExternalCapped: external metadata sized at create-md grows
+// in place as far as its device describes, says so, and refuses beyond,
+// telling the admin to grow the metadata device; after the device grows,
+// the rest follows.
+func TestResize_ExternalCapped(t *testing.T) {
+	dir := t.TempDir()
+	disk, meta := filepath.Join(dir, "d0"), filepath.Join(dir, "m0")
+	for path, size := range map[string]int64{disk: 64 << 20, meta: metadisk.AreaSize(64 << 20)} {
+		if err := os.WriteFile(path, nil, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Truncate(path, size); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cfg := parseRes(t, fmt.Sprintf(`resource r0 { disk %s; meta-disk %s;
+  on alpha { address 127.0.0.1:7000; } on beta { address 127.0.0.2:7000; } }`, disk, meta))
+	r, _ := adjustResource(t, disk, cfg)
+	if err := r.Primary(true); err != nil {
+		t.Fatal(err)
+	}
+	max := metadisk.MaxDataIn(metadisk.AreaSize(64 << 20)) // one bitmap page: 124 MiB
+	if err := os.Truncate(disk, 256<<20); err != nil {
+		t.Fatal(err)
+	}
+	msg, err := r.Resize(ResizeOptions{AssumePeerHasSpace: true})
+	if err != nil || r.Size() != max || !strings.Contains(msg, "grow the metadata device to go further") {
+		t.Fatalf("resize: %q, %v; size %d, want %d", msg, err, r.Size(), max)
+	}
+	_, err = r.Resize(ResizeOptions{Size: 200 << 20, AssumePeerHasSpace: true})
+	if !errors.Is(err, ErrResize) || !strings.Contains(err.Error(), "grow the metadata device") || strings.Contains(err.Error(), "\n") {
+		t.Fatalf("resize past the metadata device: %v", err)
+	}
+	if err := os.Truncate(meta, metadisk.AreaSize(256<<20)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.Resize(ResizeOptions{AssumePeerHasSpace: true}); err != nil || r.Size() != 256<<20 {
+		t.Fatalf("after the metadata device grew: %v, size %d", err, r.Size())
+	}
+}
+
+// TestPair_ResizeShrinkDisconnected: a Primary shrinks while its peer is
+// disconnected; at the connect the Primary's size wins over the larger
+// size the peer agreed before, and the peer cuts its metadata to it.
+func TestPair_ResizeShrinkDisconnected(t *testing.T) {
+	p := newPair(t, "net { protocol C; } disk { c-plan-ahead 0; resync-rate 1G; }")
+	p.primaryInSync()
+	if err := p.beta.Disconnect(); err != nil {
+		t.Fatal(err)
+	}
+	p.wait(p.alpha, "WFConnection", func(s Snapshot) bool { return s.Conn == WFConnection })
+	const size = 24 << 20
+	if _, err := p.alpha.Resize(ResizeOptions{Size: size, AllowShrink: true, AssumePeerHasSpace: true}); err != nil {
+		t.Fatal(err)
+	}
+	p.writeEnd()
+	if err := p.beta.Connect(false); err != nil {
+		t.Fatal(err)
+	}
+	p.inSync()
+	if p.alpha.Size() != size || p.beta.Size() != size || p.beta.md.Layout().DataSize != size {
+		t.Fatalf("after the connect: alpha %d, beta %d (metadata %d), want %d", p.alpha.Size(), p.beta.Size(), p.beta.md.Layout().DataSize, size)
+	}
+	p.same()
+}
+
+// TestPair_ResizeAssumeCleanPeerMarked: with --assume-clean, a peer whose
+// internal metadata moved marks its old area (now data, holding its old
+// metadata) and says so; the Primary, whose external metadata marked
+// nothing, resyncs those blocks anyway, and the disks end equal.
+func TestPair_ResizeAssumeCleanPeerMarked(t *testing.T) {
+	md := filepath.Join(t.TempDir(), "md")
+	if err := os.WriteFile(md, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(md, metadisk.AreaSize(64<<20)); err != nil {
+		t.Fatal(err)
+	}
+	p := newPair(t, "net { protocol C; } disk { c-plan-ahead 0; resync-rate 1G; }", md)
+	p.primaryInSync()
+	old := p.alpha.Size()
+	p.grow(48<<20, 0, 1)
+	sent := p.alpha.Snapshot().ResyncBytes
+	msg, err := p.alpha.Resize(ResizeOptions{AssumeClean: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := internalData(t, 48<<20) // beta's disk is the smaller
+	if p.alpha.Size() != want || p.beta.Size() != want || !strings.Contains(msg, "being synced") {
+		t.Fatalf("%q: alpha %d, beta %d, want %d", msg, p.alpha.Size(), p.beta.Size(), want)
+	}
+	p.inSync()
+	if synced := p.alpha.Snapshot().ResyncBytes - sent; synced == 0 || synced >= uint64(want-old)/2 {
+		t.Fatalf("%d bytes resynced; want beta's old metadata area only", synced)
+	}
+	p.same()
+}
