@@ -3,6 +3,7 @@ package metrics
 import (
 	"net/http"
 	"runtime"
+	"strconv"
 	"sync"
 	"time"
 
@@ -141,12 +142,15 @@ var (
 		"Age of the oldest write not yet on the peer's stable storage (0 when none): what a failover now would lose under protocol A.", []string{"resource", "peer"}, nil)
 	authFailures = prometheus.NewDesc("nbdmirror_peer_auth_failures_total",
 		"Peer connections refused for failed authentication (secret, certificate, node name).", []string{"resource", "peer"}, nil)
+	handlerRuns = prometheus.NewDesc("nbdmirror_handler_runs_total",
+		"Handler runs by handler and exit code (-1: killed at handler-timeout, or not started).",
+		[]string{"resource", "handler", "exit_code"}, nil)
 )
 
 func (c *resources) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{buildInfo, resourcesDesc, role, diskState, size, written, read, alWrites,
 		bmWrites, lowerPending, upperPending, connState, peerRole, peerDisk, outOfSync, sent, received,
-		resyncBytes, resyncLeft, resyncRate, pending, lag, authFailures} {
+		resyncBytes, resyncLeft, resyncRate, pending, lag, authFailures, handlerRuns} {
 		ch <- d
 	}
 }
@@ -176,6 +180,9 @@ func (c *resources) Collect(ch chan<- prometheus.Metric) {
 		counter(bmWrites, s.Counters.BM, res)
 		gauge(lowerPending, float64(s.Counters.LO), res)
 		gauge(upperPending, float64(s.Counters.AP), res)
+		for _, h := range s.HandlerRuns {
+			counter(handlerRuns, h.Runs, res, h.Handler, strconv.Itoa(h.Status))
+		}
 		if s.Peer == "" {
 			continue // no peer configured: no connection series
 		}

@@ -62,6 +62,8 @@ func TestResources(t *testing.T) {
 				Conn: replicator.Connected, Disk: replicator.UpToDate, PeerDisk: replicator.UpToDate, SizeBytes: 1 << 30,
 				SentBytes: 1 << 20, ReceivedBytes: 512, WrittenBytes: 1 << 20, PendingBytes: 65536,
 				Lag: 250 * time.Millisecond, AuthFailures: 2, Counters: replicator.Counters{LO: 1, AP: 4, AL: 7, BM: 1},
+				HandlerRuns: []replicator.HandlerRuns{{Handler: "before-resync-source", Status: 0, Runs: 1},
+					{Handler: "fence-peer", Status: -1, Runs: 1}, {Handler: "fence-peer", Status: 4, Runs: 2}},
 			},
 			{
 				Name: "r1", Peer: "beta", Role: replicator.RoleSecondary, PeerRole: replicator.RolePrimary,

@@ -16,6 +16,7 @@ import (
 	"errors"
 	"fmt"
 	"os/exec"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -50,10 +51,51 @@ type handlerRunner struct {
 	fence  sync.Mutex // held by a fence-peer or unfence-peer run
 	wg     sync.WaitGroup
 
-	mu      sync.Mutex // guards queue, running and stopped
+	mu      sync.Mutex // guards queue, running, stopped and runs
 	queue   []func()
 	running bool
 	stopped bool // no more jobs
+	runs    map[handlerResult]uint64
+}
+
+// HandlerRuns counts one handler's runs that ended with one exit code
+// (−1: killed or not started).
+type HandlerRuns struct {
+	Handler string
+	Status  int
+	Runs    uint64
+}
+
+type handlerResult struct {
+	name   string
+	status int
+}
+
+// count records a run's result.
+func (h *handlerRunner) count(name string, status int) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.runs == nil {
+		h.runs = map[handlerResult]uint64{}
+	}
+	h.runs[handlerResult{name, status}]++
+}
+
+// counts returns the counts, by handler name and exit code.
+func (h *handlerRunner) counts() []HandlerRuns {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	out := make([]HandlerRuns, 0, len(h.runs))
+	for k, n := range h.runs {
+		out = append(out, HandlerRuns{Handler: k.name, Status: k.status, Runs: n})
+	}
+	slices.SortFunc(out, func(a, b HandlerRuns) int {
+		if c := strings.Compare(a.Handler, b.Handler); c != 0 {
+			return c
+		}
+		return a.Status - b.Status
+	})
+	return out
 }
 
 func newHandlerRunner() *handlerRunner {
@@ -187,6 +229,7 @@ func (r *Resource) runHandler(e handlerEnv) int {
 	start := time.Now()
 	status, out, err := execHandler(h.ctx, e.command, r.environ(e), e.timeout)
 	ev.Response, ev.Status, ev.Duration = true, status, time.Since(start)
+	h.count(e.name, status)
 	attrs := []any{"handler", e.name, "exit_code", status, "duration", ev.Duration.Round(time.Millisecond)}
 	if out != "" {
 		attrs = append(attrs, "output", out)

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -436,6 +437,19 @@ func TestPair_FencingPromotion(t *testing.T) {
 	}
 	if n := countCalls(t, dir, "fence-peer", 0); n != 1 {
 		t.Errorf("fence-peer ran %d times on alpha, want 1", n)
+	}
+	// Every run is counted by exit code (the metrics' figures).
+	for _, tc := range []struct {
+		r    *Resource
+		want []HandlerRuns
+	}{
+		{p.alpha, []HandlerRuns{{"before-resync-source", 0, 1}, {"fence-peer", fencePeerUnreachable, 1}}},
+		{p.beta, []HandlerRuns{{"after-resync-target", 0, 1}, {"before-resync-target", 0, 1},
+			{"fence-peer", 1, 1}, {"fence-peer", fenceOutdateMyself, 1}}},
+	} {
+		if got := tc.r.Snapshot().HandlerRuns; !slices.Equal(got, tc.want) {
+			t.Errorf("%s: handler runs %v, want %v", tc.r.host.Name(), got, tc.want)
+		}
 	}
 	// The outdated beta resyncs from alpha; once it is UpToDate, alpha
 	// unfences it.

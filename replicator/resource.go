@@ -932,6 +932,7 @@ func (r *Resource) Snapshot() Snapshot {
 	s.WrittenBytes, s.ReadBytes = r.written.Load(), r.read.Load()
 	s.ResyncBytes = r.resyncBytes.Load()
 	s.AuthFailures = r.authFailures()
+	s.HandlerRuns = r.handlers.counts()
 	s.Counters = Counters{NS: s.SentBytes / 1024, NR: s.ReceivedBytes / 1024,
 		DW: s.WrittenBytes / 1024, DR: s.ReadBytes / 1024,
 		LO: r.local.Load(), AP: int64(inflight), EP: 1, WO: 'f'}

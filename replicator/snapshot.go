@@ -46,6 +46,9 @@ type Snapshot struct {
 	// authentication (a proof, a certificate, a node name), since the
 	// daemon started.
 	AuthFailures uint64
+	// HandlerRuns counts the handlers run since the daemon started, by
+	// handler name and exit code (those that occurred, sorted).
+	HandlerRuns []HandlerRuns
 	// OutOfSyncBytes is what the bitmap marks: set bits × 4 KiB.
 	OutOfSyncBytes uint64
 	UUIDs          UUIDs
