@@ -407,24 +407,58 @@ func (r *Resource) capacity() (metadisk.Layout, error) {
 	return l, err
 }
 
+// sizePlan is the handshake's size agreement: the agreed size, and what
+// the metadata needs to cover it, applied (applySize) only once the
+// handshake accepted the connection.
+type sizePlan struct {
+	size   int64 // the agreed size in bytes
+	meta   bool  // the metadata moves to size (grown, or cut on an Inconsistent disk)
+	grow   bool  // ... growing: the new area is marked out of sync
+	resync int   // +1: the peer grows at this connect and this node resyncs it; -1: this node grows and is resynced
+}
+
 // agreeSize is the handshake's size agreement. Each side says how much its
 // disk holds now (DiskSize) and the size it last agreed (Size, which its
 // metadata covers). Normally both Sizes are equal and stay. If they
 // differ (one node was resized without the other: while disconnected, or
 // a resize the connection lost midway), a Primary's Size wins, and with no
 // Primary the larger, as long as both disks hold it: the node behind
-// grows its metadata and marks the new area, so the resync the handshake
-// starts covers it (a node ahead of a Primary cuts back). Otherwise the
-// smaller disk wins, and a Primary refuses to shrink under its clients
-// ("The peer's disk size is too small!"); a node that is not Primary cuts
-// its metadata to the agreed size, so that it is what a restart comes
-// back at. A connect never grows the device beyond what was agreed.
-func (p *peer) agreeSize(mine, theirs wire.Params, peerRole Role) error {
+// grows its metadata and marks the new area, and a resync from the node
+// ahead covers it. Otherwise the smaller disk wins. As DRBD's
+// receive_sizes, a connect never shrinks a node that holds data (its disk
+// Outdated or better, or Primary): it refuses the connection ("The peer's
+// disk size is too small!"); only an Inconsistent disk is cut to the
+// agreed size. A connect never grows the device beyond the size a node
+// was resized to. Nothing changes here: applySize does, once the
+// handshake accepted the connection.
+func (p *peer) agreeSize(mine, theirs wire.Params, peerRole Role) (sizePlan, error) {
 	r := p.r
 	r.mu.Lock()
-	role, md := r.role, r.md
+	in := sizeInput{role: r.role, peerRole: peerRole, disk: r.disk, cur: r.size.Load(), has: -1,
+		version: p.s.Version(), mine: mine, theirs: theirs}
+	if r.md != nil {
+		in.has = r.md.Layout().DataSize
+	}
 	r.mu.Unlock()
-	size := min(mine.DiskSize, theirs.DiskSize)
+	return agreeSizes(in)
+}
+
+// sizeInput is what agreeSizes decides on.
+type sizeInput struct {
+	role, peerRole Role
+	disk           DiskState
+	cur            int64 // this node's size
+	has            int64 // what its metadata covers (-1: none)
+	version        uint16
+	mine, theirs   wire.Params
+}
+
+// agreeSizes is agreeSize's decision (a pure function of its input).
+func agreeSizes(in sizeInput) (sizePlan, error) {
+	mine, theirs, role, peerRole, disk := in.mine, in.theirs, in.role, in.peerRole, in.disk
+	smaller := min(mine.DiskSize, theirs.DiskSize)
+	smaller -= smaller % bitmap.BlockSize
+	size := smaller
 	want := max(mine.Size, theirs.Size)
 	switch {
 	case role == RolePrimary:
@@ -436,39 +470,67 @@ func (p *peer) agreeSize(mine, theirs wire.Params, peerRole Role) error {
 		size = want
 	}
 	size -= size % bitmap.BlockSize
-	cur := uint64(r.size.Load())
+	cur := uint64(in.cur)
 	switch {
 	case size < cur && role == RolePrimary:
-		return &errRefused{reason: fmt.Sprintf("The peer's disk size is too small! (%d bytes, this Primary exports %d): dropping connection", theirs.DiskSize, cur)}
+		return sizePlan{}, &errRefused{reason: fmt.Sprintf("The peer's disk size is too small! (%d bytes, this Primary exports %d): dropping connection", theirs.DiskSize, cur)}
 	case peerRole == RolePrimary && size < theirs.Size:
 		// The Primary refuses too; nothing here changes.
-		return &errRefused{reason: fmt.Sprintf("this disk holds %d bytes, less than the %d the Primary exports: grow it, then connect; dropping connection", mine.DiskSize, theirs.Size)}
+		return sizePlan{}, &errRefused{reason: fmt.Sprintf("this disk holds %d bytes, less than the %d the Primary exports: grow it, then connect; dropping connection", mine.DiskSize, theirs.Size)}
+	case size < cur && disk >= Outdated:
+		return sizePlan{}, &errRefused{reason: fmt.Sprintf("The peer's disk size is too small! (%d bytes agreed, this node holds data up to %d): grow the peer's disk (or, to give up this node's data, invalidate it), then connect; dropping connection", size, cur)}
 	}
-	if md != nil {
-		// The metadata covers the agreed size, so that a restart comes
-		// back at it (DRBD's la-size): grown to a size the peer was
-		// resized to, or cut to a smaller peer's disk on a node that is
-		// not Primary (a Primary refused that above).
+	plan := sizePlan{size: int64(size)}
+	if in.has >= 0 {
+		plan.grow = plan.size > in.has
+		plan.meta = plan.grow || plan.size < in.has && role != RolePrimary
+	}
+	if in.version < wire.SizesVersion {
+		// The peer takes the smaller disk and changes no metadata.
+		if size != smaller || plan.grow {
+			return sizePlan{}, &errRefused{reason: fmt.Sprintf("the peer speaks peer protocol %d, which takes the smaller disk (%d bytes) and never resizes metadata, while this node needs %d bytes (it was resized): upgrade the peer; dropping connection", in.version, smaller, size)}
+		}
+		return plan, nil
+	}
+	// A node behind the agreed size grows and marks its new area; the
+	// node ahead holds the data there and resyncs it, whatever the
+	// generations say (both sides decide this alike, mirrored).
+	switch {
+	case size > mine.Size && mine.Size > 0:
+		plan.resync = -1
+	case size > theirs.Size && theirs.Size > 0:
+		plan.resync = +1
+	}
+	return plan, nil
+}
+
+// applySize makes plan this node's size, once the handshake accepted the
+// connection: the metadata covers the agreed size, so that a restart
+// comes back at it (DRBD's la-size).
+func (p *peer) applySize(plan sizePlan) error {
+	r := p.r
+	r.mu.Lock()
+	md := r.md
+	r.mu.Unlock()
+	if md != nil && plan.meta {
 		has := md.Layout().DataSize
-		if grow := int64(size) > has; grow || int64(size) < has && role != RolePrimary {
-			target, err := r.capacity()
-			if err == nil {
-				err = md.Resize(target, int64(size), grow)
-			}
-			if err != nil {
-				return &errRefused{reason: fmt.Sprintf("resizing the metadata to the %d bytes agreed with the peer failed: %v; dropping connection", size, err)}
-			}
-			if grow {
-				r.log.Info("grown to the size the peer was resized to; the new area is marked out of sync", "bytes", size, "was", has)
-			} else {
-				r.log.Info("the metadata now covers the size agreed with the smaller peer", "bytes", size, "disk_holds", has)
-			}
+		target, err := r.capacity()
+		if err == nil {
+			err = md.Resize(target, plan.size, plan.grow)
+		}
+		if err != nil {
+			return &errRefused{reason: fmt.Sprintf("resizing the metadata to the %d bytes agreed with the peer failed: %v; dropping connection", plan.size, err)}
+		}
+		if plan.grow {
+			r.log.Info("grown to the size the peer was resized to; the new area is marked out of sync", "bytes", plan.size, "was", has)
+		} else {
+			r.log.Info("the metadata of this Inconsistent disk now covers the size agreed with the smaller peer", "bytes", plan.size, "disk_holds", has)
 		}
 	}
-	if size != cur {
-		r.log.Info("size agreed with the peer", "bytes", size, "was", cur)
-		r.size.Store(int64(size))
+	if cur := r.size.Load(); plan.size != cur {
+		r.log.Info("size agreed with the peer", "bytes", plan.size, "was", cur)
+		r.size.Store(plan.size)
 	}
-	p.size.Store(int64(size))
+	p.size.Store(plan.size)
 	return nil
 }

@@ -1,6 +1,7 @@
 package replicator
 
 import (
+	"context"
 	"crypto/rand"
 	"encoding/binary"
 	"errors"
@@ -10,8 +11,11 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/nbdmirror/nbdmirror/metadisk"
+	"github.com/nbdmirror/nbdmirror/replicator/wire"
+	"github.com/nbdmirror/nbdmirror/transport"
 )
 
 // grow truncates the backing files of the nodes given to size bytes.
@@ -409,8 +413,10 @@ func TestResize_ExternalCapped(t *testing.T) {
 }
 
 // TestPair_ResizeShrinkDisconnected: a Primary shrinks while its peer is
-// disconnected; at the connect the Primary's size wins over the larger
-// size the peer agreed before, and the peer cuts its metadata to it.
+// disconnected; at the connect the peer, whose disk holds data up to the
+// larger size it agreed before, refuses to be cut ("The peer's disk size
+// is too small!", as DRBD's receive_sizes); invalidated, it connects, cuts
+// its metadata to the Primary's size and is resynced.
 func TestPair_ResizeShrinkDisconnected(t *testing.T) {
 	p := newPair(t, "net { protocol C; } disk { c-plan-ahead 0; resync-rate 1G; }")
 	p.primaryInSync()
@@ -418,6 +424,7 @@ func TestPair_ResizeShrinkDisconnected(t *testing.T) {
 		t.Fatal(err)
 	}
 	p.wait(p.alpha, "WFConnection", func(s Snapshot) bool { return s.Conn == WFConnection })
+	old := p.beta.Size()
 	const size = 24 << 20
 	if _, err := p.alpha.Resize(ResizeOptions{Size: size, AllowShrink: true, AssumePeerHasSpace: true}); err != nil {
 		t.Fatal(err)
@@ -426,11 +433,86 @@ func TestPair_ResizeShrinkDisconnected(t *testing.T) {
 	if err := p.beta.Connect(false); err != nil {
 		t.Fatal(err)
 	}
+	p.wait(p.beta, "StandAlone", func(s Snapshot) bool { return s.Conn == StandAlone })
+	if !strings.Contains(p.logs[1].String(), "The peer's disk size is too small!") {
+		t.Fatal("beta did not say why it refused the peer")
+	}
+	if p.beta.Size() != old || p.beta.md.Layout().DataSize != old {
+		t.Fatalf("the refused connect changed beta: %d bytes, metadata %d, want %d", p.beta.Size(), p.beta.md.Layout().DataSize, old)
+	}
+	if err := p.beta.Invalidate(true); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.beta.Connect(false); err != nil {
+		t.Fatal(err)
+	}
 	p.inSync()
 	if p.alpha.Size() != size || p.beta.Size() != size || p.beta.md.Layout().DataSize != size {
 		t.Fatalf("after the connect: alpha %d, beta %d (metadata %d), want %d", p.alpha.Size(), p.beta.Size(), p.beta.md.Layout().DataSize, size)
 	}
 	p.same()
+}
+
+// TestPair_ResizeConnectKeepsData: a node that holds data beyond the size a
+// connect would agree refuses the connection whatever its role, and a
+// connect that the handshake refuses (split brain) leaves both nodes'
+// sizes and metadata as they were.
+func TestPair_ResizeConnectKeepsData(t *testing.T) {
+	tests := []struct {
+		name       string
+		splitBrain bool // beta's disk grows too, and beta writes while alone
+	}{{"demoted node, smaller peer", false}, {"split brain", true}}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			p := newPair(t, "net { protocol C; } disk { c-plan-ahead 0; resync-rate 1G; }")
+			p.primaryInSync()
+			old := p.alpha.Size()
+			if err := p.beta.Disconnect(); err != nil {
+				t.Fatal(err)
+			}
+			p.wait(p.alpha, "WFConnection", func(s Snapshot) bool { return s.Conn == WFConnection })
+			p.grow(48<<20, 0)
+			if tc.splitBrain {
+				p.grow(48<<20, 1)
+			}
+			if _, err := p.alpha.Resize(ResizeOptions{AssumePeerHasSpace: true}); err != nil {
+				t.Fatal(err)
+			}
+			big := internalData(t, 48<<20)
+			p.writeEnd() // past the old end
+			if err := p.alpha.Secondary(); err != nil {
+				t.Fatal(err)
+			}
+			if tc.splitBrain {
+				if err := p.beta.Primary(false); err != nil {
+					t.Fatal(err)
+				}
+				if err := p.beta.WriteAt(make([]byte, 4096), 0, true); err != nil {
+					t.Fatal(err)
+				}
+				if err := p.beta.Secondary(); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := p.beta.Connect(false); err != nil {
+				t.Fatal(err)
+			}
+			refuser, text := p.alpha, "The peer's disk size is too small!"
+			if tc.splitBrain {
+				refuser, text = p.beta, "Split-Brain detected but unresolved"
+			}
+			p.wait(refuser, "StandAlone", func(s Snapshot) bool { return s.Conn == StandAlone })
+			if !strings.Contains(p.logs[0].String()+p.logs[1].String(), text) {
+				t.Fatalf("no node logged %q", text)
+			}
+			if p.alpha.Size() != big || p.alpha.md.Layout().DataSize != big {
+				t.Fatalf("alpha: %d bytes, metadata %d; want %d", p.alpha.Size(), p.alpha.md.Layout().DataSize, big)
+			}
+			if p.beta.Size() != old || p.beta.md.Layout().DataSize != old {
+				t.Fatalf("beta: %d bytes, metadata %d; want %d", p.beta.Size(), p.beta.md.Layout().DataSize, old)
+			}
+		})
+	}
 }
 
 // TestPair_ResizeAssumeCleanPeerMarked: with --assume-clean, a peer whose
@@ -463,4 +545,113 @@ func TestPair_ResizeAssumeCleanPeerMarked(t *testing.T) {
 		t.Fatalf("%d bytes resynced; want beta's old metadata area only", synced)
 	}
 	p.same()
+}
+
+// TestPair_ResizeGrowAtConnectResyncs: a Primary peer was resized alone,
+// with the same generation as this node (the handshake's generations say
+// no resync): this node, whose disk holds the size, grows at the connect
+// and marks its new area after its bitmap count went out; it still
+// becomes SyncTarget of the node ahead, so no marked block is left
+// behind in Connected.
+func TestPair_ResizeGrowAtConnectResyncs(t *testing.T) {
+	p := newPair(t, "net { protocol C; } disk { c-plan-ahead 0; resync-rate 1G; }")
+	if err := p.alpha.NewCurrentUUID(true); err != nil {
+		t.Fatal(err)
+	}
+	p.alpha.md.UpdateSuperblock(func(sb *metadisk.Superblock) {
+		sb.Flags |= metadisk.FlagConsistent | metadisk.FlagWasUpToDate
+	})
+	if err := p.alpha.Detach(); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.alpha.Attach(); err != nil {
+		t.Fatal(err)
+	}
+	old := p.alpha.Size()
+	p.grow(48<<20, 0)
+	big := internalData(t, 48<<20)
+	if err := p.alpha.Connect(false); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := p.beta.transportConfig()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr, err := transport.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := tr.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { tr.Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	s, err := tr.Next(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := &fakePeer{tr: tr, s: s}
+	sb := p.alpha.md.Superblock()
+	for _, m := range []wire.Message{
+		wire.Params{DiskSize: uint64(big), Size: uint64(big), Protocol: 'C', MaxEpoch: 2048},
+		wire.State{Role: uint8(RolePrimary), Disk: uint8(UpToDate)},
+		wire.UUIDs{Current: sb.UUIDs.Current &^ 1, Bitmap: sb.UUIDs.Bitmap, History: sb.UUIDs.History},
+	} {
+		f.send(t, m)
+	}
+	p.wait(p.alpha, "grown and past the handshake", func(s Snapshot) bool {
+		return s.SizeBytes == big && s.Conn > WFReportParams
+	})
+	st := p.alpha.Snapshot()
+	if st.Conn == Connected || st.OutOfSyncBytes < uint64(big-old) {
+		t.Fatalf("alpha grew from %d to %d bytes: %s with %d bytes marked; want a resync of the new area", old, big, st.Conn, st.OutOfSyncBytes)
+	}
+	if st.Conn != WFBitMapT {
+		t.Fatalf("alpha is %s, want WFBitMapT (SyncTarget of the node ahead)", st.Conn)
+	}
+}
+
+// TestAgreeSizes: the handshake's size decision: a node holding data is
+// never cut at a connect, whatever its role; an Inconsistent one is; a
+// node behind grows and is resynced; a peer on protocol 3, which takes the
+// smaller disk, is refused when the sizes would differ.
+func TestAgreeSizes(t *testing.T) {
+	const m = 1 << 20
+	params := func(disk, size uint64) wire.Params { return wire.Params{DiskSize: disk, Size: size} }
+	tests := []struct {
+		name           string
+		role, peerRole Role
+		disk           DiskState
+		cur            int64
+		version        uint16
+		mine, theirs   wire.Params
+		want           sizePlan
+		refused        string // a part of the refusal, "" if accepted
+	}{
+		{"equal", RoleSecondary, RoleSecondary, UpToDate, 32 * m, 4, params(32*m, 32*m), params(32*m, 32*m), sizePlan{size: 32 * m}, ""},
+		{"demoted node ahead, smaller peer", RoleSecondary, RoleSecondary, UpToDate, 48 * m, 4, params(48*m, 48*m), params(32*m, 32*m), sizePlan{}, "The peer's disk size is too small!"},
+		{"Outdated node ahead of a shrunk Primary", RoleSecondary, RolePrimary, Outdated, 32 * m, 4, params(32*m, 32*m), params(32*m, 24*m), sizePlan{}, "The peer's disk size is too small!"},
+		{"Inconsistent node is cut", RoleSecondary, RolePrimary, Inconsistent, 32 * m, 4, params(32*m, 32*m), params(32*m, 24*m), sizePlan{size: 24 * m, meta: true}, ""},
+		{"Primary ahead of a small peer", RolePrimary, RoleSecondary, UpToDate, 48 * m, 4, params(48*m, 48*m), params(32*m, 32*m), sizePlan{}, "this Primary exports"},
+		{"node behind grows, is resync target", RoleSecondary, RolePrimary, UpToDate, 32 * m, 4, params(48*m, 32*m), params(48*m, 48*m), sizePlan{size: 48 * m, meta: true, grow: true, resync: -1}, ""},
+		{"node ahead is resync source", RolePrimary, RoleSecondary, UpToDate, 48 * m, 4, params(48*m, 48*m), params(48*m, 32*m), sizePlan{size: 48 * m, resync: 1}, ""},
+		{"protocol 3 peer, equal", RoleSecondary, RoleSecondary, UpToDate, 32 * m, 3, params(32*m, 32*m), params(32*m, 32*m), sizePlan{size: 32 * m}, ""},
+		{"protocol 3 peer after a shrink", RolePrimary, RoleSecondary, UpToDate, 24 * m, 3, params(32*m, 24*m), params(32*m, 32*m), sizePlan{}, "peer protocol 3"},
+		{"protocol 3 peer, this node behind", RoleSecondary, RoleSecondary, UpToDate, 32 * m, 3, params(48*m, 32*m), params(48*m, 48*m), sizePlan{}, "peer protocol 3"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := agreeSizes(sizeInput{role: tc.role, peerRole: tc.peerRole, disk: tc.disk, cur: tc.cur, has: tc.cur,
+				version: tc.version, mine: tc.mine, theirs: tc.theirs})
+			switch {
+			case tc.refused != "" && (err == nil || !strings.Contains(err.Error(), tc.refused)):
+				t.Fatalf("got %+v, %v; want a refusal saying %q", got, err, tc.refused)
+			case tc.refused == "" && err != nil:
+				t.Fatalf("refused: %v", err)
+			case tc.refused == "" && got != tc.want:
+				t.Fatalf("got %+v, want %+v", got, tc.want)
+			}
+		})
+	}
 }
