@@ -194,6 +194,15 @@ func (r *Resource) Adjust(nc *config.Resource) (AdjustReport, error) {
 		later = later || k.when >= AdjustDownUp
 	}
 	if len(rep.Changes) == 0 {
+		// The file is back at the configuration in effect: a change kept
+		// for down/up by an earlier adjust is dropped.
+		r.mu.Lock()
+		dropped := r.pending != nil
+		r.pending = nil
+		r.mu.Unlock()
+		if dropped {
+			r.log.Info("adjust: the configuration kept for down/up is dropped: the file is back at the one in effect")
+		}
 		return rep, nil
 	}
 	// The live and next-connect keys, into a copy of the configuration in
@@ -207,11 +216,31 @@ func (r *Resource) Adjust(nc *config.Resource) (AdjustReport, error) {
 	n.PingTimeout, n.ConnectInt, n.SndbufSize, n.Compression = nc.Net.PingTimeout, nc.Net.ConnectInt, nc.Net.SndbufSize, nc.Net.Compression
 	n.TLSCert, n.TLSKey, n.TLSCA = nc.Net.TLSCert, nc.Net.TLSKey, nc.Net.TLSCA
 	eff.Handlers, eff.HandlerTimeout = nc.Handlers, nc.HandlerTimeout
+	if err := config.Validate(&eff); err != nil {
+		// A live key whose validity depends on one that waits for
+		// down/up (on-congestion pull-ahead needs protocol A,
+		// congestion-extents at most al-extents): the congestion keys
+		// wait for down/up too.
+		n.OnCongestion, n.CongestionFill, n.CongestionExtents = cur.Net.OnCongestion, cur.Net.CongestionFill, cur.Net.CongestionExtents
+		if err2 := config.Validate(&eff); err2 != nil {
+			return AdjustReport{}, fmt.Errorf("%s: adjust: the configuration in effect would be invalid: %v; nothing changed (use down/up)", r.name, err2)
+		}
+		for i, c := range rep.Changes {
+			switch c.Key {
+			case "on-congestion", "congestion-fill", "congestion-extents":
+				rep.Changes[i].When = AdjustDownUp
+				later = true
+			}
+		}
+		r.log.Info("adjust: the congestion keys wait for down/up", "reason", err.Error())
+	}
 	r.live.Store(&eff)
 	r.mu.Lock()
 	down := r.disk == Diskless && r.conn == StandAlone
 	if later {
 		r.pending = nc
+	} else {
+		r.pending = nil
 	}
 	r.mu.Unlock()
 	if later && down {
