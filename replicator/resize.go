@@ -73,21 +73,17 @@ func (r *Resource) Resize(o ResizeOptions) (string, error) {
 	defer r.admin.Unlock()
 	r.mu.Lock()
 	md, dev, mdev, role, conn, p := r.md, r.dev, r.mdev, r.role, r.conn, r.p
-	// Without a session, none starts until this resize is done (its
-	// handshake would agree a size while it changes).
-	hold := p == nil || conn < WFReportParams
-	if hold {
-		r.promoting = true
-	}
+	// No new session starts until this resize is done (its handshake
+	// would agree a size while it changes, or the old size after the
+	// session in use was lost midway).
+	r.promoting = true
 	r.mu.Unlock()
-	if hold {
-		defer func() {
-			r.mu.Lock()
-			r.promoting = false
-			r.idle.Broadcast()
-			r.mu.Unlock()
-		}()
-	}
+	defer func() {
+		r.mu.Lock()
+		r.promoting = false
+		r.idle.Broadcast()
+		r.mu.Unlock()
+	}()
 	switch {
 	case md == nil:
 		return "", r.refuse(codeDiskless, "")
@@ -191,6 +187,13 @@ func (r *Resource) Resize(o ResizeOptions) (string, error) {
 			return "", fmt.Errorf("%s: resize: the peer could not resize its metadata to %d bytes (see its log); nothing changed here", r.name, size)
 		}
 		peerMarked = a.Status == wire.SizesMarked
+		r.mu.Lock()
+		current := p.current()
+		r.mu.Unlock()
+		if !current {
+			return "", fmt.Errorf("%s: %w: the connection was lost after the peer resized to %d bytes, before this node did: nothing changed here; run resize again with --size %d (and --assume-peer-has-space while disconnected) so that both nodes agree",
+				r.name, ErrResize, size, size)
+		}
 	}
 	if err := md.Resize(target, size, markNew); err != nil {
 		return "", fmt.Errorf("%s: resize: metadata on %s: %w", r.name, mdev.Path, err)

@@ -655,3 +655,57 @@ func TestAgreeSizes(t *testing.T) {
 		})
 	}
 }
+
+// TestPair_ResizeHoldsHandshakes: a connected resize holds back any new
+// session's handshake for its whole course (while it waits for the peer's
+// answers too), so that no handshake agrees a size while it changes.
+func TestPair_ResizeHoldsHandshakes(t *testing.T) {
+	p, f := connectFake(t, wire.State{Role: uint8(RoleSecondary), Disk: uint8(UpToDate)})
+	if err := p.alpha.Primary(false); err != nil {
+		t.Fatal(err)
+	}
+	const size = 16 << 20
+	type result struct {
+		msg string
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		msg, err := p.alpha.Resize(ResizeOptions{Size: size, AllowShrink: true})
+		done <- result{msg, err}
+	}()
+	next := func(kind uint8) wire.Sizes {
+		t.Helper()
+		for {
+			m, ok := f.recv(t, transport.Data).(wire.Sizes)
+			if ok {
+				if m.Kind != kind {
+					t.Fatalf("resize message of kind %d, want %d", m.Kind, kind)
+				}
+				return m
+			}
+		}
+	}
+	held := func() bool {
+		p.alpha.mu.Lock()
+		defer p.alpha.mu.Unlock()
+		return p.alpha.promoting
+	}
+	q := next(wire.SizesQuery)
+	if !held() {
+		t.Fatal("handshakes not held while the peer is asked for its size")
+	}
+	f.send(t, wire.Sizes{Kind: wire.SizesReply, Disk: q.Size, Size: q.Size})
+	set := next(wire.SizesSet)
+	if !held() {
+		t.Fatal("handshakes not held while the peer resizes")
+	}
+	f.send(t, wire.Sizes{Kind: wire.SizesDone, Size: set.Size})
+	r := <-done
+	if r.err != nil || p.alpha.Size() != size {
+		t.Fatalf("resize: %q, %v; %d bytes", r.msg, r.err, p.alpha.Size())
+	}
+	if held() {
+		t.Fatal("handshakes still held after the resize")
+	}
+}
