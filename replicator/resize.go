@@ -184,7 +184,7 @@ func (r *Resource) Resize(o ResizeOptions) (string, error) {
 			return "", fmt.Errorf("%s: resize: %w", r.name, err)
 		}
 		if a.Status == wire.SizesFailed || a.Size != uint64(size) {
-			return "", fmt.Errorf("%s: resize: the peer could not resize its metadata to %d bytes (see its log); nothing changed here", r.name, size)
+			return "", fmt.Errorf("%s: resize: the peer could not resize its metadata to %d bytes (see its log: busy with an administrative command, retry; or its disk); nothing changed here", r.name, size)
 		}
 		peerMarked = a.Status == wire.SizesMarked
 		r.mu.Lock()
@@ -350,7 +350,18 @@ func (p *peer) receiveSizes(m wire.Sizes) error {
 		return protoErr("resize asked while %s/%s, peer %s", conn, role, peerRole)
 	}
 	done := wire.Sizes{Kind: wire.SizesDone, Size: m.Size}
-	marked, err := r.resizeForPeer(p, int64(m.Size))
+	// The resize is an administrative state change here too: none runs
+	// meanwhile (invalidate, verify, detach, …). The data loop cannot
+	// wait for one (it may wait for this loop), so a busy node refuses
+	// and the Primary's resize says to retry.
+	var marked uint64
+	var err error
+	if r.admin.TryLock() {
+		marked, err = r.resizeForPeer(p, int64(m.Size))
+		r.admin.Unlock()
+	} else {
+		err = errors.New("an administrative command is running on this node; retry the resize on the Primary")
+	}
 	switch {
 	case err != nil:
 		r.log.Error("resize asked by the peer failed", "bytes", m.Size, "err", err)

@@ -709,3 +709,32 @@ func TestPair_ResizeHoldsHandshakes(t *testing.T) {
 		t.Fatal("handshakes still held after the resize")
 	}
 }
+
+// TestPair_ResizePeerBusy: the Secondary applies a resize only when no
+// administrative command runs there: while one does, the Primary's resize
+// is refused (retry), nothing changes on either node, and a retry works.
+func TestPair_ResizePeerBusy(t *testing.T) {
+	p := newPair(t, "net { protocol C; } disk { c-plan-ahead 0; resync-rate 1G; }")
+	p.primaryInSync()
+	old := p.alpha.Size()
+	p.grow(48<<20, 0, 1)
+	p.beta.admin.Lock()
+	_, err := p.alpha.Resize(ResizeOptions{})
+	p.beta.admin.Unlock()
+	if err == nil || !strings.Contains(err.Error(), "retry") {
+		t.Fatalf("resize while the peer is busy: %v", err)
+	}
+	if p.alpha.Size() != old || p.beta.Size() != old || p.beta.md.Layout().DataSize != old {
+		t.Fatalf("a refused resize changed sizes: alpha %d, beta %d (metadata %d)", p.alpha.Size(), p.beta.Size(), p.beta.md.Layout().DataSize)
+	}
+	if !strings.Contains(p.logs[1].String(), "an administrative command is running") {
+		t.Fatal("beta did not log why it refused")
+	}
+	if _, err := p.alpha.Resize(ResizeOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	p.inSync()
+	if want := internalData(t, 48<<20); p.beta.Size() != want {
+		t.Fatalf("beta %d bytes, want %d", p.beta.Size(), want)
+	}
+}
