@@ -156,6 +156,11 @@ func (r *Resource) Resize(o ResizeOptions) (string, error) {
 			return "", err
 		}
 	}
+	// This node's metadata must take the size before the peer is asked
+	// to (internal metadata moved over itself is refused).
+	if err := md.CheckResize(target, size); err != nil {
+		return "", fmt.Errorf("%s: resize: metadata on %s: %w", r.name, mdev.Path, err)
+	}
 	grow := size > cur
 	markNew := grow && !o.AssumeClean
 
