@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -736,5 +737,41 @@ func TestPair_ResizePeerBusy(t *testing.T) {
 	p.inSync()
 	if want := internalData(t, 48<<20); p.beta.Size() != want {
 		t.Fatalf("beta %d bytes, want %d", p.beta.Size(), want)
+	}
+}
+
+// TestPair_ResizeShrinkBounds: after a shrink, application requests past
+// the new end fail as the NBD server fails them (a read with EINVAL, a
+// write, trim or zeroing with ENOSPC), checked once admitted, so also for
+// requests that waited while the size changed; the old data area past the
+// end (and the metadata there) is never read.
+func TestPair_ResizeShrinkBounds(t *testing.T) {
+	p := newPair(t, "net { protocol C; } disk { c-plan-ahead 0; resync-rate 1G; }")
+	p.primaryInSync()
+	const size = 24 << 20
+	if _, err := p.alpha.Resize(ResizeOptions{Size: size, AllowShrink: true}); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 8192)
+	if _, err := p.alpha.ReadAt(buf, size-4096); !errors.Is(err, syscall.EINVAL) {
+		t.Fatalf("read across the new end: %v, want EINVAL", err)
+	}
+	if _, err := p.alpha.ReadAt(buf[:4096], size); !errors.Is(err, syscall.EINVAL) {
+		t.Fatalf("read past the new end: %v, want EINVAL", err)
+	}
+	if _, err := p.alpha.ReadAt(buf, size-8192); err != nil {
+		t.Fatalf("read before the end: %v", err)
+	}
+	for name, err := range map[string]error{
+		"write":  p.alpha.WriteAt(buf, size-4096, false),
+		"trim":   p.alpha.Trim(size, 4096, false),
+		"zeroes": p.alpha.WriteZeroes(size-4096, 8192, false, false),
+	} {
+		if !errors.Is(err, syscall.ENOSPC) {
+			t.Errorf("%s past the new end: %v, want ENOSPC", name, err)
+		}
+	}
+	if err := p.alpha.WriteAt(buf, size-8192, true); err != nil {
+		t.Fatalf("write before the end: %v", err)
 	}
 }
