@@ -396,7 +396,7 @@ func (p *peer) handshake() error {
 	if err := p.checkParams(mine, theirs); err != nil {
 		return err
 	}
-	plan, err := p.agreeSize(mine, theirs, Role(st.Role)) // resize.go
+	plan, err := p.agreeSize(mine, theirs, Role(st.Role), DiskState(st.Disk)) // resize.go
 	if err != nil {
 		return err
 	}

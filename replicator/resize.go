@@ -226,7 +226,7 @@ func (r *Resource) Resize(o ResizeOptions) (string, error) {
 	case markNew:
 		msg += "; the new area is marked out of sync for the peer's next connect"
 	default:
-		msg += "; the peer takes the new size at its next connect (--assume-clean: no resync)"
+		msg += "; the peer takes the new size at its next connect, where it marks the new area and is resynced there from this node (--assume-clean spares that only in a connected resize)"
 	}
 	return msg + "; NBD clients see the new size when they reconnect", nil
 }
@@ -440,8 +440,9 @@ type sizePlan struct {
 // disk holds now (DiskSize) and the size it last agreed (Size, which its
 // metadata covers). Normally both Sizes are equal and stay. If they
 // differ (one node was resized without the other: while disconnected, or
-// a resize the connection lost midway), a Primary's Size wins, and with no
-// Primary the larger, as long as both disks hold it: the node behind
+// a resize the connection lost midway), a Primary's Size wins, with no
+// Primary that of the node with data over one without (Inconsistent), and
+// otherwise the larger, as long as both disks hold it: the node behind
 // grows its metadata and marks the new area, and a resync from the node
 // ahead covers it. Otherwise the smaller disk wins. As DRBD's
 // receive_sizes, a connect never shrinks a node that holds data (its disk
@@ -450,10 +451,10 @@ type sizePlan struct {
 // agreed size. A connect never grows the device beyond the size a node
 // was resized to. Nothing changes here: applySize does, once the
 // handshake accepted the connection.
-func (p *peer) agreeSize(mine, theirs wire.Params, peerRole Role) (sizePlan, error) {
+func (p *peer) agreeSize(mine, theirs wire.Params, peerRole Role, peerDisk DiskState) (sizePlan, error) {
 	r := p.r
 	r.mu.Lock()
-	in := sizeInput{role: r.role, peerRole: peerRole, disk: r.disk, cur: r.size.Load(), has: -1,
+	in := sizeInput{role: r.role, peerRole: peerRole, disk: r.disk, peerDisk: peerDisk, cur: r.size.Load(), has: -1,
 		version: p.s.Version(), mine: mine, theirs: theirs}
 	if r.md != nil {
 		in.has = r.md.Layout().DataSize
@@ -465,7 +466,7 @@ func (p *peer) agreeSize(mine, theirs wire.Params, peerRole Role) (sizePlan, err
 // sizeInput is what agreeSizes decides on.
 type sizeInput struct {
 	role, peerRole Role
-	disk           DiskState
+	disk, peerDisk DiskState
 	cur            int64 // this node's size
 	has            int64 // what its metadata covers (-1: none)
 	version        uint16
@@ -483,6 +484,13 @@ func agreeSizes(in sizeInput) (sizePlan, error) {
 	case role == RolePrimary:
 		want = mine.Size
 	case peerRole == RolePrimary:
+		want = theirs.Size
+	case disk >= Outdated && in.peerDisk < Outdated:
+		// A node with data over one without (created afresh, or
+		// invalidated): the size of the data wins; the other's Size
+		// grows no node.
+		want = mine.Size
+	case in.peerDisk >= Outdated && disk < Outdated:
 		want = theirs.Size
 	}
 	if want > 0 && want <= size {

@@ -408,8 +408,13 @@ func TestResize_ExternalCapped(t *testing.T) {
 	if err := os.Truncate(meta, metadisk.AreaSize(256<<20)); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := r.Resize(ResizeOptions{AssumePeerHasSpace: true}); err != nil || r.Size() != 256<<20 {
+	msg, err = r.Resize(ResizeOptions{AssumePeerHasSpace: true, AssumeClean: true})
+	if err != nil || r.Size() != 256<<20 {
 		t.Fatalf("after the metadata device grew: %v, size %d", err, r.Size())
+	}
+	// Disconnected, --assume-clean spares no resync at the connect.
+	if !strings.Contains(msg, "is resynced there") || strings.Contains(msg, "no resync") {
+		t.Fatalf("disconnected --assume-clean resize says %q", msg)
 	}
 }
 
@@ -637,13 +642,19 @@ func TestAgreeSizes(t *testing.T) {
 		{"Primary ahead of a small peer", RolePrimary, RoleSecondary, UpToDate, 48 * m, 4, params(48*m, 48*m), params(32*m, 32*m), sizePlan{}, "this Primary exports"},
 		{"node behind grows, is resync target", RoleSecondary, RolePrimary, UpToDate, 32 * m, 4, params(48*m, 32*m), params(48*m, 48*m), sizePlan{size: 48 * m, meta: true, grow: true, resync: -1}, ""},
 		{"node ahead is resync source", RolePrimary, RoleSecondary, UpToDate, 48 * m, 4, params(48*m, 48*m), params(48*m, 32*m), sizePlan{size: 48 * m, resync: 1}, ""},
+		{"fresh peer grows no node with data", RoleSecondary, RoleSecondary, UpToDate, 32 * m, 4, params(48*m, 32*m), params(48*m, 48*m), sizePlan{size: 32 * m}, ""},
+		{"fresh node takes the size of the peer's data", RoleSecondary, RoleSecondary, Inconsistent, 48 * m, 4, params(48*m, 48*m), params(48*m, 32*m), sizePlan{size: 32 * m, meta: true}, ""},
 		{"protocol 3 peer, equal", RoleSecondary, RoleSecondary, UpToDate, 32 * m, 3, params(32*m, 32*m), params(32*m, 32*m), sizePlan{size: 32 * m}, ""},
 		{"protocol 3 peer after a shrink", RolePrimary, RoleSecondary, UpToDate, 24 * m, 3, params(32*m, 24*m), params(32*m, 32*m), sizePlan{}, "peer protocol 3"},
 		{"protocol 3 peer, this node behind", RoleSecondary, RoleSecondary, UpToDate, 32 * m, 3, params(48*m, 32*m), params(48*m, 48*m), sizePlan{}, "peer protocol 3"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			got, err := agreeSizes(sizeInput{role: tc.role, peerRole: tc.peerRole, disk: tc.disk, cur: tc.cur, has: tc.cur,
+			peerDisk := UpToDate
+			if strings.HasPrefix(tc.name, "fresh peer") {
+				peerDisk = Inconsistent
+			}
+			got, err := agreeSizes(sizeInput{role: tc.role, peerRole: tc.peerRole, disk: tc.disk, peerDisk: peerDisk, cur: tc.cur, has: tc.cur,
 				version: tc.version, mine: tc.mine, theirs: tc.theirs})
 			switch {
 			case tc.refused != "" && (err == nil || !strings.Contains(err.Error(), tc.refused)):
