@@ -14,9 +14,13 @@ type AdjustWhen int
 
 // The classes of configuration keys, as README's adjust table lists them.
 const (
-	// AdjustLive: at once (the resync controller, the congestion policy
+	// AdjustLive: at once (the fixed resync rate, the congestion policy
 	// and the handler runs read them each time).
 	AdjustLive AdjustWhen = iota
+	// AdjustNextResync: in effect now, read when a resync starts (the
+	// dynamic controller's settings and c-min-rate): a running resync
+	// keeps the ones it started with.
+	AdjustNextResync
 	// AdjustNextConnect: when the next connection is set up
 	// (`disconnect` then `connect`; a reconnect after a network failure
 	// keeps the link's settings).
@@ -33,6 +37,8 @@ func (w AdjustWhen) String() string {
 	switch w {
 	case AdjustLive:
 		return "applied now"
+	case AdjustNextResync:
+		return "from the next resync"
 	case AdjustNextConnect:
 		return "at the next connect (disconnect; connect)"
 	case AdjustDownUp:
@@ -62,11 +68,11 @@ func diskKey(name string, when AdjustWhen, f func(d *config.Disk) any) adjustKey
 // readers see them; the others wait for down/up (Resource.pending).
 var adjustKeys = []adjustKey{
 	diskKey("resync-rate", AdjustLive, func(d *config.Disk) any { return d.ResyncRate }),
-	diskKey("c-plan-ahead", AdjustLive, func(d *config.Disk) any { return d.CPlanAhead }),
-	diskKey("c-fill-target", AdjustLive, func(d *config.Disk) any { return d.CFillTarget }),
-	diskKey("c-delay-target", AdjustLive, func(d *config.Disk) any { return d.CDelayTarget }),
-	diskKey("c-max-rate", AdjustLive, func(d *config.Disk) any { return d.CMaxRate }),
-	diskKey("c-min-rate", AdjustLive, func(d *config.Disk) any { return d.CMinRate }),
+	diskKey("c-plan-ahead", AdjustNextResync, func(d *config.Disk) any { return d.CPlanAhead }),
+	diskKey("c-fill-target", AdjustNextResync, func(d *config.Disk) any { return d.CFillTarget }),
+	diskKey("c-delay-target", AdjustNextResync, func(d *config.Disk) any { return d.CDelayTarget }),
+	diskKey("c-max-rate", AdjustNextResync, func(d *config.Disk) any { return d.CMaxRate }),
+	diskKey("c-min-rate", AdjustNextResync, func(d *config.Disk) any { return d.CMinRate }),
 	netKey("on-congestion", AdjustLive, func(n *config.Net) any { return n.OnCongestion }),
 	netKey("congestion-fill", AdjustLive, func(n *config.Net) any { return n.CongestionFill }),
 	netKey("congestion-extents", AdjustLive, func(n *config.Net) any { return n.CongestionExtents }),

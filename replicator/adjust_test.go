@@ -88,7 +88,7 @@ func TestAdjust_Keys(t *testing.T) {
 			[]string{"resync-rate 10485760 -> 20971520 (applied now)"}},
 		{"controller and congestion", "protocol C; shared-secret s1; timeout 60; on-congestion disconnect; congestion-fill 1M;",
 			"resync-rate 10M; c-plan-ahead 20; c-max-rate 50M; c-min-rate 1M;", "", 7000,
-			[]string{"on-congestion", "(applied now)", "congestion-fill", "c-plan-ahead", "c-max-rate", "c-min-rate"}},
+			[]string{"on-congestion", "(applied now)", "congestion-fill", "c-plan-ahead 0s -> 2s (from the next resync)", "c-max-rate", "c-min-rate"}},
 		{"secret and timeouts", "protocol C; shared-secret s2; timeout 30; ping-int 5;", "resync-rate 10M; c-plan-ahead 0;", "", 7000,
 			[]string{"shared-secret (set) -> (set) (at the next connect (disconnect; connect))", "timeout 6s -> 3s", "ping-int"}},
 		{"protocol", "protocol A; shared-secret s1; timeout 60;", "resync-rate 10M; c-plan-ahead 0;", "", 7000,
