@@ -786,3 +786,47 @@ func TestPair_ResizeShrinkBounds(t *testing.T) {
 		t.Fatalf("write before the end: %v", err)
 	}
 }
+
+// TestPair_ResizeSessionLostMidway: the session ends after the peer
+// resized (its SizesDone arrives as the session is ending): this node's
+// metadata is left as it was and the resize says what happened and what
+// to do, instead of resizing for a session that is gone.
+func TestPair_ResizeSessionLostMidway(t *testing.T) {
+	p, f := connectFake(t, wire.State{Role: uint8(RoleSecondary), Disk: uint8(UpToDate)})
+	if err := p.alpha.Primary(false); err != nil {
+		t.Fatal(err)
+	}
+	old := p.alpha.Size()
+	const size = 16 << 20
+	done := make(chan error, 1)
+	go func() {
+		_, err := p.alpha.Resize(ResizeOptions{Size: size, AllowShrink: true})
+		done <- err
+	}()
+	next := func(kind uint8) wire.Sizes {
+		t.Helper()
+		for {
+			if m, ok := f.recv(t, transport.Data).(wire.Sizes); ok && m.Kind == kind {
+				return m
+			}
+		}
+	}
+	q := next(wire.SizesQuery)
+	f.send(t, wire.Sizes{Kind: wire.SizesReply, Disk: q.Size, Size: q.Size})
+	set := next(wire.SizesSet)
+	// The session ends (as end() begins it) before the answer is read.
+	p.alpha.mu.Lock()
+	p.alpha.p.ending = true
+	p.alpha.mu.Unlock()
+	f.send(t, wire.Sizes{Kind: wire.SizesDone, Size: set.Size})
+	err := <-done
+	if !errors.Is(err, ErrResize) || !strings.Contains(err.Error(), "the connection was lost after the peer resized") ||
+		!strings.Contains(err.Error(), "run resize again") {
+		t.Fatalf("resize: %v", err)
+	}
+	if p.alpha.Size() != old || p.alpha.md.Layout().DataSize != old {
+		t.Fatalf("alpha: %d bytes, metadata %d; want %d", p.alpha.Size(), p.alpha.md.Layout().DataSize, old)
+	}
+	f.s.Close("test: gone")
+	p.wait(p.alpha, "connection lost", func(s Snapshot) bool { return s.Conn != Connected })
+}
