@@ -3,6 +3,7 @@
 package integration
 
 import (
+	"bytes"
 	"crypto/rand"
 	"os"
 	"path/filepath"
@@ -154,4 +155,55 @@ func TestResize_Disconnected(t *testing.T) {
 	c.alpha.demote()
 	c.dataSize = size
 	c.sameData()
+}
+
+// TestResize_ConnectKeepsData: the Primary grows alone
+// (--assume-peer-has-space), writes past the old end and is demoted; the
+// peer, whose disk did not grow, connects: the node holding the data
+// refuses ("The peer's disk size is too small!") instead of cutting its
+// device to the peer's disk, and after a down/up it still has its size and
+// the data written past the old end.
+func TestResize_ConnectKeepsData(t *testing.T) {
+	c := newCluster(t, 64*mib, "net { protocol C; } disk { c-plan-ahead 0; resync-rate 500M; }")
+	c.initialSync()
+	old := c.dataSize
+	c.beta.must("disconnect", "r0")
+	c.alpha.waitState(time.Minute, "WFConnection", "UpToDate", "DUnknown")
+	if err := os.Truncate(c.alpha.disk, 96*mib); err != nil {
+		t.Fatal(err)
+	}
+	c.alpha.must("resize", "--assume-peer-has-space", "r0")
+	size := c.alpha.status().SizeBytes
+	if size <= old {
+		t.Fatalf("alpha after the resize: %d bytes (was %d)", size, old)
+	}
+	data := make([]byte, mib)
+	rand.Read(data)
+	c.alpha.writeAt(size-mib, data)
+	c.alpha.demote()
+	c.beta.must("connect", "r0")
+	c.alpha.waitState(time.Minute, "StandAlone", "", "")
+	if !strings.Contains(c.alpha.d.out.String(), "The peer's disk size is too small!") {
+		t.Fatal("alpha's log does not say why it refused the peer")
+	}
+	if got := c.alpha.status().SizeBytes; got != size {
+		t.Fatalf("alpha after the refused connect: %d bytes, want %d", got, size)
+	}
+	c.alpha.must("down", "r0")
+	c.alpha.must("up", "r0")
+	if got := c.alpha.status().SizeBytes; got != size {
+		t.Fatalf("alpha after down/up: %d bytes, want %d", got, size)
+	}
+	f, err := os.Open(c.alpha.disk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	got := make([]byte, mib)
+	if _, err := f.ReadAt(got, size-mib); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, data) {
+		t.Fatal("the data written past the old end is gone")
+	}
 }

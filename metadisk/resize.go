@@ -11,6 +11,60 @@ import (
 // described by this metadata, or the metadata is busy.
 var ErrResize = errors.New("metadisk: cannot resize")
 
+// CheckResize reports whether Resize(target, dataSize, …) can change this
+// metadata, without changing anything: the refusals that do not depend on
+// writes in flight, for a caller that checks before it asks its peer.
+func (m *Meta) CheckResize(target Layout, dataSize int64) error {
+	m.mu.Lock()
+	old := m.layout
+	m.mu.Unlock()
+	_, err := resizeLayout(old, target, dataSize)
+	return err
+}
+
+// resizeLayout is the layout old becomes at dataSize bytes within target,
+// or why it cannot.
+func resizeLayout(old, target Layout, dataSize int64) (Layout, error) {
+	switch {
+	case dataSize <= 0 || dataSize%BlockSize != 0:
+		return Layout{}, fmt.Errorf("%w: %d bytes is not a positive multiple of %d", ErrResize, dataSize, BlockSize)
+	case target.Kind != old.Kind || target.Index != old.Index:
+		return Layout{}, fmt.Errorf("%w: the metadata is %s, the layout given is %s", ErrResize, old.Kind, target.Kind)
+	case dataSize > target.DataSize:
+		return Layout{}, fmt.Errorf("%w: %d bytes of data; this metadata area can describe at most %d", ErrResize, dataSize, target.DataSize)
+	}
+	nl := Layout{Kind: old.Kind, Index: old.Index, Offset: old.Offset, Size: areaSize(dataSize), DataSize: dataSize}
+	if old.Kind == Internal {
+		nl.Offset, nl.Size = target.Offset, target.Size
+	}
+	oldEnd := old.Offset + old.Size
+	if nl.Offset != old.Offset && nl.Offset < oldEnd && old.Offset < nl.Offset+nl.Size {
+		// The area would be moved over itself (the disk grew by less
+		// than the area's size); a crash midway would lose both.
+		need := minInternalDisk(oldEnd)
+		disk := target.Offset + target.Size
+		return Layout{}, fmt.Errorf("%w: the disk grew from %d to %d bytes, too little to move the internal metadata area (%d bytes) past its old place: grow the disk to at least %d bytes (by %d more bytes) and resize again, or give it back its old size of %d bytes; do not restart the resource (down/up) before, since an up on the grown disk finds no metadata at its end",
+			ErrResize, oldEnd, disk, nl.Size, need, need-disk, oldEnd)
+	}
+	return nl, nil
+}
+
+// minInternalDisk is the smallest disk whose internal metadata area lies
+// wholly at or after offset end.
+func minInternalDisk(end int64) int64 {
+	d := end + areaSize(BlockSize)
+	for {
+		l, err := InternalLayout(d)
+		if err == nil && l.Offset >= end {
+			return d
+		}
+		d = end + max(l.Size, areaSize(BlockSize))
+		if err == nil && d <= l.Offset+l.Size {
+			d = l.Offset + l.Size + BlockSize
+		}
+	}
+}
+
 // Resize changes the data size the metadata covers to dataSize bytes (a
 // multiple of 4 KiB), online, for `nbdmirror resize`. target is the layout
 // the devices give now (OpenMetaDevice's: where the area may lie and the
@@ -36,35 +90,20 @@ var ErrResize = errors.New("metadisk: cannot resize")
 // set: a larger resync, never a lost bit). No write may hold extents
 // (freeze the application first); ErrResize otherwise.
 func (m *Meta) Resize(target Layout, dataSize int64, markNew bool) error {
-	if dataSize <= 0 || dataSize%BlockSize != 0 {
-		return fmt.Errorf("%w: %d bytes is not a positive multiple of %d", ErrResize, dataSize, BlockSize)
-	}
 	if err := m.lockIO(); err != nil {
 		return err
 	}
 	defer m.io.Unlock()
 	old := m.layout
-	switch {
-	case target.Kind != old.Kind || target.Index != old.Index:
-		m.mu.Unlock()
-		return fmt.Errorf("%w: the metadata is %s, the layout given is %s", ErrResize, old.Kind, target.Kind)
-	case dataSize > target.DataSize:
-		m.mu.Unlock()
-		return fmt.Errorf("%w: %d bytes of data; this metadata area can describe at most %d", ErrResize, dataSize, target.DataSize)
-	case m.committing || m.al.InUse() > 0:
-		m.mu.Unlock()
-		return fmt.Errorf("%w: writes are in flight", ErrResize)
+	nl, err := resizeLayout(old, target, dataSize)
+	if err == nil && (m.committing || m.al.InUse() > 0) {
+		err = fmt.Errorf("%w: writes are in flight", ErrResize)
 	}
-	nl := Layout{Kind: old.Kind, Index: old.Index, Offset: old.Offset, Size: areaSize(dataSize), DataSize: dataSize}
-	if old.Kind == Internal {
-		nl.Offset, nl.Size = target.Offset, target.Size
+	if err != nil {
+		m.mu.Unlock()
+		return err
 	}
 	moved := nl.Offset != old.Offset
-	if moved && nl.Offset < old.Offset+old.Size && old.Offset < nl.Offset+nl.Size {
-		m.mu.Unlock()
-		return fmt.Errorf("%w: the new metadata area [%d, %d) overlaps the old one [%d, %d)", ErrResize,
-			nl.Offset, nl.Offset+nl.Size, old.Offset, old.Offset+old.Size)
-	}
 
 	oldBlocks := m.bm.Len()
 	if dataSize < old.DataSize && !moved {

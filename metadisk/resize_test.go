@@ -2,7 +2,9 @@ package metadisk
 
 import (
 	"errors"
+	"fmt"
 	"math/rand/v2"
+	"strings"
 	"testing"
 
 	"github.com/nbdmirror/nbdmirror/bitmap"
@@ -320,5 +322,59 @@ func TestMeta_ResizeCrash(t *testing.T) {
 				t.Fatalf("sizes opened across %d crash points: %v; want both the old and the new", len(images), opened)
 			}
 		})
+	}
+}
+
+// TestMeta_ResizeInternalOverlap: a disk with internal metadata that grew
+// by less than the area's size would move the area over itself: refused,
+// naming the smallest disk that works and warning against a restart
+// before; at that size the move works, one block less is refused.
+func TestMeta_ResizeInternalOverlap(t *testing.T) {
+	oldSize := int64(64 * mib)
+	dev := newMemDev(int(oldSize))
+	l, err := InternalLayout(oldSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := Create(dev, l, "alpha", "r0", false, Options{}); err != nil {
+		t.Fatal(err)
+	}
+	m, err := Open(dev, l, Options{Logger: testLog(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	if err := m.Activate(); err != nil {
+		t.Fatal(err)
+	}
+	need := minInternalDisk(oldSize)
+	if need <= oldSize || need > oldSize+2*l.Size {
+		t.Fatalf("minimum disk %d for an area of %d at the end of %d", need, l.Size, oldSize)
+	}
+	for _, size := range []int64{oldSize + BlockSize, need - BlockSize} {
+		dev.setSize(size)
+		target, err := InternalLayout(size)
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = m.Resize(target, target.DataSize, true)
+		if !errors.Is(err, ErrResize) || !strings.Contains(err.Error(), fmt.Sprintf("grow the disk to at least %d bytes", need)) ||
+			!strings.Contains(err.Error(), "do not restart") || strings.Contains(err.Error(), "\n") {
+			t.Fatalf("disk of %d bytes: %v", size, err)
+		}
+		if m.CheckResize(target, target.DataSize) == nil {
+			t.Fatalf("CheckResize accepts a disk of %d bytes", size)
+		}
+	}
+	dev.setSize(need)
+	target, err := InternalLayout(need)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.CheckResize(target, target.DataSize); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Resize(target, target.DataSize, true); err != nil {
+		t.Fatalf("disk of the minimum %d bytes: %v", need, err)
 	}
 }

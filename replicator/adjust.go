@@ -14,9 +14,13 @@ type AdjustWhen int
 
 // The classes of configuration keys, as README's adjust table lists them.
 const (
-	// AdjustLive: at once (the resync controller, the congestion policy
+	// AdjustLive: at once (the fixed resync rate, the congestion policy
 	// and the handler runs read them each time).
 	AdjustLive AdjustWhen = iota
+	// AdjustNextResync: in effect now, read when a resync starts (the
+	// dynamic controller's settings and c-min-rate): a running resync
+	// keeps the ones it started with.
+	AdjustNextResync
 	// AdjustNextConnect: when the next connection is set up
 	// (`disconnect` then `connect`; a reconnect after a network failure
 	// keeps the link's settings).
@@ -33,6 +37,8 @@ func (w AdjustWhen) String() string {
 	switch w {
 	case AdjustLive:
 		return "applied now"
+	case AdjustNextResync:
+		return "from the next resync"
 	case AdjustNextConnect:
 		return "at the next connect (disconnect; connect)"
 	case AdjustDownUp:
@@ -62,11 +68,11 @@ func diskKey(name string, when AdjustWhen, f func(d *config.Disk) any) adjustKey
 // readers see them; the others wait for down/up (Resource.pending).
 var adjustKeys = []adjustKey{
 	diskKey("resync-rate", AdjustLive, func(d *config.Disk) any { return d.ResyncRate }),
-	diskKey("c-plan-ahead", AdjustLive, func(d *config.Disk) any { return d.CPlanAhead }),
-	diskKey("c-fill-target", AdjustLive, func(d *config.Disk) any { return d.CFillTarget }),
-	diskKey("c-delay-target", AdjustLive, func(d *config.Disk) any { return d.CDelayTarget }),
-	diskKey("c-max-rate", AdjustLive, func(d *config.Disk) any { return d.CMaxRate }),
-	diskKey("c-min-rate", AdjustLive, func(d *config.Disk) any { return d.CMinRate }),
+	diskKey("c-plan-ahead", AdjustNextResync, func(d *config.Disk) any { return d.CPlanAhead }),
+	diskKey("c-fill-target", AdjustNextResync, func(d *config.Disk) any { return d.CFillTarget }),
+	diskKey("c-delay-target", AdjustNextResync, func(d *config.Disk) any { return d.CDelayTarget }),
+	diskKey("c-max-rate", AdjustNextResync, func(d *config.Disk) any { return d.CMaxRate }),
+	diskKey("c-min-rate", AdjustNextResync, func(d *config.Disk) any { return d.CMinRate }),
 	netKey("on-congestion", AdjustLive, func(n *config.Net) any { return n.OnCongestion }),
 	netKey("congestion-fill", AdjustLive, func(n *config.Net) any { return n.CongestionFill }),
 	netKey("congestion-extents", AdjustLive, func(n *config.Net) any { return n.CongestionExtents }),
@@ -194,6 +200,15 @@ func (r *Resource) Adjust(nc *config.Resource) (AdjustReport, error) {
 		later = later || k.when >= AdjustDownUp
 	}
 	if len(rep.Changes) == 0 {
+		// The file is back at the configuration in effect: a change kept
+		// for down/up by an earlier adjust is dropped.
+		r.mu.Lock()
+		dropped := r.pending != nil
+		r.pending = nil
+		r.mu.Unlock()
+		if dropped {
+			r.log.Info("adjust: the configuration kept for down/up is dropped: the file is back at the one in effect")
+		}
 		return rep, nil
 	}
 	// The live and next-connect keys, into a copy of the configuration in
@@ -207,11 +222,31 @@ func (r *Resource) Adjust(nc *config.Resource) (AdjustReport, error) {
 	n.PingTimeout, n.ConnectInt, n.SndbufSize, n.Compression = nc.Net.PingTimeout, nc.Net.ConnectInt, nc.Net.SndbufSize, nc.Net.Compression
 	n.TLSCert, n.TLSKey, n.TLSCA = nc.Net.TLSCert, nc.Net.TLSKey, nc.Net.TLSCA
 	eff.Handlers, eff.HandlerTimeout = nc.Handlers, nc.HandlerTimeout
+	if err := config.Validate(&eff); err != nil {
+		// A live key whose validity depends on one that waits for
+		// down/up (on-congestion pull-ahead needs protocol A,
+		// congestion-extents at most al-extents): the congestion keys
+		// wait for down/up too.
+		n.OnCongestion, n.CongestionFill, n.CongestionExtents = cur.Net.OnCongestion, cur.Net.CongestionFill, cur.Net.CongestionExtents
+		if err2 := config.Validate(&eff); err2 != nil {
+			return AdjustReport{}, fmt.Errorf("%s: adjust: the configuration in effect would be invalid: %v; nothing changed (use down/up)", r.name, err2)
+		}
+		for i, c := range rep.Changes {
+			switch c.Key {
+			case "on-congestion", "congestion-fill", "congestion-extents":
+				rep.Changes[i].When = AdjustDownUp
+				later = true
+			}
+		}
+		r.log.Info("adjust: the congestion keys wait for down/up", "reason", err.Error())
+	}
 	r.live.Store(&eff)
 	r.mu.Lock()
 	down := r.disk == Diskless && r.conn == StandAlone
 	if later {
 		r.pending = nc
+	} else {
+		r.pending = nil
 	}
 	r.mu.Unlock()
 	if later && down {

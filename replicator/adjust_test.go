@@ -88,7 +88,7 @@ func TestAdjust_Keys(t *testing.T) {
 			[]string{"resync-rate 10485760 -> 20971520 (applied now)"}},
 		{"controller and congestion", "protocol C; shared-secret s1; timeout 60; on-congestion disconnect; congestion-fill 1M;",
 			"resync-rate 10M; c-plan-ahead 20; c-max-rate 50M; c-min-rate 1M;", "", 7000,
-			[]string{"on-congestion", "(applied now)", "congestion-fill", "c-plan-ahead", "c-max-rate", "c-min-rate"}},
+			[]string{"on-congestion", "(applied now)", "congestion-fill", "c-plan-ahead 0s -> 2s (from the next resync)", "c-max-rate", "c-min-rate"}},
 		{"secret and timeouts", "protocol C; shared-secret s2; timeout 30; ping-int 5;", "resync-rate 10M; c-plan-ahead 0;", "", 7000,
 			[]string{"shared-secret (set) -> (set) (at the next connect (disconnect; connect))", "timeout 6s -> 3s", "ping-int"}},
 		{"protocol", "protocol A; shared-secret s1; timeout 60;", "resync-rate 10M; c-plan-ahead 0;", "", 7000,
@@ -202,5 +202,78 @@ func TestAdjust_Handlers(t *testing.T) {
 	}
 	if env := r.handlerEnv("split-brain"); env.command != "echo new" || env.timeout != 7*time.Second {
 		t.Fatalf("the next run: %q, %v", env.command, env.timeout)
+	}
+}
+
+// TestAdjust_CongestionWaitsForProtocol: protocol C -> A together with
+// on-congestion pull-ahead: pull-ahead is valid only with protocol A, which
+// waits for down/up, so the congestion keys wait too (the running
+// protocol C never goes Ahead); after down/up both are in effect.
+func TestAdjust_CongestionWaitsForProtocol(t *testing.T) {
+	disk := newDisk(t)
+	r, _ := adjustResource(t, disk, parseRes(t, adjustSrc(disk, "protocol C;", "", "", 7000)))
+	rep, err := r.Adjust(parseRes(t, adjustSrc(disk, "protocol A; on-congestion pull-ahead; congestion-fill 1M;", "", "", 7000)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range rep.Changes {
+		if c.When != AdjustDownUp {
+			t.Errorf("%s: %s, want needs down/up", c.Key, c.When)
+		}
+	}
+	if len(rep.Changes) != 3 {
+		t.Fatalf("changes: %v", rep.Lines("r0"))
+	}
+	if n := r.conf().Net; n.OnCongestion == "pull-ahead" || n.Protocol != 'C' {
+		t.Fatalf("in effect while up: protocol %c, on-congestion %s", n.Protocol, n.OnCongestion)
+	}
+	// Whatever the configuration in effect says, protocol C is never
+	// congested into Ahead.
+	eff := *r.conf()
+	eff.Net.OnCongestion = "pull-ahead"
+	r.live.Store(&eff)
+	if congested, why := r.congested(nil, nil); congested {
+		t.Fatalf("protocol C congested: %s", why)
+	}
+	r.live.Store(r.cfg)
+	if err := r.Down(); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Attach(); err != nil {
+		t.Fatal(err)
+	}
+	if n := r.conf().Net; n.OnCongestion != "pull-ahead" || n.Protocol != 'A' {
+		t.Fatalf("after down/up: protocol %c, on-congestion %s", n.Protocol, n.OnCongestion)
+	}
+}
+
+// TestAdjust_PendingDropped: a change kept for down/up is dropped when
+// the file goes back to the configuration in effect, and replaced by a
+// later adjust that keeps nothing.
+func TestAdjust_PendingDropped(t *testing.T) {
+	for _, other := range []string{"", "resync-rate 30M;"} {
+		t.Run("back to C, "+other, func(t *testing.T) {
+			disk := newDisk(t)
+			r, _ := adjustResource(t, disk, parseRes(t, adjustSrc(disk, "protocol C;", "", "", 7000)))
+			rep, err := r.Adjust(parseRes(t, adjustSrc(disk, "protocol A;", "", "", 7000)))
+			if err != nil || len(rep.Changes) != 1 || rep.Changes[0].When != AdjustDownUp {
+				t.Fatalf("C -> A: %v, %v", rep.Lines("r0"), err)
+			}
+			if _, err := r.Adjust(parseRes(t, adjustSrc(disk, "protocol C;", other, "", 7000))); err != nil {
+				t.Fatal(err)
+			}
+			if err := r.Down(); err != nil {
+				t.Fatal(err)
+			}
+			if err := r.Attach(); err != nil {
+				t.Fatal(err)
+			}
+			if p := r.conf().Net.Protocol; p != 'C' {
+				t.Fatalf("after down/up protocol %c, want C (the file's)", p)
+			}
+			if other != "" && r.conf().Disk.ResyncRate != 30<<20 {
+				t.Fatalf("resync-rate %d after down/up, want the adjusted 30M", r.conf().Disk.ResyncRate)
+			}
+		})
 	}
 }

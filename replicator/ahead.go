@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"github.com/nbdmirror/nbdmirror/metadisk"
+	"github.com/nbdmirror/nbdmirror/replicator/config"
 	"github.com/nbdmirror/nbdmirror/replicator/wire"
 )
 
@@ -27,6 +28,12 @@ const aheadDrain = time.Second
 func (r *Resource) congested(p *peer, md *metadisk.Meta) (bool, string) {
 	n := r.conf().Net
 	if n.OnCongestion != "pull-ahead" && n.OnCongestion != "disconnect" {
+		return false, ""
+	}
+	if n.OnCongestion == "pull-ahead" && r.cfg.Net.Protocol != config.ProtocolA {
+		// Only protocol A goes Ahead: protocol B and C writes are
+		// acknowledged by the peer (the running protocol, r.cfg's, is
+		// what counts; adjust keeps such a change for down/up).
 		return false, ""
 	}
 	if n.CongestionFill > 0 && p.tl.inFlight() >= n.CongestionFill {

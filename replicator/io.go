@@ -62,6 +62,22 @@ func (r *Resource) endIO() {
 // Size returns the size of the data in bytes (0 while Diskless).
 func (r *Resource) Size() int64 { return r.size.Load() }
 
+// inside checks a request of n bytes at off against the size, once the
+// request is admitted (the size does not change while one runs; a request
+// held across a resize sees the new size): past the end, a read gets
+// EINVAL and a write ENOSPC, as the NBD server answers them before.
+func (r *Resource) inside(off, n int64, write bool) error {
+	size := r.size.Load()
+	if off >= 0 && n >= 0 && off <= size && n <= size-off {
+		return nil
+	}
+	errno := syscall.EINVAL
+	if write {
+		errno = syscall.ENOSPC
+	}
+	return fmt.Errorf("replicator: %s: %d bytes at %d reach past the end of the device (%d bytes): %w", r.name, n, off, size, errno)
+}
+
 // ReadAt reads from the local disk.
 func (r *Resource) ReadAt(p []byte, off int64) (int, error) {
 	x, err := r.beginIO()
@@ -69,6 +85,9 @@ func (r *Resource) ReadAt(p []byte, off int64) (int, error) {
 		return 0, err
 	}
 	defer r.endIO()
+	if err := r.inside(off, int64(len(p)), false); err != nil {
+		return 0, err
+	}
 	r.local.Add(1)
 	n, err := x.dev.ReadAt(p, off)
 	r.local.Add(-1)
@@ -115,6 +134,9 @@ func (r *Resource) modify(off, length int64, kind uint8, data []byte, fua bool, 
 		return err
 	}
 	defer r.endIO()
+	if err := r.inside(off, length, true); err != nil {
+		return err
+	}
 	unlock := r.ranges.lock(off, length)
 	defer unlock()
 	if x.conn == Connected {

@@ -396,7 +396,8 @@ func (p *peer) handshake() error {
 	if err := p.checkParams(mine, theirs); err != nil {
 		return err
 	}
-	if err := p.agreeSize(mine, theirs, Role(st.Role)); err != nil { // resize.go
+	plan, err := p.agreeSize(mine, theirs, Role(st.Role), DiskState(st.Disk)) // resize.go
+	if err != nil {
 		return err
 	}
 	peerRole, peerDisk := Role(st.Role), DiskState(st.Disk)
@@ -422,6 +423,21 @@ func (p *peer) handshake() error {
 			msg = "Split-Brain detected but unresolved, dropping connection!"
 		}
 		return &errRefused{reason: msg}
+	}
+	// Accepted: the metadata takes the agreed size now (a refused
+	// connection changed nothing).
+	if err := p.applySize(plan); err != nil {
+		return err
+	}
+	if hs.Conn == Connected && plan.resync != 0 {
+		// A node grew to the size the other was resized to: the new
+		// area, marked there, is resynced from the node ahead, though
+		// the generations are equal.
+		r.log.Info("resync of the area a node grew at this connect", "source", plan.resync > 0)
+		hs.Conn = WFBitMapT
+		if plan.resync > 0 {
+			hs.Conn = WFBitMapS
+		}
 	}
 	// The discard-my-data request is used up by a handshake that decided.
 	r.mu.Lock()

@@ -73,21 +73,17 @@ func (r *Resource) Resize(o ResizeOptions) (string, error) {
 	defer r.admin.Unlock()
 	r.mu.Lock()
 	md, dev, mdev, role, conn, p := r.md, r.dev, r.mdev, r.role, r.conn, r.p
-	// Without a session, none starts until this resize is done (its
-	// handshake would agree a size while it changes).
-	hold := p == nil || conn < WFReportParams
-	if hold {
-		r.promoting = true
-	}
+	// No new session starts until this resize is done (its handshake
+	// would agree a size while it changes, or the old size after the
+	// session in use was lost midway).
+	r.promoting = true
 	r.mu.Unlock()
-	if hold {
-		defer func() {
-			r.mu.Lock()
-			r.promoting = false
-			r.idle.Broadcast()
-			r.mu.Unlock()
-		}()
-	}
+	defer func() {
+		r.mu.Lock()
+		r.promoting = false
+		r.idle.Broadcast()
+		r.mu.Unlock()
+	}()
 	switch {
 	case md == nil:
 		return "", r.refuse(codeDiskless, "")
@@ -160,6 +156,11 @@ func (r *Resource) Resize(o ResizeOptions) (string, error) {
 			return "", err
 		}
 	}
+	// This node's metadata must take the size before the peer is asked
+	// to (internal metadata moved over itself is refused).
+	if err := md.CheckResize(target, size); err != nil {
+		return "", fmt.Errorf("%s: resize: metadata on %s: %w", r.name, mdev.Path, err)
+	}
 	grow := size > cur
 	markNew := grow && !o.AssumeClean
 
@@ -188,9 +189,16 @@ func (r *Resource) Resize(o ResizeOptions) (string, error) {
 			return "", fmt.Errorf("%s: resize: %w", r.name, err)
 		}
 		if a.Status == wire.SizesFailed || a.Size != uint64(size) {
-			return "", fmt.Errorf("%s: resize: the peer could not resize its metadata to %d bytes (see its log); nothing changed here", r.name, size)
+			return "", fmt.Errorf("%s: resize: the peer could not resize its metadata to %d bytes (see its log: busy with an administrative command, retry; or its disk); nothing changed here", r.name, size)
 		}
 		peerMarked = a.Status == wire.SizesMarked
+		r.mu.Lock()
+		current := p.current()
+		r.mu.Unlock()
+		if !current {
+			return "", fmt.Errorf("%s: %w: the connection was lost after the peer resized to %d bytes, before this node did: nothing changed here; run resize again with --size %d (and --assume-peer-has-space while disconnected) so that both nodes agree",
+				r.name, ErrResize, size, size)
+		}
 	}
 	if err := md.Resize(target, size, markNew); err != nil {
 		return "", fmt.Errorf("%s: resize: metadata on %s: %w", r.name, mdev.Path, err)
@@ -218,7 +226,7 @@ func (r *Resource) Resize(o ResizeOptions) (string, error) {
 	case markNew:
 		msg += "; the new area is marked out of sync for the peer's next connect"
 	default:
-		msg += "; the peer takes the new size at its next connect (--assume-clean: no resync)"
+		msg += "; the peer takes the new size at its next connect, where it marks the new area and is resynced there from this node (--assume-clean spares that only in a connected resize)"
 	}
 	return msg + "; NBD clients see the new size when they reconnect", nil
 }
@@ -347,7 +355,18 @@ func (p *peer) receiveSizes(m wire.Sizes) error {
 		return protoErr("resize asked while %s/%s, peer %s", conn, role, peerRole)
 	}
 	done := wire.Sizes{Kind: wire.SizesDone, Size: m.Size}
-	marked, err := r.resizeForPeer(p, int64(m.Size))
+	// The resize is an administrative state change here too: none runs
+	// meanwhile (invalidate, verify, detach, …). The data loop cannot
+	// wait for one (it may wait for this loop), so a busy node refuses
+	// and the Primary's resize says to retry.
+	var marked uint64
+	var err error
+	if r.admin.TryLock() {
+		marked, err = r.resizeForPeer(p, int64(m.Size))
+		r.admin.Unlock()
+	} else {
+		err = errors.New("an administrative command is running on this node; retry the resize on the Primary")
+	}
 	switch {
 	case err != nil:
 		r.log.Error("resize asked by the peer failed", "bytes", m.Size, "err", err)
@@ -407,68 +426,138 @@ func (r *Resource) capacity() (metadisk.Layout, error) {
 	return l, err
 }
 
+// sizePlan is the handshake's size agreement: the agreed size, and what
+// the metadata needs to cover it, applied (applySize) only once the
+// handshake accepted the connection.
+type sizePlan struct {
+	size   int64 // the agreed size in bytes
+	meta   bool  // the metadata moves to size (grown, or cut on an Inconsistent disk)
+	grow   bool  // ... growing: the new area is marked out of sync
+	resync int   // +1: the peer grows at this connect and this node resyncs it; -1: this node grows and is resynced
+}
+
 // agreeSize is the handshake's size agreement. Each side says how much its
 // disk holds now (DiskSize) and the size it last agreed (Size, which its
 // metadata covers). Normally both Sizes are equal and stay. If they
 // differ (one node was resized without the other: while disconnected, or
-// a resize the connection lost midway), a Primary's Size wins, and with no
-// Primary the larger, as long as both disks hold it: the node behind
-// grows its metadata and marks the new area, so the resync the handshake
-// starts covers it (a node ahead of a Primary cuts back). Otherwise the
-// smaller disk wins, and a Primary refuses to shrink under its clients
-// ("The peer's disk size is too small!"); a node that is not Primary cuts
-// its metadata to the agreed size, so that it is what a restart comes
-// back at. A connect never grows the device beyond what was agreed.
-func (p *peer) agreeSize(mine, theirs wire.Params, peerRole Role) error {
+// a resize the connection lost midway), a Primary's Size wins, with no
+// Primary that of the node with data over one without (Inconsistent), and
+// otherwise the larger, as long as both disks hold it: the node behind
+// grows its metadata and marks the new area, and a resync from the node
+// ahead covers it. Otherwise the smaller disk wins. As DRBD's
+// receive_sizes, a connect never shrinks a node that holds data (its disk
+// Outdated or better, or Primary): it refuses the connection ("The peer's
+// disk size is too small!"); only an Inconsistent disk is cut to the
+// agreed size. A connect never grows the device beyond the size a node
+// was resized to. Nothing changes here: applySize does, once the
+// handshake accepted the connection.
+func (p *peer) agreeSize(mine, theirs wire.Params, peerRole Role, peerDisk DiskState) (sizePlan, error) {
 	r := p.r
 	r.mu.Lock()
-	role, md := r.role, r.md
+	in := sizeInput{role: r.role, peerRole: peerRole, disk: r.disk, peerDisk: peerDisk, cur: r.size.Load(), has: -1,
+		version: p.s.Version(), mine: mine, theirs: theirs}
+	if r.md != nil {
+		in.has = r.md.Layout().DataSize
+	}
 	r.mu.Unlock()
-	size := min(mine.DiskSize, theirs.DiskSize)
+	return agreeSizes(in)
+}
+
+// sizeInput is what agreeSizes decides on.
+type sizeInput struct {
+	role, peerRole Role
+	disk, peerDisk DiskState
+	cur            int64 // this node's size
+	has            int64 // what its metadata covers (-1: none)
+	version        uint16
+	mine, theirs   wire.Params
+}
+
+// agreeSizes is agreeSize's decision (a pure function of its input).
+func agreeSizes(in sizeInput) (sizePlan, error) {
+	mine, theirs, role, peerRole, disk := in.mine, in.theirs, in.role, in.peerRole, in.disk
+	smaller := min(mine.DiskSize, theirs.DiskSize)
+	smaller -= smaller % bitmap.BlockSize
+	size := smaller
 	want := max(mine.Size, theirs.Size)
 	switch {
 	case role == RolePrimary:
 		want = mine.Size
 	case peerRole == RolePrimary:
 		want = theirs.Size
+	case disk >= Outdated && in.peerDisk < Outdated:
+		// A node with data over one without (created afresh, or
+		// invalidated): the size of the data wins; the other's Size
+		// grows no node.
+		want = mine.Size
+	case in.peerDisk >= Outdated && disk < Outdated:
+		want = theirs.Size
 	}
 	if want > 0 && want <= size {
 		size = want
 	}
 	size -= size % bitmap.BlockSize
-	cur := uint64(r.size.Load())
+	cur := uint64(in.cur)
 	switch {
 	case size < cur && role == RolePrimary:
-		return &errRefused{reason: fmt.Sprintf("The peer's disk size is too small! (%d bytes, this Primary exports %d): dropping connection", theirs.DiskSize, cur)}
+		return sizePlan{}, &errRefused{reason: fmt.Sprintf("The peer's disk size is too small! (%d bytes, this Primary exports %d): dropping connection", theirs.DiskSize, cur)}
 	case peerRole == RolePrimary && size < theirs.Size:
 		// The Primary refuses too; nothing here changes.
-		return &errRefused{reason: fmt.Sprintf("this disk holds %d bytes, less than the %d the Primary exports: grow it, then connect; dropping connection", mine.DiskSize, theirs.Size)}
+		return sizePlan{}, &errRefused{reason: fmt.Sprintf("this disk holds %d bytes, less than the %d the Primary exports: grow it, then connect; dropping connection", mine.DiskSize, theirs.Size)}
+	case size < cur && disk >= Outdated:
+		return sizePlan{}, &errRefused{reason: fmt.Sprintf("The peer's disk size is too small! (%d bytes agreed, this node holds data up to %d): grow the peer's disk (or, to give up this node's data, invalidate it), then connect; dropping connection", size, cur)}
 	}
-	if md != nil {
-		// The metadata covers the agreed size, so that a restart comes
-		// back at it (DRBD's la-size): grown to a size the peer was
-		// resized to, or cut to a smaller peer's disk on a node that is
-		// not Primary (a Primary refused that above).
+	plan := sizePlan{size: int64(size)}
+	if in.has >= 0 {
+		plan.grow = plan.size > in.has
+		plan.meta = plan.grow || plan.size < in.has && role != RolePrimary
+	}
+	if in.version < wire.SizesVersion {
+		// The peer takes the smaller disk and changes no metadata.
+		if size != smaller || plan.grow {
+			return sizePlan{}, &errRefused{reason: fmt.Sprintf("the peer speaks peer protocol %d, which takes the smaller disk (%d bytes) and never resizes metadata, while this node needs %d bytes (it was resized): upgrade the peer; dropping connection", in.version, smaller, size)}
+		}
+		return plan, nil
+	}
+	// A node behind the agreed size grows and marks its new area; the
+	// node ahead holds the data there and resyncs it, whatever the
+	// generations say (both sides decide this alike, mirrored).
+	switch {
+	case size > mine.Size && mine.Size > 0:
+		plan.resync = -1
+	case size > theirs.Size && theirs.Size > 0:
+		plan.resync = +1
+	}
+	return plan, nil
+}
+
+// applySize makes plan this node's size, once the handshake accepted the
+// connection: the metadata covers the agreed size, so that a restart
+// comes back at it (DRBD's la-size).
+func (p *peer) applySize(plan sizePlan) error {
+	r := p.r
+	r.mu.Lock()
+	md := r.md
+	r.mu.Unlock()
+	if md != nil && plan.meta {
 		has := md.Layout().DataSize
-		if grow := int64(size) > has; grow || int64(size) < has && role != RolePrimary {
-			target, err := r.capacity()
-			if err == nil {
-				err = md.Resize(target, int64(size), grow)
-			}
-			if err != nil {
-				return &errRefused{reason: fmt.Sprintf("resizing the metadata to the %d bytes agreed with the peer failed: %v; dropping connection", size, err)}
-			}
-			if grow {
-				r.log.Info("grown to the size the peer was resized to; the new area is marked out of sync", "bytes", size, "was", has)
-			} else {
-				r.log.Info("the metadata now covers the size agreed with the smaller peer", "bytes", size, "disk_holds", has)
-			}
+		target, err := r.capacity()
+		if err == nil {
+			err = md.Resize(target, plan.size, plan.grow)
+		}
+		if err != nil {
+			return &errRefused{reason: fmt.Sprintf("resizing the metadata to the %d bytes agreed with the peer failed: %v; dropping connection", plan.size, err)}
+		}
+		if plan.grow {
+			r.log.Info("grown to the size the peer was resized to; the new area is marked out of sync", "bytes", plan.size, "was", has)
+		} else {
+			r.log.Info("the metadata of this Inconsistent disk now covers the size agreed with the smaller peer", "bytes", plan.size, "disk_holds", has)
 		}
 	}
-	if size != cur {
-		r.log.Info("size agreed with the peer", "bytes", size, "was", cur)
-		r.size.Store(int64(size))
+	if cur := r.size.Load(); plan.size != cur {
+		r.log.Info("size agreed with the peer", "bytes", plan.size, "was", cur)
+		r.size.Store(plan.size)
 	}
-	p.size.Store(int64(size))
+	p.size.Store(plan.size)
 	return nil
 }

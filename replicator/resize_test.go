@@ -1,6 +1,7 @@
 package replicator
 
 import (
+	"context"
 	"crypto/rand"
 	"encoding/binary"
 	"errors"
@@ -9,9 +10,13 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/nbdmirror/nbdmirror/metadisk"
+	"github.com/nbdmirror/nbdmirror/replicator/wire"
+	"github.com/nbdmirror/nbdmirror/transport"
 )
 
 // grow truncates the backing files of the nodes given to size bytes.
@@ -403,14 +408,21 @@ func TestResize_ExternalCapped(t *testing.T) {
 	if err := os.Truncate(meta, metadisk.AreaSize(256<<20)); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := r.Resize(ResizeOptions{AssumePeerHasSpace: true}); err != nil || r.Size() != 256<<20 {
+	msg, err = r.Resize(ResizeOptions{AssumePeerHasSpace: true, AssumeClean: true})
+	if err != nil || r.Size() != 256<<20 {
 		t.Fatalf("after the metadata device grew: %v, size %d", err, r.Size())
+	}
+	// Disconnected, --assume-clean spares no resync at the connect.
+	if !strings.Contains(msg, "is resynced there") || strings.Contains(msg, "no resync") {
+		t.Fatalf("disconnected --assume-clean resize says %q", msg)
 	}
 }
 
 // TestPair_ResizeShrinkDisconnected: a Primary shrinks while its peer is
-// disconnected; at the connect the Primary's size wins over the larger
-// size the peer agreed before, and the peer cuts its metadata to it.
+// disconnected; at the connect the peer, whose disk holds data up to the
+// larger size it agreed before, refuses to be cut ("The peer's disk size
+// is too small!", as DRBD's receive_sizes); invalidated, it connects, cuts
+// its metadata to the Primary's size and is resynced.
 func TestPair_ResizeShrinkDisconnected(t *testing.T) {
 	p := newPair(t, "net { protocol C; } disk { c-plan-ahead 0; resync-rate 1G; }")
 	p.primaryInSync()
@@ -418,6 +430,7 @@ func TestPair_ResizeShrinkDisconnected(t *testing.T) {
 		t.Fatal(err)
 	}
 	p.wait(p.alpha, "WFConnection", func(s Snapshot) bool { return s.Conn == WFConnection })
+	old := p.beta.Size()
 	const size = 24 << 20
 	if _, err := p.alpha.Resize(ResizeOptions{Size: size, AllowShrink: true, AssumePeerHasSpace: true}); err != nil {
 		t.Fatal(err)
@@ -426,11 +439,86 @@ func TestPair_ResizeShrinkDisconnected(t *testing.T) {
 	if err := p.beta.Connect(false); err != nil {
 		t.Fatal(err)
 	}
+	p.wait(p.beta, "StandAlone", func(s Snapshot) bool { return s.Conn == StandAlone })
+	if !strings.Contains(p.logs[1].String(), "The peer's disk size is too small!") {
+		t.Fatal("beta did not say why it refused the peer")
+	}
+	if p.beta.Size() != old || p.beta.md.Layout().DataSize != old {
+		t.Fatalf("the refused connect changed beta: %d bytes, metadata %d, want %d", p.beta.Size(), p.beta.md.Layout().DataSize, old)
+	}
+	if err := p.beta.Invalidate(true); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.beta.Connect(false); err != nil {
+		t.Fatal(err)
+	}
 	p.inSync()
 	if p.alpha.Size() != size || p.beta.Size() != size || p.beta.md.Layout().DataSize != size {
 		t.Fatalf("after the connect: alpha %d, beta %d (metadata %d), want %d", p.alpha.Size(), p.beta.Size(), p.beta.md.Layout().DataSize, size)
 	}
 	p.same()
+}
+
+// TestPair_ResizeConnectKeepsData: a node that holds data beyond the size a
+// connect would agree refuses the connection whatever its role, and a
+// connect that the handshake refuses (split brain) leaves both nodes'
+// sizes and metadata as they were.
+func TestPair_ResizeConnectKeepsData(t *testing.T) {
+	tests := []struct {
+		name       string
+		splitBrain bool // beta's disk grows too, and beta writes while alone
+	}{{"demoted node, smaller peer", false}, {"split brain", true}}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			p := newPair(t, "net { protocol C; } disk { c-plan-ahead 0; resync-rate 1G; }")
+			p.primaryInSync()
+			old := p.alpha.Size()
+			if err := p.beta.Disconnect(); err != nil {
+				t.Fatal(err)
+			}
+			p.wait(p.alpha, "WFConnection", func(s Snapshot) bool { return s.Conn == WFConnection })
+			p.grow(48<<20, 0)
+			if tc.splitBrain {
+				p.grow(48<<20, 1)
+			}
+			if _, err := p.alpha.Resize(ResizeOptions{AssumePeerHasSpace: true}); err != nil {
+				t.Fatal(err)
+			}
+			big := internalData(t, 48<<20)
+			p.writeEnd() // past the old end
+			if err := p.alpha.Secondary(); err != nil {
+				t.Fatal(err)
+			}
+			if tc.splitBrain {
+				if err := p.beta.Primary(false); err != nil {
+					t.Fatal(err)
+				}
+				if err := p.beta.WriteAt(make([]byte, 4096), 0, true); err != nil {
+					t.Fatal(err)
+				}
+				if err := p.beta.Secondary(); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := p.beta.Connect(false); err != nil {
+				t.Fatal(err)
+			}
+			refuser, text := p.alpha, "The peer's disk size is too small!"
+			if tc.splitBrain {
+				refuser, text = p.beta, "Split-Brain detected but unresolved"
+			}
+			p.wait(refuser, "StandAlone", func(s Snapshot) bool { return s.Conn == StandAlone })
+			if !strings.Contains(p.logs[0].String()+p.logs[1].String(), text) {
+				t.Fatalf("no node logged %q", text)
+			}
+			if p.alpha.Size() != big || p.alpha.md.Layout().DataSize != big {
+				t.Fatalf("alpha: %d bytes, metadata %d; want %d", p.alpha.Size(), p.alpha.md.Layout().DataSize, big)
+			}
+			if p.beta.Size() != old || p.beta.md.Layout().DataSize != old {
+				t.Fatalf("beta: %d bytes, metadata %d; want %d", p.beta.Size(), p.beta.md.Layout().DataSize, old)
+			}
+		})
+	}
 }
 
 // TestPair_ResizeAssumeCleanPeerMarked: with --assume-clean, a peer whose
@@ -463,4 +551,282 @@ func TestPair_ResizeAssumeCleanPeerMarked(t *testing.T) {
 		t.Fatalf("%d bytes resynced; want beta's old metadata area only", synced)
 	}
 	p.same()
+}
+
+// TestPair_ResizeGrowAtConnectResyncs: a Primary peer was resized alone,
+// with the same generation as this node (the handshake's generations say
+// no resync): this node, whose disk holds the size, grows at the connect
+// and marks its new area after its bitmap count went out; it still
+// becomes SyncTarget of the node ahead, so no marked block is left
+// behind in Connected.
+func TestPair_ResizeGrowAtConnectResyncs(t *testing.T) {
+	p := newPair(t, "net { protocol C; } disk { c-plan-ahead 0; resync-rate 1G; }")
+	if err := p.alpha.NewCurrentUUID(true); err != nil {
+		t.Fatal(err)
+	}
+	p.alpha.md.UpdateSuperblock(func(sb *metadisk.Superblock) {
+		sb.Flags |= metadisk.FlagConsistent | metadisk.FlagWasUpToDate
+	})
+	if err := p.alpha.Detach(); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.alpha.Attach(); err != nil {
+		t.Fatal(err)
+	}
+	old := p.alpha.Size()
+	p.grow(48<<20, 0)
+	big := internalData(t, 48<<20)
+	if err := p.alpha.Connect(false); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := p.beta.transportConfig()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr, err := transport.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := tr.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { tr.Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	s, err := tr.Next(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := &fakePeer{tr: tr, s: s}
+	sb := p.alpha.md.Superblock()
+	for _, m := range []wire.Message{
+		wire.Params{DiskSize: uint64(big), Size: uint64(big), Protocol: 'C', MaxEpoch: 2048},
+		wire.State{Role: uint8(RolePrimary), Disk: uint8(UpToDate)},
+		wire.UUIDs{Current: sb.UUIDs.Current &^ 1, Bitmap: sb.UUIDs.Bitmap, History: sb.UUIDs.History},
+	} {
+		f.send(t, m)
+	}
+	p.wait(p.alpha, "grown and past the handshake", func(s Snapshot) bool {
+		return s.SizeBytes == big && s.Conn > WFReportParams
+	})
+	st := p.alpha.Snapshot()
+	if st.Conn == Connected || st.OutOfSyncBytes < uint64(big-old) {
+		t.Fatalf("alpha grew from %d to %d bytes: %s with %d bytes marked; want a resync of the new area", old, big, st.Conn, st.OutOfSyncBytes)
+	}
+	if st.Conn != WFBitMapT {
+		t.Fatalf("alpha is %s, want WFBitMapT (SyncTarget of the node ahead)", st.Conn)
+	}
+}
+
+// TestAgreeSizes: the handshake's size decision: a node holding data is
+// never cut at a connect, whatever its role; an Inconsistent one is; a
+// node behind grows and is resynced; a peer on protocol 3, which takes the
+// smaller disk, is refused when the sizes would differ.
+func TestAgreeSizes(t *testing.T) {
+	const m = 1 << 20
+	params := func(disk, size uint64) wire.Params { return wire.Params{DiskSize: disk, Size: size} }
+	tests := []struct {
+		name           string
+		role, peerRole Role
+		disk           DiskState
+		cur            int64
+		version        uint16
+		mine, theirs   wire.Params
+		want           sizePlan
+		refused        string // a part of the refusal, "" if accepted
+	}{
+		{"equal", RoleSecondary, RoleSecondary, UpToDate, 32 * m, 4, params(32*m, 32*m), params(32*m, 32*m), sizePlan{size: 32 * m}, ""},
+		{"demoted node ahead, smaller peer", RoleSecondary, RoleSecondary, UpToDate, 48 * m, 4, params(48*m, 48*m), params(32*m, 32*m), sizePlan{}, "The peer's disk size is too small!"},
+		{"Outdated node ahead of a shrunk Primary", RoleSecondary, RolePrimary, Outdated, 32 * m, 4, params(32*m, 32*m), params(32*m, 24*m), sizePlan{}, "The peer's disk size is too small!"},
+		{"Inconsistent node is cut", RoleSecondary, RolePrimary, Inconsistent, 32 * m, 4, params(32*m, 32*m), params(32*m, 24*m), sizePlan{size: 24 * m, meta: true}, ""},
+		{"Primary ahead of a small peer", RolePrimary, RoleSecondary, UpToDate, 48 * m, 4, params(48*m, 48*m), params(32*m, 32*m), sizePlan{}, "this Primary exports"},
+		{"node behind grows, is resync target", RoleSecondary, RolePrimary, UpToDate, 32 * m, 4, params(48*m, 32*m), params(48*m, 48*m), sizePlan{size: 48 * m, meta: true, grow: true, resync: -1}, ""},
+		{"node ahead is resync source", RolePrimary, RoleSecondary, UpToDate, 48 * m, 4, params(48*m, 48*m), params(48*m, 32*m), sizePlan{size: 48 * m, resync: 1}, ""},
+		{"fresh peer grows no node with data", RoleSecondary, RoleSecondary, UpToDate, 32 * m, 4, params(48*m, 32*m), params(48*m, 48*m), sizePlan{size: 32 * m}, ""},
+		{"fresh node takes the size of the peer's data", RoleSecondary, RoleSecondary, Inconsistent, 48 * m, 4, params(48*m, 48*m), params(48*m, 32*m), sizePlan{size: 32 * m, meta: true}, ""},
+		{"protocol 3 peer, equal", RoleSecondary, RoleSecondary, UpToDate, 32 * m, 3, params(32*m, 32*m), params(32*m, 32*m), sizePlan{size: 32 * m}, ""},
+		{"protocol 3 peer after a shrink", RolePrimary, RoleSecondary, UpToDate, 24 * m, 3, params(32*m, 24*m), params(32*m, 32*m), sizePlan{}, "peer protocol 3"},
+		{"protocol 3 peer, this node behind", RoleSecondary, RoleSecondary, UpToDate, 32 * m, 3, params(48*m, 32*m), params(48*m, 48*m), sizePlan{}, "peer protocol 3"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			peerDisk := UpToDate
+			if strings.HasPrefix(tc.name, "fresh peer") {
+				peerDisk = Inconsistent
+			}
+			got, err := agreeSizes(sizeInput{role: tc.role, peerRole: tc.peerRole, disk: tc.disk, peerDisk: peerDisk, cur: tc.cur, has: tc.cur,
+				version: tc.version, mine: tc.mine, theirs: tc.theirs})
+			switch {
+			case tc.refused != "" && (err == nil || !strings.Contains(err.Error(), tc.refused)):
+				t.Fatalf("got %+v, %v; want a refusal saying %q", got, err, tc.refused)
+			case tc.refused == "" && err != nil:
+				t.Fatalf("refused: %v", err)
+			case tc.refused == "" && got != tc.want:
+				t.Fatalf("got %+v, want %+v", got, tc.want)
+			}
+		})
+	}
+}
+
+// TestPair_ResizeHoldsHandshakes: a connected resize holds back any new
+// session's handshake for its whole course (while it waits for the peer's
+// answers too), so that no handshake agrees a size while it changes.
+func TestPair_ResizeHoldsHandshakes(t *testing.T) {
+	p, f := connectFake(t, wire.State{Role: uint8(RoleSecondary), Disk: uint8(UpToDate)})
+	if err := p.alpha.Primary(false); err != nil {
+		t.Fatal(err)
+	}
+	const size = 16 << 20
+	type result struct {
+		msg string
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		msg, err := p.alpha.Resize(ResizeOptions{Size: size, AllowShrink: true})
+		done <- result{msg, err}
+	}()
+	next := func(kind uint8) wire.Sizes {
+		t.Helper()
+		for {
+			m, ok := f.recv(t, transport.Data).(wire.Sizes)
+			if ok {
+				if m.Kind != kind {
+					t.Fatalf("resize message of kind %d, want %d", m.Kind, kind)
+				}
+				return m
+			}
+		}
+	}
+	held := func() bool {
+		p.alpha.mu.Lock()
+		defer p.alpha.mu.Unlock()
+		return p.alpha.promoting
+	}
+	q := next(wire.SizesQuery)
+	if !held() {
+		t.Fatal("handshakes not held while the peer is asked for its size")
+	}
+	f.send(t, wire.Sizes{Kind: wire.SizesReply, Disk: q.Size, Size: q.Size})
+	set := next(wire.SizesSet)
+	if !held() {
+		t.Fatal("handshakes not held while the peer resizes")
+	}
+	f.send(t, wire.Sizes{Kind: wire.SizesDone, Size: set.Size})
+	r := <-done
+	if r.err != nil || p.alpha.Size() != size {
+		t.Fatalf("resize: %q, %v; %d bytes", r.msg, r.err, p.alpha.Size())
+	}
+	if held() {
+		t.Fatal("handshakes still held after the resize")
+	}
+}
+
+// TestPair_ResizePeerBusy: the Secondary applies a resize only when no
+// administrative command runs there: while one does, the Primary's resize
+// is refused (retry), nothing changes on either node, and a retry works.
+func TestPair_ResizePeerBusy(t *testing.T) {
+	p := newPair(t, "net { protocol C; } disk { c-plan-ahead 0; resync-rate 1G; }")
+	p.primaryInSync()
+	old := p.alpha.Size()
+	p.grow(48<<20, 0, 1)
+	p.beta.admin.Lock()
+	_, err := p.alpha.Resize(ResizeOptions{})
+	p.beta.admin.Unlock()
+	if err == nil || !strings.Contains(err.Error(), "retry") {
+		t.Fatalf("resize while the peer is busy: %v", err)
+	}
+	if p.alpha.Size() != old || p.beta.Size() != old || p.beta.md.Layout().DataSize != old {
+		t.Fatalf("a refused resize changed sizes: alpha %d, beta %d (metadata %d)", p.alpha.Size(), p.beta.Size(), p.beta.md.Layout().DataSize)
+	}
+	if !strings.Contains(p.logs[1].String(), "an administrative command is running") {
+		t.Fatal("beta did not log why it refused")
+	}
+	if _, err := p.alpha.Resize(ResizeOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	p.inSync()
+	if want := internalData(t, 48<<20); p.beta.Size() != want {
+		t.Fatalf("beta %d bytes, want %d", p.beta.Size(), want)
+	}
+}
+
+// TestPair_ResizeShrinkBounds: after a shrink, application requests past
+// the new end fail as the NBD server fails them (a read with EINVAL, a
+// write, trim or zeroing with ENOSPC), checked once admitted, so also for
+// requests that waited while the size changed; the old data area past the
+// end (and the metadata there) is never read.
+func TestPair_ResizeShrinkBounds(t *testing.T) {
+	p := newPair(t, "net { protocol C; } disk { c-plan-ahead 0; resync-rate 1G; }")
+	p.primaryInSync()
+	const size = 24 << 20
+	if _, err := p.alpha.Resize(ResizeOptions{Size: size, AllowShrink: true}); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 8192)
+	if _, err := p.alpha.ReadAt(buf, size-4096); !errors.Is(err, syscall.EINVAL) {
+		t.Fatalf("read across the new end: %v, want EINVAL", err)
+	}
+	if _, err := p.alpha.ReadAt(buf[:4096], size); !errors.Is(err, syscall.EINVAL) {
+		t.Fatalf("read past the new end: %v, want EINVAL", err)
+	}
+	if _, err := p.alpha.ReadAt(buf, size-8192); err != nil {
+		t.Fatalf("read before the end: %v", err)
+	}
+	for name, err := range map[string]error{
+		"write":  p.alpha.WriteAt(buf, size-4096, false),
+		"trim":   p.alpha.Trim(size, 4096, false),
+		"zeroes": p.alpha.WriteZeroes(size-4096, 8192, false, false),
+	} {
+		if !errors.Is(err, syscall.ENOSPC) {
+			t.Errorf("%s past the new end: %v, want ENOSPC", name, err)
+		}
+	}
+	if err := p.alpha.WriteAt(buf, size-8192, true); err != nil {
+		t.Fatalf("write before the end: %v", err)
+	}
+}
+
+// TestPair_ResizeSessionLostMidway: the session ends after the peer
+// resized (its SizesDone arrives as the session is ending): this node's
+// metadata is left as it was and the resize says what happened and what
+// to do, instead of resizing for a session that is gone.
+func TestPair_ResizeSessionLostMidway(t *testing.T) {
+	p, f := connectFake(t, wire.State{Role: uint8(RoleSecondary), Disk: uint8(UpToDate)})
+	if err := p.alpha.Primary(false); err != nil {
+		t.Fatal(err)
+	}
+	old := p.alpha.Size()
+	const size = 16 << 20
+	done := make(chan error, 1)
+	go func() {
+		_, err := p.alpha.Resize(ResizeOptions{Size: size, AllowShrink: true})
+		done <- err
+	}()
+	next := func(kind uint8) wire.Sizes {
+		t.Helper()
+		for {
+			if m, ok := f.recv(t, transport.Data).(wire.Sizes); ok && m.Kind == kind {
+				return m
+			}
+		}
+	}
+	q := next(wire.SizesQuery)
+	f.send(t, wire.Sizes{Kind: wire.SizesReply, Disk: q.Size, Size: q.Size})
+	set := next(wire.SizesSet)
+	// The session ends (as end() begins it) before the answer is read.
+	p.alpha.mu.Lock()
+	p.alpha.p.ending = true
+	p.alpha.mu.Unlock()
+	f.send(t, wire.Sizes{Kind: wire.SizesDone, Size: set.Size})
+	err := <-done
+	if !errors.Is(err, ErrResize) || !strings.Contains(err.Error(), "the connection was lost after the peer resized") ||
+		!strings.Contains(err.Error(), "run resize again") {
+		t.Fatalf("resize: %v", err)
+	}
+	if p.alpha.Size() != old || p.alpha.md.Layout().DataSize != old {
+		t.Fatalf("alpha: %d bytes, metadata %d; want %d", p.alpha.Size(), p.alpha.md.Layout().DataSize, old)
+	}
+	f.s.Close("test: gone")
+	p.wait(p.alpha, "connection lost", func(s Snapshot) bool { return s.Conn != Connected })
 }

@@ -20,19 +20,20 @@ func (m *Main) resizeCommands() []*cli.Command {
 			Description: "Asks the peer how much its disk holds, agrees the smaller of both disks (or --size), grows " +
 				"the metadata on both nodes (internal metadata moves to the new end), and resyncs the new area from " +
 				"the Primary. Disconnected, only with --assume-peer-has-space: the peer takes the size at its next " +
-				"connect, or is refused if its disk is too small. NBD clients see the new size when they reconnect. " +
+				"connect, or refuses it if its disk is too small (a node holding data is never cut at a connect). NBD clients see the new size when they reconnect. " +
 				"Shrinking needs --size and --allow-shrink and is refused below an ext2/3/4 filesystem.",
 			Flags: []cli.Flag{
 				&cli.StringFlag{Name: "size", Usage: "the new size `SIZE`, with a unit: K, M, G, T (powers of 1024) or s (sectors)",
 					DefaultText: "the most both disks hold"},
 				&cli.BoolFlag{Name: "assume-peer-has-space", Usage: "grow without a connected peer"},
-				&cli.BoolFlag{Name: "assume-clean", Usage: "do not resync the grown area (both disks hold the same there)"},
+				&cli.BoolFlag{Name: "assume-clean", Usage: "do not resync the grown area (both disks hold the same there); a connected resize only"},
 				&cli.BoolFlag{Name: "allow-shrink", Usage: "allow --size below the current size"},
 			}},
 		{Name: "adjust", Usage: "apply the changes of the configuration file that can change while running",
 			ArgsUsage: "<resource|all>", Action: m.runVerb,
 			Description: "Re-reads the configuration file and prints, for each changed key, when it takes effect: at " +
-				"once (resync-rate and the resync controller, on-congestion and its limits, handlers), at the next connect " +
+				"once (resync-rate, on-congestion and its limits unless they need a key waiting for down/up, handlers), " +
+				"from the next resync (the resync controller's c-* keys), at the next connect " +
 				"(shared-secret, timeouts, compression, TLS files: 'disconnect' then 'connect'), or at the next " +
 				"'up' after a 'down' (everything else; at once if the resource is down); 'device' needs a daemon restart."},
 	}

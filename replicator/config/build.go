@@ -1,6 +1,7 @@
 package config
 
 import (
+	"errors"
 	"fmt"
 	"io/fs"
 	"os"
@@ -482,6 +483,21 @@ func setProtocol(b *builder, r *Resource, n *node) error {
 }
 
 // validate checks the fields of a resource against each other.
+// Validate checks the rules that tie r's keys together, the ones Parse
+// checks once a resource is read, on r as it is (a configuration put
+// together from parts, as adjust's effective one): a one-line error
+// saying what is wrong, or nil.
+func Validate(r *Resource) error {
+	if err := validate(r, Pos{}); err != nil {
+		var e *Error
+		if errors.As(err, &e) {
+			return errors.New(e.Msg)
+		}
+		return err
+	}
+	return nil
+}
+
 func validate(r *Resource, pos Pos) error {
 	n := &r.Net
 	bad := func(format string, args ...any) error {

@@ -16,6 +16,9 @@ func FuzzDecode(f *testing.F) {
 	for _, s := range samples() {
 		f.Add(uint16(s.m.Type()), Encode(s.m))
 	}
+	for _, c := range malformedCases() { // among them, Sizes beyond MaxSize
+		f.Add(uint16(c.typ), c.p)
+	}
 	f.Fuzz(func(t *testing.T, typ uint16, payload []byte) {
 		m, err := Decode(transport.Type(typ), payload)
 		if err != nil {

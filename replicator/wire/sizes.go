@@ -47,6 +47,11 @@ const (
 	SizesMarked = 2
 )
 
+// MaxSize bounds the sizes a Sizes message carries (64 PiB): more than
+// any disk, and far from overflowing the signed 64-bit sizes that nodes
+// compute with.
+const MaxSize = 1 << 56
+
 // SizesAssumeClean (SizesSet) says that the grown area is not resynced:
 // both disks hold the same there (`resize --assume-clean`).
 const SizesAssumeClean = 1
@@ -76,6 +81,10 @@ func (m Sizes) Validate() error {
 		return malformed("Sizes", "disk size %d not a multiple of %d", m.Disk, blockSize)
 	case m.Size%blockSize != 0:
 		return malformed("Sizes", "size %d not a multiple of %d", m.Size, blockSize)
+	case m.Disk > MaxSize:
+		return malformed("Sizes", "disk size %d above the maximum %d", m.Disk, uint64(MaxSize))
+	case m.Size > MaxSize:
+		return malformed("Sizes", "size %d above the maximum %d", m.Size, uint64(MaxSize))
 	case m.Kind == SizesSet && m.Size == 0:
 		return malformed("Sizes", "resize to 0 bytes")
 	}

@@ -80,7 +80,7 @@ func samples() []sample {
 		{"command-ahead", Command{Code: CmdAhead}},
 		{"sizes", Sizes{Kind: SizesSet, Flags: SizesAssumeClean, Disk: 2 << 30, Size: 1<<30 + 4096}},
 		{"sizes-query", Sizes{Kind: SizesQuery, Disk: 1 << 30, Size: 1 << 30}},
-		{"sizes-reply", Sizes{Kind: SizesReply, Disk: math.MaxUint64 - 4095, Size: 0}},
+		{"sizes-reply", Sizes{Kind: SizesReply, Disk: MaxSize, Size: 0}},
 		{"sizes-done-failed", Sizes{Kind: SizesDone, Status: SizesFailed, Disk: 4096, Size: 8192}},
 		{"sizes-done-marked", Sizes{Kind: SizesDone, Status: SizesMarked, Size: 1 << 30}},
 	}
@@ -395,6 +395,8 @@ func malformedCases() []bad {
 		enc("sizes-disk-misaligned", Sizes{Kind: SizesReply, Disk: 4097}, "Sizes: disk size 4097 not a multiple of 4096"),
 		enc("sizes-size-misaligned", Sizes{Kind: SizesSet, Size: 512}, "Sizes: size 512 not a multiple of 4096"),
 		enc("sizes-set-zero", Sizes{Kind: SizesSet}, "Sizes: resize to 0 bytes"),
+		enc("sizes-disk-over", Sizes{Kind: SizesReply, Disk: MaxSize + 4096}, "Sizes: disk size 72057594037932032 above the maximum"),
+		enc("sizes-size-over", Sizes{Kind: SizesSet, Size: math.MaxUint64 &^ 4095}, "Sizes: size 18446744073709547520 above the maximum"),
 	)
 	return cases
 }
