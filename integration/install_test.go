@@ -70,7 +70,7 @@ func TestInstall(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !strings.HasPrefix(string(shim), "#!/bin/sh\n") || !strings.Contains(string(shim), "\nnbdmirror="+prefix+"/sbin/nbdmirror\n") {
+	if !strings.HasPrefix(string(shim), "#!/bin/sh\n") || !strings.Contains(string(shim), "\nnbdmirror='"+prefix+"/sbin/nbdmirror'\n") {
 		t.Errorf("the OCF agent does not run %s/sbin/nbdmirror:\n%s", prefix, shim)
 	}
 	lint := exec.Command("/bin/sh", "-c", `"$1" meta-data | xmllint --noout --valid -`, "lint", agent)

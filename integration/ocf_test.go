@@ -14,6 +14,7 @@ import (
 	"encoding/xml"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -283,8 +284,9 @@ func TestOCF_Tester(t *testing.T) {
 }
 
 // TestOCF_ShimWithoutBinary: the installed shim whose nbdmirror binary is
-// gone answers a probe "not running" and anything else "not installed",
-// with a reason.
+// gone answers a probe "not running", a stop or demote "stopped" when no
+// daemon listens (a failed stop gets the node fenced) and "failed" when
+// one does, and anything else "not installed", with a reason.
 func TestOCF_ShimWithoutBinary(t *testing.T) {
 	src, err := os.ReadFile("../dist/ocf/nbdmirror.in")
 	if err != nil {
@@ -295,23 +297,40 @@ func TestOCF_ShimWithoutBinary(t *testing.T) {
 	if err := os.WriteFile(shim, bytes.ReplaceAll(src, []byte("@SBINDIR@"), []byte(missing)), 0o755); err != nil {
 		t.Fatal(err)
 	}
+	idle, live := t.TempDir(), t.TempDir()
+	l, err := net.Listen("unix", filepath.Join(live, "control.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
 	for _, tc := range []struct {
 		action   string
 		interval string
+		runDir   string
 		code     int
 	}{
-		{"monitor", "0", 7},
-		{"monitor", "10000", 5},
-		{"start", "0", 5},
-		{"stop", "0", 5},
-		{"meta-data", "0", 5},
+		{"monitor", "0", idle, 7},
+		{"monitor", "10000", idle, 5},
+		{"start", "0", idle, 5},
+		{"stop", "0", idle, 0},
+		{"demote", "0", idle, 0},
+		{"stop", "0", live, 1},
+		{"demote", "0", live, 1},
+		{"meta-data", "0", idle, 5},
 	} {
 		cmd := exec.Command(shim, tc.action)
-		cmd.Env = append(os.Environ(), "OCF_RESKEY_CRM_meta_interval="+tc.interval, "OCF_EXIT_REASON_PREFIX=why:")
+		cmd.Env = append(os.Environ(), "OCF_RESKEY_CRM_meta_interval="+tc.interval, "OCF_EXIT_REASON_PREFIX=why:",
+			"OCF_RESKEY_run_dir="+tc.runDir)
 		out, err := cmd.CombinedOutput()
+		code := 0
 		var ee *exec.ExitError
-		if !errors.As(err, &ee) || ee.ExitCode() != tc.code || string(out) != "why:"+missing+"/nbdmirror is not installed\n" {
-			t.Errorf("%s (interval %s): %v %q, want exit %d", tc.action, tc.interval, err, out, tc.code)
+		if errors.As(err, &ee) {
+			code = ee.ExitCode()
+		} else if err != nil {
+			t.Fatal(err)
+		}
+		if code != tc.code || string(out) != "why:"+missing+"/nbdmirror is not installed\n" {
+			t.Errorf("%s (interval %s, run dir %s): exit %d %q, want exit %d", tc.action, tc.interval, tc.runDir, code, out, tc.code)
 		}
 	}
 }

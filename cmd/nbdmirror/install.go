@@ -36,7 +36,7 @@ func (m *Main) installCommands() []*cli.Command {
 
 // positionalWords are the words a verb takes instead of resource names.
 var positionalWords = map[string]string{
-	"ocf": "start stop promote demote monitor notify reload validate-all meta-data usage",
+	"ocf": "start stop promote demote monitor notify validate-all meta-data usage",
 }
 
 // bashCompletion returns a bash completion script for app: the verbs, the

@@ -44,7 +44,7 @@ const (
 	// crmNotConnected is crm_attribute's exit code when no cluster runs
 	// (CRM_EX_NOT_CONNECTED).
 	crmNotConnected = 102
-	ocfUsage        = "usage: nbdmirror ocf {start|stop|promote|demote|monitor|notify|reload|validate-all|meta-data|usage}"
+	ocfUsage        = "usage: nbdmirror ocf {start|stop|promote|demote|monitor|notify|validate-all|meta-data|usage}"
 )
 
 func (m *Main) ocfCommand() *cli.Command {
@@ -52,7 +52,7 @@ func (m *Main) ocfCommand() *cli.Command {
 		Name:      "ocf",
 		Usage:     "the Pacemaker resource agent ocf:nbdmirror:nbdmirror (run by its shim)",
 		ArgsUsage: "<action>",
-		Description: "Runs one OCF action (start, stop, promote, demote, monitor, notify, reload, validate-all, " +
+		Description: "Runs one OCF action (start, stop, promote, demote, monitor, notify, validate-all, " +
 			"meta-data, usage) for the resource named by OCF_RESKEY_resource, with the parameters in OCF_RESKEY_* " +
 			"(see 'nbdmirror ocf meta-data'), and exits with the OCF exit code. Pacemaker runs it through " +
 			"/usr/lib/ocf/resource.d/nbdmirror/nbdmirror.",
@@ -73,6 +73,9 @@ type ocfAgent struct {
 	// deadline is when the action must have returned: its timeout
 	// (OCF_RESKEY_CRM_meta_timeout, else the advertised one) less a margin.
 	deadline time.Time
+	// scoreEnd bounds the recording of a promotion score, also one made
+	// after the deadline (stop's): half the margin before the timeout.
+	scoreEnd time.Time
 
 	p    ocfParams
 	peer string // the peer's name in the configuration ("" if unknown)
@@ -123,6 +126,7 @@ func newOCFAgent(action string, getenv func(string) string, stdout, stderr io.Wr
 		log:          slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level})).With("ocf", action),
 		crmAttribute: crm, promoteBackoff: ocfPromoteBackoff,
 		deadline: now.Add(max(timeout-margin, 500*time.Millisecond)),
+		scoreEnd: now.Add(max(timeout-margin/2, 750*time.Millisecond)),
 	}
 }
 
@@ -150,7 +154,7 @@ func (a *ocfAgent) run(ctx context.Context) (int, error) {
 	case "usage", "help":
 		_, err := fmt.Fprintln(a.stdout, ocfUsage)
 		return ocfSuccess, err
-	case "start", "stop", "promote", "demote", "monitor", "notify", "reload", "validate-all":
+	case "start", "stop", "promote", "demote", "monitor", "notify", "validate-all":
 	default:
 		return 0, ocfErrorf(ocfErrUnimplemented, "action %q is not implemented (%s)", a.action, ocfUsage)
 	}
@@ -185,10 +189,8 @@ func (a *ocfAgent) run(ctx context.Context) (int, error) {
 		return a.demote(ctx)
 	case "monitor":
 		return a.monitor(ctx)
-	case "notify":
-		return a.notify(ctx)
 	}
-	return a.reload(ctx)
+	return a.notify(ctx)
 }
 
 func (a *ocfAgent) use(p ocfParams) {
@@ -592,23 +594,6 @@ func (a *ocfAgent) reconnect(ctx context.Context, st ocfState) {
 	}
 }
 
-// reload reconnects a StandAlone resource and recomputes the score with
-// the (new) parameters.
-func (a *ocfAgent) reload(ctx context.Context) (int, error) {
-	st, err := a.liveState(ctx)
-	if err != nil {
-		return 0, err
-	}
-	if st.running() {
-		a.reconnect(ctx, st)
-		if st, err = a.liveState(ctx); err != nil {
-			return 0, err
-		}
-	}
-	a.updateScore(ctx, st)
-	return ocfSuccess, nil
-}
-
 // updateScore records the promotion score of a state.
 func (a *ocfAgent) updateScore(ctx context.Context, st ocfState) {
 	score, keep := promotionScore(st, a.p.scores)
@@ -635,7 +620,11 @@ func (a *ocfAgent) recordScore(ctx context.Context, score int) {
 		a.log.Warn("no OCF_RESOURCE_INSTANCE (not run by Pacemaker): promotion score not recorded", "score", what)
 		return
 	}
-	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	end := time.Now().Add(30 * time.Second)
+	if a.scoreEnd.Before(end) {
+		end = a.scoreEnd
+	}
+	ctx, cancel := context.WithDeadline(context.WithoutCancel(ctx), end)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, a.crmAttribute, args...)
 	cmd.Env = append(os.Environ(), "OCF_RESOURCE_INSTANCE="+inst)

@@ -58,7 +58,7 @@ func ocfActionTimeout(action string) int {
 		return 100
 	case "promote", "demote", "notify":
 		return 90
-	case "reload", "validate-all":
+	case "validate-all":
 		return 30
 	case "meta-data":
 		return 5
@@ -110,7 +110,6 @@ func ocfMetaData() raMeta {
 			{Name: "stop", Timeout: timeout("stop")},
 			{Name: "monitor", Timeout: timeout("monitor"), Interval: "20s", Role: "Slave"},
 			{Name: "monitor", Timeout: timeout("monitor"), Interval: "10s", Role: "Master"},
-			{Name: "reload", Timeout: timeout("reload")},
 			{Name: "meta-data", Timeout: timeout("meta-data")},
 			{Name: "validate-all", Timeout: timeout("validate-all")},
 		},

@@ -160,7 +160,7 @@ func TestOCF_MetaData(t *testing.T) {
 	wantActions := []string{
 		"start 240s", "promote 90s", "demote 90s", "notify 90s", "stop 100s",
 		"monitor 20s interval=20s role=Slave", "monitor 20s interval=10s role=Master",
-		"reload 30s", "meta-data 5s", "validate-all 30s",
+		"meta-data 5s", "validate-all 30s",
 	}
 	var gotActions []string
 	for _, a := range md.Actions {
@@ -376,8 +376,7 @@ func TestOCF_Agent(t *testing.T) {
 			code: ocfSuccess, calls: []string{set + "1000"}, cli: []string{"disconnect", "r0"}},
 		// StandAlone: a peer's start notification reconnects.
 		{action: "notify", env: []string{"OCF_RESKEY_CRM_meta_notify_type", "pre", "OCF_RESKEY_CRM_meta_notify_operation", "start"}, code: ocfSuccess},
-		{action: "reload", code: ocfSuccess, calls: []string{set + "1000"}},
-		{action: "reload", env: []string{"OCF_RESKEY_adjust_master_score", "1 2 3 4"}, code: ocfSuccess, calls: []string{set + "3"}},
+		{action: "reload", code: ocfErrUnimplemented, reason: `action "reload" is not implemented`},
 		{action: "promote", code: ocfSuccess, calls: []string{set + "10000"}},
 		// Start of a Primary demotes it.
 		{action: "start", code: ocfSuccess, calls: []string{set + "1000"}, cli: []string{"primary", "r0"}},
@@ -487,7 +486,7 @@ func TestOCF_Exit(t *testing.T) {
 		t.Errorf("validate-all with a bad name: %d %q", code, errOut)
 	}
 	code, out, _ := run(nil, "usage")
-	if code != 0 || !strings.HasPrefix(out, "usage: nbdmirror ocf {start|stop|promote|demote|monitor|notify|reload|validate-all|meta-data|usage}") {
+	if code != 0 || !strings.HasPrefix(out, "usage: nbdmirror ocf {start|stop|promote|demote|monitor|notify|validate-all|meta-data|usage}") {
 		t.Errorf("usage: %d %q", code, out)
 	}
 	if code, _, errOut = run(nil); code != ocfErrArgs || !strings.Contains(errOut, "ocf-exit-reason:expected one action") {
@@ -524,6 +523,16 @@ func TestOCF_HeldOpen(t *testing.T) {
 	conn, err := nbdGo(t, filepath.Join(d.runDir, "nbd.sock"), "r0")
 	if err != nil {
 		t.Fatal(err)
+	}
+	// The server counts a client once it enters transmission, a moment
+	// after the client's negotiation has ended.
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if strings.Contains(d.must("status", "--json", "r0"), `"clients": [`+"\n") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the daemon never counted the NBD client:\n%s", d.must("status", "--json", "r0"))
+		}
 	}
 	for _, action := range []string{"stop", "demote"} {
 		began := time.Now()
