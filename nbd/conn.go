@@ -33,9 +33,10 @@ type conn struct {
 	export *Export // set before transmission starts
 
 	mu       sync.Mutex
-	inXmit   bool // transmission phase reached
-	stopping bool // Shutdown asked the connection to end
-	killed   bool // Close ended the connection
+	inXmit   bool    // transmission phase reached
+	chosen   *Export // the export the client was told it may use (it counts as a client from then on)
+	stopping bool    // Shutdown asked the connection to end
+	killed   bool    // Close ended the connection
 
 	lim      budget         // this connection's in-flight requests and bytes
 	work     chan work      // validated requests for the workers
@@ -59,8 +60,11 @@ func (c *conn) info() Conn {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	ci := Conn{Remote: c.remote, Since: c.since}
-	if c.inXmit {
+	switch {
+	case c.inXmit:
 		ci.Export = c.export.Name
+	case c.chosen != nil:
+		ci.Export = c.chosen.Name
 	}
 	return ci
 }
@@ -94,7 +98,11 @@ func (c *conn) negotiate() (*Export, error) {
 	if err := c.nc.SetDeadline(time.Now().Add(c.srv.HandshakeTimeout)); err != nil {
 		return nil, fmt.Errorf("set handshake deadline: %w", err)
 	}
-	exp, err := negotiate(c.nc, c.srv.Catalog, c.log)
+	exp, err := negotiate(c.nc, c.srv.Catalog, c.log, func(e *Export) {
+		c.mu.Lock()
+		c.chosen = e
+		c.mu.Unlock()
+	})
 	if err != nil {
 		var ne net.Error
 		if errors.As(err, &ne) && ne.Timeout() {

@@ -646,3 +646,22 @@ func TestTransmission_Observer(t *testing.T) {
 	}
 	rec.expect(t, "a write cut short")
 }
+
+// TestServer_ClientCountedAtGo: a client is counted (Conns names its
+// export) before it is told it may start, so a demotion that asks who
+// holds the export never misses a client whose negotiation just ended.
+func TestServer_ClientCountedAtGo(t *testing.T) {
+	srv, path := startServer(t, oneExport(t, &Export{Backend: newMem(4096)}), nil)
+	for i := range 50 {
+		c := open(t, path, "disk")
+		counted := false
+		for _, ci := range srv.Conns() {
+			counted = counted || ci.Export == "disk"
+		}
+		if !counted {
+			t.Fatalf("connection %d: its GO was acknowledged, but Conns does not count it: %+v", i, srv.Conns())
+		}
+		c.nc.Close()
+		waitFor(t, func() bool { return len(srv.Conns()) == 0 })
+	}
+}

@@ -39,12 +39,22 @@ type negotiation struct {
 	hdr      [optHeaderSize]byte
 	payload  []byte // reused; never longer than maxInfoLen
 	out      []byte // reused reply buffer
+	chosen   func(*Export)
+}
+
+// choose reports the export the client is about to use.
+func (n *negotiation) choose(exp *Export) {
+	if n.chosen != nil {
+		n.chosen(exp)
+	}
 }
 
 // negotiate runs the fixed-newstyle handshake and returns the export chosen
-// by NBD_OPT_GO or NBD_OPT_EXPORT_NAME.
-func negotiate(rw io.ReadWriter, catalog Catalog, log *slog.Logger) (*Export, error) {
-	n := &negotiation{rw: rw, catalog: catalog, log: log}
+// by NBD_OPT_GO or NBD_OPT_EXPORT_NAME. chosen, if not nil, is called with
+// that export before the client is told it may start (so the export counts
+// it as a client from then on).
+func negotiate(rw io.ReadWriter, catalog Catalog, log *slog.Logger, chosen func(*Export)) (*Export, error) {
+	n := &negotiation{rw: rw, catalog: catalog, log: log, chosen: chosen}
 	return n.run()
 }
 
@@ -146,6 +156,7 @@ func (n *negotiation) exportName(length uint32) (*Export, error) {
 	if err != nil {
 		return nil, fmt.Errorf("export %q: %w", name, err)
 	}
+	n.choose(exp)
 	out := binary.BigEndian.AppendUint64(n.out[:0], uint64(exp.Backend.Size()))
 	out = binary.BigEndian.AppendUint16(out, exp.Flags())
 	if !n.noZeroes {
@@ -203,6 +214,9 @@ func (n *negotiation) infoGo(opt, length uint32) (*Export, error) {
 	}
 	if err := n.sendInfo(opt, exp, reqs); err != nil {
 		return nil, err
+	}
+	if opt == optGo {
+		n.choose(exp)
 	}
 	if err := n.reply(opt, repAck, nil); err != nil {
 		return nil, err

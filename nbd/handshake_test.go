@@ -326,7 +326,7 @@ func TestNegotiate_InMemory(t *testing.T) {
 	in.Write(binary.BigEndian.AppendUint32(nil, uint32(len(p))))
 	in.Write(p)
 	rw := &rwBuffer{in: bytes.NewReader(in.Bytes())}
-	exp, err := negotiate(rw, twoExports(t), testLogger(t))
+	exp, err := negotiate(rw, twoExports(t), testLogger(t), nil)
 	if err != nil || exp.Name != "a" {
 		t.Fatalf("negotiate: %v, %v", exp, err)
 	}
@@ -337,7 +337,7 @@ func TestNegotiate_InMemory(t *testing.T) {
 	if rw.in.Len() != 0 {
 		t.Errorf("%d bytes left unread", rw.in.Len())
 	}
-	_, err = negotiate(&rwBuffer{in: bytes.NewReader(nil)}, twoExports(t), testLogger(t))
+	_, err = negotiate(&rwBuffer{in: bytes.NewReader(nil)}, twoExports(t), testLogger(t), nil)
 	if err == nil || errors.Is(err, errAborted) {
 		t.Errorf("negotiate on empty input: %v", err)
 	}
