@@ -76,14 +76,9 @@ func (r *Resource) Resize(o ResizeOptions) (string, error) {
 	// No new session starts until this resize is done (its handshake
 	// would agree a size while it changes, or the old size after the
 	// session in use was lost midway).
-	r.promoting = true
+	release := r.holdHandshakesLocked()
 	r.mu.Unlock()
-	defer func() {
-		r.mu.Lock()
-		r.promoting = false
-		r.idle.Broadcast()
-		r.mu.Unlock()
-	}()
+	defer release()
 	switch {
 	case md == nil:
 		return "", r.refuse(codeDiskless, "")

@@ -74,7 +74,7 @@ type Resource struct {
 	// cleared under them).
 	frozen    int   // holds by freeze and freezeFor
 	frozenBy  *peer // the session whose handshake holds requests back
-	promoting bool  // Primary (or a resize without a session) is at work: a handshake waits (idle is signalled)
+	promoting bool  // a promotion or a resize is at work: a handshake waits (idle is signalled)
 	role      Role
 	disk      DiskState
 	conn      ConnState
@@ -458,14 +458,9 @@ func (r *Resource) Primary(force bool) error {
 		return r.refuse(codeNoUpToDate, fmt.Sprintf("%s: local disk %s until the resync from the peer ends", conn, disk))
 	}
 	// No handshake starts until the promotion is done (runSession waits).
-	r.promoting = true
+	release := r.holdHandshakesLocked()
 	r.mu.Unlock()
-	defer func() {
-		r.mu.Lock()
-		r.promoting = false
-		r.idle.Broadcast()
-		r.mu.Unlock()
-	}()
+	defer release()
 	connected := p != nil && conn >= Connected
 	promotable := disk == UpToDate || disk == Consistent || force && disk >= Inconsistent && disk <= Consistent
 	if !connected && r.fencingOn() && !peerOutdated && promotable {
@@ -559,6 +554,18 @@ func (r *Resource) Primary(force bool) error {
 		}
 	}
 	return nil
+}
+
+// holdHandshakesLocked keeps a new session's handshake from starting
+// (runSession waits) until release is called; call with r.mu held.
+func (r *Resource) holdHandshakesLocked() (release func()) {
+	r.promoting = true
+	return func() {
+		r.mu.Lock()
+		r.promoting = false
+		r.idle.Broadcast()
+		r.mu.Unlock()
+	}
 }
 
 // waitPeerNotPrimary refuses a promotion while the connected peer is
