@@ -171,7 +171,15 @@ func (a *ocfAgent) run(ctx context.Context) (int, error) {
 	a.use(p)
 	if a.peer, err = ocfConfigCheck(p); err != nil {
 		if a.probe() {
-			// A probe on a node without this resource: not running here.
+			// A probe on a node without this resource: not running here,
+			// unless the daemon serves it all the same (it runs on the
+			// configuration it read at its start): then say what runs,
+			// or Pacemaker could start it elsewhere beside it.
+			if st, _, serr := a.state(ctx); serr == nil && monitorCode(st) != ocfNotRunning {
+				a.log.Warn("probe: the configuration does not name the resource for this node, but the daemon runs it",
+					"reason", err.reason, "state", st.String())
+				return monitorCode(st), nil
+			}
 			a.log.Info("probe: the resource is not configured for this node", "reason", err.reason)
 			return ocfNotRunning, nil
 		}

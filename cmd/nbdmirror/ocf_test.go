@@ -378,6 +378,9 @@ func TestOCF_Agent(t *testing.T) {
 		{action: "notify", env: []string{"OCF_RESKEY_CRM_meta_notify_type", "pre", "OCF_RESKEY_CRM_meta_notify_operation", "start"}, code: ocfSuccess},
 		{action: "reload", code: ocfErrUnimplemented, reason: `action "reload" is not implemented`},
 		{action: "promote", code: ocfSuccess, calls: []string{set + "10000"}},
+		// A probe with a configuration that cannot be read still sees
+		// what the daemon runs (and leaves the score alone).
+		{action: "monitor", env: []string{"OCF_RESKEY_config", "/nonexistent.conf", "OCF_RESKEY_CRM_meta_interval", "0"}, code: ocfRunningMaster},
 		// Start of a Primary demotes it.
 		{action: "start", code: ocfSuccess, calls: []string{set + "1000"}, cli: []string{"primary", "r0"}},
 		{action: "stop", code: ocfSuccess, calls: []string{del}},
