@@ -476,16 +476,30 @@ func (s *Session) fail(err error) {
 // stopped reading, a dead link: the reason would not get through).
 const closeWait = 100 * time.Millisecond
 
-// lockSoon locks mu unless it stays held for wait.
+// lockSoon locks mu unless that takes longer than wait. It waits in mu's
+// queue of lockers: polling with TryLock could lose to busy senders for
+// ever (TryLock fails while the mutex hands itself from waiter to waiter,
+// in its starvation mode). Given up, the lock is released as soon as it
+// comes: a goroutine waits for it until then, which the session's end
+// bounds (it closes the connection a stuck writer writes to).
 func lockSoon(mu *sync.Mutex, wait time.Duration) bool {
-	deadline := time.Now().Add(wait)
-	for !mu.TryLock() {
-		if time.Now().After(deadline) {
-			return false
-		}
-		time.Sleep(50 * time.Microsecond)
+	got := make(chan struct{})
+	go func() {
+		mu.Lock()
+		close(got)
+	}()
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	select {
+	case <-got:
+		return true
+	case <-t.C:
+		go func() {
+			<-got
+			mu.Unlock()
+		}()
+		return false
 	}
-	return true
 }
 
 // Close ends the session, telling the peer why, and waits for its

@@ -684,3 +684,50 @@ func TestSession_Versions(t *testing.T) {
 		})
 	}
 }
+
+// TestLockSoon_BusyLockers: Close's lock on a stream's writer is taken in
+// turn even while senders queue for it without pause (the mutex then hands
+// itself from waiter to waiter, and a TryLock poller would never get it),
+// and given up on a lock held past the wait, which is released later.
+func TestLockSoon_BusyLockers(t *testing.T) {
+	var mu sync.Mutex
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for range 4 {
+		wg.Go(func() {
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				mu.Lock()
+				time.Sleep(200 * time.Microsecond) // a write
+				mu.Unlock()
+			}
+		})
+	}
+	time.Sleep(20 * time.Millisecond) // the lockers queue
+	for i := range 20 {
+		if !lockSoon(&mu, time.Second) {
+			t.Fatalf("try %d: not locked within a second while four lockers take turns", i)
+		}
+		mu.Unlock()
+	}
+	close(stop)
+	wg.Wait()
+
+	mu.Lock() // a stuck writer
+	if lockSoon(&mu, 50*time.Millisecond) {
+		t.Fatal("locked while held")
+	}
+	mu.Unlock()
+	locked := make(chan struct{})
+	go func() { mu.Lock(); close(locked) }()
+	select {
+	case <-locked: // the abandoned lock was released once it came
+		mu.Unlock()
+	case <-time.After(10 * time.Second):
+		t.Fatal("the lock given up on was never released")
+	}
+}
