@@ -302,6 +302,14 @@ type fakePeer struct {
 
 func newFakePeer(t *testing.T, p *pair, st wire.State) *fakePeer {
 	t.Helper()
+	size := uint64(p.alpha.Size())
+	return handshakeFake(t, p, wire.Params{DiskSize: size, Size: size, Protocol: 'C', MaxEpoch: 2048}, st)
+}
+
+// handshakeFake is beta's side of a session with alpha, which has begun to
+// connect, up to the handshake's messages: params, st and alpha's UUIDs.
+func handshakeFake(t *testing.T, p *pair, params wire.Params, st wire.State) *fakePeer {
+	t.Helper()
 	cfg, err := p.beta.transportConfig()
 	if err != nil {
 		t.Fatal(err)
@@ -323,7 +331,7 @@ func newFakePeer(t *testing.T, p *pair, st wire.State) *fakePeer {
 	f := &fakePeer{tr: tr, s: s}
 	sb := p.alpha.md.Superblock()
 	for _, m := range []wire.Message{
-		wire.Params{DiskSize: uint64(p.alpha.Size()), Size: uint64(p.alpha.Size()), Protocol: 'C', MaxEpoch: 2048},
+		params,
 		st,
 		wire.UUIDs{Current: sb.UUIDs.Current &^ 1, Bitmap: sb.UUIDs.Bitmap, History: sb.UUIDs.History},
 	} {

@@ -1,7 +1,6 @@
 package replicator
 
 import (
-	"context"
 	"crypto/rand"
 	"encoding/binary"
 	"errors"
@@ -12,7 +11,6 @@ import (
 	"strings"
 	"syscall"
 	"testing"
-	"time"
 
 	"github.com/nbdmirror/nbdmirror/metadisk"
 	"github.com/nbdmirror/nbdmirror/replicator/wire"
@@ -579,33 +577,8 @@ func TestPair_ResizeGrowAtConnectResyncs(t *testing.T) {
 	if err := p.alpha.Connect(false); err != nil {
 		t.Fatal(err)
 	}
-	cfg, err := p.beta.transportConfig()
-	if err != nil {
-		t.Fatal(err)
-	}
-	tr, err := transport.New(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := tr.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { tr.Close() })
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	s, err := tr.Next(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	f := &fakePeer{tr: tr, s: s}
-	sb := p.alpha.md.Superblock()
-	for _, m := range []wire.Message{
-		wire.Params{DiskSize: uint64(big), Size: uint64(big), Protocol: 'C', MaxEpoch: 2048},
-		wire.State{Role: uint8(RolePrimary), Disk: uint8(UpToDate)},
-		wire.UUIDs{Current: sb.UUIDs.Current &^ 1, Bitmap: sb.UUIDs.Bitmap, History: sb.UUIDs.History},
-	} {
-		f.send(t, m)
-	}
+	handshakeFake(t, p, wire.Params{DiskSize: uint64(big), Size: uint64(big), Protocol: 'C', MaxEpoch: 2048},
+		wire.State{Role: uint8(RolePrimary), Disk: uint8(UpToDate)})
 	p.wait(p.alpha, "grown and past the handshake", func(s Snapshot) bool {
 		return s.SizeBytes == big && s.Conn > WFReportParams
 	})
