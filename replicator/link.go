@@ -274,6 +274,14 @@ func (r *Resource) runSession(ctx context.Context, s *transport.Session) (keep b
 	for r.promoting {
 		r.idle.Wait()
 	}
+	// A disconnect began (it cancels ctx under this lock's cover, after
+	// Disconnecting): a session the transport had already accepted does
+	// not get to handshake, and change this disk, meanwhile.
+	if ctx.Err() != nil || r.conn == Disconnecting {
+		r.mu.Unlock()
+		s.Close("disconnecting")
+		return false
+	}
 	p := newPeer(ctx, r, s)
 	r.p = p
 	r.setConn(WFReportParams)

@@ -424,6 +424,11 @@ func (p *peer) handshake() error {
 		}
 		return &errRefused{reason: msg}
 	}
+	// A disconnect that began during the handshake ends it here, before
+	// anything of the decision changes this node's metadata.
+	if p.ctx.Err() != nil {
+		return fmt.Errorf("%w: disconnecting", transport.ErrClosed)
+	}
 	// Accepted: the metadata takes the agreed size now (a refused
 	// connection changed nothing).
 	if err := p.applySize(plan); err != nil {
