@@ -48,6 +48,14 @@ type cluster struct {
 // metadata on both and starts both daemons.
 func newCluster(t *testing.T, size int64, opts string) *cluster {
 	t.Helper()
+	return newClusterDisks(t, size, opts, nil)
+}
+
+// newClusterDisks is newCluster with some nodes' disks given: disks maps a
+// node's name to the path of its disk (of size bytes), made by the test,
+// and "NAME:meta" to the path of its external metadata (else internal).
+func newClusterDisks(t *testing.T, size int64, opts string, disks map[string]string) *cluster {
+	t.Helper()
 	need(t, "nbdinfo")
 	h := newHosts(t)
 	c := &cluster{t: t, h: h, size: size}
@@ -55,14 +63,24 @@ func newCluster(t *testing.T, size int64, opts string) *cluster {
 	mk := func(name, ns string) *rnode {
 		dir := filepath.Join(base, name)
 		os.MkdirAll(dir, 0o755)
-		return &rnode{t: t, name: name, ns: ns, dir: dir, disk: sparseFile(t, dir, "d0", size),
+		disk := disks[name]
+		if disk == "" {
+			disk = sparseFile(t, dir, "d0", size)
+		}
+		return &rnode{t: t, name: name, ns: ns, dir: dir, disk: disk,
 			conf: filepath.Join(dir, "nbdmirror.conf"), run_: filepath.Join(dir, "run")}
+	}
+	meta := func(name string) string {
+		if m := disks[name+":meta"]; m != "" {
+			return m
+		}
+		return "internal"
 	}
 	c.alpha, c.beta = mk("alpha", h.nsA), mk("beta", h.nsB)
 	c.resourceConf = fmt.Sprintf("resource r0 {\n  %s\n"+
-		"  on alpha { disk %s; meta-disk internal; address %s:7789; }\n"+
-		"  on beta  { disk %s; meta-disk internal; address %s:7789; }\n}\n",
-		opts, c.alpha.disk, h.ipA, c.beta.disk, h.ipB)
+		"  on alpha { disk %s; meta-disk %s; address %s:7789; }\n"+
+		"  on beta  { disk %s; meta-disk %s; address %s:7789; }\n}\n",
+		opts, c.alpha.disk, meta("alpha"), h.ipA, c.beta.disk, meta("beta"), h.ipB)
 	for _, n := range c.nodes() {
 		if err := os.WriteFile(n.conf, []byte(c.resourceConf), 0o644); err != nil {
 			t.Fatal(err)

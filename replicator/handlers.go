@@ -322,22 +322,3 @@ func (b *boundedBuffer) String() string {
 	}
 	return b.b.String()
 }
-
-// diskFailed runs local-io-error, with `on-io-error call-local-io-error`,
-// at the first I/O error of the local disk since the attach (what the
-// error then does is unchanged: the request fails, a replicated write
-// ends the session). op names what failed.
-func (r *Resource) diskFailed(op string, err error) {
-	if err == nil || r.cfg.Disk.OnIOError != "call-local-io-error" {
-		return
-	}
-	r.mu.Lock()
-	if r.ioErrorReported {
-		r.mu.Unlock()
-		return
-	}
-	r.ioErrorReported = true
-	e := r.handlerEnvLocked("local-io-error", "NBDMIRROR_IO_ERROR="+op+": "+err.Error())
-	r.mu.Unlock()
-	r.spawnHandler(e)
-}

@@ -39,6 +39,9 @@ func (r *Resource) beginIO() (hold, error) {
 	if r.role != RolePrimary || r.md == nil {
 		return hold{}, ErrNotPrimary
 	}
+	if r.disk == Failed {
+		return hold{}, errDiskFailed
+	}
 	r.inflight++
 	h := hold{md: r.md, dev: r.dev, p: r.p, conn: r.conn}
 	switch {
@@ -88,9 +91,9 @@ func (r *Resource) ReadAt(p []byte, off int64) (int, error) {
 	if err := r.inside(off, int64(len(p)), false); err != nil {
 		return 0, err
 	}
-	r.local.Add(1)
+	r.localBegin()
 	n, err := x.dev.ReadAt(p, off)
-	r.local.Add(-1)
+	r.localEnd()
 	r.diskFailed("read", err)
 	r.read.Add(uint64(n))
 	r.appIO.Add(uint64(n))
@@ -152,8 +155,11 @@ func (r *Resource) modify(off, length int64, kind uint8, data []byte, fua bool, 
 		// A piece fits the activity log and one peer message (a TRIM of
 		// the whole device is sent in 32 MiB pieces).
 		n := min(length, off-off%bitmap.ExtentSize+maxSpan-off, wire.MaxData)
+		r.localBegin() // an activity-log transaction may write the metadata
 		span, err := x.md.BeginWrite(off, n)
+		r.localEnd()
 		if err != nil {
+			r.diskFailed("activity log", err)
 			return fmt.Errorf("%s: activity log: %w", r.name, err) // EIO to the client
 		}
 		var e *tlEntry
@@ -170,9 +176,9 @@ func (r *Resource) modify(off, length int64, kind uint8, data []byte, fua bool, 
 				x.p.announce(off, n)
 			}
 		}
-		r.local.Add(1)
+		r.localBegin()
 		err = do(x.dev, off, n)
-		r.local.Add(-1)
+		r.localEnd()
 		r.diskFailed("write", err)
 		if e != nil {
 			if err != nil {

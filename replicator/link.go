@@ -264,7 +264,7 @@ func (e *errRefused) Error() string { return e.reason }
 // connecting.
 func (r *Resource) runSession(ctx context.Context, s *transport.Session) (keep bool) {
 	r.mu.Lock()
-	if r.md == nil {
+	if r.md == nil || r.disk == Failed {
 		r.mu.Unlock()
 		s.Close("the peer has no disk here")
 		return true

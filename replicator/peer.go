@@ -226,6 +226,7 @@ func (p *peer) end(err error) bool {
 	}
 	r.mu.Lock()
 	r.p = nil
+	r.idle.Broadcast() // a failed disk's detach waits for the session's end
 	r.peerPaused = false
 	r.setPeerState(RoleUnknown, DUnknown)
 	var fenceEnv handlerEnv
@@ -363,25 +364,13 @@ func (p *peer) sendAfterHello(m func() wire.Message) bool {
 
 // handshake is WFReportParams (reference/drbd.md §3.4, §4.4): both sides
 // send their parameters, state and generations; each decides the same
-// way, mirrored. Application I/O waits meanwhile, so that no write falls
-// between the bitmap this node reports and the replication that follows.
+// way, mirrored. Application I/O waits from the peer's parameters on, so
+// that no write falls between the bitmap this node reports and the
+// replication that follows.
 func (p *peer) handshake() error {
 	r := p.r
-	r.freezeFor(p)
-	defer r.thawIfFrozenBy(p)
-	gen, uuids := p.generation()
-	mine := p.myParams()
-	p.tl.send.Lock()
-	for _, m := range []wire.Message{mine, p.myState(), uuids} {
-		if err := p.send(transport.Data, m); err != nil {
-			p.tl.send.Unlock()
-			return err
-		}
-	}
-	p.hello = true
-	p.tl.send.Unlock()
 	var msgs [3]wire.Message
-	for i, want := range []transport.Type{wire.TypeParams, wire.TypeState, wire.TypeUUIDs} {
+	recv := func(i int, want transport.Type) error {
 		m, err := p.recv(transport.Data)
 		if err != nil {
 			return peerRefusal(err)
@@ -390,6 +379,37 @@ func (p *peer) handshake() error {
 			return fmt.Errorf("%w: handshake message %d is of type %d, expected %d", transport.ErrProtocol, i, m.Type(), want)
 		}
 		msgs[i] = m
+		return nil
+	}
+	// The parameters first, with application I/O going on: a peer whose
+	// transport accepted the session but whose node never answers (its
+	// disk hangs, say) does not hold this node's I/O back.
+	mine := p.myParams()
+	p.tl.send.Lock()
+	err := p.send(transport.Data, mine)
+	p.tl.send.Unlock()
+	if err != nil {
+		return err
+	}
+	if err := recv(0, wire.TypeParams); err != nil {
+		return err
+	}
+	r.freezeFor(p)
+	defer r.thawIfFrozenBy(p)
+	gen, uuids := p.generation()
+	p.tl.send.Lock()
+	for _, m := range []wire.Message{p.myState(), uuids} {
+		if err := p.send(transport.Data, m); err != nil {
+			p.tl.send.Unlock()
+			return err
+		}
+	}
+	p.hello = true
+	p.tl.send.Unlock()
+	for i, want := range []transport.Type{wire.TypeState, wire.TypeUUIDs} {
+		if err := recv(i+1, want); err != nil {
+			return err
+		}
 	}
 	theirs, st, pu := msgs[0].(wire.Params), msgs[1].(wire.State), msgs[2].(wire.UUIDs)
 	p.theirs = theirs
@@ -712,10 +732,10 @@ func (p *peer) receiveWrite(m wire.Write, buf []byte) error {
 		ackWanted = false
 	}
 	direct := p.dev.Direct()
-	r.local.Add(1)
+	r.localBegin()
 	// done finishes the write once the disk has it (err: it has not).
 	done := func(err error) {
-		r.local.Add(-1)
+		r.localEnd()
 		if buf != nil {
 			m.Data = nil
 			p.s.Recycle(buf)

@@ -127,6 +127,14 @@ type Resource struct {
 	// ioErrorReported: local-io-error ran since the attach (once per
 	// attach); under mu.
 	ioErrorReported bool
+	// Disk failures (diskfail.go): localDone counts the requests on the
+	// disk that completed; detaching is true while a Failed disk is being
+	// detached (by a goroutine of bg); watchStop and watchDone, under mu,
+	// stop and await disk-timeout's watchdog of the current attach.
+	localDone            atomic.Uint64
+	detaching            bool
+	bg                   sync.WaitGroup
+	watchStop, watchDone chan struct{}
 
 	resizing resizeState // an online resize waiting for the peer (resize.go)
 	// live is the configuration in effect (conf, adjust.go); pending, under
@@ -350,6 +358,7 @@ func (r *Resource) attach() (err error) {
 	r.mdev, r.md, r.dev = mdev, md, dev
 	r.peerOutdated = sb.Flags&metadisk.FlagPeerOutdated != 0
 	r.ioErrorReported = false
+	r.startWatchLocked()
 	r.written.Store(0)
 	r.read.Store(0)
 	r.size.Store(size)
@@ -386,6 +395,9 @@ func (r *Resource) detach() error {
 		r.mu.Unlock()
 		return r.refuse(codeNoUpToDate, "a Primary without a peer cannot give up its disk: demote it first")
 	}
+	r.mu.Unlock()
+	r.stopWatch() // not across mu: the watchdog takes it
+	r.mu.Lock()
 	for r.inflight > 0 {
 		r.idle.Wait()
 	}
@@ -610,9 +622,15 @@ func (r *Resource) secondary() error {
 		r.idle.Wait()
 	}
 	md, dev := r.md, r.dev
+	failed := r.disk == Failed
+	if failed {
+		// A disk that timed out under the Primary: detached now, with
+		// nothing more asked of it here (the attach clears the role).
+		r.startDetachFailedLocked()
+	}
 	r.mu.Unlock()
 	defer r.change()
-	if md == nil {
+	if md == nil || failed {
 		return nil
 	}
 	// What the clients wrote is made durable before they lose the device.
@@ -999,6 +1017,7 @@ func (r *Resource) StopHandlers() { r.handlers.stop() }
 // recorded as Secondary: the next start comes up Secondary, as DRBD does.
 func (r *Resource) Stop() error {
 	r.StopHandlers()
+	r.bg.Wait() // a failed disk's detach
 	r.admin.Lock()
 	defer r.admin.Unlock()
 	r.mu.Lock()
@@ -1058,6 +1077,8 @@ func (r *Resource) Abandon() {
 			r.log.Error("the session did not end within 10 s of a hard stop")
 		}
 	}
+	r.bg.Wait() // a failed disk's detach, which the session's end lets go on
+	r.stopWatch()
 	r.mu.Lock()
 	r.role = RoleSecondary // no new requests
 	r.thawFencingLocked()

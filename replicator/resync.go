@@ -592,12 +592,13 @@ func (p *peer) serveResync(m wire.ResyncRequest) error {
 		defer unlock()
 		buf := make([]byte, n)
 		reply := wire.ResyncReply{ID: m.ID, Offset: m.Offset, Length: m.Length}
-		r.local.Add(1)
+		r.localBegin()
 		_, err := p.dev.ReadAt(buf, off)
-		r.local.Add(-1)
+		r.localEnd()
 		switch {
 		case err != nil:
 			r.log.Error("reading for the resync failed", "offset", off, "length", n, "err", err)
+			r.diskFailed("resync read", err)
 			reply.Status = wire.ReplyError
 		case digest != nil && len(m.Digests) > 0:
 			reply = csumsReply(reply, buf, m.Digests, m.DigestSize(), digest)
@@ -688,7 +689,7 @@ func (p *peer) receiveResyncReply(m wire.ResyncReply, buf []byte) error {
 			rs.mu.Unlock()
 			return
 		}
-		r.local.Add(1)
+		r.localBegin()
 		var err error
 		if m.Status == wire.ReplyPartial {
 			err = p.writePresent(m)
@@ -698,7 +699,7 @@ func (p *peer) receiveResyncReply(m wire.ResyncReply, buf []byte) error {
 		} else {
 			err = p.dev.WriteAt(m.Data, off, false)
 		}
-		r.local.Add(-1)
+		r.localEnd()
 		if err != nil {
 			r.log.Error("writing resync data failed", "offset", off, "length", n, "err", err)
 			r.diskFailed("resync write", err)

@@ -1,0 +1,303 @@
+//go:build integration
+
+package integration
+
+// Disks that fail (issue #8, rows D1–D3): a node's disk is a file that
+// nbdfuse serves from nbdkit, whose error filter fails requests while a
+// flag file exists and whose pause filter freezes them on command.
+
+import (
+	"bytes"
+	"crypto/rand"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// fuseDisk serves a fresh sparse image of size bytes through nbdkit with
+// the given filter arguments (e.g. "--filter=error", …, "file", IMG is
+// appended by the caller's args) as a plain file, and returns the file's
+// path; it is unmounted when the test ends. args are nbdkit's arguments
+// after the filters; "IMG" in them is replaced by the image's path.
+func fuseDisk(t *testing.T, dir string, size int64, args ...string) string {
+	t.Helper()
+	need(t, "nbdkit", "nbdfuse", "fusermount3")
+	img := sparseFile(t, dir, "lower.img", size)
+	mnt := filepath.Join(dir, "fuse")
+	os.MkdirAll(mnt, 0o755)
+	disk := filepath.Join(mnt, "disk")
+	for i, a := range args {
+		args[i] = strings.ReplaceAll(a, "IMG", img)
+	}
+	fuse := start(t, "nbdfuse", append([]string{disk, "--socket-activation", "nbdkit"}, args...)...)
+	t.Cleanup(func() {
+		exec.Command("fusermount3", "-u", mnt).Run()
+		select {
+		case <-fuse.done:
+		case <-time.After(20 * time.Second):
+			t.Errorf("nbdfuse on %s did not exit after the unmount", mnt)
+		}
+	})
+	eventually(t, 20*time.Second, "nbdfuse serving "+disk, func() (bool, string) {
+		fi, err := os.Stat(disk)
+		return err == nil && fi.Size() == size, fmt.Sprint(err)
+	})
+	return disk
+}
+
+// pauseCtl sends a command to nbdkit's pause filter ('p' pause, 'r'
+// resume) and waits for its answer (upper case: done).
+func pauseCtl(t *testing.T, sock string, cmd byte) {
+	t.Helper()
+	c, err := net.DialTimeout("unix", sock, 5*time.Second)
+	if err != nil {
+		t.Fatalf("pause control: %v", err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(30 * time.Second))
+	if _, err := c.Write([]byte{cmd}); err != nil {
+		t.Fatalf("pause control: %v", err)
+	}
+	var b [1]byte
+	if _, err := c.Read(b[:]); err != nil || b[0] != cmd-'a'+'A' {
+		t.Fatalf("pause control %q: answer %q, %v", cmd, b[:], err)
+	}
+}
+
+// writeBlocks writes count blocks of bs random bytes from block first on,
+// over one NBD connection to the node; each must succeed, within limit.
+func (n *rnode) writeBlocks(first, count int, bs int64, limit time.Duration) {
+	n.t.Helper()
+	rc := dialNBD(n.t, n.sock(), "r0")
+	defer rc.c.Close()
+	buf := make([]byte, bs)
+	for i := first; i < first+count; i++ {
+		rand.Read(buf)
+		start := time.Now()
+		if err := rc.writeErr(uint64(i), int64(i)*bs, buf); err != nil {
+			n.t.Fatalf("%s: write of block %d: %v", n.name, i, err)
+		}
+		if d := time.Since(start); d > limit {
+			n.t.Fatalf("%s: write of block %d took %v, want within %v", n.name, i, d, limit)
+		}
+	}
+	rc.send(n.t, 3, 1<<40, 0, 0, nil) // NBD_CMD_FLUSH
+	if e := rc.reply(n.t, 1<<40); e != 0 {
+		n.t.Fatalf("%s: flush: error %d", n.name, e)
+	}
+}
+
+// TestDiskFail_SecondaryEIO (D1): beta's disk fails every request while
+// alpha writes (on-io-error detach, the default). Beta goes Failed, then
+// Diskless, and keeps its connection loop; alpha's writes all succeed and
+// are marked out of sync, exactly the 2 MiB written after the fault. Once
+// the disk is healed, `attach` on beta resyncs exactly what alpha marked
+// (not the disk), and the disks end equal.
+func TestDiskFail_SecondaryEIO(t *testing.T) {
+	for _, proto := range []string{"A", "C"} {
+		t.Run("protocol "+proto, func(t *testing.T) {
+			dir := t.TempDir()
+			fail := filepath.Join(dir, "fail")
+			bdisk := fuseDisk(t, dir, 64*mib, "--filter=error", "file", "IMG", "error=EIO", "error-rate=100%", "error-file="+fail)
+			c := newClusterDisks(t, 64*mib, "net { protocol "+proto+"; } disk { c-plan-ahead 0; resync-rate 500M; }",
+				map[string]string{"beta": bdisk})
+			c.skipInitialSync()
+			const bs = 64 << 10
+			c.alpha.writeBlocks(0, 32, bs, 30*time.Second) // 2 MiB, flushed: on both disks
+			if st := c.alpha.status(); st.OutOfSyncBytes != 0 {
+				t.Fatalf("alpha marks %d bytes before the fault", st.OutOfSyncBytes)
+			}
+			if err := os.WriteFile(fail, nil, 0o644); err != nil {
+				t.Fatal(err)
+			}
+			detected := time.Now()
+			// The next 2 MiB: the first write that reaches beta fails there.
+			c.alpha.writeBlocks(32, 32, bs, 30*time.Second)
+			c.beta.waitState(30*time.Second, "", "Diskless", "")
+			t.Logf("beta Diskless %v after the fault", time.Since(detected).Round(time.Millisecond))
+			if log := c.beta.d.out.String(); !strings.Contains(log, "Local IO failed in replicated write. Detaching...") ||
+				!strings.Contains(log, "disk( UpToDate -> Failed )") || !strings.Contains(log, "disk( Failed -> Diskless )") {
+				t.Fatalf("beta's log lacks the detach after the I/O error:\n%s", tail(log, 40))
+			}
+			st := c.beta.status()
+			if st.CState == "StandAlone" {
+				t.Fatalf("beta stopped connecting after detaching: %+v", st)
+			}
+			a := c.alpha.waitState(30*time.Second, "", "UpToDate", "DUnknown")
+			const want = 32 * bs
+			if got := c.alpha.status().OutOfSyncBytes; got != want {
+				t.Fatalf("alpha marks %d bytes out of sync, want exactly the %d written after the fault (%+v)", got, want, a)
+			}
+			// More writes while beta is diskless: marked too.
+			c.alpha.writeBlocks(64, 16, bs, 30*time.Second)
+			if got := c.alpha.status().OutOfSyncBytes; got != want+16*bs {
+				t.Fatalf("alpha marks %d bytes out of sync, want %d", got, want+16*bs)
+			}
+			os.Remove(fail)
+			c.beta.must("attach", "r0")
+			c.beta.must("wait-connect", "--timeout", "60s", "r0")
+			c.beta.must("wait-sync", "--timeout", "2m", "r0")
+			c.beta.waitState(time.Minute, "Connected", "UpToDate", "UpToDate")
+			c.alpha.waitState(time.Minute, "Connected", "UpToDate", "UpToDate")
+			if got := c.beta.status().Counters.DW * 1024; got != want+16*bs {
+				t.Errorf("beta wrote %d bytes in the resync after the reattach, want exactly the %d marked", got, want+16*bs)
+			}
+			c.alpha.demote()
+			c.sameData()
+		})
+	}
+}
+
+// TestDiskFail_PrimaryEIO (D2): alpha's (the Primary's) disk fails. The
+// NBD client never gets success for data that landed nowhere: a failed
+// read or write gets EIO, and each failed write's blocks are marked out of
+// sync and resynced from beta, which has them, once the disk heals.
+// nbdmirror has no diskless Primary, so under any on-io-error a Primary
+// passes the errors on and keeps its disk.
+func TestDiskFail_PrimaryEIO(t *testing.T) {
+	dir := t.TempDir()
+	fail := filepath.Join(dir, "fail")
+	adisk := fuseDisk(t, dir, 64*mib, "--filter=error", "file", "IMG", "error=EIO", "error-rate=100%", "error-file="+fail)
+	// The metadata is on a healthy disk of its own: the data errors alone.
+	c := newClusterDisks(t, 64*mib, "net { protocol C; } disk { c-plan-ahead 0; resync-rate 500M; }",
+		map[string]string{"alpha": adisk, "alpha:meta": sparseFile(t, dir, "meta", 32*mib)})
+	c.skipInitialSync()
+	c.alpha.writeBlocks(0, 16, 64<<10, 30*time.Second)
+	if err := os.WriteFile(fail, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	rc := dialNBD(t, c.alpha.sock(), "r0")
+	data := bytes.Repeat([]byte{0xa5}, 64<<10)
+	err := rc.writeErr(1, 8*mib, data)
+	if err == nil || !strings.Contains(err.Error(), "error 5") {
+		t.Fatalf("a write to the failing disk: %v, want NBD error 5 (EIO)", err)
+	}
+	rc.send(t, 0, 2, 20*mib, 4096, nil) // a read of a block not cached
+	if e := rc.reply(t, 2); e != 5 {
+		t.Fatalf("a read from the failing disk: error %d, want EIO (5)", e)
+	}
+	st := c.alpha.status()
+	if st.Disk != "UpToDate" || st.Role != "Primary" {
+		t.Fatalf("alpha after the errors: %s %s, want Primary UpToDate (errors passed on)", st.Role, st.Disk)
+	}
+	if st.OutOfSyncBytes != 64<<10 {
+		t.Fatalf("alpha marks %d bytes out of sync, want the 65536 of the failed write", st.OutOfSyncBytes)
+	}
+	os.Remove(fail)
+	rc.c.Close()
+	// The failed write reached beta (it is replicated before the local
+	// write): beta has the data the client was told failed. A resync
+	// (alpha's marks) makes the disks equal again; demoted, alpha takes
+	// beta's copy of the marked blocks.
+	c.alpha.demote()
+	before := c.alpha.status().Counters.DW
+	c.alpha.must("invalidate", "--reset-bitmap=no", "r0")
+	c.alpha.must("wait-sync", "--timeout", "2m", "r0")
+	c.alpha.waitState(time.Minute, "Connected", "UpToDate", "UpToDate")
+	if got := (c.alpha.status().Counters.DW - before) * 1024; got != 64<<10 {
+		t.Errorf("alpha took %d bytes from beta, want the 65536 of the failed write", got)
+	}
+	c.sameData()
+}
+
+// TestDiskFail_SecondaryHung (D3): beta's disk stops answering (nbdkit's
+// pause filter) while alpha writes, with disk-timeout 2 s on beta. No
+// write of alpha's waits for more than a bound (protocol A: the send
+// buffer and beta's failure, not the hung disk, bound it); beta's disk
+// goes Failed once the timeout passed, the session ends and alpha marks
+// what beta did not confirm; when the disk answers again beta detaches,
+// and after `attach` the resync makes the disks equal.
+func TestDiskFail_SecondaryHung(t *testing.T) {
+	dir := t.TempDir()
+	ctl := filepath.Join(dir, "pause.sock")
+	bdisk := fuseDisk(t, dir, 64*mib, "--filter=pause", "file", "IMG", "pause-control="+ctl)
+	c := newClusterDisks(t, 64*mib, "net { protocol C; } disk { disk-timeout 20; c-plan-ahead 0; resync-rate 500M; }",
+		map[string]string{"beta": bdisk})
+	resumed := false
+	t.Cleanup(func() {
+		if !resumed {
+			pauseCtl(t, ctl, 'r')
+		}
+	})
+	c.skipInitialSync()
+	const bs = 64 << 10
+	c.alpha.writeBlocks(0, 16, bs, 30*time.Second)
+	pauseCtl(t, ctl, 'p')
+	paused := time.Now()
+	// Protocol C: the first write waits for beta, whose disk hangs, until
+	// disk-timeout fails beta's disk and the session; none waits longer
+	// than the timeout plus the detection's margin.
+	c.alpha.writeBlocks(16, 16, bs, 15*time.Second)
+	st := c.beta.waitState(30*time.Second, "", "Failed", "")
+	t.Logf("beta Failed %v after the disk froze (disk-timeout 2 s): %+v", time.Since(paused).Round(time.Millisecond), st.CState)
+	if log := c.beta.d.out.String(); !strings.Contains(log, "Local IO failed in disk-timeout") {
+		t.Fatalf("beta's log lacks the disk-timeout failure:\n%s", tail(log, 40))
+	}
+	c.alpha.waitState(30*time.Second, "", "UpToDate", "DUnknown")
+	if got := c.alpha.status().OutOfSyncBytes; got < bs || got > 16*bs {
+		t.Fatalf("alpha marks %d bytes, want between one write and the 16 written since the freeze", got)
+	}
+	pauseCtl(t, ctl, 'r')
+	resumed = true
+	c.beta.waitState(30*time.Second, "", "Diskless", "")
+	c.beta.must("attach", "r0")
+	c.beta.must("wait-connect", "--timeout", "60s", "r0")
+	c.beta.must("wait-sync", "--timeout", "2m", "r0")
+	c.beta.waitState(time.Minute, "Connected", "UpToDate", "UpToDate")
+	c.alpha.demote()
+	c.sameData()
+}
+
+// TestDiskFail_PrimaryMetadataEIO (D2, metadata): the Primary's disk,
+// which holds its internal metadata, fails writes. The write that needs
+// an activity-log transaction gets EIO; the metadata is then dead until
+// the next attach, so the disk goes Failed and every later request fails
+// at once (not after queueing). Demoted, alpha detaches; healed and
+// attached again it reconnects, and the resync makes the disks equal.
+func TestDiskFail_PrimaryMetadataEIO(t *testing.T) {
+	dir := t.TempDir()
+	fail := filepath.Join(dir, "fail")
+	adisk := fuseDisk(t, dir, 64*mib, "--filter=error", "file", "IMG", "error=EIO", "error-pwrite-rate=100%", "error-file="+fail)
+	c := newClusterDisks(t, 64*mib, "net { protocol C; } disk { c-plan-ahead 0; resync-rate 500M; }",
+		map[string]string{"alpha": adisk})
+	c.skipInitialSync()
+	c.alpha.writeBlocks(0, 16, 64<<10, 30*time.Second) // extent 0 is now in the activity log
+	if err := os.WriteFile(fail, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	rc := dialNBD(t, c.alpha.sock(), "r0")
+	// 40 MiB: an extent not in the activity log, so a transaction is written.
+	if err := rc.writeErr(1, 40*mib, make([]byte, 4096)); err == nil || !strings.Contains(err.Error(), "error 5") {
+		t.Fatalf("a write needing the failed metadata: %v, want NBD error 5 (EIO)", err)
+	}
+	st := c.alpha.waitState(30*time.Second, "", "Failed", "")
+	if st.Role != "Primary" {
+		t.Fatalf("alpha %s after its metadata failed, want Primary until demoted", st.Role)
+	}
+	for i, off := range []int64{0, 20 * mib} { // a hot extent too: nothing goes to the failed disk
+		start := time.Now()
+		err := rc.writeErr(uint64(2+i), off, make([]byte, 4096))
+		if err == nil || !strings.Contains(err.Error(), "error 5") {
+			t.Fatalf("a write at %d to the Failed disk: %v, want EIO", off, err)
+		}
+		if d := time.Since(start); d > 5*time.Second {
+			t.Fatalf("a write to the Failed disk took %v to fail, want at once", d)
+		}
+	}
+	rc.c.Close()
+	c.alpha.demote()
+	c.alpha.waitState(30*time.Second, "", "Diskless", "")
+	if b := c.beta.waitState(30*time.Second, "", "UpToDate", "DUnknown"); b.Role != "Secondary" {
+		t.Fatalf("beta: %+v", b)
+	}
+	os.Remove(fail)
+	c.alpha.must("attach", "r0")
+	c.alpha.waitState(time.Minute, "Connected", "UpToDate", "UpToDate")
+	c.beta.waitState(time.Minute, "Connected", "UpToDate", "UpToDate")
+	c.sameData()
+}
