@@ -10,6 +10,7 @@ import (
 	"bytes"
 	"crypto/rand"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -36,11 +37,22 @@ func fuseDisk(t *testing.T, dir string, size int64, args ...string) string {
 	}
 	fuse := start(t, "nbdfuse", append([]string{disk, "--socket-activation", "nbdkit"}, args...)...)
 	t.Cleanup(func() {
-		exec.Command("fusermount3", "-u", mnt).Run()
+		// The daemons were stopped first (cleanups run last-in first-out),
+		// but the kernel may release their files a moment later: busy
+		// unmounts are retried.
+		var out []byte
+		deadline := time.Now().Add(20 * time.Second)
+		for {
+			var err error
+			if out, err = exec.Command("fusermount3", "-u", mnt).CombinedOutput(); err == nil || time.Now().After(deadline) {
+				break
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
 		select {
 		case <-fuse.done:
 		case <-time.After(20 * time.Second):
-			t.Errorf("nbdfuse on %s did not exit after the unmount", mnt)
+			t.Errorf("nbdfuse on %s did not exit after the unmount (fusermount3: %s)", mnt, out)
 		}
 	})
 	eventually(t, 20*time.Second, "nbdfuse serving "+disk, func() (bool, string) {
@@ -153,18 +165,17 @@ func TestDiskFail_SecondaryEIO(t *testing.T) {
 	}
 }
 
-// TestDiskFail_PrimaryEIO (D2): alpha's (the Primary's) disk fails. The
-// NBD client never gets success for data that landed nowhere: a failed
-// read or write gets EIO, and each failed write's blocks are marked out of
-// sync and resynced from beta, which has them, once the disk heals.
-// nbdmirror has no diskless Primary, so under any on-io-error a Primary
-// passes the errors on and keeps its disk.
-func TestDiskFail_PrimaryEIO(t *testing.T) {
+// TestDiskFail_PrimaryPassOn (D2, pass_on): alpha's (the Primary's) disk
+// fails. The NBD client never gets success for data that landed nowhere:
+// a failed read or write gets EIO, and each failed write's blocks are
+// marked out of sync and resynced from beta, which has them, once the
+// disk heals.
+func TestDiskFail_PrimaryPassOn(t *testing.T) {
 	dir := t.TempDir()
 	fail := filepath.Join(dir, "fail")
 	adisk := fuseDisk(t, dir, 64*mib, "--filter=error", "file", "IMG", "error=EIO", "error-rate=100%", "error-file="+fail)
 	// The metadata is on a healthy disk of its own: the data errors alone.
-	c := newClusterDisks(t, 64*mib, "net { protocol C; } disk { c-plan-ahead 0; resync-rate 500M; }",
+	c := newClusterDisks(t, 64*mib, "net { protocol C; } disk { on-io-error pass_on; c-plan-ahead 0; resync-rate 500M; }",
 		map[string]string{"alpha": adisk, "alpha:meta": sparseFile(t, dir, "meta", 32*mib)})
 	c.skipInitialSync()
 	c.alpha.writeBlocks(0, 16, 64<<10, 30*time.Second)
@@ -201,6 +212,100 @@ func TestDiskFail_PrimaryEIO(t *testing.T) {
 	c.alpha.waitState(time.Minute, "Connected", "UpToDate", "UpToDate")
 	if got := (c.alpha.status().Counters.DW - before) * 1024; got != 64<<10 {
 		t.Errorf("alpha took %d bytes from beta, want the 65536 of the failed write", got)
+	}
+	c.sameData()
+}
+
+// readBlock reads n bytes at off through rc (NBD_CMD_READ, handle h).
+func readBlock(t *testing.T, rc *rawClient, h uint64, off int64, n int) []byte {
+	t.Helper()
+	rc.send(t, 0, h, uint64(off), uint32(n), nil)
+	if e := rc.reply(t, h); e != 0 {
+		t.Fatalf("NBD read of %d bytes at %d: error %d", n, off, e)
+	}
+	buf := make([]byte, n)
+	if _, err := io.ReadFull(rc.r, buf); err != nil {
+		t.Fatal(err)
+	}
+	return buf
+}
+
+// TestDiskFail_DisklessPrimary (D2, detach): alpha's disk, with its
+// internal metadata, fails every request while alpha is Primary and beta
+// UpToDate. With on-io-error detach (the default) the client sees no
+// error at all: alpha detaches and serves reads and writes from beta's
+// disk (Primary, Diskless/UpToDate). Beta starts a new generation and
+// marks every write it takes meanwhile. Demoted, alpha ends its session;
+// its disk healed and attached, it resyncs as SyncTarget what beta marked
+// (and its own activity log), not the disk.
+func TestDiskFail_DisklessPrimary(t *testing.T) {
+	dir := t.TempDir()
+	fail := filepath.Join(dir, "fail")
+	adisk := fuseDisk(t, dir, 64*mib, "--filter=error", "file", "IMG", "error=EIO", "error-rate=100%", "error-file="+fail)
+	c := newClusterDisks(t, 64*mib, "net { protocol A; } disk { c-plan-ahead 0; resync-rate 500M; }",
+		map[string]string{"alpha": adisk})
+	c.skipInitialSync()
+	const bs = 64 << 10
+	rc := dialNBD(t, c.alpha.sock(), "r0")
+	first := bytes.Repeat([]byte{0x11}, bs)
+	if err := rc.writeErr(1, 0, first); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(fail, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	// 8 MiB: a new activity-log extent, whose transaction fails.
+	second := bytes.Repeat([]byte{0x22}, bs)
+	if err := rc.writeErr(2, 8*mib, second); err != nil {
+		t.Fatalf("a write when the disk failed: %v, want success through the peer", err)
+	}
+	st := c.alpha.waitState(30*time.Second, "Connected", "Diskless", "UpToDate")
+	if st.Role != "Primary" {
+		t.Fatalf("alpha: %+v, want a diskless Primary", st)
+	}
+	if got := readBlock(t, rc, 3, 8*mib, bs); !bytes.Equal(got, second) {
+		t.Fatalf("reading back the write through the peer: %x…", got[:8])
+	}
+	if got := readBlock(t, rc, 4, 0, bs); !bytes.Equal(got, first) {
+		t.Fatalf("reading the older write through the peer: %x…", got[:8])
+	}
+	// More writes and a flush, served by beta: 1 MiB at 16 MiB.
+	for i := range 16 {
+		if err := rc.writeErr(uint64(10+i), 16*mib+int64(i)*bs, bytes.Repeat([]byte{byte(i)}, bs)); err != nil {
+			t.Fatalf("write %d through the peer: %v", i, err)
+		}
+	}
+	rc.send(t, 3, 99, 0, 0, nil)
+	if e := rc.reply(t, 99); e != 0 {
+		t.Fatalf("flush through the peer: error %d", e)
+	}
+	b := c.beta.status()
+	if want := uint64(bs + 16*bs); b.OutOfSyncBytes < want || b.OutOfSyncBytes > want+bs {
+		t.Fatalf("beta marks %d bytes, want the %d written since alpha's disk was detached", b.OutOfSyncBytes, want)
+	}
+	if log := c.beta.d.out.String(); !strings.Contains(log, "the Primary's disk is detached: new current UUID") {
+		t.Fatalf("beta did not start a new generation:\n%s", tail(log, 30))
+	}
+	if log := c.alpha.d.out.String(); !strings.Contains(log, "this Primary serves reads and writes from the peer's disk") {
+		t.Fatalf("alpha's log lacks the switch:\n%s", tail(log, 30))
+	}
+	rc.c.Close()
+	marked := b.OutOfSyncBytes
+	c.alpha.demote()
+	c.alpha.waitState(30*time.Second, "", "Diskless", "")
+	code, _, errOut := c.alpha.cli("primary", "r0")
+	if code == 0 {
+		t.Fatalf("a demoted diskless node was promoted")
+	}
+	t.Logf("promoting the diskless node: %s", strings.TrimSpace(errOut))
+	os.Remove(fail)
+	c.alpha.must("attach", "r0")
+	c.alpha.waitState(time.Minute, "Connected", "UpToDate", "UpToDate")
+	c.beta.waitState(time.Minute, "Connected", "UpToDate", "UpToDate")
+	got := c.alpha.status().Counters.DW * 1024
+	t.Logf("alpha resynced %d bytes; beta had marked %d", got, marked)
+	if got < marked || got > marked+2*4*mib {
+		t.Errorf("alpha resynced %d bytes, want beta's %d marked plus at most its own two activity-log extents", got, marked)
 	}
 	c.sameData()
 }
@@ -253,17 +358,19 @@ func TestDiskFail_SecondaryHung(t *testing.T) {
 	c.sameData()
 }
 
-// TestDiskFail_PrimaryMetadataEIO (D2, metadata): the Primary's disk,
-// which holds its internal metadata, fails writes. The write that needs
-// an activity-log transaction gets EIO; the metadata is then dead until
-// the next attach, so the disk goes Failed and every later request fails
-// at once (not after queueing). Demoted, alpha detaches; healed and
-// attached again it reconnects, and the resync makes the disks equal.
+// TestDiskFail_PrimaryMetadataEIO (D2, metadata, pass_on): the Primary's
+// disk, which holds its internal metadata, fails writes. With pass_on the
+// Primary does not go diskless, but metadata errors fail the disk under
+// every policy: the write that needs an activity-log transaction gets
+// EIO, the metadata is dead until the next attach, so the disk goes
+// Failed and every later request fails at once (not after queueing).
+// Demoted, alpha detaches; healed and attached again it reconnects, and
+// the resync makes the disks equal.
 func TestDiskFail_PrimaryMetadataEIO(t *testing.T) {
 	dir := t.TempDir()
 	fail := filepath.Join(dir, "fail")
 	adisk := fuseDisk(t, dir, 64*mib, "--filter=error", "file", "IMG", "error=EIO", "error-pwrite-rate=100%", "error-file="+fail)
-	c := newClusterDisks(t, 64*mib, "net { protocol C; } disk { c-plan-ahead 0; resync-rate 500M; }",
+	c := newClusterDisks(t, 64*mib, "net { protocol C; } disk { on-io-error pass_on; c-plan-ahead 0; resync-rate 500M; }",
 		map[string]string{"alpha": adisk})
 	c.skipInitialSync()
 	c.alpha.writeBlocks(0, 16, 64<<10, 30*time.Second) // extent 0 is now in the activity log

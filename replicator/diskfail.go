@@ -16,7 +16,8 @@ import (
 //
 //   - pass_on: the error goes to whoever asked (an NBD client gets EIO,
 //     a replicated write ends the session so that the Primary marks it)
-//     and the blocks are marked out of sync; the disk stays attached.
+//     and the blocks are marked out of sync; the disk stays attached. A
+//     Secondary's disk becomes Inconsistent (it may lack a write).
 //   - detach (the default) and call-local-io-error (which also runs the
 //     local-io-error handler): the disk goes Failed at once, the session
 //     ends (the Primary keeps the blocks this node did not confirm in its
@@ -24,14 +25,15 @@ import (
 //     detached (Diskless). The connection loop keeps running: after
 //     `attach` the next handshake resyncs what the two bitmaps name.
 //
-// A Primary has no peer to serve its I/O from when its disk is gone
-// (nbdmirror has no diskless Primary), so a Primary's data errors are
-// passed on whatever the policy. Its disk goes Failed only when it cannot
-// go on at all: its metadata failed (every write would need it), or the
-// disk stopped answering (disk-timeout); new requests then fail at once
+// A Primary Connected to an UpToDate peer detaches and serves from the
+// peer's disk (diskless.go). Without such a peer (or with pass_on) its
+// data errors are passed on; its disk goes Failed only when it cannot go
+// on at all: its metadata failed (every write would need it), or the disk
+// stopped answering (disk-timeout); new requests then fail at once
 // instead of queueing behind the hung ones. Demoted, such a node detaches.
 //
-// Metadata I/O errors detach under every policy.
+// Metadata I/O errors (seen by watchedDevice) and failed flushes (which
+// may have lost acknowledged writes) detach under every policy.
 //
 // disk-timeout: a watchdog started at attach treats the disk as failed
 // when requests are in flight on it (data or activity log) and none has
@@ -69,19 +71,43 @@ func (r *Resource) diskFailed(op string, err error) {
 		e := r.handlerEnvLocked("local-io-error", "NBDMIRROR_IO_ERROR="+op+": "+err.Error())
 		handler = &e
 	}
-	// Metadata that failed stays failed until the next attach
-	// (metadisk.ErrFailed): every policy detaches, as DRBD's does.
-	dead := errors.Is(err, ErrDiskTimeout) || errors.Is(err, metadisk.ErrFailed)
-	fail := r.disk > Failed && (dead || policy != "pass_on" && r.role != RolePrimary)
-	if fail {
+	timedOut := errors.Is(err, ErrDiskTimeout)
+	// Dead: nothing more can be asked of this disk. Metadata that failed
+	// stays failed until the next attach (metadisk.ErrFailed), and a
+	// failed flush may have lost writes already acknowledged.
+	dead := timedOut || errors.Is(err, metadisk.ErrFailed) || op == "flush"
+	divert := r.disk > Failed && r.canDivertLocked(policy, timedOut) // diskless.go
+	fail := r.disk > Failed && (dead || divert || policy != "pass_on" && r.role != RolePrimary)
+	// pass_on on a Secondary: the disk may lack a write the Primary has,
+	// so it is no longer up to date (DRBD: Inconsistent).
+	stale := !fail && policy == "pass_on" && r.role != RolePrimary && r.disk > Inconsistent && r.md != nil
+	switch {
+	case fail:
 		r.setState(r.role, Failed)
 		r.log.Error(fmt.Sprintf("Local IO failed in %s. Detaching...", op), "err", err)
-		if r.role != RolePrimary {
+		switch {
+		case divert:
+			r.startDivertLocked()
+		case r.role != RolePrimary:
 			r.startDetachFailedLocked()
+		default:
+			r.goBackground(r.sendState) // the peer learns that this disk failed
 		}
+	case stale:
+		r.setState(r.role, Inconsistent)
+		r.log.Error(fmt.Sprintf("Local IO failed in %s: the disk is Inconsistent (on-io-error pass_on)", op), "err", err)
+		md := r.md
+		r.goBackground(func() {
+			if err := md.UpdateSuperblock(func(sb *metadisk.Superblock) {
+				sb.Flags &^= metadisk.FlagConsistent | metadisk.FlagWasUpToDate
+			}); err != nil {
+				r.log.Error("recording the Inconsistent disk in the metadata failed", "err", err)
+			}
+			r.sendState()
+		})
 	}
 	r.mu.Unlock()
-	if fail {
+	if fail || stale {
 		r.change()
 	}
 	if handler != nil {
@@ -89,40 +115,64 @@ func (r *Resource) diskFailed(op string, err error) {
 	}
 }
 
-// startDetachFailedLocked detaches a Failed disk in the background; call
-// with mu held.
+// goBackground runs f in a goroutine of bg, unless the resource stops;
+// it reports whether f runs.
+func (r *Resource) goBackground(f func()) bool {
+	r.bgMu.Lock()
+	defer r.bgMu.Unlock()
+	if r.stopping {
+		return false
+	}
+	r.bg.Add(1)
+	go func() {
+		defer r.bg.Done()
+		f()
+	}()
+	return true
+}
+
+// startDetachFailedLocked ends the session (it uses the disk) and
+// detaches the Failed disk in the background; call with mu held.
 func (r *Resource) startDetachFailedLocked() {
+	if p := r.p; p != nil {
+		// The peer stops sending at once; the writes this node did not
+		// confirm stay marked on the Primary.
+		r.goBackground(func() { p.fail(errors.New("the disk failed here")) })
+	}
 	if r.detaching {
 		return
 	}
 	r.detaching = true
-	p := r.p
-	r.bg.Add(1)
-	go func() {
-		defer r.bg.Done()
-		r.detachFailed(p)
-	}()
+	r.goBackground(r.detachFailed)
 }
 
-// detachFailed ends the session p (if any: it uses the disk), waits for
-// its end and detaches the Failed disk; the connection loop goes on and
-// closes sessions until the disk is attached again.
-func (r *Resource) detachFailed(p *peer) {
-	if p != nil {
-		// The peer stops sending at once; the writes this node did not
-		// confirm stay marked on the Primary.
+// detachFailed waits for the session to end and detaches the Failed disk;
+// the connection loop goes on and closes sessions until the disk is
+// attached again. The session's end may wait for a request hung on the
+// disk: the admin lock is taken only after it.
+func (r *Resource) detachFailed() {
+	for {
+		r.mu.Lock()
+		for r.p != nil && r.disk == Failed {
+			r.idle.Wait()
+		}
+		r.mu.Unlock()
+		r.admin.Lock()
+		r.mu.Lock()
+		if r.p == nil || r.disk != Failed {
+			break
+		}
+		// A new session began meanwhile: end it too.
+		p := r.p
+		r.mu.Unlock()
+		r.admin.Unlock()
 		p.fail(errors.New("the disk failed here"))
 	}
-	r.admin.Lock()
 	defer r.admin.Unlock()
-	r.mu.Lock()
 	defer func() {
 		r.detaching = false
 		r.mu.Unlock()
 	}()
-	for r.p != nil && r.disk == Failed {
-		r.idle.Wait()
-	}
 	if r.disk != Failed || r.role == RolePrimary {
 		return // detached, or promoted, meanwhile
 	}
@@ -132,6 +182,48 @@ func (r *Resource) detachFailed(p *peer) {
 	if err != nil {
 		r.log.Error("detaching the failed disk", "err", err)
 	}
+}
+
+// watchedDevice is the metadata device as the resource uses it: each
+// request on it counts as in flight on the disk (disk-timeout), and an
+// error fails the disk (every policy detaches on metadata errors).
+type watchedDevice struct {
+	d metadisk.Device
+	r *Resource
+}
+
+func (w watchedDevice) ReadAt(p []byte, off int64) (int, error) {
+	w.r.localBegin()
+	n, err := w.d.ReadAt(p, off)
+	w.r.localEnd()
+	w.failed(err)
+	return n, err
+}
+
+func (w watchedDevice) WriteAt(p []byte, off int64) (int, error) {
+	w.r.localBegin()
+	n, err := w.d.WriteAt(p, off)
+	w.r.localEnd()
+	w.failed(err)
+	return n, err
+}
+
+func (w watchedDevice) Sync() error {
+	w.r.localBegin()
+	err := w.d.Sync()
+	w.r.localEnd()
+	w.failed(err)
+	return err
+}
+
+// failed reports a metadata I/O error in the background: the metadata
+// package calls the device with its own locks held.
+func (w watchedDevice) failed(err error) {
+	if err == nil {
+		return
+	}
+	r := w.r
+	r.goBackground(func() { r.diskFailed("metadata", fmt.Errorf("%w: %w", metadisk.ErrFailed, err)) })
 }
 
 // watchDisk is disk-timeout's watchdog of one attach: it fails the disk

@@ -1,9 +1,12 @@
 package replicator
 
 import (
+	"context"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/nbdmirror/nbdmirror/transport"
 )
 
 // TestWatchDisk: disk-timeout's watchdog fails (and then detaches) a
@@ -27,6 +30,7 @@ func TestWatchDisk(t *testing.T) {
 				r.localBegin()
 				r.localEnd()
 			}
+			r.localEnd()
 		}, false},
 	}
 	for _, tc := range tests {
@@ -60,5 +64,52 @@ func TestWatchDisk(t *testing.T) {
 				time.Sleep(10 * time.Millisecond)
 			}
 		})
+	}
+}
+
+// TestPair_HandshakeWaitsForParams: a peer whose transport accepted the
+// session but whose node sends nothing (its disk hangs, say) does not hold
+// the Primary's writes back; they are marked meanwhile. With the I/O
+// freeze at the handshake's start, the write waited for the handshake's
+// 30 s limit.
+func TestPair_HandshakeWaitsForParams(t *testing.T) {
+	p := newPair(t, "net { protocol C; }")
+	if err := p.alpha.Primary(true); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.alpha.Connect(false); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := p.beta.transportConfig()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr, err := transport.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := tr.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { tr.Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if _, err := tr.Next(ctx); err != nil {
+		t.Fatal(err)
+	}
+	p.wait(p.alpha, "WFReportParams", func(s Snapshot) bool { return s.Conn == WFReportParams })
+	before := p.alpha.Snapshot().OutOfSyncBytes
+	done := make(chan error, 1)
+	go func() { done <- p.alpha.WriteAt(make([]byte, 4096), 1<<20, false) }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("a write waited for a peer that sent no parameters")
+	}
+	if got := p.alpha.Snapshot().OutOfSyncBytes - before; got != 4096 {
+		t.Fatalf("the write marked %d bytes, want 4096", got)
 	}
 }

@@ -24,6 +24,9 @@ type hold struct {
 	p     *peer // the session, if any
 	ahead bool  // Ahead: mark and announce, do not replicate
 	conn  ConnState
+	// remote: a diskless Primary's request, served by the peer's disk
+	// (diskless.go); md and dev are nil.
+	remote bool
 }
 
 // beginIO admits an application request: only on a Primary with a disk.
@@ -36,7 +39,17 @@ func (r *Resource) beginIO() (hold, error) {
 		r.idle.Wait()
 		r.waitingIO--
 	}
-	if r.role != RolePrimary || r.md == nil {
+	if r.role != RolePrimary {
+		return hold{}, ErrNotPrimary
+	}
+	if r.remote {
+		if r.p == nil || r.p.ending || r.conn != Connected || r.peerDisk != UpToDate {
+			return hold{}, errNoData
+		}
+		r.inflight++
+		return hold{p: r.p, tl: r.p.tl, c: true, conn: r.conn, remote: true}, nil
+	}
+	if r.md == nil {
 		return hold{}, ErrNotPrimary
 	}
 	if r.disk == Failed {
@@ -81,8 +94,18 @@ func (r *Resource) inside(off, n int64, write bool) error {
 	return fmt.Errorf("replicator: %s: %d bytes at %d reach past the end of the device (%d bytes): %w", r.name, n, off, size, errno)
 }
 
-// ReadAt reads from the local disk.
+// ReadAt reads from the local disk, or from the peer's on a diskless
+// Primary.
 func (r *Resource) ReadAt(p []byte, off int64) (int, error) {
+	var n int
+	err := r.retryDiverted(func() (err error) {
+		n, err = r.readAt(p, off)
+		return err
+	})
+	return n, err
+}
+
+func (r *Resource) readAt(p []byte, off int64) (int, error) {
 	x, err := r.beginIO()
 	if err != nil {
 		return 0, err
@@ -91,12 +114,23 @@ func (r *Resource) ReadAt(p []byte, off int64) (int, error) {
 	if err := r.inside(off, int64(len(p)), false); err != nil {
 		return 0, err
 	}
+	if x.remote {
+		if err := x.p.readRemote(p, off); err != nil {
+			return 0, err
+		}
+		return len(p), nil
+	}
 	r.localBegin()
 	n, err := x.dev.ReadAt(p, off)
 	r.localEnd()
-	r.diskFailed("read", err)
 	r.read.Add(uint64(n))
 	r.appIO.Add(uint64(n))
+	if err != nil {
+		r.diskFailed("read", err)
+		if r.diverting() {
+			return 0, errDiverted
+		}
+	}
 	return n, err
 }
 
@@ -106,22 +140,28 @@ func (r *Resource) ReadAt(p []byte, off int64) (int, error) {
 // blocks are marked out of sync. With fua the data is durable here when
 // WriteAt returns; under protocol C it is also on the peer.
 func (r *Resource) WriteAt(p []byte, off int64, fua bool) error {
-	return r.modify(off, int64(len(p)), wire.WriteData, p, fua, func(dev *blockdev.Device, o, n int64) error {
-		return dev.WriteAt(p[o-off:o-off+n], o, fua)
+	return r.retryDiverted(func() error {
+		return r.modify(off, int64(len(p)), wire.WriteData, p, fua, func(dev *blockdev.Device, o, n int64) error {
+			return dev.WriteAt(p[o-off:o-off+n], o, fua)
+		})
 	})
 }
 
 // Trim discards a range on the local disk and the peer's.
 func (r *Resource) Trim(off, length int64, fua bool) error {
-	return r.modify(off, length, wire.WriteTrim, nil, fua, func(dev *blockdev.Device, o, n int64) error {
-		return dev.Trim(o, n, fua)
+	return r.retryDiverted(func() error {
+		return r.modify(off, length, wire.WriteTrim, nil, fua, func(dev *blockdev.Device, o, n int64) error {
+			return dev.Trim(o, n, fua)
+		})
 	})
 }
 
 // WriteZeroes zeroes a range on the local disk and the peer's.
 func (r *Resource) WriteZeroes(off, length int64, noHole, fua bool) error {
-	return r.modify(off, length, wire.WriteZeroes, nil, fua, func(dev *blockdev.Device, o, n int64) error {
-		return dev.WriteZeroes(o, n, noHole, fua)
+	return r.retryDiverted(func() error {
+		return r.modify(off, length, wire.WriteZeroes, nil, fua, func(dev *blockdev.Device, o, n int64) error {
+			return dev.WriteZeroes(o, n, noHole, fua)
+		})
 	})
 }
 
@@ -142,6 +182,9 @@ func (r *Resource) modify(off, length int64, kind uint8, data []byte, fua bool, 
 	}
 	unlock := r.ranges.lock(off, length)
 	defer unlock()
+	if x.remote {
+		return r.modifyRemote(x, off, length, kind, data, fua)
+	}
 	if x.conn == Connected {
 		if congested, why := r.congested(x.p, x.md); congested {
 			r.goAhead(x.p, why)
@@ -155,11 +198,13 @@ func (r *Resource) modify(off, length int64, kind uint8, data []byte, fua bool, 
 		// A piece fits the activity log and one peer message (a TRIM of
 		// the whole device is sent in 32 MiB pieces).
 		n := min(length, off-off%bitmap.ExtentSize+maxSpan-off, wire.MaxData)
-		r.localBegin() // an activity-log transaction may write the metadata
-		span, err := x.md.BeginWrite(off, n)
-		r.localEnd()
+		span, err := x.md.BeginWrite(off, n) // its metadata I/O is watched (watchedDevice)
 		if err != nil {
 			r.diskFailed("activity log", err)
+			r.complete(x, sent)
+			if r.diverting() {
+				return errDiverted
+			}
 			return fmt.Errorf("%s: activity log: %w", r.name, err) // EIO to the client
 		}
 		var e *tlEntry
@@ -192,6 +237,9 @@ func (r *Resource) modify(off, length int64, kind uint8, data []byte, fua bool, 
 		}
 		if err != nil {
 			r.complete(x, sent)
+			if r.diverting() {
+				return errDiverted
+			}
 			return err
 		}
 		r.written.Add(uint64(n))
@@ -200,6 +248,41 @@ func (r *Resource) modify(off, length int64, kind uint8, data []byte, fua bool, 
 	}
 	r.complete(x, sent)
 	return nil
+}
+
+// modifyRemote is modify on a diskless Primary: each piece goes to the
+// peer only, and the request completes once the peer wrote every piece.
+// A piece never crosses an activity-log extent: the peer covers each with
+// its own log, whose size this node does not know.
+func (r *Resource) modifyRemote(x hold, off, length int64, kind uint8, data []byte, fua bool) error {
+	start := off
+	var sent []*tlEntry
+	var err error
+	for length > 0 {
+		n := min(length, bitmap.ExtentSize-off%bitmap.ExtentSize, wire.MaxData)
+		var piece []byte
+		if data != nil {
+			piece = data[off-start : off-start+n]
+		}
+		e := x.tl.submit(off, n, metadisk.Span{}, kind, fua, piece)
+		if e == nil {
+			err = errNoData
+			break
+		}
+		x.tl.localDone(e)
+		sent = append(sent, e)
+		off, length = off+n, length-n
+	}
+	r.complete(x, sent)
+	for _, e := range sent {
+		switch {
+		case e.unacked:
+			return errNoData
+		case e.ackFailed:
+			return fmt.Errorf("%s: the peer failed a write of %d bytes at %d: %w", r.name, e.n, e.off, syscall.EIO)
+		}
+	}
+	return err
 }
 
 // complete finishes a replicated request for the application: under
@@ -218,13 +301,33 @@ func (r *Resource) complete(x hold, sent []*tlEntry) {
 // the epoch; under protocol C it also waits for the peer's barrier ack,
 // i.e. until those writes are durable on the peer.
 func (r *Resource) Flush() error {
+	return r.retryDiverted(r.flush)
+}
+
+func (r *Resource) flush() error {
 	x, err := r.beginIO()
 	if err != nil {
 		return err
 	}
 	defer r.endIO()
-	if err := x.dev.Flush(); err != nil {
+	if x.remote {
+		// The peer makes every write it acked durable.
+		if done := x.tl.barrierNow(false, true); done != nil {
+			<-done
+		}
+		if x.tl.isLost() {
+			return errNoData
+		}
+		return nil
+	}
+	r.localBegin()
+	err = x.dev.Flush()
+	r.localEnd()
+	if err != nil {
 		r.diskFailed("flush", err)
+		if r.diverting() {
+			return errDiverted
+		}
 		return err
 	}
 	if x.tl == nil {

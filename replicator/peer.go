@@ -67,6 +67,11 @@ type peer struct {
 
 	rs     *resync          // the running resync, nil if none (under r.mu)
 	served map[[2]int64]int // resync ranges served, not yet acked (data loop only)
+
+	// Reads of a diskless Primary waiting for the peer (diskless.go).
+	readMu sync.Mutex
+	readID uint64
+	reads  map[uint64]chan wire.ReadReply
 }
 
 // Bounds of work done for the peer at once.
@@ -264,6 +269,7 @@ func (p *peer) end(err error) bool {
 	if err := p.md.FlushBitmap(); err != nil {
 		r.log.Error("writing the bitmap after the connection loss failed", "err", err)
 	}
+	r.closeDetached(p) // a diskless Primary's detached metadata, now unused
 	r.change()
 	if fenceEnv.name != "" {
 		// Before the next connection attempt: its handshake would thaw.
@@ -631,8 +637,13 @@ func (p *peer) handle(m wire.Message) error {
 	switch m := m.(type) {
 	case wire.State:
 		r.mu.Lock()
+		lostDisk := DiskState(m.Disk) == Diskless && r.peerDisk >= Inconsistent && Role(m.Role) == RolePrimary &&
+			r.role == RoleSecondary && r.disk == UpToDate
 		r.setPeerState(Role(m.Role), DiskState(m.Disk))
 		r.mu.Unlock()
+		if lostDisk {
+			p.peerLostDisk()
+		}
 		r.change()
 	case wire.Write:
 		return p.receiveWrite(m, nil)
@@ -658,6 +669,10 @@ func (p *peer) handle(m wire.Message) error {
 		return p.receiveOutOfSync(m)
 	case wire.Sizes:
 		return p.receiveSizes(m)
+	case wire.ReadRequest:
+		return p.serveRead(m)
+	case wire.ReadReply:
+		return p.receiveReadReply(m)
 	default:
 		return protoErr("message type %d on the data stream", m.Type())
 	}
@@ -684,7 +699,7 @@ type recvEpoch struct {
 func (p *peer) receiveWrite(m wire.Write, buf []byte) error {
 	r := p.r
 	r.mu.Lock()
-	role, peerRole := r.role, r.peerRole
+	role, peerRole, peerDiskless := r.role, r.peerRole, r.peerDisk == Diskless
 	r.mu.Unlock()
 	ep := p.epoch
 	switch {
@@ -701,6 +716,19 @@ func (p *peer) receiveWrite(m wire.Write, buf []byte) error {
 		return err
 	}
 	off, n := int64(m.Offset), int64(m.Length)
+	// A diskless Primary's writes are on this disk only: each is marked
+	// (the detached disk lacks it), under the activity log so that a
+	// crash here cannot lose the mark.
+	var span metadisk.Span
+	if peerDiskless {
+		s, err := p.md.BeginWrite(off, n)
+		if err != nil {
+			r.diskFailed("activity log", err)
+			return fmt.Errorf("the activity log for a diskless Primary's write: %w", err)
+		}
+		p.md.MarkOutOfSync(off, n)
+		span = s
+	}
 	unlock := p.recvLock.lock(off, n)
 	ep.writes++
 	// One token per MiB of data (trims and zeroes carry none): at most
@@ -717,6 +745,9 @@ func (p *peer) receiveWrite(m wire.Write, buf []byte) error {
 				<-p.apply
 			}
 			unlock()
+			if peerDiskless {
+				p.md.EndWrite(span)
+			}
 			return p.ctx.Err()
 		}
 	}
@@ -736,6 +767,9 @@ func (p *peer) receiveWrite(m wire.Write, buf []byte) error {
 	// done finishes the write once the disk has it (err: it has not).
 	done := func(err error) {
 		r.localEnd()
+		if peerDiskless {
+			p.md.EndWrite(span)
+		}
 		if buf != nil {
 			m.Data = nil
 			p.s.Recycle(buf)
@@ -974,7 +1008,10 @@ func (p *peer) flusher() {
 		}
 		if dirty && p.r.cfg.Disk.DiskFlushes {
 			last = time.Now()
-			if err := p.dev.Flush(); err != nil {
+			p.r.localBegin()
+			err := p.dev.Flush()
+			p.r.localEnd()
+			if err != nil {
 				p.r.diskFailed("flush", err)
 				p.fail(fmt.Errorf("flushing the disk at a barrier: %w", err))
 				return

@@ -131,9 +131,22 @@ type Resource struct {
 	// disk that completed; detaching is true while a Failed disk is being
 	// detached (by a goroutine of bg); watchStop and watchDone, under mu,
 	// stop and await disk-timeout's watchdog of the current attach.
-	localDone            atomic.Uint64
-	detaching            bool
+	localDone atomic.Uint64
+	detaching bool
+	// The diskless Primary (diskless.go), under mu: divert while the
+	// switch to the peer's disk runs (divertDone is closed when it ends),
+	// remote once this Primary serves from the peer; the detached disk's
+	// metadata, kept open for session detachedBy until it ends.
+	divert, remote bool
+	divertDone     chan struct{}
+	detachedMD     *metadisk.Meta
+	detachedMdev   *MetaDevice
+	detachedBy     *peer
+	// bg owns the background work of disk failures; once stopping (under
+	// bgMu) is set, it takes none.
 	bg                   sync.WaitGroup
+	bgMu                 sync.Mutex
+	stopping             bool
 	watchStop, watchDone chan struct{}
 
 	resizing resizeState // an online resize waiting for the peer (resize.go)
@@ -253,6 +266,12 @@ func (r *Resource) setState(role Role, disk DiskState) {
 	if role != r.role {
 		parts = append(parts, fmt.Sprintf("role( %s -> %s )", r.role, role))
 	}
+	if r.disk == Failed && disk != Diskless {
+		// A failed disk only goes: detached (diskfail.go), never back
+		// by a state change racing its failure (a resync's end, a
+		// promotion).
+		disk = Failed
+	}
 	if disk != r.disk {
 		parts = append(parts, fmt.Sprintf("disk( %s -> %s )", r.disk, disk))
 	}
@@ -270,10 +289,13 @@ func (r *Resource) Attach() error {
 	r.admin.Lock()
 	defer r.admin.Unlock()
 	r.mu.Lock()
-	disk := r.disk
+	disk, role := r.disk, r.role
 	r.mu.Unlock()
 	if disk != Diskless {
 		return r.refuse(codeAttached, "")
+	}
+	if role == RolePrimary {
+		return r.refuse(codeInUse, "a diskless Primary serves from its peer: demote it first; attached then, the disk is resynced as SyncTarget")
 	}
 	r.applyPending() // what adjust kept for down/up
 	r.mu.Lock()
@@ -299,7 +321,7 @@ func (r *Resource) attach() (err error) {
 			mdev.Close()
 		}
 	}()
-	md, err := metadisk.Open(mdev.File, mdev.Layout, metadisk.Options{Logger: r.log,
+	md, err := metadisk.Open(watchedDevice{mdev.File, r}, mdev.Layout, metadisk.Options{Logger: r.log,
 		ALExtents: r.cfg.Disk.ALExtents, NoFlush: !r.cfg.Disk.MDFlushes})
 	if err != nil {
 		return fmt.Errorf("%s: attach: metadata on %s: %w", r.name, mdev.Path, err)
@@ -623,14 +645,30 @@ func (r *Resource) secondary() error {
 	}
 	md, dev := r.md, r.dev
 	failed := r.disk == Failed
-	if failed {
-		// A disk that timed out under the Primary: detached now, with
-		// nothing more asked of it here (the attach clears the role).
-		r.startDetachFailedLocked()
+	var remote *peer
+	if r.remote {
+		// A diskless Primary demoted: its session ends (a diskless
+		// Secondary does not replicate) once the peer knows, and the
+		// node connects again when a disk is attached.
+		r.remote, remote = false, r.p
 	}
 	r.mu.Unlock()
 	defer r.change()
-	if md == nil || failed {
+	if remote != nil {
+		r.demotePeerSync()
+		remote.fail(errors.New("the node is diskless: it reconnects once a disk is attached"))
+	}
+	if failed {
+		// A disk that failed under the Primary: detached now, with
+		// nothing more asked of it here (the attach clears the role),
+		// once the peer knows of the demotion.
+		r.demotePeerSync()
+		r.mu.Lock()
+		r.startDetachFailedLocked()
+		r.mu.Unlock()
+		return nil
+	}
+	if md == nil {
 		return nil
 	}
 	// What the clients wrote is made durable before they lose the device.
@@ -1017,7 +1055,11 @@ func (r *Resource) StopHandlers() { r.handlers.stop() }
 // recorded as Secondary: the next start comes up Secondary, as DRBD does.
 func (r *Resource) Stop() error {
 	r.StopHandlers()
+	r.bgMu.Lock()
+	r.stopping = true // no new background work (diskfail.go)
+	r.bgMu.Unlock()
 	r.bg.Wait() // a failed disk's detach
+	defer r.closeDetached(nil)
 	r.admin.Lock()
 	defer r.admin.Unlock()
 	r.mu.Lock()
@@ -1077,7 +1119,22 @@ func (r *Resource) Abandon() {
 			r.log.Error("the session did not end within 10 s of a hard stop")
 		}
 	}
-	r.bg.Wait() // a failed disk's detach, which the session's end lets go on
+	r.bgMu.Lock()
+	r.stopping = true
+	r.bgMu.Unlock()
+	// A failed disk's detach, which the session's end lets go on; it may
+	// wait on a disk that hangs, which a hard stop does not.
+	bgDone := make(chan struct{})
+	go func() {
+		r.bg.Wait()
+		close(bgDone)
+	}()
+	select {
+	case <-bgDone:
+	case <-time.After(10 * time.Second):
+		r.log.Error("a failed disk's detach did not end within 10 s of a hard stop")
+	}
+	r.closeDetached(nil)
 	r.stopWatch()
 	r.mu.Lock()
 	r.role = RoleSecondary // no new requests

@@ -509,7 +509,11 @@ func (p *peer) commitResync(rs *resync, final bool) error {
 	if len(landed) == 0 && !final {
 		return nil
 	}
-	if err := p.dev.Flush(); err != nil {
+	p.r.localBegin()
+	err := p.dev.Flush()
+	p.r.localEnd()
+	if err != nil {
+		p.r.diskFailed("flush", err)
 		return fmt.Errorf("flushing resync data: %w", err)
 	}
 	for _, l := range landed {

@@ -24,8 +24,12 @@ type tlEntry struct {
 	span       metadisk.Span
 	local      bool          // the local disk write finished
 	net        bool          // barrier-acked, or marked out of sync at a loss
-	acked      chan struct{} // closed on the peer's write ack, or at a loss (protocol C)
+	acked      chan struct{} // closed on the peer's write ack, or at a loss (protocol C, or remote)
 	ackFailed  bool          // the peer could not write it
+	// remote: a diskless Primary's write, on the peer only: no activity
+	// log, no marks; it waits for its write ack (unacked: the session
+	// ended first).
+	remote, unacked bool
 }
 
 // tlEpoch is the writes of one epoch, awaiting their barrier ack.
@@ -54,6 +58,7 @@ type tlog struct {
 
 	mu      sync.Mutex
 	lost    bool // the session ended: nothing more is sent or logged
+	remote  bool // the Primary's disk is detached: writes go to the peer only (diskless.go)
 	seq     uint64
 	closing bool       // a write of the open epoch completed: close it before the next
 	epochs  []*tlEpoch // oldest first; the last is the open one
@@ -109,8 +114,9 @@ func (t *tlog) submit(off, n int64, span metadisk.Span, kind uint8, fua bool, da
 	}
 	t.seq++
 	ep := t.open()
-	e := &tlEntry{seq: t.seq, epoch: ep.num, off: off, n: n, span: span}
-	if t.ackC {
+	e := &tlEntry{seq: t.seq, epoch: ep.num, off: off, n: n, span: span, remote: t.remote}
+	wantAck := t.ackC || t.remote
+	if wantAck {
 		e.acked = make(chan struct{})
 		t.bySeq[e.seq] = e
 	}
@@ -124,7 +130,7 @@ func (t *tlog) submit(off, n int64, span metadisk.Span, kind uint8, fua bool, da
 	if fua {
 		w.Flags |= wire.WriteFUA
 	}
-	if t.ackC {
+	if wantAck {
 		w.Flags |= wire.WriteAckWanted
 	}
 	ms := []wire.Message{w}
@@ -171,7 +177,7 @@ func encodeAll(ms []wire.Message, sent *atomic.Uint64) []transport.Out {
 func (t *tlog) localDone(e *tlEntry) {
 	t.mu.Lock()
 	e.local = true
-	if e.net {
+	if e.net && !e.remote {
 		t.md.EndWrite(e.span)
 	}
 	t.mu.Unlock()
@@ -241,26 +247,27 @@ func (t *tlog) barrierAck(a wire.BarrierAck) error {
 	}
 	// Checked before anything changes: a refused ack leaves the log whole
 	// for lose() to mark.
-	if t.ackC {
-		for _, e := range ep.entries {
-			select {
-			case <-e.acked:
-			default:
-				return fmt.Errorf("%w: barrier ack for epoch %d before the write ack of write %d", transport.ErrProtocol, a.Epoch, e.seq)
-			}
+	for _, e := range ep.entries {
+		if e.acked == nil {
+			continue
+		}
+		select {
+		case <-e.acked:
+		default:
+			return fmt.Errorf("%w: barrier ack for epoch %d before the write ack of write %d", transport.ErrProtocol, a.Epoch, e.seq)
 		}
 	}
 	t.epochs = t.epochs[1:]
 	for _, e := range ep.entries {
-		if t.ackC {
+		if e.acked != nil {
 			delete(t.bySeq, e.seq)
-			if e.ackFailed {
+			if e.ackFailed && !e.remote {
 				t.md.MarkOutOfSync(e.off, e.n)
 			}
 		}
 		e.net = true
 		t.pending -= e.n
-		if e.local {
+		if e.local && !e.remote {
 			t.md.EndWrite(e.span)
 		}
 	}
@@ -302,16 +309,19 @@ func (t *tlog) lose() int64 {
 	var marked int64
 	for _, ep := range t.epochs {
 		for _, e := range ep.entries {
-			t.md.MarkOutOfSync(e.off, e.n)
-			marked += e.n
+			if !e.remote {
+				t.md.MarkOutOfSync(e.off, e.n)
+				marked += e.n
+			}
 			e.net = true
-			if e.local {
+			if e.local && !e.remote {
 				t.md.EndWrite(e.span)
 			}
-			if t.ackC {
+			if e.acked != nil {
 				select {
 				case <-e.acked:
 				default:
+					e.unacked = true
 					close(e.acked)
 				}
 			}
@@ -351,4 +361,19 @@ func (t *tlog) entriesInFlight() int64 {
 		n += int64(len(ep.entries))
 	}
 	return n
+}
+
+// goRemote makes every later write a remote one (the Primary's disk is
+// detached); call once no write of the local disk is in the log.
+func (t *tlog) goRemote() {
+	t.mu.Lock()
+	t.remote = true
+	t.mu.Unlock()
+}
+
+// isLost reports whether the session ended.
+func (t *tlog) isLost() bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.lost
 }

@@ -223,7 +223,11 @@ func (p *peer) verifyBlock(rs *resync, b uint64, buf []byte, digest func([]byte)
 	off := int64(b) * bitmap.BlockSize
 	unlock := p.r.ranges.lock(off, bitmap.BlockSize)
 	defer unlock()
-	if _, err := p.dev.ReadAt(buf, off); err != nil {
+	p.r.localBegin()
+	_, err := p.dev.ReadAt(buf, off)
+	p.r.localEnd()
+	if err != nil {
+		p.r.diskFailed("verify read", err)
 		return false, fmt.Errorf("verify: reading block %d: %w", b, err)
 	}
 	rs.mu.Lock()
@@ -323,8 +327,11 @@ func (p *peer) serveVerify(m wire.VerifyRequest) error {
 	buf := make([]byte, m.Length)
 	off := int64(m.Offset)
 	unlock := p.recvLock.lock(off, int64(m.Length))
+	r.localBegin()
 	_, err := p.dev.ReadAt(buf, off)
+	r.localEnd()
 	unlock()
+	r.diskFailed("verify read", err)
 	st := uint8(wire.VerifyEqual)
 	switch {
 	case err != nil:

@@ -224,10 +224,10 @@ func TestAuth_Refusals(t *testing.T) {
 			c.hc.send(typeHello, h.appendBinary(nil))
 			c.expectRefused()
 		}, "asked for resource r9"},
-		{"no common version", "k", versionRefused(5, 9), "the peer speaks 5-9, this node 2-4"},
+		{"no common version", "k", versionRefused(6, 9), "the peer speaks 6-9, this node 2-5"},
 		// Version 1 (xxhash64 on every frame) frames its HELLO as every
 		// version does, so a version-1 node is refused, not garbled.
-		{"version 1", "k", versionRefused(1, 1), "the peer speaks 1-1, this node 2-4"},
+		{"version 1", "k", versionRefused(1, 1), "the peer speaks 1-1, this node 2-5"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

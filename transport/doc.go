@@ -144,7 +144,10 @@
 // either may be upgraded first. Version 4 frames as version 3 does; it
 // says that the application accepts frame types added with it (the
 // replicator's Sizes, type 32, for online resize), which a node sends
-// only on a session of version 4 or newer. A later version must keep HELLO's first 16 bytes,
+// only on a session of version 4 or newer. Version 5, likewise, adds the
+// replicator's ReadRequest and ReadReply (types 33 and 34: reads through
+// the peer for a Primary whose disk was detached). A later version must
+// keep HELLO's first 16 bytes,
 // the handshake frames' checksum and the REFUSE frame, so that two
 // versions can agree or refuse cleanly.
 package transport

@@ -17,7 +17,7 @@ import (
 // Protocol versions this implementation speaks (see doc.go, "Versions").
 const (
 	VersionMin = 2
-	VersionMax = 4
+	VersionMax = 5
 )
 
 // Handshake constants. Part of the wire format.

@@ -11,7 +11,7 @@
 //
 //	Data     Params, State, UUIDs, Bitmap, SyncUUID, Write, Barrier,
 //	         ResyncRequest, ResyncReply, ResyncAck, VerifyRequest,
-//	         OutOfSync, Command, Sizes
+//	         OutOfSync, Command, Sizes, ReadRequest, ReadReply
 //	Control  BarrierAck, WriteAck, VerifyReply
 //
 // ResyncAck travels on the data stream so that the target's last acks
@@ -179,6 +179,24 @@
 //	            none past the range
 //	22+m   n    data: length bytes with status 0, the marked blocks in
 //	            order with status 3, none otherwise
+//
+// ReadRequest (33), sent only on sessions of transport version 5 and up:
+//
+//	offset size field
+//	0      1    version: 1
+//	1      8    id
+//	9      8    offset in bytes (any alignment)
+//	17     4    length in bytes: 1..MaxData
+//
+// ReadReply (34), likewise:
+//
+//	offset size field
+//	0      1    version: 1
+//	1      8    id of the request
+//	9      8    offset in bytes
+//	17     4    length in bytes: 1..MaxData
+//	21     1    status: 0 data, 1 error
+//	22     n    data: length bytes with status 0, none otherwise
 //
 // ResyncAck (27) and VerifyReply (29):
 //

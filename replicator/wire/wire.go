@@ -36,7 +36,7 @@ const (
 )
 
 // typeEnd is one past the last message type.
-const typeEnd = TypeSizes + 1
+const typeEnd = TypeReadReply + 1
 
 // Bounds. Part of the wire format.
 const (
@@ -147,6 +147,10 @@ func Decode(t transport.Type, p []byte) (Message, error) {
 		return decodeCommand(p)
 	case TypeSizes:
 		return decodeSizes(p)
+	case TypeReadRequest:
+		return decodeReadRequest(p)
+	case TypeReadReply:
+		return decodeReadReply(p)
 	}
 	return nil, fmt.Errorf("wire: unknown message type %d: %w", t, ErrMalformed)
 }

@@ -83,6 +83,10 @@ func samples() []sample {
 		{"sizes-reply", Sizes{Kind: SizesReply, Disk: MaxSize, Size: 0}},
 		{"sizes-done-failed", Sizes{Kind: SizesDone, Status: SizesFailed, Disk: 4096, Size: 8192}},
 		{"sizes-done-marked", Sizes{Kind: SizesDone, Status: SizesMarked, Size: 1 << 30}},
+		{"read-request", ReadRequest{ID: 1, Offset: 12345, Length: 3}},
+		{"read-request-max", ReadRequest{ID: math.MaxUint64, Offset: math.MaxUint64 - MaxData, Length: MaxData}},
+		{"read-reply", ReadReply{ID: 1, Offset: 512, Length: 512, Status: ReadOK, Data: data}},
+		{"read-reply-error", ReadReply{ID: 2, Offset: 1, Length: 7, Status: ReadError}},
 	}
 }
 
@@ -119,8 +123,8 @@ func normalize(m Message) Message {
 
 func TestTypes(t *testing.T) {
 	ts := Types()
-	if len(ts) != 17 {
-		t.Fatalf("Types() has %d types, want 17", len(ts))
+	if len(ts) != 19 {
+		t.Fatalf("Types() has %d types, want 19", len(ts))
 	}
 	covered := map[transport.Type]bool{}
 	for _, s := range samples() {
@@ -134,8 +138,9 @@ func TestTypes(t *testing.T) {
 			t.Errorf("type %d has no sample", ty)
 		}
 	}
-	if TypeCommand != 31 || TypeWrite != 21 || TypeSizes != 32 {
-		t.Errorf("types renumbered: Write %d, Command %d, Sizes %d", TypeWrite, TypeCommand, TypeSizes)
+	if TypeCommand != 31 || TypeWrite != 21 || TypeSizes != 32 || TypeReadRequest != 33 || TypeReadReply != 34 {
+		t.Errorf("types renumbered: Write %d, Command %d, Sizes %d, ReadRequest %d, ReadReply %d", TypeWrite, TypeCommand,
+			TypeSizes, TypeReadRequest, TypeReadReply)
 	}
 }
 
@@ -285,9 +290,15 @@ func malformedCases() []bad {
 		bad{"unknown-type-0", 0, []byte{1}, "unknown message type 0"},
 		bad{"unknown-type-9", 9, []byte{1}, "unknown message type 9"},
 		bad{"unknown-type-15", 15, []byte{1}, "unknown message type 15"},
-		bad{"unknown-type-33", 33, []byte{1}, "unknown message type 33"},
+		bad{"unknown-type-35", 35, []byte{1}, "unknown message type 35"},
 		bad{"unknown-type-max", math.MaxUint16, nil, "unknown message type"},
 
+		enc("read-request-length-0", ReadRequest{ID: 1, Offset: 0, Length: 0}, "ReadRequest: length 0"),
+		enc("read-request-long", ReadRequest{ID: 1, Length: MaxData + 1}, "ReadRequest: length 33554433 above"),
+		enc("read-request-overflow", ReadRequest{ID: 1, Offset: math.MaxUint64 - 1, Length: 2}, "ReadRequest: offset 18446744073709551614 + length 2 overflows"),
+		enc("read-reply-status", ReadReply{ID: 1, Length: 1, Status: 2}, "ReadReply: status 2 unknown"),
+		enc("read-reply-short", ReadReply{ID: 1, Length: 512, Status: ReadOK, Data: data[:511]}, "ReadReply: data of 511 bytes for length 512"),
+		enc("read-reply-error-data", ReadReply{ID: 1, Length: 512, Status: ReadError, Data: data}, "ReadReply: data of 512 bytes with status 1"),
 		enc("params-protocol-D", params(func(m *Params) { m.Protocol = 'D' }), "Params: protocol 'D'"),
 		enc("params-protocol-0", params(func(m *Params) { m.Protocol = 0 }), "Params: protocol"),
 		enc("params-after-sb-0pri", params(func(m *Params) { m.AfterSB0 = 8 }), "after-sb-0pri 8"),
