@@ -31,12 +31,16 @@ type conn struct {
 	remote string
 	since  time.Time
 	export *Export // set before transmission starts
+	// negotiates: the connection starts with a negotiation (not a kernel
+	// attach, which comes with its export).
+	negotiates bool
 
 	mu       sync.Mutex
 	inXmit   bool    // transmission phase reached
 	chosen   *Export // the export the client was told it may use (it counts as a client from then on)
 	stopping bool    // Shutdown asked the connection to end
 	killed   bool    // Close ended the connection
+	evicted  bool    // closed while negotiating to make room for a new one
 
 	lim      budget         // this connection's in-flight requests and bytes
 	work     chan work      // validated requests for the workers
@@ -48,7 +52,7 @@ type conn struct {
 }
 
 func newConn(s *Server, nc net.Conn, exp *Export) *conn {
-	c := &conn{srv: s, nc: nc, remote: remoteAddr(nc), since: time.Now(), export: exp}
+	c := &conn{srv: s, nc: nc, remote: remoteAddr(nc), since: time.Now(), export: exp, negotiates: exp == nil}
 	c.log = s.log.With("remote", c.remote)
 	c.lim.init(s.MaxInFlight, s.MaxInFlightBytes)
 	c.work = make(chan work) // unbuffered: a request goes only to a worker that is free
@@ -76,7 +80,7 @@ func (c *conn) serve() {
 		exp, err := c.negotiate()
 		if err != nil {
 			c.nc.Close()
-			if errors.Is(err, errAborted) || errors.Is(err, io.EOF) {
+			if stopping, _ := c.wasStopped(); stopping || errors.Is(err, errAborted) || errors.Is(err, io.EOF) || c.wasEvicted() {
 				c.log.Debug("nbd negotiation ended by client", "err", err)
 			} else {
 				c.log.Info("nbd negotiation failed", "err", err)
@@ -126,6 +130,33 @@ func (c *conn) startTransmission() bool {
 	}
 	c.inXmit = true
 	return true
+}
+
+// negotiatingSince reports when a connection still negotiating (no export
+// chosen, not stopping) began.
+func (c *conn) negotiatingSince() (time.Time, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.since, !c.inXmit && c.chosen == nil && !c.stopping && !c.evicted && c.negotiates
+}
+
+// evict closes a connection still negotiating (Server.evictStalledLocked);
+// it reports false if the connection got further meanwhile.
+func (c *conn) evict() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.inXmit || c.chosen != nil || c.stopping || c.evicted || !c.negotiates {
+		return false
+	}
+	c.evicted = true
+	c.nc.Close()
+	return true
+}
+
+func (c *conn) wasEvicted() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.evicted
 }
 
 // stop asks the connection to end gracefully (Server.Shutdown).

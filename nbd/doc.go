@@ -102,7 +102,11 @@
 // at the limit the server stops reading (backpressure). Replies are written
 // whole by one goroutine at a time and batched into one writev under
 // pipelined load and when handlers finish together (see replyWriter). Negotiation must finish within
-// HandshakeTimeout, and at most MaxConns connections are open.
+// HandshakeTimeout, and at most MaxConns connections are open. At that
+// limit a new connection replaces the oldest one that has been negotiating
+// for a quarter of HandshakeTimeout or more (a client stalling in
+// negotiation cannot lock others out, CVE-2024-7409); without one it is
+// closed at once. Connections in transmission are never evicted.
 //
 // FLUSH calls Backend.Flush, which covers writes completed on every
 // connection; that is what CAN_MULTI_CONN promises. DISC finishes the
