@@ -39,13 +39,13 @@ func (m *Main) daemonCommand() *cli.Command {
 			"--up names them. SIGINT or SIGTERM stops gracefully (requests in flight finish, disks are " +
 			"flushed, bitmaps written, metadata marked clean); a second signal stops at once, leaving " +
 			"the metadata to be recovered from the activity log.",
-		Flags: []cli.Flag{
+		Flags: append([]cli.Flag{
 			&cli.StringSliceFlag{Name: "nbd-listen", EnvVars: []string{"NBDMIRROR_NBD_LISTEN"},
 				Usage: "serve NBD on `ADDR`: unix:PATH or HOST:PORT (repeatable; default unix:<run-dir>/nbd.sock)"},
 			&cli.StringSliceFlag{Name: "up", Usage: "bring `RES` up at start (repeatable; all for every resource)"},
 			&cli.StringFlag{Name: "metrics-listen", EnvVars: []string{"NBDMIRROR_METRICS_LISTEN"},
 				Usage: "serve Prometheus metrics at http://`HOST:PORT`/metrics (default: none)"},
-		},
+		}, nbdLimitFlags()...),
 		Action: m.daemon,
 	}
 }
@@ -132,6 +132,10 @@ func (m *Main) daemon(c *cli.Context) error {
 			return failf(ExitConfigInvalid, "nbdmirror daemon: --up %s: no resource %s in %s", name, name, cfg.Files[0])
 		}
 	}
+	d.srv = &nbd.Server{Catalog: d, Logger: log}
+	if err := nbdLimits(c, d.srv); err != nil {
+		return err
+	}
 	if err := os.MkdirAll(d.runDir, 0o755); err != nil {
 		return failf(ExitFailed, "nbdmirror daemon: run directory: %v", err)
 	}
@@ -159,7 +163,6 @@ func (m *Main) daemon(c *cli.Context) error {
 		}
 		nbdLs = append(nbdLs, l)
 	}
-	d.srv = &nbd.Server{Catalog: d, Logger: log}
 	if addr := c.String("metrics-listen"); addr != "" {
 		l, err := net.Listen("tcp", addr)
 		if err != nil {
