@@ -1,15 +1,20 @@
 package main
 
 import (
+	"bufio"
 	"context"
 	"errors"
+	"fmt"
 	"io"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 )
 
 // TestMain lets a test run the CLI in a child process with other
@@ -175,5 +180,120 @@ func TestDaemon_ControlSocketAccess(t *testing.T) {
 				t.Errorf("root after the refusals: %q", out)
 			}
 		})
+	}
+}
+
+// rawControl sends raw bytes to the control socket, half-closes unless
+// stall, and returns the answer's status code and body.
+func rawControl(t *testing.T, sock, raw string, stall bool) (int, string) {
+	t.Helper()
+	c, err := net.Dial("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.SetDeadline(time.Now().Add(30 * time.Second))
+	defer c.Close()
+	// Written beside the reading: the daemon may answer (and close)
+	// before an oversized request is all sent.
+	wrote := make(chan struct{})
+	go func() {
+		defer close(wrote)
+		if _, err := io.WriteString(c, raw); err == nil && !stall {
+			c.(*net.UnixConn).CloseWrite()
+		}
+	}()
+	defer func() { <-wrote }()
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatalf("answer to %.60q: %v", raw, err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("answer body to %.60q: %v", raw, err)
+	}
+	return resp.StatusCode, strings.TrimSpace(string(body))
+}
+
+// post is a verb request with the body given and a Content-Length of
+// declared (len(body) if negative).
+func post(path, body string, declared int) string {
+	if declared < 0 {
+		declared = len(body)
+	}
+	return fmt.Sprintf("POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s", path, declared, body)
+}
+
+// TestDaemon_ControlHostileRequests: malformed, oversized, truncated and
+// stalled requests, unknown verbs and paths, and arguments of the wrong
+// type each get an error answer, never a crash or a hang, and the daemon
+// keeps serving.
+func TestDaemon_ControlHostileRequests(t *testing.T) {
+	old := controlBodyTimeout
+	controlBodyTimeout = 500 * time.Millisecond
+	t.Cleanup(func() { controlBodyTimeout = old })
+	d := startDaemon(t)
+	sock := filepath.Join(d.runDir, "control.sock")
+	const primary = "/v1/resources/r0/primary"
+	for _, tc := range []struct {
+		name   string
+		raw    string
+		status int
+		want   string // the body; "" for net/http's own answers
+		stall  bool   // keep the connection open after sending
+	}{
+		{name: "stalled mid-body", raw: post(primary, `{"force":`, 100), stall: true, status: 408,
+			want: `{"error":"request body: not complete within 500ms","code":1}`},
+		{"malformed JSON", post(primary, `{"force":`, -1), 400, `{"error":"request body: truncated","code":1}`, false},
+		{"not JSON", post(primary, `force=1`, -1), 400,
+			`{"error":"request body: invalid character 'o' in literal false (expecting 'a')","code":1}`, false},
+		{"wrong type", post(primary, `{"force":"yes"}`, -1), 400,
+			`{"error":"request body: json: cannot unmarshal string into Go struct field verbRequest.force of type bool","code":1}`, false},
+		{"negative sector", post("/v1/resources/r0/verify", `{"verify_start":-8}`, -1), 400,
+			`{"error":"request body: json: cannot unmarshal number -8 into Go struct field verbRequest.verify_start of type uint64","code":1}`, false},
+		{"size overflowing int64", post("/v1/resources/r0/resize", `{"size":1e30}`, -1), 400,
+			`{"error":"request body: json: cannot unmarshal number 1e30 into Go struct field verbRequest.size of type int64","code":1}`, false},
+		{"array instead of object", post(primary, `[true]`, -1), 400,
+			`{"error":"request body: json: cannot unmarshal array into Go value of type main.verbRequest","code":1}`, false},
+		{"oversized", post(primary, `{"force":false,"x":"`+strings.Repeat("a", 1<<20)+`"}`, -1), 413,
+			`{"error":"request body: larger than 65536 bytes","code":1}`, false},
+		{"truncated", post(primary, `{"force":`, 100), 400, `{"error":"request body: truncated","code":1}`, false},
+		{"unknown verb", post("/v1/resources/r0/format-disk", `{}`, -1), 404, `{"error":"no verb \"format-disk\"","code":1}`, false},
+		{"unknown resource", post("/v1/resources/..%2f..%2fetc/primary", `{}`, -1), 404,
+			`{"error":"../../etc: no such resource in ` + d.conf + `","code":10}`, false},
+		{"unknown path", "GET /v2/status HTTP/1.1\r\nHost: x\r\n\r\n", 404, `{"error":"no such request: GET /v2/status","code":1}`, false},
+		{"wrong method", "GET " + primary + " HTTP/1.1\r\nHost: x\r\n\r\n", 404,
+			`{"error":"no such request: GET /v1/resources/r0/primary","code":1}`, false},
+		{"not HTTP", "\x00\x01\x02 garbage\r\n\r\n", 400, "", false},
+		{"oversized header", "GET /v1/status HTTP/1.1\r\nHost: x\r\nX: " + strings.Repeat("h", 2<<20) + "\r\n\r\n", 431, "", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			start := time.Now()
+			status, body := rawControl(t, sock, tc.raw, tc.stall)
+			if status != tc.status || (tc.want != "" && body != tc.want) {
+				t.Errorf("answer %d %s, want %d %s", status, body, tc.status, tc.want)
+			}
+			if took := time.Since(start); took > 10*time.Second {
+				t.Errorf("answered after %v", took)
+			}
+			// The daemon still serves, and nothing was done.
+			if out := d.must("role", "r0"); out != "Secondary/Unknown\n" {
+				t.Errorf("role after the request: %q", out)
+			}
+		})
+	}
+	// A stalled request does not hold the others up: one is pending while
+	// the next is served.
+	c, err := net.Dial("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	io.WriteString(c, post(primary, `{`, 1000))
+	if out := d.must("dstate", "r0"); out != "Diskless/DUnknown\n" {
+		t.Errorf("dstate beside a stalled request: %q", out)
+	}
+	if code := d.stop(); code != 0 {
+		t.Errorf("daemon exit %d after the hostile requests", code)
 	}
 }
