@@ -2,8 +2,11 @@ package nbd
 
 import (
 	"bytes"
+	"context"
+	"errors"
 	"io"
 	"net"
+	"path/filepath"
 	"runtime"
 	"testing"
 	"time"
@@ -319,6 +322,88 @@ func TestHostile_FloodWithoutReadingReplies(t *testing.T) {
 				n, b := srv.total.inUse()
 				return n == 0 && b == 0 && len(srv.Conns()) == 0
 			})
+			waitGoroutines(t, baseG)
+		})
+	}
+}
+
+// TestHostile_ShutdownClosesStrayClients: a graceful Shutdown with hostile
+// clients attached (CVE-2024-7409: clients still negotiating at stop) closes
+// those still negotiating at once, lets an idle client go, and is bounded by
+// its context when a client never reads its replies; afterwards nothing of
+// the server is left.
+func TestHostile_ShutdownClosesStrayClients(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		flood   bool
+		wantErr error
+	}{
+		{"stalled negotiations", false, nil},
+		{"and a client that reads no reply", true, context.DeadlineExceeded},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			be := newMem(8 << 20)
+			srv := &Server{Catalog: oneExport(t, &Export{Backend: be}), HandshakeTimeout: 5 * time.Minute}
+			path := filepath.Join(t.TempDir(), "nbd.sock")
+			l, err := net.Listen("unix", path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			baseG := runtime.NumGoroutine()
+			served := make(chan error, 1)
+			go func() { served <- srv.Serve(l) }()
+			t.Cleanup(func() { srv.Close() })
+			var stalled []net.Conn
+			for range 100 {
+				stalled = append(stalled, rawDial(t, path))
+			}
+			defer func() {
+				for _, nc := range stalled {
+					nc.Close()
+				}
+			}()
+			idle := open(t, path, "disk")
+			if tc.flood {
+				flood := open(t, path, "disk")
+				go func() {
+					for i := range 4096 {
+						b, _ := Request{Type: CmdRead, Cookie: uint64(i), Length: 64 << 10}.AppendBinary(nil)
+						if _, err := flood.nc.Write(b); err != nil {
+							return
+						}
+					}
+				}()
+				waitFor(t, func() bool { n, _ := srv.total.inUse(); return n == DefaultMaxInFlight })
+			}
+			const grace = 2 * time.Second
+			ctx, cancel := context.WithTimeout(context.Background(), grace)
+			defer cancel()
+			start := time.Now()
+			err = srv.Shutdown(ctx)
+			took := time.Since(start)
+			t.Logf("Shutdown returned %v after %v", err, took.Round(time.Millisecond))
+			if !errors.Is(err, tc.wantErr) {
+				t.Errorf("Shutdown = %v, want %v", err, tc.wantErr)
+			}
+			if took > grace+3*time.Second {
+				t.Errorf("Shutdown took %v with a %v context", took, grace)
+			}
+			if tc.wantErr == nil && took > grace/2 {
+				t.Errorf("Shutdown took %v for clients that hold no request", took)
+			}
+			for i, nc := range stalled {
+				nc.SetReadDeadline(time.Now().Add(5 * time.Second))
+				if _, err := nc.Read(make([]byte, 1)); err != io.EOF {
+					t.Fatalf("stalled connection %d after Shutdown: %v, want EOF", i, err)
+				}
+			}
+			idle.expectClosed()
+			if err := <-served; !errors.Is(err, ErrServerClosed) {
+				t.Errorf("Serve = %v", err)
+			}
+			if got := len(srv.Conns()); got != 0 {
+				t.Errorf("%d connections after Shutdown", got)
+			}
 			waitGoroutines(t, baseG)
 		})
 	}
