@@ -43,6 +43,7 @@ type conn struct {
 	evicted  bool    // closed while negotiating to make room for a new one
 
 	lim      budget         // this connection's in-flight requests and bytes
+	inShare  atomic.Int64   // in-flight bytes taken from its share (connShare), not the server's budget
 	work     chan work      // validated requests for the workers
 	workers  int            // workers started (owned by the reader)
 	handlers sync.WaitGroup // running workers
@@ -208,11 +209,12 @@ func (c *conn) requests() error {
 		if v.drop {
 			return fmt.Errorf("%s of %d bytes exceeds %d: dropping client", cmdName(req.Type), req.Length, maxDrain)
 		}
-		var cost int64
+		var bytes int64
 		if req.Type == CmdRead || req.Type == CmdWrite {
-			cost = int64(req.Length)
+			bytes = int64(req.Length)
 		}
-		if !c.acquire(cost) {
+		cost, ok := c.acquire(bytes)
+		if !ok {
 			return errStopped
 		}
 		if v.errno != 0 {
@@ -267,7 +269,7 @@ func (c *conn) observeDone(cmd uint16, began time.Time, failed bool) {
 type work struct {
 	req     Request
 	payload *[]byte // WRITE data
-	cost    int64
+	cost    charge
 	began   time.Time // when it was read (for the Observer)
 }
 
@@ -309,24 +311,49 @@ func (c *conn) readErr(err error) error {
 	return err
 }
 
-func (c *conn) acquire(cost int64) bool {
-	if !c.lim.acquire(cost) {
-		return false
-	}
-	if !c.srv.total.acquire(cost) {
-		c.lim.release(cost)
-		return false
-	}
-	return true
+// connShare is the in-flight payload a connection may hold without drawing
+// on the server-wide budget (MaxTotalInFlightBytes), so that connections
+// which hold that budget whole (clients that flood requests and read no
+// reply) cannot stop the others: each keeps at least this much in flight.
+// Memory is bounded by MaxTotalInFlightBytes + MaxConns × connShare.
+const connShare = 256 << 10
+
+// charge is what one request holds of the in-flight budgets: its bytes
+// (of the connection's budget), of which shared come from the server's
+// and the rest from the connection's own share.
+type charge struct {
+	bytes, shared int64
 }
 
-func (c *conn) release(cost int64) {
-	c.srv.total.release(cost)
-	c.lim.release(cost)
+// acquire waits until a request of the given payload size fits in the
+// connection's budget and then in the server's, taking what it can from
+// the connection's share first. It reports false if the connection or the
+// server was closed meanwhile.
+func (c *conn) acquire(bytes int64) (charge, bool) {
+	if !c.lim.acquire(bytes) {
+		return charge{}, false
+	}
+	// Only this (the reading) goroutine adds to inShare, so it never
+	// exceeds connShare; releases only lower it meanwhile.
+	own := min(bytes, max(0, connShare-c.inShare.Load()))
+	c.inShare.Add(own)
+	ch := charge{bytes: bytes, shared: bytes - own}
+	if !c.srv.total.acquire(ch.shared) {
+		c.inShare.Add(-own)
+		c.lim.release(bytes)
+		return charge{}, false
+	}
+	return ch, true
+}
+
+func (c *conn) release(ch charge) {
+	c.srv.total.release(ch.shared)
+	c.inShare.Add(ch.shared - ch.bytes)
+	c.lim.release(ch.bytes)
 }
 
 // handle executes one validated request and queues its reply.
-func (c *conn) handle(req Request, payload *[]byte, cost int64, began time.Time) {
+func (c *conn) handle(req Request, payload *[]byte, cost charge, began time.Time) {
 	be := c.export.Backend
 	r := reply{cookie: req.Cookie, cost: cost}
 	fua, noHole := req.Flags&CmdFlagFUA != 0, req.Flags&CmdFlagNoHole != 0

@@ -98,8 +98,11 @@
 // payload into a pooled buffer and hands the request to a pool of worker
 // goroutines that call the Backend concurrently, so replies may go out of
 // order. At most MaxInFlight requests and MaxInFlightBytes payload bytes
-// are in flight per connection, and MaxTotalInFlightBytes over the server;
-// at the limit the server stops reading (backpressure). Replies are written
+// are in flight per connection, and MaxTotalInFlightBytes over the server
+// beyond the first 256 KiB of each connection (its own share, so clients
+// that hold the server's budget whole by reading no reply cannot stop the
+// others); at the limit the server stops reading (backpressure). Memory
+// for payloads is bounded by MaxTotalInFlightBytes + MaxConns × 256 KiB. Replies are written
 // whole by one goroutine at a time and batched into one writev under
 // pipelined load and when handlers finish together (see replyWriter). Negotiation must finish within
 // HandshakeTimeout, and at most MaxConns connections are open. At that

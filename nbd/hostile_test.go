@@ -408,3 +408,32 @@ func TestHostile_ShutdownClosesStrayClients(t *testing.T) {
 		})
 	}
 }
+
+// TestHostile_FloodersCannotStarveOthers: clients that flood reads and
+// read no reply hold the server-wide in-flight budget whole; another
+// client is still served, from the share each connection has of its own.
+func TestHostile_FloodersCannotStarveOthers(t *testing.T) {
+	const flooders, reqLen = 4, 64 << 10
+	srv, path := startServer(t, oneExport(t, &Export{Backend: newMem(8 << 20)}), func(s *Server) {
+		s.MaxInFlightBytes, s.MaxTotalInFlightBytes = 512<<10, 1<<20
+		s.Logger = nil
+	})
+	for f := range flooders {
+		c := open(t, path, "disk")
+		go func() {
+			for i := range 1024 {
+				b, _ := Request{Type: CmdRead, Cookie: uint64(i), Offset: uint64(f) << 20, Length: reqLen}.AppendBinary(nil)
+				if _, err := c.nc.Write(b); err != nil {
+					return
+				}
+			}
+		}()
+	}
+	// The flooders hold all of the server's budget.
+	waitFor(t, func() bool { _, b := srv.total.inUse(); return b == srv.MaxTotalInFlightBytes })
+	// (Without a share of its own it would wait until its read deadline.)
+	wellBehaved(t, path, 11, 5*time.Second)
+	if _, b := srv.total.inUse(); b > srv.MaxTotalInFlightBytes {
+		t.Errorf("%d bytes charged to the server's budget, over its %d", b, srv.MaxTotalInFlightBytes)
+	}
+}

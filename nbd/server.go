@@ -46,7 +46,7 @@ type Server struct {
 	MaxInFlight      int
 	MaxInFlightBytes int64
 	// MaxTotalInFlightBytes bounds payload bytes in flight over all
-	// connections.
+	// connections, beyond the first 256 KiB of each (see doc.go).
 	MaxTotalInFlightBytes int64
 	// Observer, if set, is told of every transmission request (metrics).
 	Observer Observer
