@@ -147,6 +147,8 @@ func nbdLimitFlags() []cli.Flag {
 			Usage: "at most `N` NBD connections; at the limit a new one replaces the oldest one still negotiating after a quarter of --nbd-handshake-timeout"},
 		&cli.DurationFlag{Name: "nbd-handshake-timeout", EnvVars: []string{"NBDMIRROR_NBD_HANDSHAKE_TIMEOUT"},
 			Value: nbd.DefaultHandshakeTimeout, Usage: "drop an NBD client that has not finished negotiating after `D`"},
+		&cli.StringFlag{Name: "nbd-max-in-flight", EnvVars: []string{"NBDMIRROR_NBD_MAX_IN_FLIGHT"}, Value: "1G",
+			Usage: "stop reading NBD requests while `SIZE` of payload is in flight over all connections (beyond 256 KiB each)"},
 	}
 }
 
@@ -159,6 +161,10 @@ func nbdLimits(c *cli.Context, srv *nbd.Server) error {
 	if d <= 0 {
 		return failf(ExitUsage, "nbdmirror %s: --nbd-handshake-timeout %v: want a positive duration such as 10s", c.Command.Name, d)
 	}
-	srv.MaxConns, srv.HandshakeTimeout = n, d
+	total, err := parseSize(c.String("nbd-max-in-flight"))
+	if err != nil {
+		return failf(ExitUsage, "nbdmirror %s: --nbd-max-in-flight %v", c.Command.Name, err)
+	}
+	srv.MaxConns, srv.HandshakeTimeout, srv.MaxTotalInFlightBytes = n, d, total
 	return nil
 }
