@@ -81,9 +81,15 @@ func (c *conn) serve() {
 		exp, err := c.negotiate()
 		if err != nil {
 			c.nc.Close()
-			if stopping, _ := c.wasStopped(); stopping || errors.Is(err, errAborted) || errors.Is(err, io.EOF) || c.wasEvicted() {
+			stopping, _ := c.wasStopped()
+			switch {
+			case c.wasEvicted():
+				c.log.Debug("nbd negotiation cut short to make room for a new connection", "err", err)
+			case stopping:
+				c.log.Debug("nbd negotiation cut short by the server's stop", "err", err)
+			case errors.Is(err, errAborted) || errors.Is(err, io.EOF):
 				c.log.Debug("nbd negotiation ended by client", "err", err)
-			} else {
+			default:
 				c.log.Info("nbd negotiation failed", "err", err)
 			}
 			return
