@@ -7,6 +7,10 @@ BIN := bin/nbdmirror
 # bare "context deadline exceeded" when a duration expires mid-exec
 # (golang/go#75804). 300000 inputs take 4-15 s per target here.
 FUZZTIME ?= 300000x
+# make fuzz-long: a duration per target. scripts/fuzz.sh tells that
+# coordinator failure (exactly its message, no failing input written, the
+# corpus replays clean) from a finding, and fails on anything else.
+FUZZLONG ?= 60s
 # New inputs are minimised only briefly: the default (60 s each) would eat a
 # short run whole.
 FUZZMINIMIZE ?= 100x
@@ -27,7 +31,7 @@ UNITDIR ?= $(PREFIX)/lib/systemd/system
 OCFDIR ?= $(PREFIX)/lib/ocf
 
 .DEFAULT_GOAL := help
-.PHONY: help build deps test unit integration test-cluster fuzz lint bench demo clean install
+.PHONY: help build deps test unit integration test-cluster fuzz fuzz-long lint bench demo clean install
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -63,10 +67,10 @@ test-cluster: deps ## a two-node Pacemaker + Corosync cluster in namespaces: fai
 	$(GO) test -race -count=1 -tags integration -timeout 15m -run '^TestPacemaker_' -v ./integration/
 
 fuzz: ## run every fuzz target for FUZZTIME inputs (default 300000x)
-	@set -e; for t in $(FUZZ_TARGETS); do \
-		pkg=$${t%%:*}; fn=$${t##*:}; echo "fuzz $$pkg $$fn ($(FUZZTIME))"; \
-		$(GO) test -run '^$$' -fuzz "^$$fn$$" -fuzztime $(FUZZTIME) -fuzzminimizetime $(FUZZMINIMIZE) $$pkg; \
-	done
+	@GO=$(GO) ./scripts/fuzz.sh $(FUZZTIME) $(FUZZMINIMIZE) $(FUZZ_TARGETS)
+
+fuzz-long: ## run every fuzz target for FUZZLONG (default 60s) each, from the committed corpora (seeded from captured sessions)
+	@GO=$(GO) ./scripts/fuzz.sh $(FUZZLONG) $(FUZZMINIMIZE) $(FUZZ_TARGETS)
 
 lint: ## gofmt and go vet (with and without the integration tag)
 	@out=$$(gofmt -l $$(find . -name '*.go' -not -path './.git/*')); \

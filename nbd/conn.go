@@ -31,14 +31,19 @@ type conn struct {
 	remote string
 	since  time.Time
 	export *Export // set before transmission starts
+	// negotiates: the connection starts with a negotiation (not a kernel
+	// attach, which comes with its export).
+	negotiates bool
 
 	mu       sync.Mutex
 	inXmit   bool    // transmission phase reached
 	chosen   *Export // the export the client was told it may use (it counts as a client from then on)
 	stopping bool    // Shutdown asked the connection to end
 	killed   bool    // Close ended the connection
+	evicted  bool    // closed while negotiating to make room for a new one
 
 	lim      budget         // this connection's in-flight requests and bytes
+	inShare  atomic.Int64   // in-flight bytes taken from its share (connShare), not the server's budget
 	work     chan work      // validated requests for the workers
 	workers  int            // workers started (owned by the reader)
 	handlers sync.WaitGroup // running workers
@@ -48,7 +53,7 @@ type conn struct {
 }
 
 func newConn(s *Server, nc net.Conn, exp *Export) *conn {
-	c := &conn{srv: s, nc: nc, remote: remoteAddr(nc), since: time.Now(), export: exp}
+	c := &conn{srv: s, nc: nc, remote: remoteAddr(nc), since: time.Now(), export: exp, negotiates: exp == nil}
 	c.log = s.log.With("remote", c.remote)
 	c.lim.init(s.MaxInFlight, s.MaxInFlightBytes)
 	c.work = make(chan work) // unbuffered: a request goes only to a worker that is free
@@ -76,9 +81,15 @@ func (c *conn) serve() {
 		exp, err := c.negotiate()
 		if err != nil {
 			c.nc.Close()
-			if errors.Is(err, errAborted) || errors.Is(err, io.EOF) {
+			stopping, _ := c.wasStopped()
+			switch {
+			case c.wasEvicted():
+				c.log.Debug("nbd negotiation cut short to make room for a new connection", "err", err)
+			case stopping:
+				c.log.Debug("nbd negotiation cut short by the server's stop", "err", err)
+			case errors.Is(err, errAborted) || errors.Is(err, io.EOF):
 				c.log.Debug("nbd negotiation ended by client", "err", err)
-			} else {
+			default:
 				c.log.Info("nbd negotiation failed", "err", err)
 			}
 			return
@@ -126,6 +137,33 @@ func (c *conn) startTransmission() bool {
 	}
 	c.inXmit = true
 	return true
+}
+
+// negotiatingSince reports when a connection still negotiating (no export
+// chosen, not stopping) began.
+func (c *conn) negotiatingSince() (time.Time, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.since, !c.inXmit && c.chosen == nil && !c.stopping && !c.evicted && c.negotiates
+}
+
+// evict closes a connection still negotiating (Server.evictStalledLocked);
+// it reports false if the connection got further meanwhile.
+func (c *conn) evict() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.inXmit || c.chosen != nil || c.stopping || c.evicted || !c.negotiates {
+		return false
+	}
+	c.evicted = true
+	c.nc.Close()
+	return true
+}
+
+func (c *conn) wasEvicted() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.evicted
 }
 
 // stop asks the connection to end gracefully (Server.Shutdown).
@@ -177,11 +215,12 @@ func (c *conn) requests() error {
 		if v.drop {
 			return fmt.Errorf("%s of %d bytes exceeds %d: dropping client", cmdName(req.Type), req.Length, maxDrain)
 		}
-		var cost int64
+		var bytes int64
 		if req.Type == CmdRead || req.Type == CmdWrite {
-			cost = int64(req.Length)
+			bytes = int64(req.Length)
 		}
-		if !c.acquire(cost) {
+		cost, ok := c.acquire(bytes)
+		if !ok {
 			return errStopped
 		}
 		if v.errno != 0 {
@@ -236,7 +275,7 @@ func (c *conn) observeDone(cmd uint16, began time.Time, failed bool) {
 type work struct {
 	req     Request
 	payload *[]byte // WRITE data
-	cost    int64
+	cost    charge
 	began   time.Time // when it was read (for the Observer)
 }
 
@@ -278,24 +317,49 @@ func (c *conn) readErr(err error) error {
 	return err
 }
 
-func (c *conn) acquire(cost int64) bool {
-	if !c.lim.acquire(cost) {
-		return false
-	}
-	if !c.srv.total.acquire(cost) {
-		c.lim.release(cost)
-		return false
-	}
-	return true
+// connShare is the in-flight payload a connection may hold without drawing
+// on the server-wide budget (MaxTotalInFlightBytes), so that connections
+// which hold that budget whole (clients that flood requests and read no
+// reply) cannot stop the others: each keeps at least this much in flight.
+// Memory is bounded by MaxTotalInFlightBytes + MaxConns × connShare.
+const connShare = 256 << 10
+
+// charge is what one request holds of the in-flight budgets: its bytes
+// (of the connection's budget), of which shared come from the server's
+// and the rest from the connection's own share.
+type charge struct {
+	bytes, shared int64
 }
 
-func (c *conn) release(cost int64) {
-	c.srv.total.release(cost)
-	c.lim.release(cost)
+// acquire waits until a request of the given payload size fits in the
+// connection's budget and then in the server's, taking what it can from
+// the connection's share first. It reports false if the connection or the
+// server was closed meanwhile.
+func (c *conn) acquire(bytes int64) (charge, bool) {
+	if !c.lim.acquire(bytes) {
+		return charge{}, false
+	}
+	// Only this (the reading) goroutine adds to inShare, so it never
+	// exceeds connShare; releases only lower it meanwhile.
+	own := min(bytes, max(0, connShare-c.inShare.Load()))
+	c.inShare.Add(own)
+	ch := charge{bytes: bytes, shared: bytes - own}
+	if !c.srv.total.acquire(ch.shared) {
+		c.inShare.Add(-own)
+		c.lim.release(bytes)
+		return charge{}, false
+	}
+	return ch, true
+}
+
+func (c *conn) release(ch charge) {
+	c.srv.total.release(ch.shared)
+	c.inShare.Add(ch.shared - ch.bytes)
+	c.lim.release(ch.bytes)
 }
 
 // handle executes one validated request and queues its reply.
-func (c *conn) handle(req Request, payload *[]byte, cost int64, began time.Time) {
+func (c *conn) handle(req Request, payload *[]byte, cost charge, began time.Time) {
 	be := c.export.Backend
 	r := reply{cookie: req.Cookie, cost: cost}
 	fua, noHole := req.Flags&CmdFlagFUA != 0, req.Flags&CmdFlagNoHole != 0

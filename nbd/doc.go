@@ -98,11 +98,18 @@
 // payload into a pooled buffer and hands the request to a pool of worker
 // goroutines that call the Backend concurrently, so replies may go out of
 // order. At most MaxInFlight requests and MaxInFlightBytes payload bytes
-// are in flight per connection, and MaxTotalInFlightBytes over the server;
-// at the limit the server stops reading (backpressure). Replies are written
+// are in flight per connection, and MaxTotalInFlightBytes over the server
+// beyond the first 256 KiB of each connection (its own share, so clients
+// that hold the server's budget whole by reading no reply cannot stop the
+// others); at the limit the server stops reading (backpressure). Memory
+// for payloads is bounded by MaxTotalInFlightBytes + MaxConns × 256 KiB. Replies are written
 // whole by one goroutine at a time and batched into one writev under
 // pipelined load and when handlers finish together (see replyWriter). Negotiation must finish within
-// HandshakeTimeout, and at most MaxConns connections are open.
+// HandshakeTimeout, and at most MaxConns connections are open. At that
+// limit a new connection replaces the oldest one that has been negotiating
+// for a quarter of HandshakeTimeout or more (a client stalling in
+// negotiation cannot lock others out, CVE-2024-7409); without one it is
+// closed at once. Connections in transmission are never evicted.
 //
 // FLUSH calls Backend.Flush, which covers writes completed on every
 // connection; that is what CAN_MULTI_CONN promises. DISC finishes the

@@ -27,6 +27,7 @@ type memBackend struct {
 	zeroes    atomic.Int64
 	noHoles   atomic.Int64
 	active    atomic.Int64 // calls in progress
+	calls     atomic.Int64 // ReadAt and WriteAt calls begun
 	maxActive atomic.Int64
 	// outside counts calls that reached past the end of data: the server
 	// must never make one.
@@ -49,6 +50,7 @@ type memBackend struct {
 func newMem(size int) *memBackend { return &memBackend{data: make([]byte, size)} }
 
 func (m *memBackend) enter() func() {
+	m.calls.Add(1)
 	n := m.active.Add(1)
 	for {
 		cur := m.maxActive.Load()

@@ -11,7 +11,7 @@ type reply struct {
 	cookie uint64
 	errno  Errno
 	data   *[]byte // READ data; returned to the pool once written
-	cost   int64   // in-flight bytes to release once written
+	cost   charge  // in-flight budget to release once written
 }
 
 // replyWriter serialises replies onto the connection. There is no writer

@@ -35,7 +35,10 @@ type Server struct {
 	// HandshakeTimeout bounds the whole negotiation of one connection;
 	// a client that stalls longer is disconnected.
 	HandshakeTimeout time.Duration
-	// MaxConns bounds open connections; further ones are closed at once.
+	// MaxConns bounds open connections. At the limit a new connection
+	// takes the place of the oldest one still negotiating after a quarter
+	// of HandshakeTimeout (clients that stall in negotiation cannot lock
+	// others out); if there is none, it is closed at once.
 	MaxConns int
 	// MaxInFlight and MaxInFlightBytes bound the requests and payload
 	// bytes one connection may have in flight; beyond them the server
@@ -43,7 +46,7 @@ type Server struct {
 	MaxInFlight      int
 	MaxInFlightBytes int64
 	// MaxTotalInFlightBytes bounds payload bytes in flight over all
-	// connections.
+	// connections, beyond the first 256 KiB of each (see doc.go).
 	MaxTotalInFlightBytes int64
 	// Observer, if set, is told of every transmission request (metrics).
 	Observer Observer
@@ -56,6 +59,7 @@ type Server struct {
 	mu        sync.Mutex
 	listeners map[net.Listener]struct{}
 	conns     map[*conn]struct{}
+	evicted   int // connections in conns closed to make room, not yet ended
 	closing   atomic.Bool
 	wg        sync.WaitGroup // accept loops and connections
 	lastLimit atomic.Int64   // unix nanos of the last "too many connections" log
@@ -177,7 +181,7 @@ func (s *Server) newConn(nc net.Conn, exp *Export) *conn {
 		nc.Close()
 		return nil
 	}
-	if len(s.conns) >= s.MaxConns {
+	if len(s.conns)-s.evicted >= s.MaxConns && (len(s.conns) >= 2*s.MaxConns || !s.evictStalledLocked()) {
 		nc.Close()
 		s.logLimited("too many connections; refusing", "remote", remoteAddr(nc), "max_conns", s.MaxConns)
 		return nil
@@ -188,9 +192,36 @@ func (s *Server) newConn(nc net.Conn, exp *Export) *conn {
 	return c
 }
 
+// evictStalledLocked closes the connection that has been negotiating the
+// longest, if that is at least a quarter of HandshakeTimeout, to make room
+// for a new one. A client negotiates in a few round trips; one that holds a
+// slot longer than that is the likelier to be stalling. Connections that
+// reached an export are never evicted. It reports whether one was.
+func (s *Server) evictStalledLocked() bool {
+	grace := s.HandshakeTimeout / 4
+	var oldest *conn
+	var oldestSince time.Time
+	for c := range s.conns {
+		if since, ok := c.negotiatingSince(); ok && time.Since(since) >= grace &&
+			(oldest == nil || since.Before(oldestSince)) {
+			oldest, oldestSince = c, since
+		}
+	}
+	if oldest == nil || !oldest.evict() {
+		return false
+	}
+	s.evicted++
+	s.logLimited("too many connections; closing the oldest one still negotiating", "remote", oldest.remote,
+		"negotiating_for", time.Since(oldestSince).Round(time.Millisecond), "max_conns", s.MaxConns)
+	return true
+}
+
 func (s *Server) connDone(c *conn) {
 	s.mu.Lock()
 	delete(s.conns, c)
+	if c.wasEvicted() {
+		s.evicted--
+	}
 	s.mu.Unlock()
 	s.wg.Done()
 }

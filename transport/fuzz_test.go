@@ -53,3 +53,40 @@ func FuzzFrame(f *testing.F) {
 		}
 	})
 }
+
+// FuzzHandshake decodes arbitrary HELLO, ACK, REFUSE and proof (AUTH, OK)
+// payloads, which arrive before the peer is authenticated: no panic, and
+// an accepted HELLO, ACK or proof re-encodes to the same bytes.
+func FuzzHandshake(f *testing.F) {
+	h := hello{minVersion: VersionMin, maxVersion: VersionMax, stream: Control, flags: helloFlagSecret, instance: 5,
+		resource: "r0", from: "alpha", to: "beta"}
+	f.Add(uint8(0), h.appendBinary(nil))
+	a := ack{version: VersionMax, flags: helloFlagSecret, instance: 9}
+	f.Add(uint8(1), a.appendBinary(nil))
+	f.Add(uint8(2), appendRefuse(nil, refuseAuth, "authentication failed"))
+	f.Add(uint8(3), make([]byte, proofSize))
+	f.Fuzz(func(t *testing.T, which uint8, p []byte) {
+		switch which % 4 {
+		case 0:
+			h, err := decodeHello(p)
+			if err == nil && !bytes.Equal(h.appendBinary(nil), p) {
+				t.Fatal("hello re-encodes differently")
+			}
+		case 1:
+			a, err := decodeAck(p)
+			if err == nil && !bytes.Equal(a.appendBinary(nil), p) {
+				t.Fatal("ack re-encodes differently")
+			}
+		case 2:
+			r, err := decodeRefuse(p)
+			if err == nil && len(r.Reason) > maxReasonLen {
+				t.Fatal("refusal reason too long")
+			}
+		case 3:
+			pr, err := decodeProof(p)
+			if err == nil && !bytes.Equal(pr[:], p) {
+				t.Fatal("proof decodes to other bytes")
+			}
+		}
+	})
+}

@@ -128,6 +128,10 @@ func (cl *client) do(ctx context.Context, method, path string, body any) (*http.
 		return nil, fail(ExitUsage, err)
 	}
 	resp, err := cl.http.Do(req)
+	if errors.Is(err, unix.EACCES) {
+		return nil, failf(ExitFailed, "nbdmirror: permission denied on the control socket %s: only root "+
+			"(or the members of the daemon's --control-group) may use it", cl.sock)
+	}
 	if err != nil {
 		return nil, failf(ExitNoDaemon, "nbdmirror: cannot reach the daemon at %s (is 'nbdmirror daemon' running, with the same --run-dir?): %v",
 			cl.sock, unwrapURL(err))

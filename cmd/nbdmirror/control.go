@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
 	"strings"
 	"time"
 
@@ -72,8 +73,21 @@ func (d *daemon) handler() http.Handler {
 	mux.HandleFunc("GET "+apiVersion+"/status", d.handleStatus)
 	mux.HandleFunc("GET "+apiVersion+"/events", d.handleEvents)
 	mux.HandleFunc("GET "+apiVersion+"/wait", d.handleWait)
+	// Anything else (another path, or a method a path does not take)
+	// gets a JSON answer too, not net/http's text page.
+	mux.HandleFunc("/", func(w http.ResponseWriter, req *http.Request) {
+		apiError(w, http.StatusNotFound, ExitUsage, "no such request: %s %s", req.Method, req.URL.Path)
+	})
 	return mux
 }
+
+// controlBodyTimeout bounds the reading of a request's body: a client that
+// declares more than it sends is answered, and its handler freed, then.
+var controlBodyTimeout = 10 * time.Second
+
+// maxControlBody bounds a request's body; verbRequest needs a few hundred
+// bytes.
+const maxControlBody = 64 << 10
 
 func writeJSON(w http.ResponseWriter, status int, v any) {
 	w.Header().Set("Content-Type", "application/json")
@@ -140,14 +154,24 @@ func (d *daemon) handleVerb(w http.ResponseWriter, req *http.Request) {
 		return
 	}
 	var o verbRequest
-	dec := json.NewDecoder(http.MaxBytesReader(w, req.Body, 64<<10))
+	if err := http.NewResponseController(w).SetReadDeadline(time.Now().Add(controlBodyTimeout)); err != nil {
+		apiError(w, http.StatusInternalServerError, ExitFailed, "request body: %v", err)
+		return
+	}
+	dec := json.NewDecoder(http.MaxBytesReader(w, req.Body, maxControlBody))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&o); err != nil && !errors.Is(err, io.EOF) {
-		apiError(w, http.StatusBadRequest, ExitUsage, "request body: %v", err)
+		bodyError(w, err)
 		return
 	}
 	if dec.More() {
 		apiError(w, http.StatusBadRequest, ExitUsage, "request body: more than one JSON object")
+		return
+	}
+	// The verb may take long: the connection's reads are no longer
+	// bounded (net/http watches it for the client going away).
+	if err := http.NewResponseController(w).SetReadDeadline(time.Time{}); err != nil {
+		apiError(w, http.StatusInternalServerError, ExitFailed, "request body: %v", err)
 		return
 	}
 	rs, ok := d.resourcesFor(w, req.PathValue("res"))
@@ -178,6 +202,21 @@ func (d *daemon) handleVerb(w http.ResponseWriter, req *http.Request) {
 		resp.Results = append(resp.Results, res)
 	}
 	writeJSON(w, http.StatusOK, resp)
+}
+
+// bodyError answers a request whose body could not be read or decoded.
+func bodyError(w http.ResponseWriter, err error) {
+	var tooLarge *http.MaxBytesError
+	switch {
+	case errors.As(err, &tooLarge):
+		apiError(w, http.StatusRequestEntityTooLarge, ExitUsage, "request body: larger than %d bytes", tooLarge.Limit)
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		apiError(w, http.StatusRequestTimeout, ExitUsage, "request body: not complete within %v", controlBodyTimeout)
+	case errors.Is(err, io.ErrUnexpectedEOF):
+		apiError(w, http.StatusBadRequest, ExitUsage, "request body: truncated")
+	default:
+		apiError(w, http.StatusBadRequest, ExitUsage, "request body: %v", err)
+	}
 }
 
 // verbError maps a verb's error to its one-line message and exit code.

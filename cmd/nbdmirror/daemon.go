@@ -39,13 +39,15 @@ func (m *Main) daemonCommand() *cli.Command {
 			"--up names them. SIGINT or SIGTERM stops gracefully (requests in flight finish, disks are " +
 			"flushed, bitmaps written, metadata marked clean); a second signal stops at once, leaving " +
 			"the metadata to be recovered from the activity log.",
-		Flags: []cli.Flag{
+		Flags: append([]cli.Flag{
 			&cli.StringSliceFlag{Name: "nbd-listen", EnvVars: []string{"NBDMIRROR_NBD_LISTEN"},
 				Usage: "serve NBD on `ADDR`: unix:PATH or HOST:PORT (repeatable; default unix:<run-dir>/nbd.sock)"},
 			&cli.StringSliceFlag{Name: "up", Usage: "bring `RES` up at start (repeatable; all for every resource)"},
 			&cli.StringFlag{Name: "metrics-listen", EnvVars: []string{"NBDMIRROR_METRICS_LISTEN"},
 				Usage: "serve Prometheus metrics at http://`HOST:PORT`/metrics (default: none)"},
-		},
+			&cli.StringFlag{Name: "control-group", EnvVars: []string{"NBDMIRROR_CONTROL_GROUP"},
+				Usage: "let members of `GROUP` use the control socket (mode 0660; default: root only, 0600)"},
+		}, nbdLimitFlags()...),
 		Action: m.daemon,
 	}
 }
@@ -66,6 +68,7 @@ type daemon struct {
 	events   broadcaster
 	kick     chan struct{} // the status file is due
 	ready    func()        // Main.Ready
+	access   controlAccess // who may use the control socket
 
 	// ops counts admin requests in progress; stopping (under ops's write
 	// lock) refuses new ones, so a stop never races an attach.
@@ -99,9 +102,21 @@ func (m *Main) daemon(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	ioFlusher(log)
 	d := &daemon{log: log, cfg: cfg, node: node, runDir: c.String("run-dir"), kick: make(chan struct{}, 1),
 		ready: m.Ready}
+	d.srv = &nbd.Server{Catalog: d, Logger: log}
+	if err := nbdLimits(c, d.srv); err != nil {
+		return err
+	}
+	d.access = controlAccess{uid: os.Geteuid(), gid: -1}
+	if g := c.String("control-group"); g != "" {
+		gid, err := lookupGroup(g)
+		if err != nil {
+			return failf(ExitUsage, "nbdmirror daemon: --control-group %s: %v", g, err)
+		}
+		d.access.gid, d.access.group = gid, g
+	}
+	ioFlusher(log)
 	// Handlers run in /: they are told the configuration's absolute path.
 	confPath, err := filepath.Abs(cfg.Files[0])
 	if err != nil {
@@ -138,10 +153,15 @@ func (m *Main) daemon(c *cli.Context) error {
 	// The control socket is created 0600 (umask), never readable by
 	// others even for an instant.
 	old := unix.Umask(0o177)
-	ctl, err := listenUnix(filepath.Join(d.runDir, "control.sock"))
+	ctlPath := filepath.Join(d.runDir, "control.sock")
+	ctl, err := listenUnix(ctlPath)
 	unix.Umask(old)
 	if err != nil {
 		return failf(ExitFailed, "nbdmirror daemon: control socket: %v", err)
+	}
+	if err := d.access.restrictSocket(ctlPath); err != nil {
+		ctl.Close()
+		return failf(ExitFailed, "nbdmirror daemon: %v", err)
 	}
 	addrs := c.StringSlice("nbd-listen")
 	if len(addrs) == 0 {
@@ -159,7 +179,6 @@ func (m *Main) daemon(c *cli.Context) error {
 		}
 		nbdLs = append(nbdLs, l)
 	}
-	d.srv = &nbd.Server{Catalog: d, Logger: log}
 	if addr := c.String("metrics-listen"); addr != "" {
 		l, err := net.Listen("tcp", addr)
 		if err != nil {
@@ -187,8 +206,9 @@ func (d *daemon) run(ctx context.Context, ctl net.Listener, nbdLs []net.Listener
 	for _, l := range nbdLs {
 		wg.Go(func() { errc <- d.srv.Serve(l) })
 	}
-	api := &http.Server{Handler: d.handler(), ReadHeaderTimeout: 10 * time.Second,
-		ErrorLog: slog.NewLogLogger(d.log.Handler(), slog.LevelWarn)}
+	api := &http.Server{Handler: d.access.guard(d.log, d.handler()), ConnContext: d.access.connContext,
+		ReadHeaderTimeout: 10 * time.Second,
+		ErrorLog:          slog.NewLogLogger(d.log.Handler(), slog.LevelWarn)}
 	wg.Go(func() { errc <- api.Serve(ctl) })
 	var metricsSrv *http.Server
 	metricsAddr := ""

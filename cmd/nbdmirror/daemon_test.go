@@ -462,3 +462,43 @@ func TestVerbError(t *testing.T) {
 		}
 	}
 }
+
+// TestDaemon_NBDLimits: --nbd-max-conns and --nbd-handshake-timeout reach
+// the daemon's NBD server.
+func TestDaemon_NBDLimits(t *testing.T) {
+	greeting := func(t *testing.T, sock string) (net.Conn, error) {
+		t.Helper()
+		c, err := net.Dial("unix", sock)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		c.SetDeadline(time.Now().Add(20 * time.Second))
+		_, err = io.ReadFull(c, make([]byte, 18))
+		return c, err
+	}
+	t.Run("max conns", func(t *testing.T) {
+		d := startDaemon(t, "--nbd-max-conns", "1", "--nbd-handshake-timeout", "1m")
+		sock := filepath.Join(d.runDir, "nbd.sock")
+		if _, err := greeting(t, sock); err != nil {
+			t.Fatalf("first connection: %v", err)
+		}
+		if _, err := greeting(t, sock); !errors.Is(err, io.EOF) {
+			t.Fatalf("second connection with --nbd-max-conns 1: %v, want closed without a greeting", err)
+		}
+	})
+	t.Run("handshake timeout", func(t *testing.T) {
+		d := startDaemon(t, "--nbd-handshake-timeout", "300ms")
+		start := time.Now()
+		c, err := greeting(t, filepath.Join(d.runDir, "nbd.sock"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n, err := c.Read(make([]byte, 1)); !errors.Is(err, io.EOF) {
+			t.Fatalf("stalled client: read %d, %v; want EOF", n, err)
+		}
+		if took := time.Since(start); took < 300*time.Millisecond || took > 5*time.Second {
+			t.Errorf("stalled client dropped after %v, want 300ms (and well under the default 10s)", took)
+		}
+	})
+}

@@ -29,6 +29,11 @@ func TestMain_UsageErrors(t *testing.T) {
 		{[]string{"--nope"}, ExitUsage, "nbdmirror: flag provided but not defined: -nope (see 'nbdmirror --help')\n"},
 		{[]string{"--log-format", "xml", "serve", "--file", "/dev/null"}, ExitUsage, "nbdmirror: --log-format \"xml\": want text or json\n"},
 		{[]string{"serve", "--file", "/dev/null"}, ExitFailed, "nbdmirror serve: disk /dev/null is neither a regular file nor a block device\n"},
+		{[]string{"serve", "--file", "/dev/null", "--nbd-max-conns", "0"}, ExitUsage, "nbdmirror serve: --nbd-max-conns 0: want at least 1\n"},
+		{[]string{"serve", "--file", "/dev/null", "--nbd-max-in-flight", "100"}, ExitUsage,
+			"nbdmirror serve: --nbd-max-in-flight \"100\" has no unit: give one of K, M, G, T or s (sectors), e.g. 10G\n"},
+		{[]string{"serve", "--file", "/dev/null", "--nbd-handshake-timeout", "0s"}, ExitUsage,
+			"nbdmirror serve: --nbd-handshake-timeout 0s: want a positive duration such as 10s\n"},
 	}
 	for _, tc := range tests {
 		code, _, stderr := runMain(t, tc.args...)

@@ -30,7 +30,7 @@ func (m *Main) serveCommand() *cli.Command {
 		Description: "Serves one file or block device as an NBD export until SIGINT or SIGTERM, " +
 			"with FLUSH, FUA, TRIM and WRITE_ZEROES. A first signal finishes the requests in flight, " +
 			"flushes and exits; a second one exits at once.",
-		Flags: []cli.Flag{
+		Flags: append([]cli.Flag{
 			&cli.StringFlag{Name: "file", Aliases: []string{"f"},
 				Usage: "the regular file or block device to export (required)"},
 			&cli.StringSliceFlag{Name: "listen", Aliases: []string{"l"}, Value: cli.NewStringSlice("localhost:10809"),
@@ -39,7 +39,7 @@ func (m *Main) serveCommand() *cli.Command {
 				Usage: "export `NAME` (default: the file's base name; the empty name also selects it)"},
 			&cli.StringFlag{Name: "description", Usage: "export description shown to clients"},
 			&cli.BoolFlag{Name: "read-only", Aliases: []string{"r"}, Usage: "refuse writes, trims and zeroing"},
-		},
+		}, nbdLimitFlags()...),
 		Action: m.serve,
 	}
 }
@@ -54,6 +54,10 @@ func (m *Main) serve(c *cli.Context) error {
 	}
 	log, err := m.logger(c)
 	if err != nil {
+		return err
+	}
+	srv := &nbd.Server{Logger: log}
+	if err := nbdLimits(c, srv); err != nil {
 		return err
 	}
 	dev, err := blockdev.Open(file, c.Bool("read-only"))
@@ -83,7 +87,7 @@ func (m *Main) serve(c *cli.Context) error {
 		}
 		listeners = append(listeners, l)
 	}
-	srv := &nbd.Server{Catalog: &cat, Logger: log}
+	srv.Catalog = &cat
 	return m.runServer(c.Context, log, srv, listeners, slog.String("export", name),
 		slog.String("file", dev.Path()), slog.Int64("size", dev.Size()), slog.Bool("read_only", exp.ReadOnly))
 }
@@ -132,5 +136,35 @@ func (m *Main) runServer(ctx context.Context, log *slog.Logger, srv *nbd.Server,
 		return failf(ExitFailed, "nbdmirror serve: %v", serveErr)
 	}
 	log.Info("stopped")
+	return nil
+}
+
+// nbdLimitFlags are the NBD server's limits an admin may tune (serve and
+// daemon).
+func nbdLimitFlags() []cli.Flag {
+	return []cli.Flag{
+		&cli.IntFlag{Name: "nbd-max-conns", EnvVars: []string{"NBDMIRROR_NBD_MAX_CONNS"}, Value: nbd.DefaultMaxConns,
+			Usage: "at most `N` NBD connections; at the limit a new one replaces the oldest one still negotiating after a quarter of --nbd-handshake-timeout"},
+		&cli.DurationFlag{Name: "nbd-handshake-timeout", EnvVars: []string{"NBDMIRROR_NBD_HANDSHAKE_TIMEOUT"},
+			Value: nbd.DefaultHandshakeTimeout, Usage: "drop an NBD client that has not finished negotiating after `D`"},
+		&cli.StringFlag{Name: "nbd-max-in-flight", EnvVars: []string{"NBDMIRROR_NBD_MAX_IN_FLIGHT"}, Value: "1G",
+			Usage: "stop reading NBD requests while `SIZE` of payload is in flight over all connections (beyond 256 KiB each)"},
+	}
+}
+
+// nbdLimits applies nbdLimitFlags to srv.
+func nbdLimits(c *cli.Context, srv *nbd.Server) error {
+	n, d := c.Int("nbd-max-conns"), c.Duration("nbd-handshake-timeout")
+	if n < 1 {
+		return failf(ExitUsage, "nbdmirror %s: --nbd-max-conns %d: want at least 1", c.Command.Name, n)
+	}
+	if d <= 0 {
+		return failf(ExitUsage, "nbdmirror %s: --nbd-handshake-timeout %v: want a positive duration such as 10s", c.Command.Name, d)
+	}
+	total, err := parseSize(c.String("nbd-max-in-flight"))
+	if err != nil {
+		return failf(ExitUsage, "nbdmirror %s: --nbd-max-in-flight %v", c.Command.Name, err)
+	}
+	srv.MaxConns, srv.HandshakeTimeout, srv.MaxTotalInFlightBytes = n, d, total
 	return nil
 }
