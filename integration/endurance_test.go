@@ -21,6 +21,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -83,6 +84,12 @@ func TestEndurance(t *testing.T) {
 		"--rwmixwrite=70", "--random_distribution=zipf:2.0", "--bsrange=4k-64k", "--size="+strconv.Itoa(fioSize),
 		"--iodepth=8", "--time_based", fmt.Sprintf("--runtime=%d", int(duration.Seconds())),
 		fmt.Sprintf("--randseed=%d", seed), "--output-format=json", "--output="+fioOut)
+	t.Cleanup(func() {
+		// fio runs its job in a child process, which would outlive the
+		// parent and hold its output open: stop the whole process group
+		// (startProc made fio its leader).
+		syscall.Kill(-fio.cmd.Process.Pid, syscall.SIGKILL)
+	})
 
 	// Under the load: now and then a full resync of beta, waited for.
 	dataKiB := uint64(c.dataSize / 1024)
@@ -101,10 +108,10 @@ func TestEndurance(t *testing.T) {
 		// A full resync writes every block of beta's disk once more.
 		eventually(t, 5*time.Minute, "the full resync of invalidate-remote", func() (bool, string) {
 			a, b := c.alpha.status(), c.beta.status()
-			switch a.CState {
-			case "Connected", "SyncSource", "WFBitMapS", "StartingSyncS":
-			default:
-				t.Fatalf("alpha %s during invalidate-remote %d: %+v", a.CState, invalidations+1, a)
+			// A connection lost under the load is retried and the resync
+			// resumes (counted below); a node that gives up is a failure.
+			if a.CState == "StandAlone" || b.CState == "StandAlone" {
+				t.Fatalf("StandAlone during invalidate-remote %d: alpha %+v, beta %+v", invalidations+1, a, b)
 			}
 			done := a.CState == "Connected" && b.Disk == "UpToDate" && b.Counters.DW-before >= dataKiB
 			return done, fmt.Sprintf("alpha %s, beta %s, beta wrote %d KiB of %d", a.CState, b.Disk, b.Counters.DW-before, dataKiB)
@@ -129,9 +136,19 @@ func TestEndurance(t *testing.T) {
 	}
 	c.alpha.demote() // returns once beta confirmed every write
 	c.sameData()
-	t.Logf("fio wrote %d MiB in %d writes and read %d MiB in %d reads; %d full resyncs; %d activity-log transactions; beta wrote %d MiB",
+	// Each lost connection, with why each side dropped it.
+	var losses []string
+	for _, n := range c.nodes() {
+		for _, line := range strings.Split(n.d.out.String(), "\n") {
+			if strings.Contains(line, `msg="connection to the peer lost"`) || strings.Contains(line, `msg="session to the peer lost"`) {
+				losses = append(losses, n.name+": "+line)
+			}
+		}
+	}
+	t.Logf("fio wrote %d MiB in %d writes and read %d MiB in %d reads; %d full resyncs; %d activity-log transactions; "+
+		"beta wrote %d MiB; %d connection losses logged%s",
 		job.Write.IOKBytes>>10, job.Write.TotalIOs, job.Read.IOKBytes>>10, job.Read.TotalIOs, invalidations, al,
-		c.beta.status().Counters.DW>>10)
+		c.beta.status().Counters.DW>>10, len(losses), strings.Join(append([]string{""}, losses...), "\n  "))
 }
 
 // alTransactions returns the activity-log transactions the node's
