@@ -31,7 +31,7 @@ UNITDIR ?= $(PREFIX)/lib/systemd/system
 OCFDIR ?= $(PREFIX)/lib/ocf
 
 .DEFAULT_GOAL := help
-.PHONY: help build deps test unit integration test-cluster fuzz fuzz-long lint bench demo clean install
+.PHONY: help build deps test unit integration test-cluster test-long fuzz fuzz-long lint bench demo clean install
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -66,17 +66,26 @@ integration: ## end-to-end tests: real processes, real NBD clients, ext4 (root)
 test-cluster: deps ## a two-node Pacemaker + Corosync cluster in namespaces: failover by node loss, rejoin and resync (root, ~3 min)
 	$(GO) test -race -count=1 -tags integration -timeout 15m -run '^TestPacemaker_' -v ./integration/
 
+# make test-long: how long the endurance run's load lasts, and the seed of a
+# run to replay (empty: a new one, printed).
+ENDURANCE ?= 5m
+SEED ?=
+
+test-long: deps ## the endurance run, not in `make test`: two nodes, random protocol, link rate and disk delay, zipf fio and repeated invalidate-remote for ENDURANCE (default 5m; SEED= replays a run) (root)
+	NBDMIRROR_ENDURANCE=$(ENDURANCE) NBDMIRROR_ENDURANCE_SEED=$(SEED) \
+		$(GO) test -race -count=1 -tags 'integration long' -timeout 2h -run '^TestEndurance$$' -v ./integration/
+
 fuzz: ## run every fuzz target for FUZZTIME inputs (default 300000x)
 	@GO=$(GO) ./scripts/fuzz.sh $(FUZZTIME) $(FUZZMINIMIZE) $(FUZZ_TARGETS)
 
 fuzz-long: ## run every fuzz target for FUZZLONG (default 60s) each, from the committed corpora (seeded from captured sessions)
 	@GO=$(GO) ./scripts/fuzz.sh $(FUZZLONG) $(FUZZMINIMIZE) $(FUZZ_TARGETS)
 
-lint: ## gofmt and go vet (with and without the integration tag)
+lint: ## gofmt and go vet (with and without the integration and long tags)
 	@out=$$(gofmt -l $$(find . -name '*.go' -not -path './.git/*')); \
 		if [ -n "$$out" ]; then echo "gofmt would change: $$out"; exit 1; fi
 	$(GO) vet ./...
-	$(GO) vet -tags integration ./...
+	$(GO) vet -tags 'integration long' ./...
 
 bench: deps build ## benchmarks against qemu-nbd, nbdkit and nbd-server, of the resource path and of two-node replication (root); updates BENCHMARKS.md
 	./scripts/bench.sh
