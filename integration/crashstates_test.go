@@ -35,61 +35,6 @@ import (
 	"github.com/nbdmirror/nbdmirror/metadisk"
 )
 
-// placement says where a node of newPlacedCluster keeps its data and
-// metadata; "" is newCluster's choice (a sparse file of the cluster's size
-// in the node's directory, meta-disk internal).
-type placement struct{ disk, metaDisk string }
-
-// newPlacedCluster is newCluster with each node's disk and meta-disk
-// given: it writes r0's configuration, creates the metadata on both nodes
-// and starts both daemons.
-func newPlacedCluster(t *testing.T, size int64, opts string, pa, pb placement) *cluster {
-	t.Helper()
-	need(t, "nbdinfo")
-	h := newHosts(t)
-	c := &cluster{t: t, h: h, size: size}
-	base := t.TempDir()
-	mk := func(name, ns string, p placement) *rnode {
-		dir := filepath.Join(base, name)
-		os.MkdirAll(dir, 0o755)
-		n := &rnode{t: t, name: name, ns: ns, dir: dir, disk: p.disk,
-			conf: filepath.Join(dir, "nbdmirror.conf"), run_: filepath.Join(dir, "run")}
-		if n.disk == "" {
-			n.disk = sparseFile(t, dir, "d0", size)
-		}
-		return n
-	}
-	meta := func(p placement) string {
-		if p.metaDisk == "" {
-			return "internal"
-		}
-		return p.metaDisk
-	}
-	c.alpha, c.beta = mk("alpha", h.nsA, pa), mk("beta", h.nsB, pb)
-	c.resourceConf = fmt.Sprintf("resource r0 {\n  %s\n"+
-		"  on alpha { disk %s; meta-disk %s; address %s:7789; }\n"+
-		"  on beta  { disk %s; meta-disk %s; address %s:7789; }\n}\n",
-		opts, c.alpha.disk, meta(pa), h.ipA, c.beta.disk, meta(pb), h.ipB)
-	t.Cleanup(func() {
-		for _, n := range c.nodes() {
-			if n.d != nil && !n.d.exited() {
-				n.d.stop(syscall.SIGKILL)
-			}
-			if t.Failed() && n.d != nil {
-				t.Logf("%s daemon log:\n%s", n.name, tail(n.d.out.String(), 60))
-			}
-		}
-	})
-	for _, n := range c.nodes() {
-		if err := os.WriteFile(n.conf, []byte(c.resourceConf), 0o644); err != nil {
-			t.Fatal(err)
-		}
-		n.must("create-md", "r0")
-		n.start()
-	}
-	return c
-}
-
 // fuseMount runs `nbdfuse [opts] dir/fuse/file mode...` and waits until
 // the file has the given size. At the end of the test the file system is
 // unmounted, which ends nbdfuse.
@@ -102,11 +47,22 @@ func fuseMount(t *testing.T, dir, file string, size int64, opts []string, mode .
 	path = filepath.Join(mnt, file)
 	fuse := start(t, "nbdfuse", slices.Concat(opts, []string{path}, mode)...)
 	t.Cleanup(func() {
-		exec.Command("fusermount3", "-u", mnt).Run()
+		// The daemons were stopped first (cleanups run last-in first-out),
+		// but the kernel may release their files a moment later: busy
+		// unmounts are retried.
+		var out []byte
+		deadline := time.Now().Add(20 * time.Second)
+		for {
+			var err error
+			if out, err = exec.Command("fusermount3", "-u", mnt).CombinedOutput(); err == nil || time.Now().After(deadline) {
+				break
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
 		select {
 		case <-fuse.done:
 		case <-time.After(20 * time.Second):
-			t.Errorf("nbdfuse still runs 20 s after the unmount")
+			t.Errorf("nbdfuse on %s still runs 20 s after the unmount (fusermount3: %s)", mnt, out)
 		}
 	})
 	eventually(t, 20*time.Second, "nbdfuse", func() (bool, string) {
@@ -271,10 +227,10 @@ func TestCrashStates_MetadataLog(t *testing.T) {
 	// One connection: the log then has one writer, in the order nbdfuse sent.
 	mdFile := fuseMount(t, dir, "md", mdSize, []string{"-C", "1"}, "nbd+unix:///md?socket="+srvSock)
 
-	c := newPlacedCluster(t, size, fmt.Sprintf("net { protocol C; } disk { al-extents %d; c-plan-ahead 0; resync-rate 500M; }", alExtents),
+	c := newClusterDisks(t, size, fmt.Sprintf("net { protocol C; } disk { al-extents %d; c-plan-ahead 0; resync-rate 500M; }", alExtents),
 		// beta's metadata is external too: with internal metadata its data
 		// would be smaller, and the first connect would shrink alpha's.
-		placement{metaDisk: mdFile}, placement{metaDisk: sparseFile(t, dir, "beta-md.img", mdSize)})
+		map[string]string{"alpha:meta": mdFile, "beta:meta": sparseFile(t, dir, "beta-md.img", mdSize)})
 	fi, err := os.Stat(txPath)
 	if err != nil {
 		t.Fatal(err)

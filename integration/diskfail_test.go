@@ -9,57 +9,27 @@ package integration
 import (
 	"bytes"
 	"crypto/rand"
-	"fmt"
 	"io"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 )
 
-// fuseDisk serves a fresh sparse image of size bytes through nbdkit with
-// the given filter arguments (e.g. "--filter=error", …, "file", IMG is
-// appended by the caller's args) as a plain file, and returns the file's
-// path; it is unmounted when the test ends. args are nbdkit's arguments
-// after the filters; "IMG" in them is replaced by the image's path.
+// fuseDisk serves a fresh sparse image of size bytes through nbdkit as a
+// plain file (fuseMount) and returns the file's path. args are nbdkit's
+// (filters, "file", the image, the filters' parameters); "IMG" in them is
+// replaced by the image's path.
 func fuseDisk(t *testing.T, dir string, size int64, args ...string) string {
 	t.Helper()
 	need(t, "nbdkit", "nbdfuse", "fusermount3")
 	img := sparseFile(t, dir, "lower.img", size)
-	mnt := filepath.Join(dir, "fuse")
-	os.MkdirAll(mnt, 0o755)
-	disk := filepath.Join(mnt, "disk")
 	for i, a := range args {
 		args[i] = strings.ReplaceAll(a, "IMG", img)
 	}
-	fuse := start(t, "nbdfuse", append([]string{disk, "--socket-activation", "nbdkit"}, args...)...)
-	t.Cleanup(func() {
-		// The daemons were stopped first (cleanups run last-in first-out),
-		// but the kernel may release their files a moment later: busy
-		// unmounts are retried.
-		var out []byte
-		deadline := time.Now().Add(20 * time.Second)
-		for {
-			var err error
-			if out, err = exec.Command("fusermount3", "-u", mnt).CombinedOutput(); err == nil || time.Now().After(deadline) {
-				break
-			}
-			time.Sleep(100 * time.Millisecond)
-		}
-		select {
-		case <-fuse.done:
-		case <-time.After(20 * time.Second):
-			t.Errorf("nbdfuse on %s did not exit after the unmount (fusermount3: %s)", mnt, out)
-		}
-	})
-	eventually(t, 20*time.Second, "nbdfuse serving "+disk, func() (bool, string) {
-		fi, err := os.Stat(disk)
-		return err == nil && fi.Size() == size, fmt.Sprint(err)
-	})
-	return disk
+	return fuseMount(t, dir, "disk", size, nil, append([]string{"--socket-activation", "nbdkit"}, args...)...)
 }
 
 // pauseCtl sends a command to nbdkit's pause filter ('p' pause, 'r'

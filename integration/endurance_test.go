@@ -70,8 +70,8 @@ func TestEndurance(t *testing.T) {
 	betaDisk := fuseMount(t, dir, "beta-disk", size, nil, "--socket-activation", "nbdkit", "--filter=delay", "file", lower,
 		fmt.Sprintf("wdelay=%dms", wdelay), fmt.Sprintf("rdelay=%dms", rdelay))
 
-	c := newPlacedCluster(t, size, fmt.Sprintf("net { protocol %s; } disk { al-extents %d; c-min-rate 0; %s }",
-		protocol, alExtents, controller), placement{}, placement{disk: betaDisk})
+	c := newClusterDisks(t, size, fmt.Sprintf("net { protocol %s; } disk { al-extents %d; c-min-rate 0; %s }",
+		protocol, alExtents, controller), map[string]string{"beta": betaDisk})
 	for _, dev := range []struct{ ns, name string }{{c.h.nsA, c.h.devA}, {c.h.nsB, strings.Replace(c.h.devA, "vA", "vB", 1)}} {
 		burst := max(32<<10, linkMbit<<20/8/100) // 10 ms at the rate
 		c.h.in(dev.ns, "tc", "qdisc", "add", "dev", dev.name, "root", "tbf", "rate", fmt.Sprintf("%dmbit", linkMbit),
