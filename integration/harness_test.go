@@ -168,7 +168,9 @@ func startProc(t testing.TB, dir string, env []string, name string, args ...stri
 	}()
 	t.Cleanup(func() {
 		if !p.exited() {
-			p.signal(syscall.SIGKILL)
+			// The group: a child that outlives the process would keep
+			// its output pipe, and Wait, open.
+			p.signalGroup(syscall.SIGKILL)
 			<-p.done
 		}
 		if out := p.out.String(); forbidden.MatchString(out) {
@@ -193,6 +195,14 @@ func (p *proc) exited() bool {
 func (p *proc) signal(sig syscall.Signal) {
 	if p.cmd.Process != nil {
 		p.cmd.Process.Signal(sig)
+	}
+}
+
+// signalGroup signals the process group the process leads (it was started
+// with its own: Setpgid), so its children too.
+func (p *proc) signalGroup(sig syscall.Signal) {
+	if p.cmd.Process != nil {
+		syscall.Kill(-p.cmd.Process.Pid, sig)
 	}
 }
 
