@@ -200,20 +200,33 @@ func readBlock(t *testing.T, rc *rawClient, h uint64, off int64, n int) []byte {
 	return buf
 }
 
-// TestDiskFail_DisklessPrimary (D2, detach): alpha's disk, with its
-// internal metadata, fails every request while alpha is Primary and beta
-// UpToDate. With on-io-error detach (the default) the client sees no
+// TestDiskFail_DisklessPrimary (D2, detach): alpha's disk (with its
+// internal metadata, or with the metadata on a healthy disk of its own)
+// fails every request while alpha is Primary and beta UpToDate. With on-io-error detach (the default) the client sees no
 // error at all: alpha detaches and serves reads and writes from beta's
 // disk (Primary, Diskless/UpToDate). Beta starts a new generation and
 // marks every write it takes meanwhile. Demoted, alpha ends its session;
 // its disk healed and attached, it resyncs as SyncTarget what beta marked
 // (and its own activity log), not the disk.
 func TestDiskFail_DisklessPrimary(t *testing.T) {
+	for _, external := range []bool{false, true} {
+		name := "internal metadata"
+		if external {
+			name = "external metadata, data errors only"
+		}
+		t.Run(name, func(t *testing.T) { disklessPrimary(t, external) })
+	}
+}
+
+func disklessPrimary(t *testing.T, externalMeta bool) {
 	dir := t.TempDir()
 	fail := filepath.Join(dir, "fail")
 	adisk := fuseDisk(t, dir, 64*mib, "--filter=error", "file", "IMG", "error=EIO", "error-rate=100%", "error-file="+fail)
-	c := newClusterDisks(t, 64*mib, "net { protocol A; } disk { c-plan-ahead 0; resync-rate 500M; }",
-		map[string]string{"alpha": adisk})
+	disks := map[string]string{"alpha": adisk}
+	if externalMeta {
+		disks["alpha:meta"] = sparseFile(t, dir, "meta", 32*mib)
+	}
+	c := newClusterDisks(t, 64*mib, "net { protocol A; } disk { c-plan-ahead 0; resync-rate 500M; }", disks)
 	c.skipInitialSync()
 	const bs = 64 << 10
 	rc := dialNBD(t, c.alpha.sock(), "r0")

@@ -80,7 +80,8 @@ func (r *Resource) diskFailed(op string, err error) {
 	fail := r.disk > Failed && (dead || divert || policy != "pass_on" && r.role != RolePrimary)
 	// pass_on on a Secondary: the disk may lack a write the Primary has,
 	// so it is no longer up to date (DRBD: Inconsistent).
-	stale := !fail && policy == "pass_on" && r.role != RolePrimary && r.disk > Inconsistent && r.md != nil
+	write := op == "replicated write" || op == "resync write" || op == "write"
+	stale := !fail && write && policy == "pass_on" && r.role != RolePrimary && r.disk > Inconsistent && r.md != nil
 	switch {
 	case fail:
 		r.setState(r.role, Failed)

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"syscall"
+	"time"
 
 	"github.com/nbdmirror/nbdmirror/blockdev"
 	"github.com/nbdmirror/nbdmirror/metadisk"
@@ -44,6 +45,17 @@ import (
 // hung on it cannot be drained. The Primary's disk goes Failed and new
 // requests fail at once.
 
+// maxRead bounds a ReadRequest: a peer serves at most maxServe at once,
+// so that is what one session can make it hold.
+const maxRead = 1 << 20
+
+// pendingRead is a read waiting for the peer's reply.
+type pendingRead struct {
+	ch  chan wire.ReadReply
+	off uint64
+	n   uint32
+}
+
 // errNoData fails application I/O on a diskless Primary without a peer
 // that has the data.
 var errNoData = fmt.Errorf("replicator: no data accessible: the disk is detached and the peer is not connected with UpToDate data: %w", syscall.EIO)
@@ -54,9 +66,12 @@ var errDiverted = errors.New("replicator: the disk failed: the request goes to t
 
 // canDivertLocked reports whether a failure of the local disk should make
 // this Primary diskless rather than pass its errors on; call with mu held.
+// The peer's copy must be whole: nothing marked here (a block marked
+// here may be older there).
 func (r *Resource) canDivertLocked(policy string, timedOut bool) bool {
 	return r.role == RolePrimary && policy != "pass_on" && !timedOut && !r.remote && r.p != nil && !r.p.ending &&
-		r.conn == Connected && r.peerDisk == UpToDate && r.p.s.Version() >= wire.ReadVersion
+		r.conn == Connected && r.peerDisk == UpToDate && r.p.s.Version() >= wire.ReadVersion &&
+		r.md != nil && r.md.OutOfSync() == 0
 }
 
 // startDivertLocked starts the switch of a Primary whose disk just went
@@ -81,11 +96,26 @@ func (r *Resource) startDivertLocked() {
 func (r *Resource) divertTo(p *peer) {
 	r.admin.Lock()
 	defer r.admin.Unlock()
+	// The requests in flight end (a failed one gives up its hold); one
+	// that hangs on the disk calls the switch off.
+	wait := max(r.cfg.Disk.DiskTimeout, divertWait)
+	timer := time.AfterFunc(wait, func() {
+		r.mu.Lock()
+		r.idle.Broadcast()
+		r.mu.Unlock()
+	})
+	deadline := time.Now().Add(wait)
 	r.mu.Lock()
-	for r.inflight > 0 {
+	for r.inflight > 0 && time.Now().Before(deadline) {
 		r.idle.Wait()
 	}
+	drained := r.inflight == 0
 	r.mu.Unlock()
+	timer.Stop()
+	if !drained {
+		r.divertOff(p, fmt.Sprintf("requests on the disk did not end within %v", wait))
+		return
+	}
 	// Every write of the local disk's time acked: the log holds none.
 	if done := p.tl.barrierNow(true, false); done != nil {
 		<-done
@@ -109,21 +139,39 @@ func (r *Resource) divertTo(p *peer) {
 		p.sendState()
 		r.mu.Lock()
 	}
+	if !ok {
+		r.mu.Unlock()
+		r.divertOff(p, "the peer's disk is no longer available")
+		return
+	}
 	r.divert = false
 	close(r.divertDone)
 	r.frozen--
 	r.idle.Broadcast()
 	r.mu.Unlock()
 	r.stopWatch()
-	if !ok {
-		r.log.Error("the disk failed and the peer went away before the Primary could serve from it: requests fail until it is demoted")
-		r.change()
-		return
-	}
 	if err := dev.Close(); err != nil {
 		r.log.Warn("closing the failed disk", "err", err)
 	}
 	r.log.Warn("the disk is detached: this Primary serves reads and writes from the peer's disk")
+	r.change()
+}
+
+// divertWait bounds the wait for the requests in flight at a switch when
+// disk-timeout is shorter (or none).
+const divertWait = 30 * time.Second
+
+// divertOff calls a switch off: the disk stays Failed under the Primary,
+// whose requests fail until it is demoted; the peer learns of it.
+func (r *Resource) divertOff(p *peer, why string) {
+	r.mu.Lock()
+	r.divert = false
+	close(r.divertDone)
+	r.frozen--
+	r.idle.Broadcast()
+	r.mu.Unlock()
+	r.log.Error("the Primary cannot serve from the peer's disk: its requests fail until it is demoted", "why", why)
+	p.sendState()
 	r.change()
 }
 
@@ -163,18 +211,23 @@ func (r *Resource) closeDetached(p *peer) {
 		r.mu.Unlock()
 		return
 	}
-	r.detachedMD, r.detachedMdev, r.detachedBy = nil, nil, nil
+	r.detachedMD = nil // claimed
 	r.mu.Unlock()
-	if err := md.Close(); err != nil {
-		r.log.Warn("closing the detached disk's metadata (the next attach applies its activity log)", "err", err)
-	}
+	// Left unclean, as a crash leaves it: the failed disk may have lost
+	// writes it had acknowledged (a failed flush), and the next attach
+	// marks the activity log's extents, which cover them (I1).
+	md.Abandon()
 	mdev.Close()
+	r.mu.Lock()
+	r.detachedMdev, r.detachedBy = nil, nil
+	r.idle.Broadcast() // secondary waits for the metadata's lock to go
+	r.mu.Unlock()
 }
 
 // readRemote reads len(buf) bytes at off from the peer's disk.
 func (p *peer) readRemote(buf []byte, off int64) error {
 	for len(buf) > 0 {
-		n := min(len(buf), wire.MaxData)
+		n := min(len(buf), maxRead)
 		if err := p.readRemoteOnce(buf[:n], off); err != nil {
 			return err
 		}
@@ -187,11 +240,11 @@ func (p *peer) readRemoteOnce(buf []byte, off int64) error {
 	ch := make(chan wire.ReadReply, 1)
 	p.readMu.Lock()
 	if p.reads == nil {
-		p.reads = map[uint64]chan wire.ReadReply{}
+		p.reads = map[uint64]pendingRead{}
 	}
 	p.readID++
 	id := p.readID
-	p.reads[id] = ch
+	p.reads[id] = pendingRead{ch: ch, off: uint64(off), n: uint32(len(buf))}
 	p.readMu.Unlock()
 	defer func() {
 		p.readMu.Lock()
@@ -220,13 +273,16 @@ func (p *peer) readRemoteOnce(buf []byte, off int64) error {
 // receiveReadReply hands a ReadReply to the read waiting for it.
 func (p *peer) receiveReadReply(m wire.ReadReply) error {
 	p.readMu.Lock()
-	ch, ok := p.reads[m.ID]
+	rd, ok := p.reads[m.ID]
 	delete(p.reads, m.ID)
 	p.readMu.Unlock()
-	if !ok {
+	switch {
+	case !ok:
 		return protoErr("a read reply (id %d) for no read asked", m.ID)
+	case m.Offset != rd.off || m.Length != rd.n:
+		return protoErr("a read reply (id %d) for %d bytes at %d, asked %d at %d", m.ID, m.Length, m.Offset, rd.n, rd.off)
 	}
-	ch <- m // buffered: the reader may have given up
+	rd.ch <- m // buffered: the reader may have given up
 	return nil
 }
 
@@ -237,6 +293,9 @@ func (p *peer) serveRead(m wire.ReadRequest) error {
 	r := p.r
 	if err := p.checkRange("read request", m.Offset, m.Length); err != nil {
 		return err
+	}
+	if m.Length > maxRead {
+		return protoErr("a read request of %d bytes, above the %d a diskless Primary asks for", m.Length, maxRead)
 	}
 	reply := wire.ReadReply{ID: m.ID, Offset: m.Offset, Length: m.Length, Status: wire.ReadError}
 	r.mu.Lock()

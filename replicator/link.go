@@ -110,10 +110,13 @@ func (r *Resource) Disconnect() error {
 	r.admin.Lock()
 	defer r.admin.Unlock()
 	r.mu.Lock()
-	conn := r.conn
+	conn, remote := r.conn, r.remote
 	r.mu.Unlock()
 	if conn == StandAlone {
 		return r.refuse(codeStandAlone, "")
+	}
+	if remote {
+		return r.refuse(codeNoUpToDate, "this diskless Primary's data is on the peer: demote it first")
 	}
 	r.disconnect("disconnect requested")
 	return nil

@@ -71,7 +71,7 @@ type peer struct {
 	// Reads of a diskless Primary waiting for the peer (diskless.go).
 	readMu sync.Mutex
 	readID uint64
-	reads  map[uint64]chan wire.ReadReply
+	reads  map[uint64]pendingRead
 }
 
 // Bounds of work done for the peer at once.
@@ -174,7 +174,9 @@ func (p *peer) end(err error) bool {
 	// meanwhile (those in flight finish).
 	// A session refused after the decision (a before-resync veto) is a
 	// loss too; an administrative disconnect is not.
-	fence := p.decided && r.role == RolePrimary && r.fencingOn() && r.peerDisk > Outdated && r.peerDisk != DUnknown &&
+	// A diskless Primary fences no one: the peer holds the only copy
+	// (DRBD: "Not fencing peer, I'm not even Consistent myself").
+	fence := p.decided && r.role == RolePrimary && r.disk >= Consistent && r.fencingOn() && r.peerDisk > Outdated && r.peerDisk != DUnknown &&
 		p.parent.Err() == nil
 	if fence && r.cfg.Disk.Fencing == "resource-and-stonith" {
 		r.freezeForFencingLocked()
@@ -634,10 +636,26 @@ func (p *peer) dataLoop() error {
 
 func (p *peer) handle(m wire.Message) error {
 	r := p.r
+	r.mu.Lock()
+	remote := r.remote
+	r.mu.Unlock()
+	if remote {
+		// A diskless Primary has nothing to resync, verify, mark or
+		// resize: only state, acks and read replies concern it.
+		switch m := m.(type) {
+		case wire.State, wire.ReadReply:
+		case wire.Command:
+			if m.Code != wire.CmdPauseSync && m.Code != wire.CmdResumeSync {
+				return protoErr("command %d sent to a diskless Primary", m.Code)
+			}
+		default:
+			return protoErr("%T sent to a diskless Primary", m)
+		}
+	}
 	switch m := m.(type) {
 	case wire.State:
 		r.mu.Lock()
-		lostDisk := DiskState(m.Disk) == Diskless && r.peerDisk >= Inconsistent && Role(m.Role) == RolePrimary &&
+		lostDisk := DiskState(m.Disk) == Diskless && r.peerDisk != Diskless && Role(m.Role) == RolePrimary &&
 			r.role == RoleSecondary && r.disk == UpToDate
 		r.setPeerState(Role(m.Role), DiskState(m.Disk))
 		r.mu.Unlock()
@@ -758,7 +776,7 @@ func (p *peer) receiveWrite(m wire.Write, buf []byte) error {
 	// Protocol B: the write is acknowledged once received; a disk error
 	// after that ends the session, so the Primary marks it.
 	ackWanted := m.Flags&wire.WriteAckWanted != 0
-	if ackWanted && p.theirs.Protocol == 'B' {
+	if ackWanted && p.theirs.Protocol == 'B' && !peerDiskless { // a diskless Primary's write: acked once on disk
 		p.acks.queue(wire.WriteAck{Seq: m.Seq, Status: wire.AckOK})
 		ackWanted = false
 	}

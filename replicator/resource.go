@@ -657,6 +657,13 @@ func (r *Resource) secondary() error {
 	if remote != nil {
 		r.demotePeerSync()
 		remote.fail(errors.New("the node is diskless: it reconnects once a disk is attached"))
+		// Ended before this returns: an attach may follow at once, and
+		// the session still holds the detached disk's metadata.
+		r.mu.Lock()
+		for r.p == remote || r.detachedBy == remote {
+			r.idle.Wait()
+		}
+		r.mu.Unlock()
 	}
 	if failed {
 		// A disk that failed under the Primary: detached now, with

@@ -46,9 +46,13 @@ func (r *Resource) Verify(vr VerifyRange) error {
 	r.admin.Lock()
 	defer r.admin.Unlock()
 	r.mu.Lock()
-	conn, p, resume := r.conn, r.p, r.ovStart
+	conn, p, resume, disk, peerDisk := r.conn, r.p, r.ovStart, r.disk, r.peerDisk
 	r.mu.Unlock()
 	switch {
+	case disk == Diskless || disk == Failed:
+		return r.refuse(codeDiskless, "")
+	case conn == Connected && peerDisk != UpToDate:
+		return r.refuse(codeNoUpToDate, "verify needs the peer's disk UpToDate")
 	case r.cfg.Net.VerifyAlg == "":
 		return r.refuse(codeNoVerifyAlg, "set verify-alg in the net section on both nodes")
 	case conn == VerifyS && vr.Stop != nil && p != nil:
@@ -299,8 +303,8 @@ func (p *peer) startVerifyTarget(from uint64) error {
 	defer r.change()
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if r.conn != Connected || r.cfg.Net.VerifyAlg == "" {
-		return protoErr("verify start while %s", r.conn)
+	if r.conn != Connected || r.cfg.Net.VerifyAlg == "" || r.md == nil {
+		return protoErr("verify start while %s with the disk %s", r.conn, r.disk)
 	}
 	blocks := bitmap.Blocks(p.size.Load())
 	if from >= blocks {
