@@ -300,20 +300,43 @@ type fakePeer struct {
 	s  *transport.Session
 }
 
-func newFakePeer(t *testing.T, p *pair, st wire.State) *fakePeer {
+// newFakePeer handshakes as beta with alpha's size and the net settings
+// the two must agree on (protocol, verify-alg, csums-alg).
+func newFakePeer(t *testing.T, p *pair, st wire.State, extra ...transport.Type) *fakePeer {
 	t.Helper()
 	size := uint64(p.alpha.Size())
-	return handshakeFake(t, p, wire.Params{DiskSize: size, Size: size, Protocol: 'C', MaxEpoch: 2048}, st)
+	n := p.alpha.cfg.Net
+	return handshakeFake(t, p, wire.Params{DiskSize: size, Size: size, Protocol: byte(n.Protocol), MaxEpoch: 2048,
+		VerifyAlg: n.VerifyAlg, CsumsAlg: n.CsumsAlg}, st, extra...)
 }
 
 // handshakeFake is beta's side of a session with alpha, which has begun to
-// connect, up to the handshake's messages: params, st and alpha's UUIDs.
-func handshakeFake(t *testing.T, p *pair, params wire.Params, st wire.State) *fakePeer {
+// connect, up to the handshake's messages: params, st and alpha's UUIDs;
+// its transport also sends the frame types extra.
+func handshakeFake(t *testing.T, p *pair, params wire.Params, st wire.State, extra ...transport.Type) *fakePeer {
+	t.Helper()
+	f := dialFake(t, p, extra...)
+	sb := p.alpha.md.Superblock()
+	for _, m := range []wire.Message{
+		params,
+		st,
+		wire.UUIDs{Current: sb.UUIDs.Current &^ 1, Bitmap: sb.UUIDs.Bitmap, History: sb.UUIDs.History},
+	} {
+		f.send(t, m)
+	}
+	return f
+}
+
+// dialFake is beta's side of a session with alpha, which has begun to
+// connect, before any message: beta's transport, which also sends the
+// frame types extra.
+func dialFake(t *testing.T, p *pair, extra ...transport.Type) *fakePeer {
 	t.Helper()
 	cfg, err := p.beta.transportConfig()
 	if err != nil {
 		t.Fatal(err)
 	}
+	cfg.Types = append(cfg.Types, extra...)
 	tr, err := transport.New(cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -328,16 +351,7 @@ func handshakeFake(t *testing.T, p *pair, params wire.Params, st wire.State) *fa
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := &fakePeer{tr: tr, s: s}
-	sb := p.alpha.md.Superblock()
-	for _, m := range []wire.Message{
-		params,
-		st,
-		wire.UUIDs{Current: sb.UUIDs.Current &^ 1, Bitmap: sb.UUIDs.Bitmap, History: sb.UUIDs.History},
-	} {
-		f.send(t, m)
-	}
-	return f
+	return &fakePeer{tr: tr, s: s}
 }
 
 // recv returns the next message the fake peer receives on stream st.
@@ -372,7 +386,15 @@ func connectFake(t *testing.T, st wire.State) (*pair, *fakePeer) {
 // connects.
 func connectFakeWith(t *testing.T, st wire.State, setup func(*pair)) (*pair, *fakePeer) {
 	t.Helper()
-	p := newPair(t, "net { protocol C; } disk { c-plan-ahead 0; resync-rate 1G; }")
+	return connectFakeOpts(t, "net { protocol C; } disk { c-plan-ahead 0; resync-rate 1G; }", st, setup)
+}
+
+// connectFakeOpts is connectFakeWith with the pair's configuration opts
+// (newPair's), whose net settings the fake peer takes, and the frame
+// types extra that the fake peer's transport also sends.
+func connectFakeOpts(t *testing.T, opts string, st wire.State, setup func(*pair), extra ...transport.Type) (*pair, *fakePeer) {
+	t.Helper()
+	p := newPair(t, opts)
 	if setup != nil {
 		setup(p)
 	}
@@ -393,7 +415,7 @@ func connectFakeWith(t *testing.T, st wire.State, setup func(*pair)) (*pair, *fa
 	if err := p.alpha.Connect(false); err != nil {
 		t.Fatal(err)
 	}
-	f := newFakePeer(t, p, st)
+	f := newFakePeer(t, p, st, extra...)
 	p.wait(p.alpha, "Connected", func(s Snapshot) bool { return s.Conn == Connected })
 	return p, f
 }
