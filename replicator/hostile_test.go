@@ -365,6 +365,7 @@ func hostileSamples() []struct {
 
 func hostileCases() []hostileCase {
 	block := bytes.Repeat([]byte{0xAB}, 4096)
+	zero := make([]byte, 4096)
 	var cases []hostileCase
 	// Every type, its payload cut short, and with a byte too many.
 	for _, s := range hostileSamples() {
@@ -455,6 +456,14 @@ func hostileCases() []hostileCase {
 		{name: "Write/data cut short", scene: sceneSecondary,
 			frames: fixed(msgs(wire.Write{Seq: 1, Epoch: 1, Length: 4096, Data: block[:4000]})...),
 			want:   "wire: Write: data of 4000 bytes for length 4096"},
+		{name: "Write/same seq twice", scene: sceneSecondary,
+			frames: fixed(msgs(
+				wire.Write{Seq: 1, Epoch: 1, Length: 4096, Data: zero},
+				wire.Write{Seq: 1, Epoch: 1, Offset: 4096, Length: 4096, Data: block})...),
+			want: "Write seq 1, expected 2"},
+		{name: "Write/seq not the next", scene: sceneSecondary,
+			frames: fixed(msgs(wire.Write{Seq: 5, Epoch: 1, Length: 4096, Data: block})...),
+			want:   "Write seq 5, expected 1"},
 		{name: "Write/in a future epoch", scene: sceneSecondary,
 			frames: fixed(msgs(wire.Write{Seq: 1, Epoch: 7, Length: 4096, Data: block})...),
 			want:   "write in epoch 7, expected 1"},

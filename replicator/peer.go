@@ -45,6 +45,7 @@ type peer struct {
 	// Receiving side (the data loop's, unless noted).
 	recvLock *rangeLock
 	epoch    *recvEpoch     // the epoch of the peer's writes now arriving
+	lastSeq  uint64         // the seq of the peer's last write taken (they count from 1)
 	writing  sync.WaitGroup // the peer's writes being written
 	apply    chan struct{}  // bounds disk writes in flight for the peer
 
@@ -676,10 +677,13 @@ func (p *peer) receiveWrite(m wire.Write, buf []byte) error {
 		return protoErr("write in epoch %d, expected %d", m.Epoch, ep.num)
 	case ep.writes >= p.theirs.MaxEpoch:
 		return protoErr("epoch %d has more than the %d writes the peer's max-epoch-size allows", m.Epoch, p.theirs.MaxEpoch)
+	case m.Seq != p.lastSeq+1: // a write repeated, or one lost
+		return protoErr("Write seq %d, expected %d", m.Seq, p.lastSeq+1)
 	}
 	if err := p.checkRange("write", m.Offset, m.Length); err != nil {
 		return err
 	}
+	p.lastSeq = m.Seq
 	off, n := int64(m.Offset), int64(m.Length)
 	unlock := p.recvLock.lock(off, n)
 	ep.writes++
