@@ -385,6 +385,9 @@ func hostileCases() []hostileCase {
 			frames: fixed(msgs(wire.Params{Protocol: 'C', MaxEpoch: 1, CsumsAlg: strings.Repeat("x", 65)})...),
 			want:   "wire: Params: csums-alg of 65 bytes above the 64 maximum"},
 		// State
+		{name: "State/Primary while this node is Primary", scene: scenePrimary,
+			frames: fixed(msgs(hostilePrimary)...),
+			want:   "State: the peer is Primary while this node is Primary"},
 		{name: "State/disk state out of range", scene: sceneSecondary,
 			frames: fixed(msgs(wire.State{Role: uint8(RolePrimary), Disk: 9})...),
 			want:   "wire: State: disk 9 above 8"},

@@ -612,6 +612,12 @@ func (p *peer) handle(m wire.Message) error {
 	switch m := m.(type) {
 	case wire.State:
 		r.mu.Lock()
+		if m.Role == wire.RolePrimary && r.role == RolePrimary {
+			// Two promotions crossed: the handshake of the next session
+			// decides (after-sb-2pri), as DRBD refuses the state change.
+			r.mu.Unlock()
+			return protoErr("State: the peer is Primary while this node is Primary (two primaries)")
+		}
 		r.setPeerState(Role(m.Role), DiskState(m.Disk))
 		r.mu.Unlock()
 		r.change()
