@@ -414,6 +414,9 @@ func hostileCases() []hostileCase {
 				return msgs(wire.Bitmap{Count: n, Last: true, Runs: []uint64{0, n}})
 			},
 			want: "bitmap chunk of blocks [0, +7941), expected from 0 of 7933"},
+		{name: "Bitmap/last chunk ends before the device", scene: sceneWFBitMapT,
+			frames: fixed(msgs(wire.Bitmap{Count: 64, Last: true, Runs: []uint64{0, 64}})...),
+			want:   "bitmap ended at block 64 of 7933"},
 		{name: "Bitmap/count oversized", scene: sceneWFBitMapT,
 			frames: fixed(msgs(wire.Bitmap{Count: 1<<32 + 1, Last: true, Runs: []uint64{1<<32 + 1}})...),
 			want:   "wire: Bitmap: count 4294967297 above the 4294967296 maximum"},
