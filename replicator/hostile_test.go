@@ -597,6 +597,9 @@ func hostileCases() []hostileCase {
 				return msgs(wire.VerifyRequest{ID: 1, Offset: h.size, Length: 4096, Digest: make([]byte, 32)})
 			},
 			want: "verify request of 4096 bytes at 32493568 lies past the end of the device"},
+		{name: "VerifyRequest/digest not of verify-alg", scene: sceneVerifyT,
+			frames: fixed(msgs(wire.VerifyRequest{ID: 1, Length: 4096, Digest: make([]byte, 7)})...),
+			want:   "VerifyRequest with a 7-byte digest, verify-alg sha256 makes 32"},
 		{name: "VerifyRequest/digest oversized", scene: sceneVerifyT,
 			frames: fixed(msgs(wire.VerifyRequest{ID: 1, Length: 4096, Digest: make([]byte, 65)})...),
 			want:   "wire: VerifyRequest: digest of 65 bytes, want 1 to 64"},
