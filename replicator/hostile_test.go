@@ -680,6 +680,9 @@ func hostileCases() []hostileCase {
 			frames: fixed(msgs(wire.Sizes{Kind: wire.SizesSet, Size: wire.MaxSize + 4096})...),
 			want:   "wire: Sizes: size 72057594037932032 above the maximum 72057594037927936"},
 		// Frames no message type has.
+		{name: "frame/unknown type", scene: sceneSecondary,
+			frames: fixed(hframe{transport.Data, hostileType, []byte{1, 2, 3}}),
+			want:   "unknown frame type 40"},
 	}...)
 }
 
