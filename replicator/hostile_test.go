@@ -381,10 +381,22 @@ func hostileCases() []hostileCase {
 	}
 	return append(cases, []hostileCase{
 		// Params
+		{name: "Params/again after the handshake", scene: sceneSecondary,
+			frames: fixed(msgs(wire.Params{Protocol: 'C', MaxEpoch: 1})...),
+			want:   "Params on the data stream"},
+		{name: "Params/twice in the handshake", scene: sceneHandshake,
+			frames: func(h *hostileEnv) []hframe {
+				pa := wire.Params{DiskSize: h.size, Size: h.size, Protocol: 'C', MaxEpoch: 2048}
+				return msgs(pa, pa)
+			},
+			want: "handshake message 2 is Params, expected State"},
 		{name: "Params/algorithm name oversized", scene: sceneSecondary,
 			frames: fixed(msgs(wire.Params{Protocol: 'C', MaxEpoch: 1, CsumsAlg: strings.Repeat("x", 65)})...),
 			want:   "wire: Params: csums-alg of 65 bytes above the 64 maximum"},
 		// State
+		{name: "State/first in the handshake", scene: sceneHandshake,
+			frames: fixed(msgs(hostileSecondary)...),
+			want:   "handshake message 1 is State, expected Params"},
 		{name: "State/Primary while this node is Primary", scene: scenePrimary,
 			frames: fixed(msgs(hostilePrimary)...),
 			want:   "State: the peer is Primary while this node is Primary"},
@@ -476,6 +488,9 @@ func hostileCases() []hostileCase {
 		{name: "Write/in an epoch already closed", scene: sceneSecondary,
 			frames: fixed(msgs(wire.Barrier{Epoch: 1}, wire.Write{Seq: 1, Epoch: 1, Length: 4096, Data: block})...),
 			want:   "write in epoch 1, expected 2"},
+		{name: "Write/on the control stream", scene: sceneSecondary,
+			frames: fixed(onStream(transport.Control, wire.Write{Seq: 1, Epoch: 1, Length: 4096, Data: block})),
+			want:   "Write on the control stream"},
 		// Barrier
 		{name: "Barrier/with a wrong count", scene: sceneSecondary,
 			frames: fixed(msgs(wire.Barrier{Epoch: 1, Writes: 3})...),
@@ -486,7 +501,32 @@ func hostileCases() []hostileCase {
 		{name: "Barrier/epoch out of range", scene: sceneSecondary,
 			frames: fixed(msgs(wire.Barrier{Epoch: math.MaxUint64})...),
 			want:   "barrier for epoch 18446744073709551615, expected 1"},
+		{name: "Barrier/on the control stream", scene: sceneSecondary,
+			frames: fixed(onStream(transport.Control, wire.Barrier{Epoch: 1})),
+			want:   "Barrier on the control stream"},
 		// BarrierAck
+		{name: "BarrierAck/for no barrier", scene: sceneSecondary,
+			frames: fixed(msgs(wire.BarrierAck{Epoch: 1})...),
+			want:   "BarrierAck for epoch 1, whose barrier was not sent"},
+		{name: "BarrierAck/before the write ack", scene: scenePrimary,
+			prelude: func(h *hostileEnv) { h.primaryWrite() },
+			frames:  fixed(msgs(wire.BarrierAck{Epoch: 1, Writes: 1})...),
+			want:    "BarrierAck for epoch 1, whose barrier was not sent",
+			marked:  [2]int64{8192, 4096}},
+		{name: "BarrierAck/twice", scene: scenePrimary, prelude: (*hostileEnv).ackedWrite,
+			frames: fixed(msgs(wire.BarrierAck{Epoch: 1, Writes: 1}, wire.BarrierAck{Epoch: 1, Writes: 1})...),
+			want:   "BarrierAck for epoch 1, acked already"},
+		{name: "BarrierAck/for a later epoch", scene: scenePrimary, prelude: (*hostileEnv).ackedWrite,
+			frames: fixed(msgs(wire.BarrierAck{Epoch: 2})...),
+			want:   "BarrierAck for epoch 2 with 0 writes, expected epoch 1 with 1",
+			marked: [2]int64{8192, 4096}},
+		{name: "BarrierAck/with a wrong count", scene: scenePrimary, prelude: (*hostileEnv).ackedWrite,
+			frames: fixed(msgs(wire.BarrierAck{Epoch: 1, Writes: 2})...),
+			want:   "BarrierAck for epoch 1 with 2 writes, expected epoch 1 with 1",
+			marked: [2]int64{8192, 4096}},
+		{name: "BarrierAck/on the data stream", scene: sceneSecondary,
+			frames: fixed(onStream(transport.Data, wire.BarrierAck{Epoch: 1})),
+			want:   "BarrierAck on the data stream"},
 		// WriteAck
 		{name: "WriteAck/for an unknown seq", scene: scenePrimary,
 			frames: fixed(msgs(wire.WriteAck{Seq: 99})...),
@@ -619,6 +659,9 @@ func hostileCases() []hostileCase {
 		{name: "VerifyReply/twice", scene: sceneVerifyS,
 			frames: fixed(msgs(wire.VerifyReply{ID: 1, Length: 4096}, wire.VerifyReply{ID: 1, Length: 4096, Status: wire.VerifyDiffers})...),
 			want:   "verify reply 1 was not asked for"},
+		{name: "VerifyReply/on the data stream", scene: sceneVerifyS,
+			frames: fixed(onStream(transport.Data, wire.VerifyReply{ID: 1, Length: 4096, Status: wire.VerifyDiffers})),
+			want:   "VerifyReply on the data stream"},
 		// OutOfSync
 		{name: "OutOfSync/while Connected", scene: sceneSecondary,
 			frames: fixed(msgs(wire.OutOfSync{Length: 4096})...),
@@ -645,6 +688,9 @@ func hostileCases() []hostileCase {
 		{name: "Command/verify done while Connected", scene: sceneSecondary,
 			frames: fixed(msgs(wire.Command{Code: wire.CmdVerifyDone})...),
 			want:   "verify end while not VerifyT"},
+		{name: "Command/verify start without verify-alg", scene: sceneSecondary,
+			frames: fixed(msgs(wire.Command{Code: wire.CmdVerifyStart})...),
+			want:   "verify start while Connected without a verify-alg"},
 		{name: "Command/verify start twice", scene: sceneVerifyT,
 			frames: fixed(msgs(wire.Command{Code: wire.CmdVerifyStart})...),
 			want:   "verify start while VerifyT"},
@@ -664,6 +710,11 @@ func hostileCases() []hostileCase {
 			frames: fixed(msgs(wire.Command{Code: wire.CmdAhead})...),
 			want:   "the peer went Ahead while this node is Secondary/Behind"},
 		// Sizes
+		{name: "Sizes/in the handshake", scene: sceneHandshake,
+			frames: func(h *hostileEnv) []hframe {
+				return msgs(wire.Params{DiskSize: h.size, Size: h.size, Protocol: 'C', MaxEpoch: 2048}, wire.Sizes{Kind: wire.SizesQuery})
+			},
+			want: "handshake message 2 is Sizes, expected State"},
 		{name: "Sizes/reply never asked for", scene: sceneSecondary,
 			frames: fixed(msgs(wire.Sizes{Kind: wire.SizesReply, Disk: 1 << 20, Size: 1 << 20})...),
 			want:   "resize answer (kind 2) that nobody asked for"},

@@ -598,62 +598,6 @@ func TestPair_FlushGap(t *testing.T) {
 	p.wait(p.alpha, "every epoch acked", func(s Snapshot) bool { return s.Counters.EP == 1 })
 }
 
-// TestPair_HostilePeer: messages a peer must not send in the state the
-// node is in end the session as a protocol error, and no write is applied.
-func TestPair_HostilePeer(t *testing.T) {
-	data := bytes.Repeat([]byte{0xAB}, 4096)
-	primary := wire.State{Role: uint8(RolePrimary), Disk: uint8(UpToDate)}
-	secondary := wire.State{Role: uint8(RoleSecondary), Disk: uint8(UpToDate)}
-	for _, tc := range []struct {
-		name  string
-		state wire.State
-		msgs  func(size uint64) []wire.Message
-		want  string
-	}{
-		{"write from a Secondary", secondary, func(uint64) []wire.Message {
-			return []wire.Message{wire.Write{Seq: 1, Epoch: 1, Offset: 0, Length: 4096, Data: data}}
-		}, "write from a peer that is not Primary"},
-		{"write past the end", primary, func(size uint64) []wire.Message {
-			return []wire.Message{wire.Write{Seq: 1, Epoch: 1, Offset: size, Length: 4096, Data: data}}
-		}, "past the end of the device"},
-		{"write in a future epoch", primary, func(uint64) []wire.Message {
-			return []wire.Message{wire.Write{Seq: 1, Epoch: 7, Offset: 0, Length: 4096, Data: data}}
-		}, "write in epoch 7, expected 1"},
-		{"barrier with a wrong count", primary, func(uint64) []wire.Message {
-			return []wire.Message{wire.Barrier{Epoch: 1, Writes: 3}}
-		}, "counts 3 writes, 0 arrived"},
-		{"resync data never asked for", primary, func(uint64) []wire.Message {
-			return []wire.Message{wire.ResyncReply{ID: 9, Offset: 0, Length: 4096, Status: wire.ReplyData, Data: data}}
-		}, "resync data while not SyncTarget"},
-		{"bitmap while Connected", primary, func(uint64) []wire.Message {
-			return []wire.Message{wire.Bitmap{Start: 0, Count: 1, Last: true, Runs: []uint64{0, 1}}}
-		}, "bitmap while Connected"},
-		{"handshake message again", primary, func(uint64) []wire.Message {
-			return []wire.Message{wire.Params{Protocol: 'C', MaxEpoch: 1}}
-		}, "message type 16 on the data stream"},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			p, f := connectFake(t, tc.state)
-			for _, m := range tc.msgs(uint64(p.alpha.Size())) {
-				f.send(t, m)
-			}
-			p.wait(p.alpha, "ProtocolError", func(Snapshot) bool {
-				return strings.Contains(p.logs[0].String(), "conn( Connected -> ProtocolError )")
-			})
-			if !strings.Contains(p.logs[0].String(), tc.want) {
-				t.Errorf("the log does not say %q", tc.want)
-			}
-			b, err := os.ReadFile(p.disks[0])
-			if err != nil {
-				t.Fatal(err)
-			}
-			if bytes.Contains(b, data[:64]) {
-				t.Errorf("the hostile peer's data reached the disk")
-			}
-		})
-	}
-}
-
 // TestPair_Controller: with the dynamic controller (c-plan-ahead 2 s, as
 // DRBD's default; c-fill-target 2 MiB instead of 50 KiB, which ramps up
 // too slowly for a unit test) a full sync completes and shows the

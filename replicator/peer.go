@@ -388,7 +388,7 @@ func (p *peer) handshake() error {
 			return peerRefusal(err)
 		}
 		if m.Type() != want {
-			return fmt.Errorf("%w: handshake message %d is of type %d, expected %d", transport.ErrProtocol, i, m.Type(), want)
+			return protoErr("handshake message %d is %s, expected %s", i+1, wire.Name(m.Type()), wire.Name(want))
 		}
 		msgs[i] = m
 	}
@@ -528,7 +528,7 @@ func (p *peer) controlLoop() {
 		case wire.VerifyReply:
 			err = p.verifyReply(m)
 		default:
-			err = fmt.Errorf("%w: message type %d on the control stream", transport.ErrProtocol, m.Type())
+			err = protoErr("%s on the control stream", wire.Name(m.Type()))
 		}
 		if err != nil {
 			p.fail(err)
@@ -646,7 +646,7 @@ func (p *peer) handle(m wire.Message) error {
 	case wire.Sizes:
 		return p.receiveSizes(m)
 	default:
-		return protoErr("message type %d on the data stream", m.Type())
+		return protoErr("%s on the data stream", wire.Name(m.Type()))
 	}
 	return nil
 }

@@ -295,8 +295,11 @@ func (p *peer) startVerifyTarget(from uint64) error {
 	defer r.change()
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if r.conn != Connected || r.cfg.Net.VerifyAlg == "" {
+	if r.conn != Connected {
 		return protoErr("verify start while %s", r.conn)
+	}
+	if r.cfg.Net.VerifyAlg == "" {
+		return protoErr("verify start while %s without a verify-alg", r.conn)
 	}
 	blocks := bitmap.Blocks(p.size.Load())
 	if from >= blocks {
