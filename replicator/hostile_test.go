@@ -5,9 +5,12 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"net"
 	"os"
 	"slices"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -37,6 +40,7 @@ type hostileEnv struct {
 	req wire.ResyncRequest
 	// wrote ends when alpha's application write (primaryWrite) returns.
 	wrote chan error
+	px    *flipProxy // sceneProxied's
 }
 
 // hframe is a frame the fake peer sends.
@@ -175,8 +179,109 @@ const (
 // sceneSecondary: alpha Secondary, the peer Primary; the fake also sends
 // hostileType.
 func sceneSecondary(t *testing.T) *hostileEnv {
-	p, f := connectFakeOpts(t, hostileOpts, hostilePrimary, nil, hostileType)
+	p, f := connectFakeOpts(t, hostileOpts, hostilePrimary, nil,
+		func(c *transport.Config) { c.Types = append(c.Types, hostileType) })
 	return newEnv(t, p, f)
+}
+
+// sceneProxied: sceneSecondary with the fake peer's connections through
+// a flipProxy (it dials alpha through it and does not listen).
+func sceneProxied(t *testing.T) *hostileEnv {
+	var px *flipProxy
+	p, f := connectFakeOpts(t, hostileOpts, hostilePrimary, nil, func(c *transport.Config) {
+		px = newFlipProxy(t, c.PeerAddr)
+		c.PeerAddr, c.ListenAddr = px.l.Addr().String(), ""
+	})
+	h := newEnv(t, p, f)
+	h.px = px
+	return h
+}
+
+// flipProxy forwards the TCP connections it accepts to an address; once
+// armed, it flips one bit in the middle of the next chunk of 4 KiB or
+// more it forwards there (a frame's bytes: pings are a few dozen).
+type flipProxy struct {
+	l       net.Listener
+	to      string
+	armed   atomic.Bool
+	flipped atomic.Bool
+	wg      sync.WaitGroup
+	mu      sync.Mutex
+	closed  bool
+	conns   []net.Conn
+}
+
+func newFlipProxy(t *testing.T, to string) *flipProxy {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	x := &flipProxy{l: l, to: to}
+	x.wg.Add(1)
+	go x.accept()
+	t.Cleanup(x.close)
+	return x
+}
+
+func (x *flipProxy) accept() {
+	defer x.wg.Done()
+	for {
+		c, err := x.l.Accept()
+		if err != nil {
+			return
+		}
+		up, err := net.Dial("tcp", x.to)
+		if err != nil {
+			c.Close()
+			continue
+		}
+		x.mu.Lock()
+		if x.closed {
+			x.mu.Unlock()
+			c.Close()
+			up.Close()
+			return
+		}
+		x.conns = append(x.conns, c, up)
+		x.wg.Add(2)
+		x.mu.Unlock()
+		go x.pipe(up, c, true)
+		go x.pipe(c, up, false)
+	}
+}
+
+// pipe copies src to dst, flipping a bit on the way if out and armed.
+func (x *flipProxy) pipe(dst, src net.Conn, out bool) {
+	defer x.wg.Done()
+	defer dst.Close()
+	defer src.Close()
+	buf := make([]byte, 256<<10)
+	for {
+		n, err := src.Read(buf)
+		if n > 0 {
+			if out && n >= 4096 && x.armed.Load() && x.flipped.CompareAndSwap(false, true) {
+				buf[n/2] ^= 0x10
+			}
+			if _, err := dst.Write(buf[:n]); err != nil {
+				return
+			}
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
+func (x *flipProxy) close() {
+	x.l.Close()
+	x.mu.Lock()
+	x.closed = true
+	for _, c := range x.conns {
+		c.Close()
+	}
+	x.mu.Unlock()
+	x.wg.Wait()
 }
 
 // sceneBothSecondary: both Secondary.
@@ -731,6 +836,12 @@ func hostileCases() []hostileCase {
 			frames: fixed(msgs(wire.Sizes{Kind: wire.SizesSet, Size: wire.MaxSize + 4096})...),
 			want:   "wire: Sizes: size 72057594037932032 above the maximum 72057594037927936"},
 		// Frames no message type has.
+		{name: "frame/checksum mismatch (a bit flipped in a Write)", scene: sceneProxied,
+			frames: func(h *hostileEnv) []hframe {
+				h.px.armed.Store(true)
+				return msgs(wire.Write{Seq: 1, Epoch: 1, Length: 64 << 10, Data: bytes.Repeat(block, 16)})
+			},
+			want: "frame checksum mismatch"},
 		{name: "frame/unknown type", scene: sceneSecondary,
 			frames: fixed(hframe{transport.Data, hostileType, []byte{1, 2, 3}}),
 			want:   "unknown frame type 40"},

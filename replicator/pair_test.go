@@ -302,20 +302,20 @@ type fakePeer struct {
 
 // newFakePeer handshakes as beta with alpha's size and the net settings
 // the two must agree on (protocol, verify-alg, csums-alg).
-func newFakePeer(t *testing.T, p *pair, st wire.State, extra ...transport.Type) *fakePeer {
+func newFakePeer(t *testing.T, p *pair, st wire.State, tweak ...func(*transport.Config)) *fakePeer {
 	t.Helper()
 	size := uint64(p.alpha.Size())
 	n := p.alpha.cfg.Net
 	return handshakeFake(t, p, wire.Params{DiskSize: size, Size: size, Protocol: byte(n.Protocol), MaxEpoch: 2048,
-		VerifyAlg: n.VerifyAlg, CsumsAlg: n.CsumsAlg}, st, extra...)
+		VerifyAlg: n.VerifyAlg, CsumsAlg: n.CsumsAlg}, st, tweak...)
 }
 
 // handshakeFake is beta's side of a session with alpha, which has begun to
 // connect, up to the handshake's messages: params, st and alpha's UUIDs;
-// its transport also sends the frame types extra.
-func handshakeFake(t *testing.T, p *pair, params wire.Params, st wire.State, extra ...transport.Type) *fakePeer {
+// tweak changes its transport's configuration (dialFake).
+func handshakeFake(t *testing.T, p *pair, params wire.Params, st wire.State, tweak ...func(*transport.Config)) *fakePeer {
 	t.Helper()
-	f := dialFake(t, p, extra...)
+	f := dialFake(t, p, tweak...)
 	sb := p.alpha.md.Superblock()
 	for _, m := range []wire.Message{
 		params,
@@ -328,15 +328,18 @@ func handshakeFake(t *testing.T, p *pair, params wire.Params, st wire.State, ext
 }
 
 // dialFake is beta's side of a session with alpha, which has begun to
-// connect, before any message: beta's transport, which also sends the
-// frame types extra.
-func dialFake(t *testing.T, p *pair, extra ...transport.Type) *fakePeer {
+// connect, before any message: beta's transport, its configuration
+// changed by each tweak (frame types to send that no node knows, another
+// address to dial).
+func dialFake(t *testing.T, p *pair, tweak ...func(*transport.Config)) *fakePeer {
 	t.Helper()
 	cfg, err := p.beta.transportConfig()
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg.Types = append(cfg.Types, extra...)
+	for _, f := range tweak {
+		f(&cfg)
+	}
 	tr, err := transport.New(cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -390,9 +393,9 @@ func connectFakeWith(t *testing.T, st wire.State, setup func(*pair)) (*pair, *fa
 }
 
 // connectFakeOpts is connectFakeWith with the pair's configuration opts
-// (newPair's), whose net settings the fake peer takes, and the frame
-// types extra that the fake peer's transport also sends.
-func connectFakeOpts(t *testing.T, opts string, st wire.State, setup func(*pair), extra ...transport.Type) (*pair, *fakePeer) {
+// (newPair's), whose net settings the fake peer takes, and tweaks of the
+// fake peer's transport configuration (dialFake).
+func connectFakeOpts(t *testing.T, opts string, st wire.State, setup func(*pair), tweak ...func(*transport.Config)) (*pair, *fakePeer) {
 	t.Helper()
 	p := newPair(t, opts)
 	if setup != nil {
@@ -415,7 +418,7 @@ func connectFakeOpts(t *testing.T, opts string, st wire.State, setup func(*pair)
 	if err := p.alpha.Connect(false); err != nil {
 		t.Fatal(err)
 	}
-	f := newFakePeer(t, p, st, extra...)
+	f := newFakePeer(t, p, st, tweak...)
 	p.wait(p.alpha, "Connected", func(s Snapshot) bool { return s.Conn == Connected })
 	return p, f
 }
