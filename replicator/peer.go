@@ -45,6 +45,7 @@ type peer struct {
 	// Receiving side (the data loop's, unless noted).
 	recvLock *rangeLock
 	epoch    *recvEpoch     // the epoch of the peer's writes now arriving
+	lastSeq  uint64         // the seq of the peer's last write taken (they count from 1)
 	writing  sync.WaitGroup // the peer's writes being written
 	apply    chan struct{}  // bounds disk writes in flight for the peer
 
@@ -384,7 +385,7 @@ func (p *peer) handshake() error {
 			return peerRefusal(err)
 		}
 		if m.Type() != want {
-			return fmt.Errorf("%w: handshake message %d is of type %d, expected %d", transport.ErrProtocol, i, m.Type(), want)
+			return protoErr("handshake message %d is %s, expected %s", i+1, wire.Name(m.Type()), wire.Name(want))
 		}
 		msgs[i] = m
 		return nil
@@ -555,7 +556,7 @@ func (p *peer) controlLoop() {
 		case wire.VerifyReply:
 			err = p.verifyReply(m)
 		default:
-			err = fmt.Errorf("%w: message type %d on the control stream", transport.ErrProtocol, m.Type())
+			err = protoErr("%s on the control stream", wire.Name(m.Type()))
 		}
 		if err != nil {
 			p.fail(err)
@@ -655,6 +656,12 @@ func (p *peer) handle(m wire.Message) error {
 	switch m := m.(type) {
 	case wire.State:
 		r.mu.Lock()
+		if m.Role == wire.RolePrimary && r.role == RolePrimary {
+			// Two promotions crossed: the handshake of the next session
+			// decides (after-sb-2pri), as DRBD refuses the state change.
+			r.mu.Unlock()
+			return protoErr("State: the peer is Primary while this node is Primary (two primaries)")
+		}
 		lostDisk := DiskState(m.Disk) == Diskless && r.peerDisk != Diskless && Role(m.Role) == RolePrimary &&
 			r.role == RoleSecondary && r.disk == UpToDate
 		r.setPeerState(Role(m.Role), DiskState(m.Disk))
@@ -692,7 +699,7 @@ func (p *peer) handle(m wire.Message) error {
 	case wire.ReadReply:
 		return p.receiveReadReply(m)
 	default:
-		return protoErr("message type %d on the data stream", m.Type())
+		return protoErr("%s on the data stream", wire.Name(m.Type()))
 	}
 	return nil
 }
@@ -729,10 +736,13 @@ func (p *peer) receiveWrite(m wire.Write, buf []byte) error {
 		return protoErr("write in epoch %d, expected %d", m.Epoch, ep.num)
 	case ep.writes >= p.theirs.MaxEpoch:
 		return protoErr("epoch %d has more than the %d writes the peer's max-epoch-size allows", m.Epoch, p.theirs.MaxEpoch)
+	case m.Seq != p.lastSeq+1: // a write repeated, or one lost
+		return protoErr("Write seq %d, expected %d", m.Seq, p.lastSeq+1)
 	}
 	if err := p.checkRange("write", m.Offset, m.Length); err != nil {
 		return err
 	}
+	p.lastSeq = m.Seq
 	off, n := int64(m.Offset), int64(m.Length)
 	// A diskless Primary's writes are on this disk only: each is marked
 	// (the detached disk lacks it), under the activity log so that a

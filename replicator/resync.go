@@ -195,14 +195,13 @@ func (p *peer) receiveBitmap(m wire.Bitmap) error {
 		return protoErr("bitmap while %s", conn)
 	case m.Start != p.bmNext || m.Start+m.Count > blocks:
 		return protoErr("bitmap chunk of blocks [%d, +%d), expected from %d of %d", m.Start, m.Count, p.bmNext, blocks)
+	case m.Last && m.Start+m.Count != blocks: // refused before its bits are taken
+		return protoErr("bitmap ended at block %d of %d", m.Start+m.Count, blocks)
 	}
 	m.Each(func(s, n uint64) { p.md.MarkOutOfSync(int64(s)*bitmap.BlockSize, int64(n)*bitmap.BlockSize) })
 	p.bmNext += m.Count
 	if !m.Last {
 		return nil
-	}
-	if p.bmNext != blocks {
-		return protoErr("bitmap ended at block %d of %d", p.bmNext, blocks)
 	}
 	if conn == WFBitMapT {
 		if err := p.sendBitmap(); err != nil {

@@ -241,8 +241,13 @@ func (t *tlog) barrierAck(a wire.BarrierAck) error {
 		return nil
 	}
 	ep := t.epochs[0]
-	if !ep.closed || ep.num != a.Epoch || uint32(len(ep.entries)) != a.Writes {
-		return fmt.Errorf("%w: barrier ack for epoch %d with %d writes, expected epoch %d with %d",
+	switch {
+	case a.Epoch < ep.num:
+		return fmt.Errorf("%w: BarrierAck for epoch %d, acked already", transport.ErrProtocol, a.Epoch)
+	case a.Epoch == ep.num && !ep.closed:
+		return fmt.Errorf("%w: BarrierAck for epoch %d, whose barrier was not sent", transport.ErrProtocol, a.Epoch)
+	case a.Epoch != ep.num || uint32(len(ep.entries)) != a.Writes:
+		return fmt.Errorf("%w: BarrierAck for epoch %d with %d writes, expected epoch %d with %d",
 			transport.ErrProtocol, a.Epoch, a.Writes, ep.num, len(ep.entries))
 	}
 	// Checked before anything changes: a refused ack leaves the log whole
@@ -254,7 +259,7 @@ func (t *tlog) barrierAck(a wire.BarrierAck) error {
 		select {
 		case <-e.acked:
 		default:
-			return fmt.Errorf("%w: barrier ack for epoch %d before the write ack of write %d", transport.ErrProtocol, a.Epoch, e.seq)
+			return fmt.Errorf("%w: BarrierAck for epoch %d before the WriteAck of write %d", transport.ErrProtocol, a.Epoch, e.seq)
 		}
 	}
 	t.epochs = t.epochs[1:]

@@ -303,8 +303,14 @@ func (p *peer) startVerifyTarget(from uint64) error {
 	defer r.change()
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if r.conn != Connected || r.cfg.Net.VerifyAlg == "" || r.md == nil {
-		return protoErr("verify start while %s with the disk %s", r.conn, r.disk)
+	if r.conn != Connected {
+		return protoErr("verify start while %s", r.conn)
+	}
+	if r.md == nil {
+		return protoErr("verify start on a node whose disk is %s", r.disk)
+	}
+	if r.cfg.Net.VerifyAlg == "" {
+		return protoErr("verify start while %s without a verify-alg", r.conn)
 	}
 	blocks := bitmap.Blocks(p.size.Load())
 	if from >= blocks {
@@ -328,6 +334,12 @@ func (p *peer) serveVerify(m wire.VerifyRequest) error {
 	if err := p.checkRange("verify request", m.Offset, m.Length); err != nil {
 		return err
 	}
+	// A digest of another size is no digest of verify-alg: comparing it
+	// would mark the range as differing.
+	digest := newDigest(r.cfg.Net.VerifyAlg)
+	if n := len(digest(nil)); len(m.Digest) != n {
+		return protoErr("VerifyRequest with a %d-byte digest, verify-alg %s makes %d", len(m.Digest), r.cfg.Net.VerifyAlg, n)
+	}
 	buf := make([]byte, m.Length)
 	off := int64(m.Offset)
 	unlock := p.recvLock.lock(off, int64(m.Length))
@@ -341,7 +353,7 @@ func (p *peer) serveVerify(m wire.VerifyRequest) error {
 	case err != nil:
 		r.log.Error("verify: reading failed", "offset", off, "err", err)
 		st = wire.VerifyError
-	case !bytes.Equal(newDigest(r.cfg.Net.VerifyAlg)(buf), m.Digest):
+	case !bytes.Equal(digest(buf), m.Digest):
 		st = wire.VerifyDiffers
 		p.md.MarkOutOfSync(off, int64(m.Length))
 		rs.mu.Lock()

@@ -383,8 +383,8 @@ func TestAuth_TamperedFrames(t *testing.T) {
 					t.Fatal("the replayed frame was delivered")
 				}
 			}
-			if !errors.Is(sb.Err(), ErrFrameAuth) {
-				t.Errorf("session ended with %v, want ErrFrameAuth", sb.Err())
+			if !errors.Is(sb.Err(), ErrFrameAuth) || !errors.Is(sb.Err(), ErrProtocol) {
+				t.Errorf("session ended with %v, want ErrFrameAuth, a protocol violation", sb.Err())
 			}
 			lb.waitLog(t, "failed authentication")
 		})

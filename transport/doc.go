@@ -117,7 +117,8 @@
 // makes it smaller; decompression is bounded by MaxPayload. Encoders
 // append to a caller's buffer; decoders read from an io.Reader, so
 // production, tests and fuzzing share the code. Any bad frame (length,
-// checksum or tag, type, flags, compression) ends the session.
+// checksum or tag, type, flags, compression) ends the session as a
+// protocol violation (its error wraps ErrProtocol as well as the frame's).
 //
 // Receiving: a session reads payloads of 1 KiB and up straight into
 // pooled buffers (Session.Recycle hands them back); from 4 KiB (in fact

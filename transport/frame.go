@@ -58,7 +58,10 @@ const (
 	maxHandshakePayload = 4 << 10
 )
 
-// Errors of reading frames. Any of them ends the session.
+// Errors of reading frames. Any of them ends the session, whose error
+// then also wraps ErrProtocol: no correct peer sends such a frame (a bit
+// flipped on the way, which the checksum catches, counts the same, as
+// DRBD's integrity check failures do).
 var (
 	ErrFrameTooLarge = errors.New("transport: frame longer than the maximum")
 	ErrFrameChecksum = errors.New("transport: frame checksum mismatch")
@@ -67,6 +70,17 @@ var (
 	ErrFrameFlags    = errors.New("transport: unknown frame flags")
 	ErrDecompress    = errors.New("transport: frame does not decompress")
 )
+
+// frameFault reports whether err, from reading a frame, is one of the
+// errors above (the frame's fault), not the link's (a read error, EOF).
+func frameFault(err error) bool {
+	for _, e := range []error{ErrFrameTooLarge, ErrFrameChecksum, ErrFrameAuth, ErrFrameType, ErrFrameFlags, ErrDecompress} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	return false
+}
 
 // Compression selects per-frame compression.
 type Compression uint8

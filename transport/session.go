@@ -360,6 +360,9 @@ func (s *Session) readLoop(str *stream) {
 	for {
 		typ, p, err := str.in.readFrame()
 		if err != nil {
+			if frameFault(err) {
+				err = fmt.Errorf("%w: %w", ErrProtocol, err)
+			}
 			s.fail(fmt.Errorf("receive on the %s stream: %w", str.kind, err))
 			return
 		}

@@ -70,10 +70,24 @@ func Types() []transport.Type {
 	return ts
 }
 
+// names are the message types' names, from TypeParams on.
+var names = [...]string{"Params", "State", "UUIDs", "Bitmap", "SyncUUID", "Write", "Barrier", "BarrierAck",
+	"WriteAck", "ResyncRequest", "ResyncReply", "ResyncAck", "VerifyRequest", "VerifyReply", "OutOfSync",
+	"Command", "Sizes", "ReadRequest", "ReadReply"}
+
+// Name returns the name of message type t ("Write"), or "type N" for a
+// type this package does not define: for logs and errors.
+func Name(t transport.Type) string {
+	if t >= TypeParams && t < typeEnd {
+		return names[t-TypeParams]
+	}
+	return fmt.Sprintf("type %d", t)
+}
+
 // Message is one of the message structs of this package (Params, State,
 // UUIDs, Bitmap, SyncUUID, Write, Barrier, BarrierAck, WriteAck,
 // ResyncRequest, ResyncReply, ResyncAck, VerifyRequest, VerifyReply,
-// OutOfSync, Command, Sizes), as a value, not a pointer. Each also has a
+// OutOfSync, Command, Sizes, ReadRequest, ReadReply), as a value, not a pointer. Each also has a
 // Validate method, which reports (wrapping ErrMalformed) the first field
 // that Decode would reject.
 type Message interface {

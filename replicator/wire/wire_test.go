@@ -138,6 +138,14 @@ func TestTypes(t *testing.T) {
 			t.Errorf("type %d has no sample", ty)
 		}
 	}
+	for _, s := range samples() {
+		if got, want := Name(s.m.Type()), reflect.TypeOf(s.m).Name(); got != want {
+			t.Errorf("Name(%d) = %q, want %q", s.m.Type(), got, want)
+		}
+	}
+	if got := Name(typeEnd); got != "type 35" {
+		t.Errorf("Name(35) = %q, want \"type 35\"", got)
+	}
 	if TypeCommand != 31 || TypeWrite != 21 || TypeSizes != 32 || TypeReadRequest != 33 || TypeReadReply != 34 {
 		t.Errorf("types renumbered: Write %d, Command %d, Sizes %d, ReadRequest %d, ReadReply %d", TypeWrite, TypeCommand,
 			TypeSizes, TypeReadRequest, TypeReadReply)
