@@ -135,19 +135,32 @@ func TestDiskFail_SecondaryEIO(t *testing.T) {
 	}
 }
 
+// failingPrimary is a cluster of 64 MiB disks whose alpha's disk fails
+// (nbdkit's error filter with rate, e.g. "error-rate=100%") while the
+// returned flag file exists; with externalMeta its metadata is on a
+// healthy disk of its own. Both start with equal disks, alpha Primary.
+func failingPrimary(t *testing.T, opts, rate string, externalMeta bool) (*cluster, string) {
+	t.Helper()
+	dir := t.TempDir()
+	fail := filepath.Join(dir, "fail")
+	disks := map[string]string{"alpha": fuseDisk(t, dir, 64*mib, "--filter=error", "file", "IMG", "error=EIO", rate, "error-file="+fail)}
+	if externalMeta {
+		disks["alpha:meta"] = sparseFile(t, dir, "meta", 32*mib)
+	}
+	c := newClusterDisks(t, 64*mib, opts, disks)
+	c.skipInitialSync()
+	return c, fail
+}
+
 // TestDiskFail_PrimaryPassOn (D2, pass_on): alpha's (the Primary's) disk
 // fails. The NBD client never gets success for data that landed nowhere:
 // a failed read or write gets EIO, and each failed write's blocks are
 // marked out of sync and resynced from beta, which has them, once the
 // disk heals.
 func TestDiskFail_PrimaryPassOn(t *testing.T) {
-	dir := t.TempDir()
-	fail := filepath.Join(dir, "fail")
-	adisk := fuseDisk(t, dir, 64*mib, "--filter=error", "file", "IMG", "error=EIO", "error-rate=100%", "error-file="+fail)
 	// The metadata is on a healthy disk of its own: the data errors alone.
-	c := newClusterDisks(t, 64*mib, "net { protocol C; } disk { on-io-error pass_on; c-plan-ahead 0; resync-rate 500M; }",
-		map[string]string{"alpha": adisk, "alpha:meta": sparseFile(t, dir, "meta", 32*mib)})
-	c.skipInitialSync()
+	c, fail := failingPrimary(t, "net { protocol C; } disk { on-io-error pass_on; c-plan-ahead 0; resync-rate 500M; }",
+		"error-rate=100%", true)
 	c.alpha.writeBlocks(0, 16, 64<<10, 30*time.Second)
 	if err := os.WriteFile(fail, nil, 0o644); err != nil {
 		t.Fatal(err)
@@ -219,15 +232,7 @@ func TestDiskFail_DisklessPrimary(t *testing.T) {
 }
 
 func disklessPrimary(t *testing.T, externalMeta bool) {
-	dir := t.TempDir()
-	fail := filepath.Join(dir, "fail")
-	adisk := fuseDisk(t, dir, 64*mib, "--filter=error", "file", "IMG", "error=EIO", "error-rate=100%", "error-file="+fail)
-	disks := map[string]string{"alpha": adisk}
-	if externalMeta {
-		disks["alpha:meta"] = sparseFile(t, dir, "meta", 32*mib)
-	}
-	c := newClusterDisks(t, 64*mib, "net { protocol A; } disk { c-plan-ahead 0; resync-rate 500M; }", disks)
-	c.skipInitialSync()
+	c, fail := failingPrimary(t, "net { protocol A; } disk { c-plan-ahead 0; resync-rate 500M; }", "error-rate=100%", externalMeta)
 	const bs = 64 << 10
 	rc := dialNBD(t, c.alpha.sock(), "r0")
 	first := bytes.Repeat([]byte{0x11}, bs)
@@ -350,12 +355,8 @@ func TestDiskFail_SecondaryHung(t *testing.T) {
 // Demoted, alpha detaches; healed and attached again it reconnects, and
 // the resync makes the disks equal.
 func TestDiskFail_PrimaryMetadataEIO(t *testing.T) {
-	dir := t.TempDir()
-	fail := filepath.Join(dir, "fail")
-	adisk := fuseDisk(t, dir, 64*mib, "--filter=error", "file", "IMG", "error=EIO", "error-pwrite-rate=100%", "error-file="+fail)
-	c := newClusterDisks(t, 64*mib, "net { protocol C; } disk { on-io-error pass_on; c-plan-ahead 0; resync-rate 500M; }",
-		map[string]string{"alpha": adisk})
-	c.skipInitialSync()
+	c, fail := failingPrimary(t, "net { protocol C; } disk { on-io-error pass_on; c-plan-ahead 0; resync-rate 500M; }",
+		"error-pwrite-rate=100%", false)
 	c.alpha.writeBlocks(0, 16, 64<<10, 30*time.Second) // extent 0 is now in the activity log
 	if err := os.WriteFile(fail, nil, 0o644); err != nil {
 		t.Fatal(err)

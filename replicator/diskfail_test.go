@@ -1,12 +1,9 @@
 package replicator
 
 import (
-	"context"
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/nbdmirror/nbdmirror/transport"
 )
 
 // TestWatchDisk: disk-timeout's watchdog fails (and then detaches) a
@@ -80,23 +77,7 @@ func TestPair_HandshakeWaitsForParams(t *testing.T) {
 	if err := p.alpha.Connect(false); err != nil {
 		t.Fatal(err)
 	}
-	cfg, err := p.beta.transportConfig()
-	if err != nil {
-		t.Fatal(err)
-	}
-	tr, err := transport.New(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := tr.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { tr.Close() })
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	if _, err := tr.Next(ctx); err != nil {
-		t.Fatal(err)
-	}
+	dialFake(t, p) // beta's transport accepts the session; no node answers on it
 	p.wait(p.alpha, "WFReportParams", func(s Snapshot) bool { return s.Conn == WFReportParams })
 	before := p.alpha.Snapshot().OutOfSyncBytes
 	done := make(chan error, 1)
