@@ -296,8 +296,12 @@ func scenePrimary(t *testing.T) *hostileEnv {
 	if err := h.p.alpha.Primary(false); err != nil {
 		t.Fatal(err)
 	}
-	h.await(transport.Data, wire.TypeState)
-	return h
+	// The promotion's State, after the handshake's.
+	for {
+		if st := h.await(transport.Data, wire.TypeState).(wire.State); st.Role == wire.RolePrimary {
+			return h
+		}
+	}
 }
 
 // sceneHandshake: alpha connecting, the fake beta's session established,
