@@ -296,8 +296,12 @@ func scenePrimary(t *testing.T) *hostileEnv {
 	if err := h.p.alpha.Primary(false); err != nil {
 		t.Fatal(err)
 	}
-	h.await(transport.Data, wire.TypeState)
-	return h
+	// The promotion's State, after the handshake's.
+	for {
+		if st := h.await(transport.Data, wire.TypeState).(wire.State); st.Role == wire.RolePrimary {
+			return h
+		}
+	}
 }
 
 // sceneHandshake: alpha connecting, the fake beta's session established,
@@ -711,6 +715,9 @@ func hostileCases() []hostileCase {
 					Data: bytes.Repeat([]byte{0xAB}, int(h.req.Length))})
 			},
 			want: "resync reply 1 for [65536, +16384) was not requested"},
+		{name: "ResyncReply/overflowing 64 bits", scene: sceneSyncTarget,
+			frames: fixed(msgs(wire.ResyncReply{ID: 1, Offset: math.MaxUint64 - 4095, Length: 8192, Status: wire.ReplyInSync})...),
+			want:   "wire: ResyncReply: offset 18446744073709547520 + length 8192 overflows"},
 		{name: "ResyncReply/length oversized", scene: sceneSyncTarget,
 			frames: fixed(msgs(wire.ResyncReply{ID: 1, Length: wire.MaxData + 4096, Status: wire.ReplyInSync})...),
 			want:   "wire: ResyncReply: length 33558528 above the 32 MiB maximum"},
@@ -730,6 +737,15 @@ func hostileCases() []hostileCase {
 			},
 			frames: fixed(msgs(wire.ResyncAck{ID: 1, Offset: 16 * 4096, Length: 4 * 4096})...),
 			want:   "resync ack for [65536, +16384), which was not served"},
+		{name: "ResyncAck/past the end of the device", scene: sceneSyncSource,
+			frames: func(h *hostileEnv) []hframe { return msgs(wire.ResyncAck{ID: 1, Offset: h.size, Length: 4096}) },
+			want:   "resync ack for [32493568, +4096), which was not served"},
+		{name: "ResyncAck/overflowing 64 bits", scene: sceneSyncSource,
+			frames: fixed(msgs(wire.ResyncAck{ID: 1, Offset: math.MaxUint64 - 4095, Length: 8192})...),
+			want:   "wire: ResyncAck: offset 18446744073709547520 + length 8192 overflows"},
+		{name: "ResyncAck/length oversized", scene: sceneSyncSource,
+			frames: fixed(msgs(wire.ResyncAck{ID: 1, Length: wire.MaxData + 4096})...),
+			want:   "wire: ResyncAck: length 33558528 above the 32 MiB maximum"},
 		// VerifyRequest
 		{name: "VerifyRequest/while Connected", scene: sceneSecondary,
 			frames: fixed(msgs(wire.VerifyRequest{ID: 1, Length: 4096, Digest: make([]byte, 32)})...),
@@ -748,6 +764,9 @@ func hostileCases() []hostileCase {
 		{name: "VerifyRequest/digest oversized", scene: sceneVerifyT,
 			frames: fixed(msgs(wire.VerifyRequest{ID: 1, Length: 4096, Digest: make([]byte, 65)})...),
 			want:   "wire: VerifyRequest: digest of 65 bytes, want 1 to 64"},
+		{name: "VerifyRequest/overflowing 64 bits", scene: sceneVerifyT,
+			frames: fixed(msgs(wire.VerifyRequest{ID: 1, Offset: math.MaxUint64 - 4095, Length: 8192, Digest: make([]byte, 32)})...),
+			want:   "wire: VerifyRequest: offset 18446744073709547520 + length 8192 overflows"},
 		// VerifyReply
 		{name: "VerifyReply/never asked for", scene: sceneSecondary,
 			frames: fixed(msgs(wire.VerifyReply{ID: 1, Length: 4096})...),
@@ -761,6 +780,12 @@ func hostileCases() []hostileCase {
 		{name: "VerifyReply/for another block", scene: sceneVerifyS,
 			frames: fixed(msgs(wire.VerifyReply{ID: 1, Offset: 4096, Length: 4096, Status: wire.VerifyDiffers})...),
 			want:   "verify reply 1 was not asked for"},
+		{name: "VerifyReply/past the end of the device", scene: sceneVerifyS,
+			frames: func(h *hostileEnv) []hframe { return msgs(wire.VerifyReply{ID: 1, Offset: h.size, Length: 4096}) },
+			want:   "verify reply 1 was not asked for"},
+		{name: "VerifyReply/length oversized", scene: sceneVerifyS,
+			frames: fixed(msgs(wire.VerifyReply{ID: 1, Length: wire.MaxData + 4096})...),
+			want:   "wire: VerifyReply: length 33558528 above the 32 MiB maximum"},
 		{name: "VerifyReply/twice", scene: sceneVerifyS,
 			frames: fixed(msgs(wire.VerifyReply{ID: 1, Length: 4096}, wire.VerifyReply{ID: 1, Length: 4096, Status: wire.VerifyDiffers})...),
 			want:   "verify reply 1 was not asked for"},
