@@ -469,6 +469,8 @@ func hostileSamples() []struct {
 		{wire.OutOfSync{Length: 4096}, "1 trailing bytes"},
 		{wire.Command{Code: wire.CmdPauseSync}, "1 trailing bytes"},
 		{wire.Sizes{Kind: wire.SizesQuery}, "1 trailing bytes"},
+		{wire.ReadRequest{ID: 1, Length: 4096}, "1 trailing bytes"},
+		{wire.ReadReply{ID: 1, Length: 4096, Status: wire.ReadOK, Data: block}, "data of 4097 bytes for length 4096"},
 	}
 }
 
@@ -860,6 +862,18 @@ func hostileCases() []hostileCase {
 		{name: "Sizes/size out of range", scene: sceneSecondary,
 			frames: fixed(msgs(wire.Sizes{Kind: wire.SizesSet, Size: wire.MaxSize + 4096})...),
 			want:   "wire: Sizes: size 72057594037932032 above the maximum 72057594037927936"},
+		// Reads of a diskless Primary (diskless.go).
+		{name: "ReadReply/never asked for", scene: scenePrimary,
+			frames: fixed(msgs(wire.ReadReply{ID: 7, Offset: 0, Length: 4096, Status: wire.ReadOK, Data: block})...),
+			want:   "a read reply (id 7) for no read asked"},
+		{name: "ReadRequest/past the device", scene: sceneSecondary,
+			frames: func(h *hostileEnv) []hframe {
+				return msgs(wire.ReadRequest{ID: 1, Offset: uint64(h.size), Length: 4096})
+			},
+			want: "read request of 4096 bytes at"},
+		{name: "ReadRequest/above the bound", scene: sceneSecondary,
+			frames: fixed(msgs(wire.ReadRequest{ID: 1, Offset: 0, Length: 2 << 20})...),
+			want:   "a read request of 2097152 bytes, above the 1048576"},
 		// Frames no message type has.
 		{name: "frame/checksum mismatch (a bit flipped in a Write)", scene: sceneProxied,
 			frames: func(h *hostileEnv) []hframe {
