@@ -48,6 +48,13 @@ type cluster struct {
 // metadata on both and starts both daemons.
 func newCluster(t *testing.T, size int64, opts string) *cluster {
 	t.Helper()
+	return newClusterEach(t, size, func(string) string { return opts })
+}
+
+// newClusterEach is newCluster with options of each node's own (opts of
+// its name): certificates, a different secret. resourceConf is alpha's.
+func newClusterEach(t *testing.T, size int64, opts func(node string) string) *cluster {
+	t.Helper()
 	need(t, "nbdinfo")
 	h := newHosts(t)
 	c := &cluster{t: t, h: h, size: size}
@@ -59,12 +66,15 @@ func newCluster(t *testing.T, size int64, opts string) *cluster {
 			conf: filepath.Join(dir, "nbdmirror.conf"), run_: filepath.Join(dir, "run")}
 	}
 	c.alpha, c.beta = mk("alpha", h.nsA), mk("beta", h.nsB)
-	c.resourceConf = fmt.Sprintf("resource r0 {\n  %s\n"+
-		"  on alpha { disk %s; meta-disk internal; address %s:7789; }\n"+
-		"  on beta  { disk %s; meta-disk internal; address %s:7789; }\n}\n",
-		opts, c.alpha.disk, h.ipA, c.beta.disk, h.ipB)
+	conf := func(node string) string {
+		return fmt.Sprintf("resource r0 {\n  %s\n"+
+			"  on alpha { disk %s; meta-disk internal; address %s:7789; }\n"+
+			"  on beta  { disk %s; meta-disk internal; address %s:7789; }\n}\n",
+			opts(node), c.alpha.disk, h.ipA, c.beta.disk, h.ipB)
+	}
+	c.resourceConf = conf("alpha")
 	for _, n := range c.nodes() {
-		if err := os.WriteFile(n.conf, []byte(c.resourceConf), 0o644); err != nil {
+		if err := os.WriteFile(n.conf, []byte(conf(n.name)), 0o644); err != nil {
 			t.Fatal(err)
 		}
 		n.must("create-md", "r0")
@@ -143,6 +153,9 @@ type rstatus struct {
 		NR uint64 `json:"nr"`
 		DW uint64 `json:"dw"` // KiB written to the disk
 		DR uint64 `json:"dr"`
+		LO int64  `json:"lo"` // requests on the local disk
+		PE int64  `json:"pe"` // requests sent to the peer, not yet answered
+		AP int64  `json:"ap"` // application requests in the resource
 	} `json:"counters"`
 	UUIDs struct {
 		Current string `json:"current"`
