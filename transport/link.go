@@ -167,7 +167,7 @@ func (t *Transport) clientStream(conn net.Conn, kind Stream, id [sessionIDSize]b
 	if t.tls != nil {
 		tc := tls.Client(conn, t.tls)
 		if err := tc.HandshakeContext(t.ctx); err != nil {
-			return nil, 0, fmt.Errorf("%w: TLS: %w", ErrAuth, err)
+			return nil, 0, tlsHandshakeErr(err)
 		}
 		conn = tc
 	}
@@ -265,7 +265,7 @@ func (t *Transport) serveConn(conn net.Conn) {
 	var k streamKeys
 	err := tlsErr
 	if err != nil {
-		err = fmt.Errorf("%w: TLS: %w", ErrAuth, err)
+		err = tlsHandshakeErr(err)
 	} else {
 		h, k, err = t.serverHandshake(hc)
 	}
