@@ -179,11 +179,57 @@ func (h *hosts) partition(in, out bool) {
 	h.nft(h.nsB, strings.Join(rules, "\n"))
 }
 
+// flow is one TCP connection between A and B, by its ports.
+type flow struct{ portA, portB int }
+
+// dataFlow finds the data stream's connection: of the two between the
+// nodes, the one that has carried more bytes from A.
+func dataFlow(t *testing.T, h *hosts) flow {
+	t.Helper()
+	out := h.in(h.nsA, "ss", "-t", "-i", "-n", "-H", "state", "established", "dst", h.ipB)
+	re := regexp.MustCompile(regexp.QuoteMeta(h.ipA) + `:(\d+)\s+` + regexp.QuoteMeta(h.ipB) + `:(\d+)[^\n]*\n[^\n]*bytes_sent:(\d+)`)
+	var best flow
+	var most int64 = -1
+	ms := re.FindAllStringSubmatch(out, -1)
+	for _, m := range ms {
+		a, _ := strconv.Atoi(m[1])
+		b, _ := strconv.Atoi(m[2])
+		sent, _ := strconv.ParseInt(m[3], 10, 64)
+		if sent > most {
+			best, most = flow{a, b}, sent
+		}
+	}
+	if len(ms) != 2 {
+		t.Fatalf("want the two connections of a session between the nodes, ss shows:\n%s", out)
+	}
+	return best
+}
+
+// dropFlow installs nft rules in B's namespace that silently drop one
+// connection's packets from A (in) and to A (out).
+func (h *hosts) dropFlow(f flow, in, out bool) {
+	h.t.Helper()
+	var rules []string
+	if in {
+		rules = append(rules, "add chain inet chaos in { type filter hook input priority 0; policy accept; }",
+			fmt.Sprintf("add rule inet chaos in ip saddr %s tcp sport %d tcp dport %d drop", h.ipA, f.portA, f.portB))
+	}
+	if out {
+		rules = append(rules, "add chain inet chaos out { type filter hook output priority 0; policy accept; }",
+			fmt.Sprintf("add rule inet chaos out ip daddr %s tcp sport %d tcp dport %d drop", h.ipA, f.portB, f.portA))
+	}
+	h.nft(h.nsB, strings.Join(rules, "\n"))
+}
+
 // rss returns the node's daemon's resident set size in bytes (VmRSS).
 // `ip netns exec` execs the daemon, so the PID started is the daemon's.
 func (n *rnode) rss() int64 {
 	n.t.Helper()
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", n.d.cmd.Process.Pid))
+	pid := n.d.cmd.Process.Pid
+	if exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid)); err != nil || exe != binary {
+		n.t.Fatalf("process %d is %q (%v), not the daemon %s", pid, exe, err, binary)
+	}
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		n.t.Fatal(err)
 	}
@@ -196,7 +242,7 @@ func (n *rnode) rss() int64 {
 			return kb << 10
 		}
 	}
-	n.t.Fatalf("no VmRSS in /proc/%d/status", n.d.cmd.Process.Pid)
+	n.t.Fatalf("no VmRSS in /proc/%d/status", pid)
 	return 0
 }
 
@@ -216,14 +262,13 @@ func (n *rnode) resyncStarts(role string) []uint64 {
 // headers on [8 MiB, 40 MiB) of the export; verifyFile checks a replica's
 // backing file against it.
 type faultFio struct {
-	name string
 	args []string
 	dir  string
 }
 
 func newFaultFio(t *testing.T, name string, ios, iops int) *faultFio {
 	need(t, "fio")
-	return &faultFio{name: name, dir: t.TempDir(), args: []string{"--name=" + name, "--rw=randwrite", "--bs=4k",
+	return &faultFio{dir: t.TempDir(), args: []string{"--name=" + name, "--rw=randwrite", "--bs=4k",
 		"--offset=8m", "--size=32m", "--randseed=4242", "--verify=crc32c", "--number_ios=" + strconv.Itoa(ios),
 		"--verify_state_save=0", "--rate_iops=" + strconv.Itoa(iops)}}
 }
@@ -344,9 +389,14 @@ func TestFault_P3OneWay(t *testing.T) {
 	for _, tc := range []struct {
 		name    string
 		in, out bool // dropped by B: from A, to A
+		// only the data stream's connection (the control stream, with
+		// the pings and protocol C's acks, still flows)
+		dataOnly bool
 	}{
-		{"A to B dropped", true, false},
-		{"B to A dropped", false, true},
+		{"A to B dropped", true, false, false},
+		{"B to A dropped", false, true, false},
+		{"A to B dropped on the data stream", true, false, true},
+		{"B to A dropped on the data stream", false, true, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := newCluster(t, 64*mib, "net { protocol C; "+faultNet+" } disk { c-plan-ahead 0; resync-rate 500M; c-min-rate 0; }")
@@ -362,7 +412,11 @@ func TestFault_P3OneWay(t *testing.T) {
 				return a >= 100, fmt.Sprint(a)
 			})
 			injected := time.Now()
-			c.h.partition(tc.in, tc.out)
+			if tc.dataOnly {
+				c.h.dropFlow(dataFlow(t, c.h), tc.in, tc.out)
+			} else {
+				c.h.partition(tc.in, tc.out)
+			}
 			da := ra.wait(30*time.Second, "alpha notices", injected, notConnected)
 			db := rb.wait(30*time.Second, "beta notices", injected, notConnected)
 			detA, detB := da.at.Sub(injected), db.at.Sub(injected)
@@ -381,7 +435,9 @@ func TestFault_P3OneWay(t *testing.T) {
 				return a >= ackedAt+100, fmt.Sprint(a)
 			})
 			for _, n := range c.nodes() {
-				if st := n.status(); st.CState == "Connected" {
+				// Only the old connection is dropped: a new session comes
+				// up on new ones, the others are cut until the heal.
+				if st := n.status(); st.CState == "Connected" && !tc.dataOnly {
 					t.Errorf("%s Connected through a one-way partition: %+v", n.name, st)
 				}
 			}
