@@ -48,13 +48,27 @@ type cluster struct {
 // metadata on both and starts both daemons.
 func newCluster(t *testing.T, size int64, opts string) *cluster {
 	t.Helper()
-	return newClusterDisks(t, size, opts, nil)
+	return newClusterWith(t, size, func(string) string { return opts }, nil)
 }
 
 // newClusterDisks is newCluster with some nodes' disks given: disks maps a
 // node's name to the path of its disk (of size bytes), made by the test,
 // and "NAME:meta" to the path of its external metadata (else internal).
 func newClusterDisks(t *testing.T, size int64, opts string, disks map[string]string) *cluster {
+	t.Helper()
+	return newClusterWith(t, size, func(string) string { return opts }, disks)
+}
+
+// newClusterEach is newCluster with options of each node's own (opts of
+// its name): certificates, a different secret. resourceConf is alpha's.
+func newClusterEach(t *testing.T, size int64, opts func(node string) string) *cluster {
+	t.Helper()
+	return newClusterWith(t, size, opts, nil)
+}
+
+// newClusterWith is the cluster of node options opts and disks (as
+// newClusterDisks's).
+func newClusterWith(t *testing.T, size int64, opts func(node string) string, disks map[string]string) *cluster {
 	t.Helper()
 	need(t, "nbdinfo")
 	h := newHosts(t)
@@ -77,12 +91,15 @@ func newClusterDisks(t *testing.T, size int64, opts string, disks map[string]str
 		return "internal"
 	}
 	c.alpha, c.beta = mk("alpha", h.nsA), mk("beta", h.nsB)
-	c.resourceConf = fmt.Sprintf("resource r0 {\n  %s\n"+
-		"  on alpha { disk %s; meta-disk %s; address %s:7789; }\n"+
-		"  on beta  { disk %s; meta-disk %s; address %s:7789; }\n}\n",
-		opts, c.alpha.disk, meta("alpha"), h.ipA, c.beta.disk, meta("beta"), h.ipB)
+	conf := func(node string) string {
+		return fmt.Sprintf("resource r0 {\n  %s\n"+
+			"  on alpha { disk %s; meta-disk %s; address %s:7789; }\n"+
+			"  on beta  { disk %s; meta-disk %s; address %s:7789; }\n}\n",
+			opts(node), c.alpha.disk, meta("alpha"), h.ipA, c.beta.disk, meta("beta"), h.ipB)
+	}
+	c.resourceConf = conf("alpha")
 	for _, n := range c.nodes() {
-		if err := os.WriteFile(n.conf, []byte(c.resourceConf), 0o644); err != nil {
+		if err := os.WriteFile(n.conf, []byte(conf(n.name)), 0o644); err != nil {
 			t.Fatal(err)
 		}
 		n.must("create-md", "r0")
@@ -161,6 +178,9 @@ type rstatus struct {
 		NR uint64 `json:"nr"`
 		DW uint64 `json:"dw"` // KiB written to the disk
 		DR uint64 `json:"dr"`
+		LO int64  `json:"lo"` // requests on the local disk
+		PE int64  `json:"pe"` // requests sent to the peer, not yet answered
+		AP int64  `json:"ap"` // application requests in the resource
 	} `json:"counters"`
 	UUIDs struct {
 		Current string `json:"current"`

@@ -27,8 +27,9 @@ type seqWriter struct {
 	span   int64 // blocks are written in [0, span)
 	rng    *rand.Rand
 	mu     sync.Mutex
-	issued []int64 // offset of write seq i+1
-	acked  uint64  // highest acknowledged seq
+	issued []int64       // offset of write seq i+1
+	acked  uint64        // highest acknowledged seq
+	pace   time.Duration // the least time from one write to the next (0: none)
 }
 
 func newSeqWriter(t *testing.T, span int64) *seqWriter {
@@ -60,12 +61,45 @@ func parseSeq(b []byte, off int64) uint64 {
 // run writes n blocks (n < 0: until the connection fails) through node's
 // export and returns how many were acknowledged.
 func (w *seqWriter) run(n *rnode, count int) uint64 {
+	return w.write(n, count, nil)
+}
+
+// runUntil writes through node's export until stop is closed; a write
+// that fails is an error of the test. It returns how many writes were
+// acknowledged in all.
+func (w *seqWriter) runUntil(n *rnode, stop <-chan struct{}) uint64 {
+	acked := w.write(n, -1, stop)
+	select {
+	case <-stop:
+	default:
+		w.t.Errorf("sequence writer: a write failed on %s after %d acknowledged", n.name, acked)
+	}
+	return acked
+}
+
+// ackedCount returns the highest acknowledged seq so far.
+func (w *seqWriter) ackedCount() uint64 {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.acked
+}
+
+func (w *seqWriter) write(n *rnode, count int, stop <-chan struct{}) uint64 {
 	rc, err := dialNBDErr(n.sock(), "r0")
 	if err != nil {
-		w.t.Fatalf("sequence writer: %v", err)
+		w.t.Errorf("sequence writer: %v", err)
+		return 0
 	}
 	defer rc.c.Close()
+	next := time.Now()
 	for i := 0; count < 0 || i < count; i++ {
+		if closed(stop) {
+			break
+		}
+		if w.pace > 0 {
+			time.Sleep(time.Until(next))
+			next = next.Add(w.pace)
+		}
 		w.mu.Lock()
 		seq := uint64(len(w.issued) + 1)
 		off := w.rng.Int64N(w.span/4096) * 4096
@@ -97,6 +131,16 @@ func (w *seqWriter) killDuring(node *rnode, n uint64) uint64 {
 	})
 	node.kill()
 	return <-done
+}
+
+// closed reports whether ch is closed (a nil ch never is).
+func closed(ch <-chan struct{}) bool {
+	select {
+	case <-ch:
+		return true
+	default:
+		return false
+	}
 }
 
 // check reads the node's disk and asserts the consistent prefix; it

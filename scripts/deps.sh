@@ -14,6 +14,7 @@ packages=(
 	fio
 	fuse3           # fusermount3 for nbdfuse
 	nftables iproute2 kmod
+	openssl         # certificates for the TLS fault tests
 	e2fsprogs mount util-linux
 	rsync
 	systemd man-db  # systemd-analyze verify/security of the units (and man for their Documentation=)

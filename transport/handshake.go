@@ -405,6 +405,13 @@ func (t *Transport) clientHandshake(hc *hsConn, stream Stream, sessionID [sessio
 // to a client whose proof verified.
 func (t *Transport) serverHandshake(hc *hsConn) (hello, streamKeys, error) {
 	var k streamKeys
+	// A TLS record where a hello belongs (whose type, 1 in two bytes, puts
+	// 0 first): the peer has TLS configured and this node has not. The
+	// refusal reaches it as a record that is not TLS, which it reports.
+	if b, err := hc.r.Peek(2); err == nil && b[0] == tlsRecordHandshake && b[1] == tlsRecordMajor {
+		hc.refuse(refuseAuth, "this node does not speak TLS")
+		return hello{}, k, fmt.Errorf("%w: the peer speaks TLS (tls-cert, tls-key and tls-ca set on one node only?)", ErrAuth)
+	}
 	_, p, err := hc.recv(typeHello)
 	if errors.Is(err, ErrFrameTooLarge) || errors.Is(err, ErrFrameFlags) || errors.Is(err, ErrFrameChecksum) {
 		hc.refuse(refuseVersion, "malformed hello")

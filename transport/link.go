@@ -9,6 +9,8 @@ import (
 	"net"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Errors of establishing a session.
@@ -21,6 +23,28 @@ var (
 func (t *Transport) dialTCP(ctx context.Context) (net.Conn, error) {
 	d := net.Dialer{Timeout: t.cfg.Timeout + t.cfg.HandshakeTimeout}
 	return d.DialContext(ctx, "tcp", t.cfg.PeerAddr)
+}
+
+// setUserTimeout makes the kernel end a TCP connection on which sent
+// data has gone unacknowledged for Timeout (TCP_USER_TIMEOUT): a
+// connection that stops carrying data while the other one of the session
+// still carries the pings (a black hole on one flow) fails in seconds,
+// not after TCP's retransmissions give up a quarter of an hour later.
+// A slow but moving link is not cut: its data is acknowledged as it goes.
+func (t *Transport) setUserTimeout(conn net.Conn) {
+	tc, ok := conn.(*net.TCPConn)
+	if !ok {
+		return
+	}
+	raw, err := tc.SyscallConn()
+	if err != nil {
+		return
+	}
+	raw.Control(func(fd uintptr) {
+		if err := unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_USER_TIMEOUT, int(t.cfg.Timeout.Milliseconds())); err != nil {
+			t.log.Warn("setting TCP_USER_TIMEOUT failed: a connection that stops carrying data is found only by TCP's own timeout", "err", err)
+		}
+	})
 }
 
 // dialLoop keeps one session up by dialing whenever there is none.
@@ -158,6 +182,7 @@ func (t *Transport) dialOnce(ctx context.Context) (err error) {
 // clientStream wraps a dialed connection (TLS if configured) and runs the
 // stream's handshake.
 func (t *Transport) clientStream(conn net.Conn, kind Stream, id [sessionIDSize]byte) (*stream, uint64, error) {
+	t.setUserTimeout(conn)
 	if kind == Data && t.cfg.SndBuf > 0 {
 		if tc, ok := conn.(*net.TCPConn); ok {
 			tc.SetWriteBuffer(t.cfg.SndBuf)
@@ -167,7 +192,7 @@ func (t *Transport) clientStream(conn net.Conn, kind Stream, id [sessionIDSize]b
 	if t.tls != nil {
 		tc := tls.Client(conn, t.tls)
 		if err := tc.HandshakeContext(t.ctx); err != nil {
-			return nil, 0, fmt.Errorf("%w: TLS: %w", ErrAuth, err)
+			return nil, 0, tlsHandshakeErr(err)
 		}
 		conn = tc
 	}
@@ -253,6 +278,7 @@ func (t *Transport) serveConn(conn net.Conn) {
 		return
 	}
 	defer t.leaveHandshake(host)
+	t.setUserTimeout(conn)
 	var tlsErr error
 	if t.tls != nil {
 		tc := tls.Server(conn, t.tls)
@@ -265,7 +291,7 @@ func (t *Transport) serveConn(conn net.Conn) {
 	var k streamKeys
 	err := tlsErr
 	if err != nil {
-		err = fmt.Errorf("%w: TLS: %w", ErrAuth, err)
+		err = tlsHandshakeErr(err)
 	} else {
 		h, k, err = t.serverHandshake(hc)
 	}

@@ -13,6 +13,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // sessions waits for both ends of the next session.
@@ -729,5 +731,37 @@ func TestLockSoon_BusyLockers(t *testing.T) {
 		mu.Unlock()
 	case <-time.After(10 * time.Second):
 		t.Fatal("the lock given up on was never released")
+	}
+}
+
+// TestSession_UserTimeout: both streams of a session, on the side that
+// dialed and the side that accepted, end once sent data has gone
+// unacknowledged for Timeout (TCP_USER_TIMEOUT), so a black hole on one
+// connection while the other still carries the pings is found
+// (TestFault_P3OneWay's data-stream cases, in the integration tests).
+func TestSession_UserTimeout(t *testing.T) {
+	a, b := configs("")
+	a.Timeout, b.Timeout = 1700*time.Millisecond, 1700*time.Millisecond
+	addr := listen(t)
+	b.ListenAddr, a.PeerAddr = addr, addr
+	ta, tb := start(t, a), start(t, b)
+	sa, sb := sessions(t, ta, tb)
+	for _, s := range []*Session{sa, sb} {
+		for _, st := range s.streams {
+			tc, ok := st.conn.(*net.TCPConn)
+			if !ok {
+				t.Fatalf("stream %d: %T, not a TCP connection", st.kind, st.conn)
+			}
+			raw, err := tc.SyscallConn()
+			if err != nil {
+				t.Fatal(err)
+			}
+			var ms int
+			var gerr error
+			raw.Control(func(fd uintptr) { ms, gerr = unix.GetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_USER_TIMEOUT) })
+			if gerr != nil || ms != 1700 {
+				t.Errorf("dialed %v, stream %d: TCP_USER_TIMEOUT %d ms (%v), want 1700", s.Dialed(), st.kind, ms, gerr)
+			}
+		}
 	}
 }

@@ -89,3 +89,44 @@ func TestTLS(t *testing.T) {
 		})
 	}
 }
+
+// TestTLS_PlaintextPeerNamed: when only one node has TLS configured, both
+// say so in their logs instead of reporting a garbled record or an
+// oversized frame, whichever side dials.
+func TestTLS_PlaintextPeerNamed(t *testing.T) {
+	ca := newCA(t, "site CA")
+	const speaksTLS, noTLS = "the peer speaks TLS", "the peer does not speak TLS"
+	tests := []struct {
+		name                   string
+		listenerTLS            bool
+		wantListener, wantDial string
+	}{
+		{"plaintext node dials a TLS node", true, noTLS, ""},
+		{"TLS node dials a plaintext node", false, speaksTLS, noTLS},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			dialer, listener := configs("k")
+			tlsCfg := &TLSConfig{ca.issue(t, listener.Local[0]), ca.pool}
+			if !tc.listenerTLS {
+				tlsCfg = &TLSConfig{ca.issue(t, dialer.Local[0]), ca.pool}
+				dialer.TLS = tlsCfg
+			} else {
+				listener.TLS = tlsCfg
+			}
+			addr := listen(t)
+			listener.ListenAddr, dialer.PeerAddr = addr, addr
+			var ll, dl logBuffer
+			listener.Logger, dialer.Logger = ll.logger(), dl.logger()
+			tl := start(t, listener)
+			td := start(t, dialer)
+			ll.waitLog(t, tc.wantListener)
+			if tc.wantDial != "" {
+				dl.waitLog(t, tc.wantDial)
+			}
+			if tl.Current() != nil || td.Current() != nil {
+				t.Fatal("a session came up")
+			}
+		})
+	}
+}

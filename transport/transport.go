@@ -442,6 +442,23 @@ func sleepCtx(ctx context.Context, d time.Duration) bool {
 	}
 }
 
+// The first two bytes of a TLS handshake record: content type 22 and the
+// major version 3 (every TLS version's record layer).
+const (
+	tlsRecordHandshake = 0x16
+	tlsRecordMajor     = 0x03
+)
+
+// tlsHandshakeErr wraps a failed TLS handshake in ErrAuth; a peer that
+// answered with something not TLS is named as one without TLS.
+func tlsHandshakeErr(err error) error {
+	var rh tls.RecordHeaderError
+	if errors.As(err, &rh) {
+		return fmt.Errorf("%w: the peer does not speak TLS (tls-cert, tls-key and tls-ca set on one node only?): %w", ErrAuth, err)
+	}
+	return fmt.Errorf("%w: TLS: %w", ErrAuth, err)
+}
+
 // tlsConfig builds the TLS 1.3 configuration used on both sides. The
 // peer's certificate must chain to Roots and name one of the peer's node
 // names; Go's default host-name check is replaced by that.
