@@ -31,7 +31,7 @@ UNITDIR ?= $(PREFIX)/lib/systemd/system
 OCFDIR ?= $(PREFIX)/lib/ocf
 
 .DEFAULT_GOAL := help
-.PHONY: help build deps test unit integration test-cluster test-long fuzz fuzz-long lint bench demo clean install
+.PHONY: help build deps test unit integration faults test-cluster test-long fuzz fuzz-long lint bench demo clean install
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -54,14 +54,22 @@ install: build ## install the binary, systemd units, OCF resource agent, man pag
 deps: ## install the Debian packages (apt-get) and Go modules the tests need
 	@./scripts/deps.sh
 
-test: deps lint unit fuzz integration ## everything: lint, unit tests with -race, short fuzzing, integration
+test: deps lint unit fuzz integration faults ## everything: lint, unit tests with -race, short fuzzing, integration, the fault matrix
 
 unit: ## unit tests with the race detector, then the crash tests at full count without it
 	$(GO) test -race -count=1 -timeout 10m ./...
 	$(GO) test -count=1 -timeout 10m -run '^TestCrash' ./metadisk/
 
-integration: ## end-to-end tests: real processes, real NBD clients, ext4 (root)
-	$(GO) test -race -count=1 -tags integration -timeout 30m -skip '^TestPacemaker_' ./integration/
+# The fault matrix of issue #8: broken links, failing disks, metadata crash
+# states. Each scenario runs FAULTRUNS times in a row, to catch flakes.
+FAULTS := ^(TestFault_|TestDiskFail_|TestCrashStates_)
+FAULTRUNS ?= 3
+
+integration: ## end-to-end tests: real processes, real NBD clients, ext4 (root); the fault matrix is `make faults`
+	$(GO) test -race -count=1 -tags integration -timeout 30m -skip '^TestPacemaker_|$(FAULTS)' ./integration/
+
+faults: ## the fault matrix (partitions, resets, a thin link, TLS, failing and hung disks, metadata crash states), each scenario FAULTRUNS (3) times in a row (root, ~13 min)
+	$(GO) test -race -count=$(FAULTRUNS) -tags integration -timeout 60m -run '$(FAULTS)' ./integration/
 
 test-cluster: deps ## a two-node Pacemaker + Corosync cluster in namespaces: failover by node loss, rejoin and resync (root, ~3 min)
 	$(GO) test -race -count=1 -tags integration -timeout 15m -run '^TestPacemaker_' -v ./integration/
