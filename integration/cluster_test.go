@@ -207,19 +207,9 @@ func (n *rnode) waitState(timeout time.Duration, cstate, disk, peerDisk string) 
 	n.checkLog()
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, binary, "--config", n.conf, "--node", n.name, "--run-dir", n.run_, "events", "--now", "r0")
-	cmd.Env = append(os.Environ(), "GORACE="+strings.TrimSpace(os.Getenv("GORACE")+" atexit_sleep_ms=0"))
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		n.t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		n.t.Fatal(err)
-	}
+	cmd, sc := n.events(ctx)
 	defer cmd.Wait()
 	defer cancel()
-	sc := bufio.NewScanner(out)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	var last rstatus
 	seen := 0
 	for sc.Scan() {
@@ -243,6 +233,24 @@ func (n *rnode) waitState(timeout time.Duration, cstate, disk, peerDisk string) 
 	n.checkLog()
 	n.t.Fatalf("%s: %s %s/%s: not within %v (%d events, the last %+v)", n.name, cstate, disk, peerDisk, timeout, seen, last)
 	return last
+}
+
+// events starts the node's `events --now` stream, ended with ctx; the
+// caller waits for the command.
+func (n *rnode) events(ctx context.Context) (*exec.Cmd, *bufio.Scanner) {
+	n.t.Helper()
+	cmd := exec.CommandContext(ctx, binary, "--config", n.conf, "--node", n.name, "--run-dir", n.run_, "events", "--now", "r0")
+	cmd.Env = append(os.Environ(), "GORACE="+strings.TrimSpace(os.Getenv("GORACE")+" atexit_sleep_ms=0"))
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		n.t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		n.t.Fatal(err)
+	}
+	sc := bufio.NewScanner(out)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	return cmd, sc
 }
 
 // checkLog fails the test on a panic, a data race or a protocol error.

@@ -10,13 +10,11 @@ package integration
 // Primary held; and each ends with the disks compared byte for byte.
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"fmt"
 	"math/rand/v2"
 	"os"
-	"os/exec"
 	"regexp"
 	"strconv"
 	"strings"
@@ -60,20 +58,10 @@ func (n *rnode) record() *eventRecorder {
 	n.t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	r := &eventRecorder{n: n, cancel: cancel, done: make(chan struct{})}
-	cmd := exec.CommandContext(ctx, binary, "--config", n.conf, "--node", n.name, "--run-dir", n.run_, "events", "--now", "r0")
-	cmd.Env = append(os.Environ(), "GORACE="+strings.TrimSpace(os.Getenv("GORACE")+" atexit_sleep_ms=0"))
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		n.t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		n.t.Fatal(err)
-	}
+	cmd, sc := n.events(ctx)
 	go func() {
 		defer close(r.done)
 		defer cmd.Wait()
-		sc := bufio.NewScanner(out)
-		sc.Buffer(make([]byte, 64<<10), 1<<20)
 		for sc.Scan() {
 			var st rstatus
 			if json.Unmarshal(sc.Bytes(), &st) != nil {
