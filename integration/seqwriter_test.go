@@ -64,17 +64,41 @@ func (w *seqWriter) run(n *rnode, count int) uint64 {
 	return w.write(n, count, nil)
 }
 
-// runUntil writes through node's export until stop is closed; a write
-// that fails is an error of the test. It returns how many writes were
-// acknowledged in all.
-func (w *seqWriter) runUntil(n *rnode, stop <-chan struct{}) uint64 {
-	acked := w.write(n, -1, stop)
-	select {
-	case <-stop:
-	default:
-		w.t.Errorf("sequence writer: a write failed on %s after %d acknowledged", n.name, acked)
+// start runs the writer on node's export in the background until the
+// returned stop is called; a write that fails before is an error of the
+// test. stop returns how many writes were acknowledged in all. A test
+// that ends before it calls stop has it called in its cleanup, which
+// waits for the writer a while (a write held by a fault ends when the
+// daemons are stopped; the writer then says nothing more).
+func (w *seqWriter) start(n *rnode) (stop func() uint64) {
+	quit := make(chan struct{})
+	done := make(chan uint64, 1)
+	go func() {
+		acked := w.write(n, -1, quit)
+		if !closed(quit) {
+			w.t.Errorf("sequence writer: a write failed on %s after %d acknowledged", n.name, acked)
+		}
+		done <- acked
+	}()
+	var once sync.Once
+	var acked uint64
+	stop = func() uint64 {
+		once.Do(func() {
+			close(quit)
+			acked = <-done
+		})
+		return acked
 	}
-	return acked
+	w.t.Cleanup(func() {
+		once.Do(func() {
+			close(quit)
+			select {
+			case acked = <-done:
+			case <-time.After(time.Minute):
+			}
+		})
+	})
+	return stop
 }
 
 // ackedCount returns the highest acknowledged seq so far.
@@ -82,6 +106,13 @@ func (w *seqWriter) ackedCount() uint64 {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	return w.acked
+}
+
+// issuedCount returns how many writes have been issued so far.
+func (w *seqWriter) issuedCount() uint64 {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return uint64(len(w.issued))
 }
 
 func (w *seqWriter) write(n *rnode, count int, stop <-chan struct{}) uint64 {
@@ -165,6 +196,10 @@ func (w *seqWriter) check(n *rnode) uint64 {
 			w.t.Fatal(err)
 		}
 		seq := parseSeq(buf, off)
+		if seq == 0 && string(buf[:8]) == seqMagic {
+			// A block begun but not whole: part of a write applied.
+			w.t.Errorf("%s: block at %d is torn: it has the writer's magic but not a whole write", n.name, off)
+		}
 		got[off] = seq
 		s = max(s, seq)
 	}

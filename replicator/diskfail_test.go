@@ -11,7 +11,10 @@ import (
 // leaves alone a disk that is idle or completes requests, however long
 // each one is in flight.
 func TestWatchDisk(t *testing.T) {
-	const timeout = 200 * time.Millisecond
+	// disk-timeout 10 (tenths of a second). The slow row completes a
+	// request every tenth of it: a 0.9 s scheduling stall on a loaded
+	// machine would be needed to fail it falsely.
+	const timeout = time.Second
 	tests := []struct {
 		name string
 		// load runs for the observation window against r's counters.
@@ -23,7 +26,7 @@ func TestWatchDisk(t *testing.T) {
 		{"slow but completing", func(r *Resource, window time.Duration) {
 			r.localBegin() // always one in flight: each completes within the timeout
 			for end := time.Now().Add(window); time.Now().Before(end); {
-				time.Sleep(timeout / 4)
+				time.Sleep(timeout / 10)
 				r.localBegin()
 				r.localEnd()
 			}
@@ -32,9 +35,9 @@ func TestWatchDisk(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			r, log := adjustResource(t, newDisk(t), parseRes(t, adjustSrc(newDisk(t), "", "disk-timeout 2;", "", 7001)))
+			r, log := adjustResource(t, newDisk(t), parseRes(t, adjustSrc(newDisk(t), "", "disk-timeout 10;", "", 7001)))
 			start := time.Now()
-			window := 5 * timeout
+			window := 3 * timeout
 			tc.load(r, window)
 			deadline := start.Add(window + 10*time.Second) // a loaded machine's margin for the detach
 			for {
