@@ -222,16 +222,20 @@ func readBlock(t *testing.T, rc *rawClient, h uint64, off int64, n int) []byte {
 // its disk healed and attached, it resyncs as SyncTarget what beta marked
 // (and its own activity log), not the disk.
 func TestDiskFail_DisklessPrimary(t *testing.T) {
-	for _, external := range []bool{false, true} {
-		name := "internal metadata"
-		if external {
-			name = "external metadata, data errors only"
-		}
-		t.Run(name, func(t *testing.T) { disklessPrimary(t, external) })
+	for _, tc := range []struct {
+		name         string
+		externalMeta bool
+		readFirst    bool // the first request to fail is a read (else a write)
+	}{
+		{"internal metadata", false, false},
+		{"external metadata, data errors only", true, false},
+		{"a read fails first", true, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) { disklessPrimary(t, tc.externalMeta, tc.readFirst) })
 	}
 }
 
-func disklessPrimary(t *testing.T, externalMeta bool) {
+func disklessPrimary(t *testing.T, externalMeta, readFirst bool) {
 	c, fail := failingPrimary(t, "net { protocol A; } disk { c-plan-ahead 0; resync-rate 500M; }", "error-rate=100%", externalMeta)
 	const bs = 64 << 10
 	rc := dialNBD(t, c.alpha.sock(), "r0")
@@ -241,6 +245,16 @@ func disklessPrimary(t *testing.T, externalMeta bool) {
 	}
 	if err := os.WriteFile(fail, nil, 0o644); err != nil {
 		t.Fatal(err)
+	}
+	if readFirst {
+		// A block never written nor read, so in no cache: zeros on
+		// both disks; the client gets beta's, read after the switch.
+		if got := readBlock(t, rc, 5, 48*mib, bs); !bytes.Equal(got, make([]byte, bs)) {
+			t.Fatalf("a read when the disk failed: %x…, want beta's zeros", got[:8])
+		}
+		if st := c.alpha.waitState(30*time.Second, "Connected", "Diskless", "UpToDate"); st.Role != "Primary" {
+			t.Fatalf("alpha after a failed read: %+v, want a diskless Primary", st)
+		}
 	}
 	// 8 MiB: a new activity-log extent, whose transaction fails.
 	second := bytes.Repeat([]byte{0x22}, bs)
@@ -391,4 +405,112 @@ func TestDiskFail_PrimaryMetadataEIO(t *testing.T) {
 	c.alpha.waitState(time.Minute, "Connected", "UpToDate", "UpToDate")
 	c.beta.waitState(time.Minute, "Connected", "UpToDate", "UpToDate")
 	c.sameData()
+}
+
+// TestDiskFail_PrimaryMetadataHung (D3, the Primary): alpha's metadata
+// device (external, on a disk of its own) stops answering (nbdkit's pause
+// filter) while alpha is Primary, with disk-timeout 2 s. A write that
+// needs an activity-log transaction hangs; disk-timeout fails the disk
+// (no diversion to the peer: a request hung on the disk cannot be
+// drained), and from then on requests fail at once with EIO rather than
+// queue behind the hung one: nothing deadlocks and nothing piles up. When
+// the device answers again the hung write ends; demoted, alpha detaches,
+// attaches again and the resync makes the disks equal.
+func TestDiskFail_PrimaryMetadataHung(t *testing.T) {
+	dir := t.TempDir()
+	ctl := filepath.Join(dir, "pause.sock")
+	meta := fuseDisk(t, dir, 32*mib, "--filter=pause", "file", "IMG", "pause-control="+ctl)
+	c := newClusterDisks(t, 64*mib, "net { protocol C; } disk { disk-timeout 20; c-plan-ahead 0; resync-rate 500M; }",
+		map[string]string{"alpha:meta": meta})
+	resumed := false
+	t.Cleanup(func() {
+		if !resumed {
+			pauseCtl(t, ctl, 'r')
+		}
+	})
+	c.skipInitialSync()
+	const bs = 64 << 10
+	c.alpha.writeBlocks(0, 16, bs, 30*time.Second) // extent 0 is in the activity log
+	pauseCtl(t, ctl, 'p')
+	paused := time.Now()
+	hung := dialNBD(t, c.alpha.sock(), "r0")
+	hungDone := make(chan error, 1)
+	hungData := bytes.Repeat([]byte{0x5a}, bs)
+	go func() { hungDone <- hung.writeErr(1, 40*mib, hungData) }() // a new extent: a transaction
+	t.Cleanup(func() { hung.c.Close() })
+	st := c.alpha.waitState(30*time.Second, "", "Failed", "")
+	detected := time.Since(paused)
+	t.Logf("alpha Failed %v after its metadata froze (disk-timeout 2 s): %s %s", detected.Round(time.Millisecond), st.Role, st.CState)
+	if detected < 2*time.Second || detected > 2*time.Second+2*faultMargin {
+		t.Errorf("disk-timeout fired %v after the freeze, want 2 s to 2 s + %v", detected, 2*faultMargin)
+	}
+	if log := c.alpha.d.out.String(); !strings.Contains(log, "Local IO failed in disk-timeout") {
+		t.Fatalf("alpha's log lacks the disk-timeout failure:\n%s", tail(log, 40))
+	}
+	select {
+	case err := <-hungDone:
+		t.Fatalf("the write on the frozen metadata ended (%v) while the device was frozen", err)
+	default:
+	}
+	// Every new request fails at once: a write to the hot extent (no
+	// transaction), to another new one, and a read.
+	rc := dialNBD(t, c.alpha.sock(), "r0")
+	defer rc.c.Close()
+	for i, off := range []int64{0, 24 * mib} {
+		start := time.Now()
+		if err := rc.writeErr(uint64(2+i), off, make([]byte, 4096)); err == nil || !strings.Contains(err.Error(), "error 5") {
+			t.Fatalf("a write at %d to the Failed disk: %v, want EIO", off, err)
+		}
+		if d := time.Since(start); d > faultMargin {
+			t.Fatalf("a write to the Failed disk took %v to fail, want at once", d)
+		}
+	}
+	start := time.Now()
+	rc.send(t, 0, 9, 32*mib, 4096, nil)
+	if e := rc.reply(t, 9); e != 5 {
+		t.Fatalf("a read from the Failed disk: error %d, want EIO (5)", e)
+	}
+	if d := time.Since(start); d > faultMargin {
+		t.Fatalf("a read from the Failed disk took %v to fail, want at once", d)
+	}
+	// Nothing piles up: one request is held, the hung one.
+	if st := c.alpha.status(); st.Counters.AP > 1 || st.Counters.PE > 1 {
+		t.Fatalf("alpha holds %d application requests, %d at the peer, with one hung: %+v", st.Counters.AP, st.Counters.PE, st)
+	}
+	pauseCtl(t, ctl, 'r')
+	resumed = true
+	var hungErr error
+	select {
+	case hungErr = <-hungDone:
+		t.Logf("the hung write ended when the metadata answered again: %v", hungErr)
+	case <-time.After(30 * time.Second):
+		t.Fatalf("the hung write did not end within 30 s of the metadata answering again")
+	}
+	rc.c.Close()
+	hung.c.Close()
+	c.alpha.demote()
+	c.alpha.waitState(30*time.Second, "", "Diskless", "")
+	c.alpha.must("attach", "r0") // the counters start again
+	c.alpha.waitState(time.Minute, "Connected", "UpToDate", "UpToDate")
+	c.beta.waitState(time.Minute, "Connected", "UpToDate", "UpToDate")
+	// Alpha's activity log (unclean: the metadata failed) holds extent 0
+	// and, if its transaction was written, the hung write's: at most two
+	// extents come back from beta.
+	got := c.alpha.status().Counters.DW * 1024
+	t.Logf("after the reattach alpha resynced %d bytes", got)
+	if got > 2*4*mib {
+		t.Errorf("alpha resynced %d bytes, want at most its two activity-log extents (%d)", got, 2*4*mib)
+	}
+	c.sameData()
+	if hungErr == nil { // acknowledged: it is on the disks
+		f, err := os.Open(c.beta.disk)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		got := make([]byte, bs)
+		if _, err := f.ReadAt(got, 40*mib); err != nil || !bytes.Equal(got, hungData) {
+			t.Errorf("the hung write was acknowledged but beta's disk holds %x… at 40 MiB (%v)", got[:8], err)
+		}
+	}
 }
