@@ -215,8 +215,8 @@ func (c *conn) requests() error {
 		if v.drop {
 			return fmt.Errorf("%s of %d bytes exceeds %d: dropping client", cmdName(req.Type), req.Length, maxDrain)
 		}
-		var bytes int64
-		if req.Type == CmdRead || req.Type == CmdWrite {
+		var bytes int64 // a refused request holds no payload (a refused write's is discarded)
+		if v.errno == 0 && (req.Type == CmdRead || req.Type == CmdWrite) {
 			bytes = int64(req.Length)
 		}
 		cost, ok := c.acquire(bytes)
@@ -333,28 +333,33 @@ type charge struct {
 
 // acquire waits until a request of the given payload size fits in the
 // connection's budget and then in the server's, taking what it can from
-// the connection's share first. It reports false if the connection or the
-// server was closed meanwhile.
+// the connection's share first. While it waits for the server's budget,
+// the connection's own requests that end give their share back, and it
+// takes that instead (release lowers inShare before it wakes the server
+// budget's waiters). It reports false if the connection or the server was
+// closed meanwhile.
 func (c *conn) acquire(bytes int64) (charge, bool) {
 	if !c.lim.acquire(bytes) {
 		return charge{}, false
 	}
 	// Only this (the reading) goroutine adds to inShare, so it never
 	// exceeds connShare; releases only lower it meanwhile.
-	own := min(bytes, max(0, connShare-c.inShare.Load()))
-	c.inShare.Add(own)
-	ch := charge{bytes: bytes, shared: bytes - own}
-	if !c.srv.total.acquire(ch.shared) {
-		c.inShare.Add(-own)
+	var own int64
+	shared, ok := c.srv.total.acquireAs(func() int64 {
+		own = min(bytes, max(0, connShare-c.inShare.Load()))
+		return bytes - own
+	})
+	if !ok {
 		c.lim.release(bytes)
 		return charge{}, false
 	}
-	return ch, true
+	c.inShare.Add(own)
+	return charge{bytes: bytes, shared: shared}, true
 }
 
 func (c *conn) release(ch charge) {
-	c.srv.total.release(ch.shared)
 	c.inShare.Add(ch.shared - ch.bytes)
+	c.srv.total.release(ch.shared)
 	c.lim.release(ch.bytes)
 }
 

@@ -101,10 +101,16 @@
 // are in flight per connection, and MaxTotalInFlightBytes over the server
 // beyond the first 256 KiB of each connection (its own share, so clients
 // that hold the server's budget whole by reading no reply cannot stop the
-// others); at the limit the server stops reading (backpressure). Memory
-// for payloads is bounded by MaxTotalInFlightBytes + MaxConns × 256 KiB. Replies are written
-// whole by one goroutine at a time and batched into one writev under
-// pipelined load and when handlers finish together (see replyWriter). Negotiation must finish within
+// others); at the limit the server stops reading (backpressure). A request
+// waiting for the server's budget takes its connection's share instead as
+// soon as the connection's own requests give it back. A client that takes
+// no reply for ReplyTimeout (its socket stays full) is disconnected, which
+// frees what it held: the budget is held by no client for ever. Memory for
+// payloads is bounded by MaxTotalInFlightBytes + MaxConns × 256 KiB (plus,
+// per connection, a 64 KiB read buffer and its workers' stacks). Replies
+// are written whole by one goroutine at a time and batched into one writev
+// under pipelined load and when handlers finish together (see
+// replyWriter). Negotiation must finish within
 // HandshakeTimeout, and at most MaxConns connections are open. At that
 // limit a new connection replaces the oldest one that has been negotiating
 // for a quarter of HandshakeTimeout or more (a client stalling in

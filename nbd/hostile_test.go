@@ -414,26 +414,75 @@ func TestHostile_ShutdownClosesStrayClients(t *testing.T) {
 // client is still served, from the share each connection has of its own.
 func TestHostile_FloodersCannotStarveOthers(t *testing.T) {
 	const flooders, reqLen = 4, 64 << 10
-	srv, path := startServer(t, oneExport(t, &Export{Backend: newMem(8 << 20)}), func(s *Server) {
-		s.MaxInFlightBytes, s.MaxTotalInFlightBytes = 512<<10, 1<<20
-		s.Logger = nil
-	})
-	for f := range flooders {
-		c := open(t, path, "disk")
-		go func() {
-			for i := range 1024 {
-				b, _ := Request{Type: CmdRead, Cookie: uint64(i), Offset: uint64(f) << 20, Length: reqLen}.AppendBinary(nil)
-				if _, err := c.nc.Write(b); err != nil {
-					return
-				}
+	tests := []struct {
+		name         string
+		replyTimeout time.Duration
+		// client is served while the flooders hold the server's budget.
+		client func(t *testing.T, path string)
+	}{
+		// Within its own share.
+		{"one 4 KiB request at a time", time.Hour, func(t *testing.T, path string) {
+			wellBehaved(t, path, 11, 5*time.Second)
+		}},
+		// Past its share: its own requests give the share back as they
+		// end (the server's budget never frees).
+		{"eight 64 KiB reads pipelined", time.Hour, func(t *testing.T, path string) {
+			pipelinedReads(t, path, 8, 64<<10, 5*time.Second)
+		}},
+		// Larger than its share: the server's budget frees when the
+		// flooders, which take no reply, are disconnected.
+		{"a 1 MiB read", time.Second, func(t *testing.T, path string) {
+			pipelinedReads(t, path, 1, 1<<20, 10*time.Second)
+		}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			srv, path := startServer(t, oneExport(t, &Export{Backend: newMem(8 << 20)}), func(s *Server) {
+				s.MaxInFlightBytes, s.MaxTotalInFlightBytes = 512<<10, 1<<20
+				s.ReplyTimeout = tc.replyTimeout
+				s.Logger = nil
+			})
+			for f := range flooders {
+				c := open(t, path, "disk")
+				go func() {
+					for i := range 1024 {
+						b, _ := Request{Type: CmdRead, Cookie: uint64(i), Offset: uint64(f) << 20, Length: reqLen}.AppendBinary(nil)
+						if _, err := c.nc.Write(b); err != nil {
+							return
+						}
+					}
+				}()
 			}
-		}()
+			// The flooders hold all of the server's budget.
+			waitFor(t, func() bool { _, b := srv.total.inUse(); return b == srv.MaxTotalInFlightBytes })
+			tc.client(t, path)
+			if _, b := srv.total.inUse(); b > srv.MaxTotalInFlightBytes {
+				t.Errorf("%d bytes charged to the server's budget, over its %d", b, srv.MaxTotalInFlightBytes)
+			}
+		})
 	}
-	// The flooders hold all of the server's budget.
-	waitFor(t, func() bool { _, b := srv.total.inUse(); return b == srv.MaxTotalInFlightBytes })
-	// (Without a share of its own it would wait until its read deadline.)
-	wellBehaved(t, path, 11, 5*time.Second)
-	if _, b := srv.total.inUse(); b > srv.MaxTotalInFlightBytes {
-		t.Errorf("%d bytes charged to the server's budget, over its %d", b, srv.MaxTotalInFlightBytes)
+}
+
+// pipelinedReads sends n reads of size bytes at once, then reads their
+// replies, all within limit.
+func pipelinedReads(t *testing.T, path string, n int, size uint32, limit time.Duration) {
+	t.Helper()
+	start := time.Now()
+	c := open(t, path, "disk")
+	defer c.nc.Close()
+	c.nc.SetDeadline(start.Add(limit + 10*time.Second))
+	for i := range n {
+		c.request(Request{Type: CmdRead, Cookie: uint64(100 + i), Offset: uint64(i) * uint64(size), Length: size}, nil)
 	}
+	for range n {
+		errno, cookie := c.reply()
+		if errno != 0 {
+			t.Fatalf("read %d: %v", cookie, errno)
+		}
+		c.read(int(size))
+	}
+	if d := time.Since(start); d > limit {
+		t.Errorf("%d reads of %d bytes took %v, want under %v", n, size, d, limit)
+	}
+	t.Logf("%d reads of %d bytes served in %v", n, size, time.Since(start).Round(time.Microsecond))
 }

@@ -25,20 +25,29 @@ func (l *budget) charge(bytes int64) int64 { return min(bytes, l.maxB) }
 // acquire blocks until one more request of the given size fits, and reports
 // false if the budget was closed meanwhile.
 func (l *budget) acquire(bytes int64) bool {
-	bytes = l.charge(bytes)
+	_, ok := l.acquireAs(func() int64 { return bytes })
+	return ok
+}
+
+// acquireAs is acquire for a request whose size need says, asked again at
+// every wake-up (every release of this budget): what a request needs of it
+// may shrink meanwhile. It returns the size taken (to release), or false if
+// the budget was closed.
+func (l *budget) acquireAs(need func() int64) (int64, bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	for !l.closed && (l.n >= l.maxN || l.b+bytes > l.maxB) {
+	for !l.closed {
+		bytes := need()
+		if l.n < l.maxN && l.b+l.charge(bytes) <= l.maxB {
+			l.n++
+			l.b += l.charge(bytes)
+			return bytes, true
+		}
 		l.waiting++
 		l.cond.Wait()
 		l.waiting--
 	}
-	if l.closed {
-		return false
-	}
-	l.n++
-	l.b += bytes
-	return true
+	return 0, false
 }
 
 // release returns what acquire took.

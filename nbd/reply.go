@@ -1,9 +1,12 @@
 package nbd
 
 import (
+	"errors"
 	"net"
+	"os"
 	"runtime"
 	"sync"
+	"time"
 )
 
 // reply is one simple reply waiting to be written.
@@ -44,8 +47,9 @@ type replyWriter struct {
 	err    error // first write error; later replies are dropped
 
 	// Owned by the goroutine that is writing.
-	hdrs []byte
-	iov  net.Buffers
+	hdrs    []byte
+	iov     net.Buffers
+	renewAt time.Time // when to move the write deadline on
 }
 
 // batchYields bounds the yields before a write of replies.
@@ -142,15 +146,43 @@ func (w *replyWriter) write(batch []reply) error {
 	}
 	w.iov = iov[:0]
 	w.c.srv.replyWrites.Add(1)
+	bufs := iov
 	var err error
-	if len(iov) == 1 {
-		_, err = w.c.nc.Write(iov[0])
-	} else {
-		bufs := iov
-		_, err = bufs.WriteTo(w.c.nc)
+	for len(bufs) > 0 {
+		w.renewDeadline()
+		var n int64
+		if len(bufs) == 1 {
+			var m int
+			m, err = w.c.nc.Write(bufs[0])
+			n, bufs[0] = int64(m), bufs[0][m:]
+			if err == nil {
+				break
+			}
+		} else {
+			n, err = bufs.WriteTo(w.c.nc) // consumes what it wrote
+		}
+		if err == nil || n == 0 || !errors.Is(err, os.ErrDeadlineExceeded) {
+			break
+		}
+		// A slow reader, not a stalled one: go on with a new deadline.
+		w.renewAt = time.Time{}
 	}
 	clear(iov[:cap(iov)]) // drop references to pooled buffers
 	return err
+}
+
+// renewDeadline keeps the connection's write deadline ReplyTimeout ahead,
+// renewing it once half of it has passed (not at every write: the
+// deadline then falls between half of ReplyTimeout and all of it after
+// the last progress).
+func (w *replyWriter) renewDeadline() {
+	now := time.Now()
+	if now.Before(w.renewAt) {
+		return
+	}
+	t := w.c.srv.ReplyTimeout
+	w.renewAt = now.Add(t / 2)
+	w.c.nc.SetWriteDeadline(now.Add(t))
 }
 
 // failed returns the first error writing replies, if any.

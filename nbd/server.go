@@ -21,6 +21,7 @@ const (
 	DefaultMaxInFlight           = 128
 	DefaultMaxInFlightBytes      = 64 << 20
 	DefaultMaxTotalInFlightBytes = 1 << 30
+	DefaultReplyTimeout          = 30 * time.Second
 )
 
 // Server serves exports over NBD (fixed newstyle, simple replies). Set the
@@ -48,6 +49,10 @@ type Server struct {
 	// MaxTotalInFlightBytes bounds payload bytes in flight over all
 	// connections, beyond the first 256 KiB of each (see doc.go).
 	MaxTotalInFlightBytes int64
+	// ReplyTimeout disconnects a client that takes none of its replies
+	// for this long: what it holds of the in-flight budgets goes back to
+	// the others. A slow reader that takes some is not disconnected.
+	ReplyTimeout time.Duration
 	// Observer, if set, is told of every transmission request (metrics).
 	Observer Observer
 
@@ -100,6 +105,9 @@ func (s *Server) init() {
 		}
 		if s.MaxTotalInFlightBytes <= 0 {
 			s.MaxTotalInFlightBytes = DefaultMaxTotalInFlightBytes
+		}
+		if s.ReplyTimeout <= 0 {
+			s.ReplyTimeout = DefaultReplyTimeout
 		}
 		s.total.init(int(^uint(0)>>1), s.MaxTotalInFlightBytes)
 		s.listeners = make(map[net.Listener]struct{})
