@@ -81,6 +81,20 @@ func (d *daemon) handler() http.Handler {
 	return mux
 }
 
+// closeAfterReply ends every control connection after its reply, and a
+// body the handler did not read (a GET's, a refused request's) is not
+// waited for: net/http would read up to 256 KiB of it with no deadline
+// (a client that declares a body and sends none would hold the
+// connection, and the daemon's stop, for ever). No idle connection stays
+// either; the command line makes one request per connection.
+func closeAfterReply(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		w.Header().Set("Connection", "close")
+		h.ServeHTTP(w, req)
+		http.NewResponseController(w).SetReadDeadline(time.Now())
+	})
+}
+
 // controlBodyTimeout bounds the reading of a request's body: a client that
 // declares more than it sends is answered, and its handler freed, then.
 var controlBodyTimeout = 10 * time.Second
@@ -153,12 +167,25 @@ func (d *daemon) handleVerb(w http.ResponseWriter, req *http.Request) {
 		apiError(w, http.StatusNotFound, ExitUsage, "no verb %q", verb)
 		return
 	}
-	var o verbRequest
+	// The whole body is read, within controlBodyTimeout, before the verb
+	// runs: a client that declares more than it sends is answered then.
 	if err := http.NewResponseController(w).SetReadDeadline(time.Now().Add(controlBodyTimeout)); err != nil {
 		apiError(w, http.StatusInternalServerError, ExitFailed, "request body: %v", err)
 		return
 	}
-	dec := json.NewDecoder(http.MaxBytesReader(w, req.Body, maxControlBody))
+	body, err := io.ReadAll(http.MaxBytesReader(w, req.Body, maxControlBody))
+	if err != nil {
+		bodyError(w, err)
+		return
+	}
+	// The verb may take long: the connection's reads are no longer
+	// bounded (net/http watches it for the client going away).
+	if err := http.NewResponseController(w).SetReadDeadline(time.Time{}); err != nil {
+		apiError(w, http.StatusInternalServerError, ExitFailed, "request body: %v", err)
+		return
+	}
+	var o verbRequest
+	dec := json.NewDecoder(bytes.NewReader(body))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&o); err != nil && !errors.Is(err, io.EOF) {
 		bodyError(w, err)
@@ -166,12 +193,6 @@ func (d *daemon) handleVerb(w http.ResponseWriter, req *http.Request) {
 	}
 	if dec.More() {
 		apiError(w, http.StatusBadRequest, ExitUsage, "request body: more than one JSON object")
-		return
-	}
-	// The verb may take long: the connection's reads are no longer
-	// bounded (net/http watches it for the client going away).
-	if err := http.NewResponseController(w).SetReadDeadline(time.Time{}); err != nil {
-		apiError(w, http.StatusInternalServerError, ExitFailed, "request body: %v", err)
 		return
 	}
 	rs, ok := d.resourcesFor(w, req.PathValue("res"))

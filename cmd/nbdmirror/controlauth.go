@@ -20,10 +20,11 @@ import (
 // Who may use the control socket. The socket is created 0600 and owned by
 // the daemon's user, or 0660 with --control-group; the kernel checks that
 // mode at connect. The daemon checks again with the peer's credentials
-// (SO_PEERCRED, SO_PEERGROUPS), so a socket whose mode was widened, or a
-// descriptor handed to another process, still gives nothing to others:
-// root, the daemon's own user and, with --control-group, the group's
-// members are served; anyone else gets a one-line refusal.
+// (SO_PEERCRED, SO_PEERGROUPS), so a socket whose mode was widened still
+// gives nothing to others: root, the daemon's own user and, with
+// --control-group, the group's members are served; anyone else gets a
+// one-line refusal. (The credentials are those of the process that
+// connected: a connection it hands to another process keeps its rights.)
 
 // controlAccess is the control socket's access rule.
 type controlAccess struct {
@@ -38,6 +39,7 @@ type peerCred struct {
 	pid, uid, gid int
 	groups        []int // supplementary groups
 	err           error // the credentials could not be read
+	groupsErr     error // the supplementary groups could not be read
 }
 
 type peerKey struct{}
@@ -91,7 +93,7 @@ func readPeerCred(c net.Conn) peerCred {
 			return
 		}
 		p.pid, p.uid, p.gid = int(u.Pid), int(u.Uid), int(u.Gid)
-		p.groups, p.err = peerGroups(int(fd))
+		p.groups, p.groupsErr = peerGroups(int(fd))
 	})
 	if cerr != nil {
 		p.err = cerr
@@ -130,7 +132,9 @@ func (a *controlAccess) allowed(p peerCred) bool {
 	case p.uid == 0 || p.uid == a.uid:
 		return true
 	case a.gid >= 0:
-		return p.gid == a.gid || slices.Contains(p.groups, a.gid)
+		// Without the supplementary groups (a kernel without
+		// SO_PEERGROUPS) only the primary group counts.
+		return p.gid == a.gid || p.groupsErr == nil && slices.Contains(p.groups, a.gid)
 	}
 	return false
 }

@@ -293,7 +293,32 @@ func TestDaemon_ControlHostileRequests(t *testing.T) {
 	if out := d.must("dstate", "r0"); out != "Diskless/DUnknown\n" {
 		t.Errorf("dstate beside a stalled request: %q", out)
 	}
+	// A body no handler reads is not waited for: a GET that declares one
+	// it never sends is answered and its connection closed.
+	g, err := net.Dial("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	io.WriteString(g, "GET /v1/status HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
+	g.SetReadDeadline(time.Now().Add(5 * time.Second))
+	br := bufio.NewReader(g)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatalf("a GET with a body never sent: %v", err)
+	}
+	io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if _, err := br.ReadByte(); !errors.Is(err, io.EOF) {
+		t.Errorf("after answering a GET with a body never sent, the connection: %v, want closed (EOF)", err)
+	}
+	// Beside both stalled connections the daemon stops at once, not at
+	// the end of its grace period.
+	start := time.Now()
 	if code := d.stop(); code != 0 {
 		t.Errorf("daemon exit %d after the hostile requests", code)
+	}
+	if took := time.Since(start); took > 10*time.Second {
+		t.Errorf("the daemon took %v to stop beside stalled control requests", took)
 	}
 }

@@ -206,7 +206,7 @@ func (d *daemon) run(ctx context.Context, ctl net.Listener, nbdLs []net.Listener
 	for _, l := range nbdLs {
 		wg.Go(func() { errc <- d.srv.Serve(l) })
 	}
-	api := &http.Server{Handler: d.access.guard(d.log, d.handler()), ConnContext: d.access.connContext,
+	api := &http.Server{Handler: closeAfterReply(d.access.guard(d.log, d.handler())), ConnContext: d.access.connContext,
 		ReadHeaderTimeout: 10 * time.Second,
 		ErrorLog:          slog.NewLogLogger(d.log.Handler(), slog.LevelWarn)}
 	wg.Go(func() { errc <- api.Serve(ctl) })
