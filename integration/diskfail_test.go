@@ -285,7 +285,7 @@ func disklessPrimary(t *testing.T, externalMeta, readFirst bool) {
 	if want := uint64(bs + 16*bs); b.OutOfSyncBytes < want || b.OutOfSyncBytes > want+bs {
 		t.Fatalf("beta marks %d bytes, want the %d written since alpha's disk was detached", b.OutOfSyncBytes, want)
 	}
-	if log := c.beta.d.out.String(); !strings.Contains(log, "the Primary's disk is detached: new current UUID") {
+	if log := c.beta.d.out.String(); !strings.Contains(log, "the Primary's disk failed: new current UUID") {
 		t.Fatalf("beta did not start a new generation:\n%s", tail(log, 30))
 	}
 	if log := c.alpha.d.out.String(); !strings.Contains(log, "this Primary serves reads and writes from the peer's disk") {
@@ -341,7 +341,13 @@ func TestDiskFail_SecondaryHung(t *testing.T) {
 	// than the timeout plus the detection's margin.
 	c.alpha.writeBlocks(16, 16, bs, 15*time.Second)
 	st := c.beta.waitState(30*time.Second, "", "Failed", "")
-	t.Logf("beta Failed %v after the disk froze (disk-timeout 2 s): %+v", time.Since(paused).Round(time.Millisecond), st.CState)
+	detected := time.Since(paused)
+	t.Logf("beta Failed %v after the disk froze (disk-timeout 2 s): %+v", detected.Round(time.Millisecond), st.CState)
+	// The writes above took part of the time: the bound is the timeout
+	// and the detection's margin.
+	if detected > 2*time.Second+2*faultMargin {
+		t.Errorf("disk-timeout fired %v after the freeze, want within 2 s + %v", detected, 2*faultMargin)
+	}
 	if log := c.beta.d.out.String(); !strings.Contains(log, "Local IO failed in disk-timeout") {
 		t.Fatalf("beta's log lacks the disk-timeout failure:\n%s", tail(log, 40))
 	}
@@ -447,6 +453,12 @@ func TestDiskFail_PrimaryMetadataHung(t *testing.T) {
 	if log := c.alpha.d.out.String(); !strings.Contains(log, "Local IO failed in disk-timeout") {
 		t.Fatalf("alpha's log lacks the disk-timeout failure:\n%s", tail(log, 40))
 	}
+	// Beta holds the only good copy from here: a new generation, so that
+	// alpha's disk, attached again, is recognisably older.
+	eventually(t, 30*time.Second, "beta's new current UUID", func() (bool, string) {
+		log := c.beta.d.out.String()
+		return strings.Contains(log, "the Primary's disk failed: new current UUID"), tail(log, 5)
+	})
 	select {
 	case err := <-hungDone:
 		t.Fatalf("the write on the frozen metadata ended (%v) while the device was frozen", err)

@@ -92,7 +92,10 @@
 //
 //   - Before a write touches an extent not in the log, BeginWrite writes a
 //     transaction adding it (after writing the bitmap pages of any extent the
-//     transaction evicts) and flushes; concurrent writers share it.
+//     transaction evicts) and flushes; concurrent writers share it. With
+//     SetDataSync (external metadata) a transaction that evicts extents
+//     flushes the data device first: the evicted extents' writes leave the
+//     log's cover only once they are on the disk.
 //   - Bitmap pages are otherwise written lazily: FlushBitmap, eviction,
 //     ApplyAL and Close. A torn page reads as all-set (a larger resync,
 //     logged, never a lost bit).

@@ -89,6 +89,10 @@ type Meta struct {
 	log    *slog.Logger
 	noSync bool
 
+	// dataSync, if set, flushes the data device before a transaction
+	// evicts extents (SetDataSync).
+	dataSync func() error
+
 	io sync.Mutex // serialises metadata writes, so no stale page overtakes a newer one
 
 	mu         sync.Mutex

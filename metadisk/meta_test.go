@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"slices"
 	"sync"
@@ -401,5 +402,62 @@ func TestMeta_WriteFailureIsSticky(t *testing.T) {
 	}
 	if err := m.FlushBitmap(); !errors.Is(err, ErrFailed) {
 		t.Fatalf("FlushBitmap after a failure: %v", err)
+	}
+}
+
+// TestMeta_DataSyncBeforeEviction: with SetDataSync (external metadata),
+// a transaction that lets extents go flushes the data disk before any
+// metadata of it is written, and only such a transaction does; a failed
+// data flush fails the metadata and writes no transaction.
+func TestMeta_DataSyncBeforeEviction(t *testing.T) {
+	for _, fail := range []bool{false, true} {
+		t.Run(fmt.Sprintf("data flush fails=%v", fail), func(t *testing.T) {
+			dev, _, m := newMeta(t, 64*mib, Options{ALExtents: 7})
+			defer m.Abandon()
+			opsNow := func() int {
+				dev.mu.Lock()
+				defer dev.mu.Unlock()
+				return dev.ops
+			}
+			var syncedAt []int // metadata operations done when the data was flushed
+			m.SetDataSync(func() error {
+				syncedAt = append(syncedAt, opsNow())
+				if fail {
+					return errors.New("EIO")
+				}
+				return nil
+			})
+			for e := range int64(7) { // fills the log: nothing evicted
+				s, err := m.BeginWrite(e*4*mib, 4096)
+				if err != nil {
+					t.Fatal(err)
+				}
+				m.EndWrite(s)
+			}
+			if len(syncedAt) != 0 {
+				t.Fatalf("the data was flushed %d times while the log only grew", len(syncedAt))
+			}
+			before := opsNow()
+			s, err := m.BeginWrite(7*4*mib, 4096) // evicts extent 0
+			if len(syncedAt) != 1 || syncedAt[0] != before {
+				t.Fatalf("data flushed at metadata operations %v, want once, at %d (before the transaction)", syncedAt, before)
+			}
+			if fail {
+				if !errors.Is(err, ErrFailed) {
+					t.Fatalf("BeginWrite after a failed data flush: %v, want ErrFailed", err)
+				}
+				if got := opsNow(); got != before {
+					t.Fatalf("%d metadata operations after the failed data flush, want none", got-before)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			m.EndWrite(s)
+			if opsNow() == before {
+				t.Fatal("no transaction written")
+			}
+		})
 	}
 }

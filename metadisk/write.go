@@ -279,6 +279,17 @@ func (m *Meta) wait() {
 	m.waiting--
 }
 
+// SetDataSync sets what flushes the data device when the metadata is on
+// another device (external): a transaction that evicts extents then
+// flushes the data first, since the log no longer covers their blocks
+// after it (I1 across a power loss). Metadata on the data's own device
+// needs none: its flushes cover the data.
+func (m *Meta) SetDataSync(f func() error) {
+	m.mu.Lock()
+	m.dataSync = f
+	m.mu.Unlock()
+}
+
 // commit writes one activity-log transaction: first the bitmap pages of the
 // extents it evicts, then the transaction, each flushed. Called with m.mu
 // held; releases it during the I/O.
@@ -297,9 +308,17 @@ func (m *Meta) commit(tx *bitmap.Transaction) {
 	}
 	pages := m.snapshotPages(tx.EvictPages())
 	slot := m.txSlot(len(tx.Active))
+	dataSync := m.dataSync
 	m.mu.Unlock()
 
 	w := m.newWriter()
+	if len(tx.Evict) > 0 && dataSync != nil && !m.noSync {
+		// The evicted extents' writes leave the log's cover: they must
+		// be on the data disk before the transaction can be.
+		if err := dataSync(); err != nil {
+			w.err = fmt.Errorf("flushing the data disk before the activity log lets extents go: %w", err)
+		}
+	}
 	if len(pages) > 0 {
 		m.writePages(w, pages)
 		w.sync()

@@ -71,6 +71,9 @@ func (r *Resource) diskFailed(op string, err error) {
 		e := r.handlerEnvLocked("local-io-error", "NBDMIRROR_IO_ERROR="+op+": "+err.Error())
 		handler = &e
 	}
+	if op == "flush" {
+		r.flushFailed = true
+	}
 	timedOut := errors.Is(err, ErrDiskTimeout)
 	// Dead: nothing more can be asked of this disk. Metadata that failed
 	// stays failed until the next attach (metadisk.ErrFailed), and a

@@ -117,8 +117,20 @@ func (r *Resource) divertTo(p *peer) {
 		return
 	}
 	// Every write of the local disk's time acked: the log holds none.
+	// The peer answers within the same bound, or the switch is off.
 	if done := p.tl.barrierNow(true, false); done != nil {
-		<-done
+		t := time.NewTimer(wait)
+		select {
+		case <-done:
+			t.Stop()
+		case <-p.ctx.Done():
+			t.Stop()
+			r.divertOff(p, "the session ended before the peer confirmed the writes")
+			return
+		case <-t.C:
+			r.divertOff(p, fmt.Sprintf("the peer did not confirm the writes within %v", wait))
+			return
+		}
 	}
 	var md *metadisk.Meta
 	var dev *blockdev.Device
@@ -344,18 +356,12 @@ func (p *peer) sendReply(m wire.ReadReply) error {
 // starts (the detached disk is recognisably older) and from now on every
 // write of the Primary is marked here (see receiveWrite).
 func (p *peer) peerLostDisk() {
-	var newUUID bool
-	err := p.md.UpdateSuperblock(func(sb *metadisk.Superblock) {
-		if sb.UUIDs.Bitmap == 0 {
-			newCurrent(sb)
-			newUUID = true
-		}
-	})
+	newUUID, err := newGeneration(p.md)
 	switch {
 	case err != nil:
 		p.r.log.Error("new current UUID after the Primary lost its disk: writing the metadata failed", "err", err)
 		p.fail(fmt.Errorf("the metadata failed: %w", err))
 	case newUUID:
-		p.r.log.Info("the Primary's disk is detached: new current UUID; its writes are marked here")
+		p.r.log.Info("the Primary's disk failed: new current UUID; its writes are marked here")
 	}
 }

@@ -167,7 +167,7 @@ var (
 )
 
 const (
-	hostileOpts       = "net { protocol C; } disk { c-plan-ahead 0; resync-rate 1G; }"
+	hostileOpts       = "net { protocol C; } disk { al-extents 7; c-plan-ahead 0; resync-rate 1G; }"
 	hostileVerifyOpts = "net { protocol C; verify-alg sha256; } disk { c-plan-ahead 0; resync-rate 1G; }"
 	// hostileType is a frame type no node registers.
 	hostileType transport.Type = 40
@@ -590,6 +590,12 @@ func hostileCases() []hostileCase {
 				wire.Write{Seq: 1, Epoch: 1, Length: 4096, Data: zero},
 				wire.Write{Seq: 1, Epoch: 1, Offset: 4096, Length: 4096, Data: block})...),
 			want: "Write seq 1, expected 2"},
+		{name: "Write/from a diskless Primary, across more extents than the activity log holds", scene: sceneSecondary,
+			frames: func(h *hostileEnv) []hframe {
+				return msgs(wire.State{Role: uint8(RolePrimary), Disk: uint8(Diskless)},
+					wire.Write{Seq: 1, Epoch: 1, Length: uint32(h.size), Kind: wire.WriteZeroes})
+			},
+			want: "a diskless Primary's write of 32493568 bytes at 0"},
 		{name: "Write/seq not the next", scene: sceneSecondary,
 			frames: fixed(msgs(wire.Write{Seq: 5, Epoch: 1, Length: 4096, Data: block})...),
 			want:   "Write seq 5, expected 1"},

@@ -219,13 +219,7 @@ func (p *peer) end(err error) bool {
 	// (reference/drbd.md §4.2); before the session is gone, so that no
 	// write is taken under the old generation meanwhile.
 	if p.decided && role == RolePrimary && disk == UpToDate && peerDisk >= Outdated && peerDisk != DUnknown {
-		var newUUID bool
-		err := p.md.UpdateSuperblock(func(sb *metadisk.Superblock) {
-			if sb.UUIDs.Bitmap == 0 {
-				newCurrent(sb)
-				newUUID = true
-			}
-		})
+		newUUID, err := newGeneration(p.md)
 		if err != nil {
 			r.log.Error("new current UUID after losing the peer: writing the metadata failed", "err", err)
 		} else if newUUID {
@@ -662,7 +656,10 @@ func (p *peer) handle(m wire.Message) error {
 			r.mu.Unlock()
 			return protoErr("State: the peer is Primary while this node is Primary (two primaries)")
 		}
-		lostDisk := DiskState(m.Disk) == Diskless && r.peerDisk != Diskless && Role(m.Role) == RolePrimary &&
+		// The Primary's disk failed (whether it goes on diskless or
+		// not): this disk holds the only good copy from now on.
+		lost := func(d DiskState) bool { return d == Diskless || d == Failed }
+		lostDisk := lost(DiskState(m.Disk)) && !lost(r.peerDisk) && Role(m.Role) == RolePrimary &&
 			r.role == RoleSecondary && r.disk == UpToDate
 		r.setPeerState(Role(m.Role), DiskState(m.Disk))
 		r.mu.Unlock()
@@ -750,9 +747,12 @@ func (p *peer) receiveWrite(m wire.Write, buf []byte) error {
 	var span metadisk.Span
 	if peerDiskless {
 		s, err := p.md.BeginWrite(off, n)
-		if err != nil {
+		switch {
+		case errors.Is(err, metadisk.ErrFailed): // I/O: this disk failed
 			r.diskFailed("activity log", err)
 			return fmt.Errorf("the activity log for a diskless Primary's write: %w", err)
+		case err != nil: // a write no diskless Primary sends (one spans at most one extent)
+			return protoErr("a diskless Primary's write of %d bytes at %d: %v", n, off, err)
 		}
 		p.md.MarkOutOfSync(off, n)
 		span = s

@@ -124,6 +124,8 @@ type Resource struct {
 	fenceGen                             uint64 // counts the fences (fence.go)
 	// waitingIO counts application requests held back by a freeze.
 	waitingIO int
+	// flushFailed: a flush of the disk failed since the attach.
+	flushFailed bool
 	// ioErrorReported: local-io-error ran since the attach (once per
 	// attach); under mu.
 	ioErrorReported bool
@@ -346,6 +348,15 @@ func (r *Resource) attach() (err error) {
 		dev.Close()
 		return fmt.Errorf("%s: attach: %s holds %d bytes, the metadata describes %d: %w", r.name, r.host.Disk, dev.Size(), size, metadisk.ErrMismatch)
 	}
+	if !mdev.Spec.Internal && r.cfg.Disk.DiskFlushes {
+		// The metadata's flushes do not reach this disk: the activity
+		// log flushes it before it lets extents go.
+		md.SetDataSync(func() error {
+			r.localBegin()
+			defer r.localEnd()
+			return dev.Flush()
+		})
+	}
 	if err := md.Activate(); err != nil {
 		dev.Close()
 		return fmt.Errorf("%s: attach: metadata on %s: %w", r.name, mdev.Path, err)
@@ -379,7 +390,7 @@ func (r *Resource) attach() (err error) {
 	r.mu.Lock()
 	r.mdev, r.md, r.dev = mdev, md, dev
 	r.peerOutdated = sb.Flags&metadisk.FlagPeerOutdated != 0
-	r.ioErrorReported = false
+	r.ioErrorReported, r.flushFailed = false, false
 	r.startWatchLocked()
 	r.written.Store(0)
 	r.read.Store(0)
@@ -426,17 +437,26 @@ func (r *Resource) detach() error {
 	md, dev, mdev := r.md, r.dev, r.mdev
 	r.md, r.dev, r.mdev = nil, nil, nil
 	r.size.Store(0)
+	// A flush of this disk failed since the attach: writes it had
+	// acknowledged may be lost, and a later flush would not say so
+	// (Linux reports a writeback error once).
+	lost := r.flushFailed
 	r.setState(r.role, Diskless)
 	r.mu.Unlock()
 	defer r.change()
 	// The data first: clean metadata must never describe data that a
 	// power loss could still take back.
 	errFlush := dev.Flush()
-	errMD := errors.New("not closed: the disk flush failed")
-	if errFlush == nil {
-		errMD = md.Close()
-	} else {
+	var errMD error
+	switch {
+	case errFlush != nil:
+		errMD = errors.New("not closed: the disk flush failed")
 		md.Abandon() // left unclean: the activity log covers the writes
+	case lost:
+		r.log.Warn("metadata left unclean: a flush of the disk failed since the attach; the next attach marks the activity log's extents")
+		md.Abandon()
+	default:
+		errMD = md.Close()
 	}
 	errDev := dev.Close()
 	mdev.Close()
@@ -833,6 +853,20 @@ func newCurrent(sb *metadisk.Superblock) {
 	}
 	u.Bitmap = u.Current
 	u.Current = randomUUID() | u.Current&1
+}
+
+// newGeneration starts a new data generation (newCurrent) unless one is
+// already under way (a bitmap UUID is set): what a node does once its copy
+// is the only good one. It reports whether it started one.
+func newGeneration(md *metadisk.Meta) (bool, error) {
+	var started bool
+	err := md.UpdateSuperblock(func(sb *metadisk.Superblock) {
+		if sb.UUIDs.Bitmap == 0 {
+			newCurrent(sb)
+			started = true
+		}
+	})
+	return started, err
 }
 
 func randomUUID() uint64 {
