@@ -61,7 +61,7 @@ unit: ## unit tests with the race detector, then the crash tests at full count w
 	$(GO) test -count=1 -timeout 10m -run '^TestCrash' ./metadisk/
 
 # The fault matrix of issue #8: broken links, failing disks, metadata crash
-# states. Each scenario runs FAULTRUNS times in a row, to catch flakes.
+# states. The list runs FAULTRUNS times over (go test -count), to catch flakes.
 FAULTS := ^(TestFault_|TestDiskFail_|TestCrashStates_)
 FAULTRUNS ?= 3
 
