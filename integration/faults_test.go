@@ -400,7 +400,7 @@ func TestFault_P3OneWay(t *testing.T) {
 				a := w.ackedCount()
 				return a >= 100, fmt.Sprint(a)
 			})
-			injected := time.Now()
+			injected, issuedBefore := time.Now(), w.issuedCount()
 			if tc.dataOnly {
 				c.h.dropFlow(dataFlow(t, c.h), tc.in, tc.out)
 			} else {
@@ -435,6 +435,17 @@ func TestFault_P3OneWay(t *testing.T) {
 			ra.wait(time.Minute, "alpha in sync", healed, connectedUpToDate)
 			rb.wait(time.Minute, "beta in sync", healed, connectedUpToDate)
 			t.Logf("in sync again %v after the heal", time.Since(healed).Round(time.Millisecond))
+			// What was resynced: blocks written since the partition (one
+			// write was in flight at it), each 4 KiB; some, at least.
+			issued := w.issuedCount()
+			var resynced uint64
+			for _, b := range c.alpha.resyncStarts("SyncSource") {
+				resynced += b
+			}
+			t.Logf("resynced %d KiB; %d writes issued from the partition to the resync's end", resynced>>10, issued-issuedBefore)
+			if resynced == 0 || resynced > 4096*(issued-issuedBefore+1) {
+				t.Errorf("resynced %d bytes, want between one block and the %d written since the partition", resynced, 4096*(issued-issuedBefore+1))
+			}
 			acked := stop()
 			c.alpha.demote()
 			c.sameData()
