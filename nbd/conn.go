@@ -144,7 +144,13 @@ func (c *conn) startTransmission() bool {
 func (c *conn) negotiatingSince() (time.Time, bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.since, !c.inXmit && c.chosen == nil && !c.stopping && !c.evicted && c.negotiates
+	return c.since, c.negotiatingLocked()
+}
+
+// negotiatingLocked: no export chosen yet, and neither stopping nor
+// evicted. Call with c.mu held.
+func (c *conn) negotiatingLocked() bool {
+	return !c.inXmit && c.chosen == nil && !c.stopping && !c.evicted && c.negotiates
 }
 
 // evict closes a connection still negotiating (Server.evictStalledLocked);
@@ -152,7 +158,7 @@ func (c *conn) negotiatingSince() (time.Time, bool) {
 func (c *conn) evict() bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.inXmit || c.chosen != nil || c.stopping || c.evicted || !c.negotiates {
+	if !c.negotiatingLocked() {
 		return false
 	}
 	c.evicted = true
