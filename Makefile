@@ -62,13 +62,13 @@ unit: ## unit tests with the race detector, then the crash tests at full count w
 
 # The fault matrix of issue #8: broken links, failing disks, metadata crash
 # states. The list runs FAULTRUNS times over (go test -count), to catch flakes.
-FAULTS := ^(TestFault_|TestDiskFail_|TestCrashStates_)
+FAULTS := ^(TestFault_|TestDiskFail_|TestCrashStates_|TestResize_)
 FAULTRUNS ?= 3
 
 integration: ## end-to-end tests: real processes, real NBD clients, ext4 (root); the fault matrix is `make faults`
 	$(GO) test -race -count=1 -tags integration -timeout 30m -skip '^TestPacemaker_|$(FAULTS)' ./integration/
 
-faults: ## the fault matrix (partitions, resets, a thin link, TLS, failing and hung disks, metadata crash states), each scenario FAULTRUNS (3) times in a row (root, ~13 min)
+faults: ## the fault matrix (partitions, resets, a thin link, TLS, failing, slow and hung disks, metadata crash states, resizes), the list FAULTRUNS (3) times over (root, ~8 min)
 	$(GO) test -race -count=$(FAULTRUNS) -tags integration -timeout 60m -run '$(FAULTS)' ./integration/
 
 test-cluster: deps ## a two-node Pacemaker + Corosync cluster in namespaces: failover by node loss, rejoin and resync (root, ~3 min)

@@ -63,6 +63,11 @@ func TestResize_Online(t *testing.T) {
 	if got := c.alpha.nbdSize(); got != size {
 		t.Fatalf("nbdinfo --size %d after the resize, want %d", got, size)
 	}
+	// The new area, and only it, is resynced (the old internal metadata
+	// lies in it).
+	if rs := c.alpha.resyncStarts("SyncSource"); len(rs) == 0 || rs[len(rs)-1] != uint64(size-old) {
+		t.Fatalf("resyncs after the resize: %v bytes, want the %d of the new area last", rs, size-old)
+	}
 	tailData := make([]byte, mib)
 	rand.Read(tailData)
 	c.alpha.writeAt(size-mib, tailData)
@@ -151,6 +156,10 @@ func TestResize_Disconnected(t *testing.T) {
 	c.beta.waitState(time.Minute, "Connected", "UpToDate", "UpToDate")
 	if got := c.beta.status().SizeBytes; got != size {
 		t.Fatalf("beta after the connect: %d bytes, want %d", got, size)
+	}
+	// The new area (with the write in it), and only it, is resynced.
+	if rs := c.alpha.resyncStarts("SyncSource"); len(rs) == 0 || rs[len(rs)-1] != uint64(size-old) {
+		t.Fatalf("resyncs after the connect: %v bytes, want the %d of the new area last", rs, size-old)
 	}
 	c.alpha.demote()
 	c.dataSize = size
