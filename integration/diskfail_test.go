@@ -312,6 +312,33 @@ func disklessPrimary(t *testing.T, externalMeta, readFirst bool) {
 	c.sameData()
 }
 
+// freezableCluster is a cluster of 64 MiB disks, protocol C with
+// disk-timeout 2 s, in which the device named key ("beta": beta's disk,
+// "alpha:meta": alpha's external metadata, of size bytes) is served
+// through nbdkit's pause filter. Both nodes start UpToDate, alpha Primary,
+// with 1 MiB written and flushed at 0. freeze makes the device's requests
+// wait; thaw lets them go (and is done at the end of the test if not
+// before).
+func freezableCluster(t *testing.T, key string, size int64) (c *cluster, freeze, thaw func()) {
+	t.Helper()
+	dir := t.TempDir()
+	ctl := filepath.Join(dir, "pause.sock")
+	dev := fuseDisk(t, dir, size, "--filter=pause", "file", "IMG", "pause-control="+ctl)
+	c = newClusterDisks(t, 64*mib, "net { protocol C; } disk { disk-timeout 20; c-plan-ahead 0; resync-rate 500M; }",
+		map[string]string{key: dev})
+	frozen := false
+	freeze = func() { pauseCtl(t, ctl, 'p'); frozen = true }
+	thaw = func() { pauseCtl(t, ctl, 'r'); frozen = false }
+	t.Cleanup(func() {
+		if frozen {
+			thaw()
+		}
+	})
+	c.skipInitialSync()
+	c.alpha.writeBlocks(0, 16, 64<<10, 30*time.Second)
+	return c, freeze, thaw
+}
+
 // TestDiskFail_SecondaryHung (D3): beta's disk stops answering (nbdkit's
 // pause filter) while alpha writes, with disk-timeout 2 s on beta. No
 // write of alpha's waits for more than a bound (protocol A: the send
@@ -320,21 +347,9 @@ func disklessPrimary(t *testing.T, externalMeta, readFirst bool) {
 // what beta did not confirm; when the disk answers again beta detaches,
 // and after `attach` the resync makes the disks equal.
 func TestDiskFail_SecondaryHung(t *testing.T) {
-	dir := t.TempDir()
-	ctl := filepath.Join(dir, "pause.sock")
-	bdisk := fuseDisk(t, dir, 64*mib, "--filter=pause", "file", "IMG", "pause-control="+ctl)
-	c := newClusterDisks(t, 64*mib, "net { protocol C; } disk { disk-timeout 20; c-plan-ahead 0; resync-rate 500M; }",
-		map[string]string{"beta": bdisk})
-	resumed := false
-	t.Cleanup(func() {
-		if !resumed {
-			pauseCtl(t, ctl, 'r')
-		}
-	})
-	c.skipInitialSync()
+	c, freeze, thaw := freezableCluster(t, "beta", 64*mib)
 	const bs = 64 << 10
-	c.alpha.writeBlocks(0, 16, bs, 30*time.Second)
-	pauseCtl(t, ctl, 'p')
+	freeze()
 	paused := time.Now()
 	// Protocol C: the first write waits for beta, whose disk hangs, until
 	// disk-timeout fails beta's disk and the session; none waits longer
@@ -355,8 +370,7 @@ func TestDiskFail_SecondaryHung(t *testing.T) {
 	if got := c.alpha.status().OutOfSyncBytes; got < bs || got > 16*bs {
 		t.Fatalf("alpha marks %d bytes, want between one write and the 16 written since the freeze", got)
 	}
-	pauseCtl(t, ctl, 'r')
-	resumed = true
+	thaw()
 	c.beta.waitState(30*time.Second, "", "Diskless", "")
 	c.beta.must("attach", "r0")
 	c.beta.must("wait-connect", "--timeout", "60s", "r0")
@@ -485,21 +499,9 @@ func TestDiskFail_SecondarySlow(t *testing.T) {
 // the device answers again the hung write ends; demoted, alpha detaches,
 // attaches again and the resync makes the disks equal.
 func TestDiskFail_PrimaryMetadataHung(t *testing.T) {
-	dir := t.TempDir()
-	ctl := filepath.Join(dir, "pause.sock")
-	meta := fuseDisk(t, dir, 32*mib, "--filter=pause", "file", "IMG", "pause-control="+ctl)
-	c := newClusterDisks(t, 64*mib, "net { protocol C; } disk { disk-timeout 20; c-plan-ahead 0; resync-rate 500M; }",
-		map[string]string{"alpha:meta": meta})
-	resumed := false
-	t.Cleanup(func() {
-		if !resumed {
-			pauseCtl(t, ctl, 'r')
-		}
-	})
-	c.skipInitialSync()
+	c, freeze, thaw := freezableCluster(t, "alpha:meta", 32*mib) // extent 0 is in the activity log
 	const bs = 64 << 10
-	c.alpha.writeBlocks(0, 16, bs, 30*time.Second) // extent 0 is in the activity log
-	pauseCtl(t, ctl, 'p')
+	freeze()
 	paused := time.Now()
 	hung := dialNBD(t, c.alpha.sock(), "r0")
 	hungDone := make(chan error, 1)
@@ -551,8 +553,7 @@ func TestDiskFail_PrimaryMetadataHung(t *testing.T) {
 	if st := c.alpha.status(); st.Counters.AP > 1 || st.Counters.PE > 1 {
 		t.Fatalf("alpha holds %d application requests, %d at the peer, with one hung: %+v", st.Counters.AP, st.Counters.PE, st)
 	}
-	pauseCtl(t, ctl, 'r')
-	resumed = true
+	thaw()
 	var hungErr error
 	select {
 	case hungErr = <-hungDone:
